@@ -1,0 +1,29 @@
+"""FCN models on a VGG16 trunk."""
+
+from .fcn import ARCHS, FCN, FCNHead, FCNSpec, build_fcn
+from .torchfcn import export_torchfcn, import_torchfcn
+from .transfer import model_state_dict, transfer_stage
+from .upsample import bilinear_kernel, upsampler
+from .vgg import VGG16Trunk, expand_input_channels
+from .weights import CAFFE, IMAGENET, Normalization, PretrainedWeightsUnavailable, get_normalization
+
+__all__ = [
+    "ARCHS",
+    "CAFFE",
+    "FCN",
+    "IMAGENET",
+    "FCNHead",
+    "FCNSpec",
+    "Normalization",
+    "PretrainedWeightsUnavailable",
+    "VGG16Trunk",
+    "bilinear_kernel",
+    "build_fcn",
+    "expand_input_channels",
+    "export_torchfcn",
+    "get_normalization",
+    "import_torchfcn",
+    "model_state_dict",
+    "transfer_stage",
+    "upsampler",
+]

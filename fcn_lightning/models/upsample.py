@@ -1,0 +1,49 @@
+"""Bilinear upsampling kernels for the FCN's transposed convolutions (REFERENCE section 1)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def bilinear_kernel(size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The reference's 2-D bilinear interpolation kernel of ``size`` x ``size``.
+
+    factor = (k + 1) // 2; centre = factor - 1 for odd k, factor - 0.5 for even k;
+    w[i, j] = (1 - |i - centre| / factor) * (1 - |j - centre| / factor).
+    """
+    if size < 1:
+        raise ValueError(f"bilinear kernel size must be >= 1, got {size}")
+    factor = (size + 1) // 2
+    center = factor - 1 if size % 2 == 1 else factor - 0.5
+    og = torch.arange(size, dtype=torch.float64)
+    filt = 1 - (og - center).abs() / factor
+    return torch.outer(filt, filt).to(dtype)
+
+
+def upsampler(
+    channels: int, factor: int, *, padding: int = 0, learnable: bool
+) -> nn.ConvTranspose2d:
+    """A ``ConvTranspose2d`` (kernel 2*factor, stride factor, no bias) initialised to bilinear
+    interpolation, one kernel per class on the channel diagonal, as in the reference."""
+    up = nn.ConvTranspose2d(
+        channels, channels, kernel_size=2 * factor, stride=factor, padding=padding, bias=False
+    )
+    reset_bilinear_(up)
+    up.weight.requires_grad_(learnable)
+    return up
+
+
+@torch.no_grad()
+def reset_bilinear_(up: nn.ConvTranspose2d) -> nn.ConvTranspose2d:
+    """Set a square-kernel transposed convolution's weight to the diagonal bilinear kernel."""
+    cin, cout, kh, kw = up.weight.shape
+    if kh != kw or cin != cout or up.groups != 1:
+        raise ValueError(
+            f"bilinear init needs a square kernel and in == out channels, got {tuple(up.weight.shape)}"
+        )
+    up.weight.zero_()
+    kernel = bilinear_kernel(kh, up.weight.dtype)
+    for c in range(cin):
+        up.weight[c, c] = kernel
+    return up

@@ -1,0 +1,136 @@
+"""VGG16 trunk for the FCN: torchvision's VGG16 feature layers, fc6/fc7 as convolutions.
+
+Keys follow torchvision (``features.N.*``) so that its ImageNet state dict loads as it is; the
+classifier's first two Linear layers are reshaped ("convolutionalized") into ``fc6`` (7x7) and
+``fc7`` (1x1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models.vgg import cfgs, make_layers
+
+GEOMETRIES = ("paper", "same")
+BACKBONES = ("vgg16", "vgg16_bn")
+
+
+def scaled(channels: int, width: float) -> int:
+    """A channel count times the width multiplier, at least 1."""
+    return max(1, round(channels * width))
+
+
+def expand_input_channels(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Adapt RGB conv1_1 filters (out, 3, k, k) to ``in_channels`` inputs.
+
+    The RGB filters are kept; every extra channel starts as the mean of the RGB filters (the
+    paper's RGB-D early fusion). With fewer than 3 channels every channel is that mean.
+    """
+    mean = weight.mean(dim=1, keepdim=True)
+    if in_channels < weight.shape[1]:
+        return mean.expand(-1, in_channels, -1, -1).clone()
+    extra = mean.expand(-1, in_channels - weight.shape[1], -1, -1)
+    return torch.cat([weight, extra], dim=1)
+
+
+class VGG16Trunk(nn.Module):
+    """VGG16 conv1_1 .. fc7; ``forward`` returns pool3, pool4 and the fc7 output.
+
+    ``geometry="paper"``: conv1_1 padding 100, ceil-mode pooling, fc6 unpadded (the reference).
+    ``geometry="same"``: conv1_1 padding 1, ceil-mode pooling, fc6 padded by 3, so the stride-32
+    map covers the input without the 100-pixel margin.
+    """
+
+    def __init__(
+        self,
+        *,
+        width: float = 1.0,
+        batch_norm: bool = False,
+        geometry: str = "paper",
+        in_channels: int = 3,
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if geometry not in GEOMETRIES:
+            raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
+        if width <= 0:
+            raise ValueError(f"width must be > 0, got {width}")
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        cfg = [v if v == "M" else scaled(v, width) for v in cfgs["D"]]
+        self.features = make_layers(cfg, batch_norm=batch_norm)
+        first = self.features[0]
+        self.features[0] = nn.Conv2d(
+            in_channels, first.out_channels, 3, padding=100 if geometry == "paper" else 1
+        )
+        pools = []
+        for i, layer in enumerate(self.features):
+            if isinstance(layer, nn.MaxPool2d):
+                layer.ceil_mode = True  # Caffe rounds pooling up
+                pools.append(i)
+        self.pool3_index, self.pool4_index = pools[2], pools[3]
+        self.pool3_channels, self.pool4_channels = scaled(256, width), scaled(512, width)
+        c5, cfc = scaled(512, width), scaled(4096, width)
+        self.fc6 = nn.Conv2d(c5, cfc, 7, padding=0 if geometry == "paper" else 3)
+        self.relu6 = nn.ReLU(inplace=True)
+        self.drop6 = nn.Dropout(dropout)  # element-wise, like Caffe's dropout
+        self.fc7 = nn.Conv2d(cfc, cfc, 1)
+        self.relu7 = nn.ReLU(inplace=True)
+        self.drop7 = nn.Dropout(dropout)
+        self.out_channels = cfc
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):  # torchvision's VGG initialisation
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+    @property
+    def conv1_1(self) -> nn.Conv2d:
+        return self.features[0]
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i == self.pool3_index:
+                out["pool3"] = x
+            elif i == self.pool4_index:
+                out["pool4"] = x
+        x = self.drop6(self.relu6(self.fc6(x)))
+        out["fc7"] = self.drop7(self.relu7(self.fc7(x)))
+        return out
+
+    @torch.no_grad()
+    def load_torchvision_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a torchvision VGG16 state dict, convolutionalizing classifier.0/3 into fc6/fc7."""
+        own = self.state_dict()
+        mapped: dict[str, torch.Tensor] = {}
+        for key, value in state.items():
+            if key.startswith("features."):
+                mapped[key] = value
+            elif key.startswith("classifier.0."):
+                mapped["fc6." + key.split(".")[-1]] = value
+            elif key.startswith("classifier.3."):
+                mapped["fc7." + key.split(".")[-1]] = value
+        if "fc6.weight" in mapped:
+            mapped["fc6.weight"] = mapped["fc6.weight"].reshape(
+                mapped["fc6.weight"].shape[0], -1, 7, 7
+            )
+        if "fc7.weight" in mapped:
+            mapped["fc7.weight"] = mapped["fc7.weight"].reshape(*mapped["fc7.weight"].shape, 1, 1)
+        w = mapped.get("features.0.weight")
+        if w is not None and w.shape[1] != own["features.0.weight"].shape[1]:
+            mapped["features.0.weight"] = expand_input_channels(
+                w, own["features.0.weight"].shape[1]
+            )
+        missing = sorted(set(own) - set(mapped))
+        if missing:
+            raise ValueError(
+                f"pretrained VGG16 state dict lacks {missing[:6]}{' ...' if len(missing) > 6 else ''}"
+            )
+        for key, value in mapped.items():
+            if own[key].shape != value.shape:
+                raise ValueError(
+                    f"pretrained weight {key!r} has shape {tuple(value.shape)} but the trunk expects "
+                    f"{tuple(own[key].shape)} (pretrained weights need width=1.0 and the matching backbone)"
+                )
+        self.load_state_dict(mapped, strict=True)

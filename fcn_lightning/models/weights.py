@@ -1,0 +1,101 @@
+"""Pretrained VGG16 trunk weights and the input normalisation that goes with them.
+
+The weights and the normalisation they expect travel together (as torchvision's weight enums
+do): ``"imagenet"`` is torchvision's ImageNet VGG16, fed RGB in 0..1 normalised by the ImageNet
+mean/std; ``"caffe"`` is the authors' Caffe VGG16 (converted to a state dict), fed BGR 0..255
+minus the Caffe mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision.models import VGG16_BN_Weights, VGG16_Weights
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel normalisation of an RGB 0..1 image tensor.
+
+    ``x' = (x[order] * scale - mean) / std``; ``bgr`` reverses the channel order first.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scale: float = 1.0
+    bgr: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+IMAGENET = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+# The reference code's BGR mean (REFERENCE section 2), on 0..255 pixel values.
+CAFFE = Normalization(
+    mean=(104.00699, 116.66877, 122.67891), std=(1.0, 1.0, 1.0), scale=255.0, bgr=True
+)
+NORMALIZATIONS = {"imagenet": IMAGENET, "caffe": CAFFE}
+
+
+def get_normalization(name: str | Normalization | dict) -> Normalization:
+    if isinstance(name, Normalization):
+        return name
+    if isinstance(name, dict):
+        return Normalization(**{k: tuple(v) if isinstance(v, list) else v for k, v in name.items()})
+    try:
+        return NORMALIZATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown normalization {name!r}; expected one of {sorted(NORMALIZATIONS)}"
+        ) from None
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """The ImageNet weights could be neither downloaded nor found on disk."""
+
+
+def _torchvision_weights(backbone: str):
+    return VGG16_BN_Weights.IMAGENET1K_V1 if backbone == "vgg16_bn" else VGG16_Weights.IMAGENET1K_V1
+
+
+def load_trunk_state_dict(
+    pretrained: str | Path, backbone: str = "vgg16", *, progress: bool = True
+) -> dict[str, torch.Tensor]:
+    """Return a torchvision-layout VGG16 state dict (``features.*``, ``classifier.*``).
+
+    ``pretrained`` is ``"imagenet"`` (torchvision's weights API: downloaded once into the torch
+    hub cache, then read from there) or the path of a local file holding such a state dict
+    (torchvision's ``vgg16-397923af.pth``, a Caffe conversion, or a dict with ``state_dict``).
+    """
+    if str(pretrained) == "imagenet":
+        weights = _torchvision_weights(backbone)
+        try:
+            return weights.get_state_dict(progress=progress)
+        except Exception as err:  # URLError, socket errors, SSL errors, ... all mean "offline"
+            cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+            raise PretrainedWeightsUnavailable(
+                f"Could not download the ImageNet {backbone} weights from {weights.url} ({err}).\n"
+                f"Either download that file on a machine with network access and put it at\n  {cache}\n"
+                "(torchvision then reads it from there), or pass the path of a local VGG16 state dict:\n"
+                "  arch.pretrained=/path/to/vgg16.pth\n"
+                "or train from scratch with arch.pretrained=null (use backbone=vgg16_bn for that)."
+            ) from err
+    path = Path(pretrained).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"pretrained weights file not found: {path} (arch.pretrained must be 'imagenet', null, "
+            "or the path of a VGG16 state dict saved with torch.save)"
+        )
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not any(k.startswith("features.") for k in obj):
+        keys = list(obj)[:5] if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(
+            f"{path} does not hold a torchvision-layout VGG16 state dict (keys 'features.N.weight', "
+            f"'classifier.0.weight', ...); found {keys}"
+        )
+    return obj
