@@ -1,0 +1,64 @@
+"""Images per second of one loader worker: 500x375 JPEGs + palette labels through the training
+transforms (random scale 0.5-2, 320 crop, flip, normalise), on one CPU thread.
+
+    python benchmarks/data_loader.py [--images 64] [--crop 320] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from fcn_lightning.data import FolderDataModule, SyntheticDataModule
+from fcn_lightning.data.base import read_image, read_label_png
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--crop", type=int, default=320)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # one loader worker = one core
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        syn = SyntheticDataModule(train_size=args.images, val_size=1, image_size=375)
+        syn.write_voc(root, splits=("train",))
+        for png in (root / "JPEGImages").glob("*.png"):  # 500x375 JPEGs, as in VOC
+            Image.open(png).resize((500, 375)).save(png.with_suffix(".jpg"), quality=90)
+            png.unlink()
+        for png in (root / "SegmentationClass").glob("*.png"):
+            lab = Image.open(png)
+            lab.resize((500, 375), Image.NEAREST).save(png)
+        dm = FolderDataModule(root, train_split="train", crop_size=args.crop)
+        ds = dm.make_dataset("train", dm.train_transforms())
+        ids = ds.ids
+
+        def rate(fn) -> float:
+            best = 0.0
+            for _ in range(args.repeat):
+                t0 = time.perf_counter()
+                for i in range(len(ids)):
+                    fn(i)
+                best = max(best, len(ids) / (time.perf_counter() - t0))
+            return best
+
+        decode = rate(
+            lambda i: (
+                read_image(dm.image_path(ids[i])),
+                read_label_png(root / "SegmentationClass" / f"{ids[i]}.png"),
+            )
+        )
+        full = rate(lambda i: ds[i])
+    print(f"{args.images} JPEGs 500x375, 1 thread, best of {args.repeat}")
+    print(f"decode image + label:              {decode:8.1f} img/s")
+    print(f"decode + check + train transforms: {full:8.1f} img/s  (crop {args.crop})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""Segmentation DataModules: PASCAL VOC (+ SBD), VOC-layout folders, synthetic scenes."""
+
+from .base import DataError, SegmentationDataModule, SegmentationDataset, pad_collate, voc_palette
+from .folder import FolderDataModule
+from .synthetic import SyntheticDataModule, render_scene
+from .transforms import IGNORE_INDEX, NormalizeImage, RandomScale, eval_transforms, train_transforms
+from .voc import VOC_CLASSES, VOCDataModule
+
+__all__ = [
+    "IGNORE_INDEX",
+    "VOC_CLASSES",
+    "DataError",
+    "FolderDataModule",
+    "NormalizeImage",
+    "RandomScale",
+    "SegmentationDataModule",
+    "SegmentationDataset",
+    "SyntheticDataModule",
+    "VOCDataModule",
+    "eval_transforms",
+    "pad_collate",
+    "render_scene",
+    "train_transforms",
+    "voc_palette",
+]

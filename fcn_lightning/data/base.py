@@ -1,0 +1,309 @@
+"""Common base of the segmentation datasets and DataModules.
+
+A sample is ``(image, target)``: a float tensor (C, H, W) normalised for the model, and an int64
+label map (H, W) with 255 = ignore (a dict of label maps for multi-head datasets).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+
+from .transforms import IGNORE_INDEX, eval_transforms, train_transforms
+
+BATCHING = ("crop", "pad", "whole")
+
+
+class DataError(ValueError):
+    """A dataset on disk does not match what the loader expects; the message names the file."""
+
+
+def voc_palette(n: int = 256) -> list[tuple[int, int, int]]:
+    """The PASCAL VOC colour map (bit-interleaved), the de facto segmentation palette."""
+    palette = []
+    for i in range(n):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette.append((r, g, b))
+    return palette
+
+
+def read_image(path: Path, mode: str = "RGB") -> torch.Tensor:
+    """Decode a JPEG or PNG to a uint8 (C, H, W) tensor; a corrupt file names itself."""
+    try:
+        with Image.open(path) as img:
+            array = np.array(img.convert(mode))
+    except FileNotFoundError:
+        raise DataError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DataError(f"cannot decode image {path}: {err}") from err
+    tensor = torch.from_numpy(array)
+    return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1).contiguous()
+
+
+def read_label_png(path: Path) -> np.ndarray:
+    """Class indices of a palette ('P') or single-channel ('L') PNG label."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("P", "L", "I", "I;16"):
+                raise DataError(
+                    f"label {path} is a {img.mode} image; labels must be palette (P) or single-channel "
+                    "index PNGs whose pixel values are class indices (255 = ignore)"
+                )
+            return np.asarray(img)
+    except FileNotFoundError:
+        raise DataError(f"label file not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"cannot read label {path}: {err}") from err
+
+
+def check_label(
+    label: np.ndarray | torch.Tensor, num_classes: int, path: Path | str
+) -> torch.Tensor:
+    """A uint8 label tensor after checking every value is in 0..num_classes-1 or 255."""
+    arr = np.asarray(label)
+    valid = (arr == IGNORE_INDEX) | ((arr >= 0) & (arr < num_classes))
+    if not valid.all():
+        found = sorted(set(np.unique(arr[~valid]).tolist()))[:8]
+        raise DataError(
+            f"label {path} has values {found} outside 0..{num_classes - 1} and {IGNORE_INDEX} "
+            f"(num_classes={num_classes}: does the class count match the labels?)"
+        )
+    # uint8 through the transforms: nearest resizing and cropping stay cheap
+    return torch.from_numpy(np.array(arr, dtype=np.uint8))
+
+
+class SegmentationDataset(Dataset):
+    """Samples from a list of ids and a loader for one id; checks sizes and label ranges."""
+
+    def __init__(
+        self,
+        ids: Sequence[str],
+        load: Callable[[str], tuple[torch.Tensor, Any, str]],
+        num_classes: int,
+        transforms: Callable | None = None,
+        name: str = "dataset",
+    ) -> None:
+        if not ids:
+            raise DataError(f"{name} is empty: its split lists no images")
+        self.ids, self.load, self.num_classes, self.transforms = (
+            list(ids),
+            load,
+            num_classes,
+            transforms,
+        )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        image, label, where = self.load(self.ids[index])
+        labels = label if isinstance(label, dict) else {"out": label}
+        checked = {}
+        for head, lab in labels.items():
+            n = self.num_classes[head] if isinstance(self.num_classes, dict) else self.num_classes
+            lab = check_label(lab, n, where)
+            if tuple(lab.shape) != tuple(image.shape[-2:]):
+                raise DataError(
+                    f"{where}: label is {tuple(lab.shape)} (H, W) but its image is {tuple(image.shape[-2:])}"
+                )
+            checked[head] = tv_tensors.Mask(lab)
+        image = tv_tensors.Image(image)
+        if self.transforms is not None:
+            image, checked = self.transforms(image, checked)
+        target = checked if isinstance(label, dict) else checked["out"]
+        return image.as_subclass(torch.Tensor), _plain(target)
+
+
+def _plain(target):
+    if isinstance(target, dict):
+        return {k: v.as_subclass(torch.Tensor).long() for k, v in target.items()}
+    return target.as_subclass(torch.Tensor).long()
+
+
+def pad_collate(batch: list[tuple[torch.Tensor, Any]]) -> tuple[torch.Tensor, Any]:
+    """Pad every sample to the largest in the batch: image with 0, labels with 255 (ignored)."""
+    h = max(img.shape[-2] for img, _ in batch)
+    w = max(img.shape[-1] for img, _ in batch)
+    images = torch.zeros(len(batch), batch[0][0].shape[0], h, w, dtype=batch[0][0].dtype)
+    first = batch[0][1]
+    heads = list(first) if isinstance(first, dict) else [None]
+    labels = {k: torch.full((len(batch), h, w), IGNORE_INDEX, dtype=torch.long) for k in heads}
+    for i, (img, tgt) in enumerate(batch):
+        images[i, :, : img.shape[-2], : img.shape[-1]] = img
+        for k in heads:
+            lab = tgt[k] if k is not None else tgt
+            labels[k][i, : lab.shape[-2], : lab.shape[-1]] = lab
+    return images, labels if isinstance(first, dict) else labels[None]
+
+
+class SegmentationDataModule(pl.LightningDataModule):
+    """Base DataModule: loaders, batching and transforms; subclasses say where samples come from.
+
+    Batching: ``crop`` trains on fixed-size random crops (labels padded with 255); ``pad`` pads
+    each batch to its largest image; ``whole`` feeds whole images one at a time (the paper).
+    Validation and test always see whole images, padded per batch when ``val_batch_size > 1``.
+    """
+
+    ignore_index = IGNORE_INDEX
+
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        *,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str | None = None,
+        batch_size: int = 8,
+        val_batch_size: int = 1,
+        num_workers: int = 0,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        batching: str = "crop",
+        crop_size: int | Sequence[int] | None = 320,
+        scale_range: Sequence[float] | None = (0.5, 2.0),
+        hflip: bool = True,
+        normalization: str | dict = "imagenet",
+    ) -> None:
+        super().__init__()
+        if batching not in BATCHING:
+            raise ValueError(f"data.batching must be one of {BATCHING}, got {batching!r}")
+        if batching == "whole" and batch_size != 1:
+            raise ValueError(
+                f"data.batching=whole trains on whole images one at a time: set data.batch_size=1 (got {batch_size})"
+            )
+        if batching == "crop" and not crop_size:
+            raise ValueError("data.batching=crop needs data.crop_size")
+        if batch_size < 1 or val_batch_size < 1:
+            raise ValueError(
+                f"data.batch_size and data.val_batch_size must be >= 1, got {batch_size}, {val_batch_size}"
+            )
+        self.root = Path(root).expanduser() if root is not None else None
+        self.train_split, self.val_split = train_split, val_split
+        self.test_split = test_split or val_split
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.batching, self.crop_size, self.scale_range, self.hflip = (
+            batching,
+            crop_size,
+            scale_range,
+            hflip,
+        )
+        self.normalization = normalization
+        self.datasets: dict[str, Dataset] = {}
+
+    # --- what subclasses provide
+    class_names: tuple[str, ...] = ()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def palette(self) -> list[tuple[int, int, int]]:
+        return voc_palette()
+
+    @property
+    def in_channels(self) -> int:
+        return 3
+
+    def make_dataset(self, split: str, transforms: Callable) -> Dataset:
+        raise NotImplementedError
+
+    # --- Lightning hooks
+    def train_transforms(self) -> Callable:
+        return train_transforms(
+            crop_size=self.crop_size if self.batching == "crop" else None,
+            scale_range=self.scale_range,
+            hflip=self.hflip,
+            normalization=self.normalization,
+        )
+
+    def eval_transforms(self) -> Callable:
+        return eval_transforms(normalization=self.normalization)
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {
+            "fit": [("train", self.train_split, True), ("val", self.val_split, False)],
+            "validate": [("val", self.val_split, False)],
+            "test": [("test", self.test_split, False)],
+            "predict": [("test", self.test_split, False)],
+        }
+        for key, split, train in wanted.get(stage or "fit", wanted["fit"]):
+            if key not in self.datasets:
+                self.datasets[key] = self.make_dataset(
+                    split, self.train_transforms() if train else self.eval_transforms()
+                )
+
+    def _loader(
+        self, key: str, batch_size: int, shuffle: bool, collate: Callable | None
+    ) -> DataLoader:
+        if key not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[key])
+        return DataLoader(
+            self.datasets[key],
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers,
+            collate_fn=collate,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        collate = pad_collate if self.batching == "pad" else None
+        return self._loader("train", self.batch_size, True, collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.val_batch_size, False, pad_collate)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.val_batch_size, False, pad_collate)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def describe(self) -> dict[str, Any]:
+        """What a checkpoint needs to know of its data: names, palette, normalisation."""
+        return {
+            "class_names": list(self.class_names),
+            "palette": [list(c) for c in self.palette[: max(self.num_classes, 1)]],
+            "normalization": self.normalization
+            if isinstance(self.normalization, str)
+            else dict(self.normalization),
+        }
+
+
+def read_split_file(path: Path, what: str) -> list[str]:
+    if not path.is_file():
+        raise DataError(f"split list not found: {path} ({what})")
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DataError(f"split list {path} is empty")
+    return ids
+
+
+def check_files_exist(
+    ids: Sequence[str], paths: Callable[[str], Sequence[Path]], split: str
+) -> None:
+    """Fail at setup, not hours into an epoch, when a split names an id without its files."""
+    for i in ids:
+        for p in paths(i):
+            if not p.is_file():
+                name = i[-1] if isinstance(i, tuple) else i
+                raise DataError(f"split '{split}' lists '{name}' but {p} does not exist")

@@ -1,0 +1,127 @@
+"""A user's own dataset in VOC layout."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .base import (
+    DataError,
+    SegmentationDataModule,
+    SegmentationDataset,
+    check_files_exist,
+    read_image,
+    read_label_png,
+    read_split_file,
+    voc_palette,
+)
+
+LAYOUT = """Expected layout under data.root (VOC layout):
+  JPEGImages/<id>.jpg or <id>.png       (RGB images)
+  SegmentationClass/<id>.png            (palette or single-channel PNG; value = class, 255 = ignore)
+  ImageSets/Segmentation/<split>.txt    (optional: one id per line; without it every image is used)
+  classes.txt                           (optional: one class name per line, or set data.num_classes)"""
+
+
+class FolderDataModule(SegmentationDataModule):
+    """Any dataset in VOC layout; classes from ``num_classes``/``class_names`` or ``classes.txt``."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(root, **kwargs)
+        self._num_classes_cfg = num_classes
+        self._class_names_cfg = list(class_names) if class_names else None
+        self._names: tuple[str, ...] | None = None
+        self._palette: list[tuple[int, int, int]] | None = None
+
+    # --- classes and palette, read lazily from the folder
+    def _check_root(self) -> None:
+        if self.root is None or not self.root.is_dir():
+            raise DataError(f"data.root {self.root} does not exist.\n{LAYOUT}")
+        for sub in ("JPEGImages", "SegmentationClass"):
+            if not (self.root / sub).is_dir():
+                raise DataError(f"{self.root / sub} not found.\n{LAYOUT}")
+
+    @property
+    def class_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        if self._names is None:
+            names = self._class_names_cfg
+            classes_txt = self.root / "classes.txt" if self.root else None
+            if names is None and classes_txt is not None and classes_txt.is_file():
+                names = [
+                    line.strip() for line in classes_txt.read_text().splitlines() if line.strip()
+                ]
+                if not names:
+                    raise DataError(f"{classes_txt} lists no class names")
+            n = self._num_classes_cfg
+            if names is not None and n is not None and len(names) != n:
+                source = "data.class_names" if self._class_names_cfg else str(classes_txt)
+                raise DataError(
+                    f"data.num_classes={n} disagrees with the {len(names)} classes in {source}"
+                )
+            if names is None:
+                if n is None:
+                    raise DataError(
+                        f"the number of classes is unknown: set data.num_classes or write {classes_txt} "
+                        "(one class name per line, index 0 first)"
+                    )
+                names = [f"class_{i}" for i in range(n)]
+            self._names = tuple(names)
+        return self._names
+
+    @property
+    def palette(self) -> list[tuple[int, int, int]]:
+        if self._palette is None:
+            self._palette = voc_palette()
+            labels = sorted((self.root / "SegmentationClass").glob("*.png")) if self.root else []
+            if labels:
+                with Image.open(labels[0]) as img:
+                    if img.mode == "P" and img.getpalette():
+                        flat = img.getpalette()
+                        self._palette = [tuple(flat[i : i + 3]) for i in range(0, len(flat), 3)]
+        return self._palette
+
+    # --- samples
+    def image_path(self, i: str) -> Path:
+        for ext in (".jpg", ".png", ".jpeg"):
+            p = self.root / "JPEGImages" / f"{i}{ext}"
+            if p.is_file():
+                return p
+        return self.root / "JPEGImages" / f"{i}.jpg"
+
+    def split_ids(self, split: str) -> list[str]:
+        self._check_root()
+        lists = self.root / "ImageSets" / "Segmentation"
+        if lists.is_dir():
+            return read_split_file(lists / f"{split}.txt", f"data split '{split}'")
+        ids = sorted(p.stem for p in (self.root / "SegmentationClass").glob("*.png"))
+        if not ids:
+            raise DataError(f"no label PNGs in {self.root / 'SegmentationClass'}.\n{LAYOUT}")
+        warnings.warn(
+            f"{lists} not found: split '{split}' uses all {len(ids)} labelled images", stacklevel=2
+        )
+        return ids
+
+    def make_dataset(self, split: str, transforms: Callable) -> Dataset:
+        ids = self.split_ids(split)
+        check_files_exist(
+            ids, lambda i: (self.image_path(i), self.root / "SegmentationClass" / f"{i}.png"), split
+        )
+        return SegmentationDataset(
+            ids, self._load, self.num_classes, transforms, name=f"split {split!r} of {self.root}"
+        )
+
+    def _load(self, i: str):
+        label_path = self.root / "SegmentationClass" / f"{i}.png"
+        return read_image(self.image_path(i)), read_label_png(label_path), label_path

@@ -1,0 +1,153 @@
+"""PASCAL VOC 2011/2012 segmentation and the SBD extra annotations (REFERENCE section 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import scipy.io
+from torch.utils.data import ConcatDataset, Dataset
+
+from .base import (
+    DataError,
+    SegmentationDataModule,
+    SegmentationDataset,
+    check_files_exist,
+    read_image,
+    read_label_png,
+    read_split_file,
+)
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)  # fmt: skip
+
+VOC_SPLITS = ("train", "val", "trainval")
+SBD_SPLITS = ("sbd_train", "sbd_val")
+SPLITS = (*VOC_SPLITS, *SBD_SPLITS, "seg11valid", "sbd_train+voc_train")
+
+LAYOUT = """Expected layout under data.root:
+  VOCdevkit/VOC{year}/JPEGImages/<id>.jpg
+  VOCdevkit/VOC{year}/SegmentationClass/<id>.png          (palette PNG; 255 = void)
+  VOCdevkit/VOC{year}/ImageSets/Segmentation/{{train,val,trainval}}.txt
+and, for the SBD splits (sbd_train, sbd_val, seg11valid):
+  benchmark_RELEASE/dataset/{{img/<id>.jpg, cls/<id>.mat, train.txt, val.txt}}
+VOC2012: http://host.robots.ox.ac.uk/pascal/VOC/voc2012/ (VOCtrainval_11-May-2012.tar)
+VOC2011: http://host.robots.ox.ac.uk/pascal/VOC/voc2011/ (VOCtrainval_25-May-2011.tar)
+SBD: http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz"""
+
+
+def load_sbd_label(path: Path) -> Any:
+    """SBD label: loadmat(cls/<id>.mat)['GTcls'][0]['Segmentation'][0] (uint8 class indices)."""
+    try:
+        mat = scipy.io.loadmat(path)
+    except FileNotFoundError:
+        raise DataError(f"SBD label not found: {path}") from None
+    except Exception as err:
+        raise DataError(f"cannot read SBD label {path}: {err}") from err
+    try:
+        return mat["GTcls"][0]["Segmentation"][0]
+    except (KeyError, IndexError, ValueError) as err:
+        raise DataError(
+            f"{path} has no GTcls.Segmentation field (is it an SBD cls/*.mat file?)"
+        ) from err
+
+
+class VOCDataModule(SegmentationDataModule):
+    """PASCAL VOC segmentation with the SBD extra annotations.
+
+    Splits: ``train``, ``val``, ``trainval`` (VOC lists of ``year``), ``sbd_train``, ``sbd_val``,
+    ``seg11valid`` (VOC2011 val minus SBD train: the paper's 736 validation images) and
+    ``sbd_train+voc_train``. The paper trains on ``sbd_train`` and validates on ``seg11valid``.
+    """
+
+    class_names = VOC_CLASSES
+
+    def __init__(self, root: str | Path, *, year: int | str = 2012, **kwargs: Any) -> None:
+        super().__init__(root, **kwargs)
+        self.year = str(year)
+        if self.year not in ("2011", "2012"):
+            raise ValueError(f"data.year must be 2011 or 2012, got {year!r}")
+        for split in (self.train_split, self.val_split, self.test_split):
+            if split not in SPLITS:
+                raise ValueError(f"unknown VOC split {split!r}; expected one of {SPLITS}")
+
+    @property
+    def voc_dir(self) -> Path:
+        return self.root / "VOCdevkit" / f"VOC{self.year}"
+
+    @property
+    def sbd_dir(self) -> Path:
+        return self.root / "benchmark_RELEASE" / "dataset"
+
+    def _require(self, path: Path, what: str) -> None:
+        if self.root is None or not self.root.is_dir():
+            raise DataError(
+                f"data.root {self.root} does not exist.\n" + LAYOUT.format(year=self.year)
+            )
+        if not path.exists():
+            raise DataError(f"{what} not found: {path}\n" + LAYOUT.format(year=self.year))
+
+    def _voc_ids(self, split: str) -> list[str]:
+        self._require(self.voc_dir, f"VOC{self.year}")
+        return read_split_file(
+            self.voc_dir / "ImageSets" / "Segmentation" / f"{split}.txt", f"VOC{self.year} {split}"
+        )
+
+    def _sbd_ids(self, split: str) -> list[str]:
+        self._require(self.sbd_dir, "SBD (benchmark_RELEASE/dataset)")
+        return read_split_file(self.sbd_dir / f"{split}.txt", f"SBD {split}")
+
+    def split_ids(self, split: str) -> list[tuple[str, str]]:
+        """(source, id) pairs of a split; source is ``voc`` or ``sbd``."""
+        if split in VOC_SPLITS:
+            return [("voc", i) for i in self._voc_ids(split)]
+        if split in SBD_SPLITS:
+            return [("sbd", i) for i in self._sbd_ids(split.removeprefix("sbd_"))]
+        if split == "seg11valid":
+            if self.year != "2011":
+                raise ValueError("seg11valid is VOC2011 val minus SBD train: set data.year=2011")
+            sbd_train = set(self._sbd_ids("train"))
+            return [("voc", i) for i in self._voc_ids("val") if i not in sbd_train]
+        if split == "sbd_train+voc_train":
+            sbd = self._sbd_ids("train")
+            seen = set(sbd)
+            return [("sbd", i) for i in sbd] + [
+                ("voc", i) for i in self._voc_ids("train") if i not in seen
+            ]
+        raise ValueError(f"unknown VOC split {split!r}; expected one of {SPLITS}")
+
+    def _paths(self, source: str, i: str) -> tuple[Path, Path]:
+        if source == "voc":
+            return (
+                self.voc_dir / "JPEGImages" / f"{i}.jpg",
+                self.voc_dir / "SegmentationClass" / f"{i}.png",
+            )
+        return self.sbd_dir / "img" / f"{i}.jpg", self.sbd_dir / "cls" / f"{i}.mat"
+
+    def make_dataset(self, split: str, transforms: Callable) -> Dataset:
+        pairs = self.split_ids(split)
+        check_files_exist(pairs, lambda p: self._paths(*p), split)
+        by_source: dict[str, list[str]] = {}
+        for source, i in pairs:
+            by_source.setdefault(source, []).append(i)
+        parts = [
+            SegmentationDataset(
+                ids,
+                partial(self._load, source),
+                self.num_classes,
+                transforms,
+                name=f"VOC split {split!r}",
+            )
+            for source, ids in by_source.items()
+        ]
+        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+    def _load(self, source: str, i: str):
+        image_path, label_path = self._paths(source, i)
+        label = read_label_png(label_path) if source == "voc" else load_sbd_label(label_path)
+        return read_image(image_path), label, label_path
