@@ -28,9 +28,13 @@ _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
 
 
 def render_scene(
-    seed: int, split: str, index: int, size: int | tuple[int, int] = 96
+    seed: int, split: str, index: int, size: int | tuple[int, int] = 96, thickness: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One scene: (uint8 image (H, W, 3), uint8 label (H, W))."""
+    """One scene: (uint8 image (H, W, 3), uint8 label (H, W)).
+
+    ``thickness`` scales the fine structures (bar width, dot size, ring width): 1.0 gives 2-4 px
+    bars that a stride-32 prediction cannot draw; larger values make every class coarse.
+    """
     h, w = (size, size) if isinstance(size, int) else size
     rng = np.random.default_rng([seed, _SPLIT_CODE.get(split, 3), index])
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -53,16 +57,16 @@ def render_scene(
     if rng.random() < 0.7:  # ring: thin annulus
         cy, cx, r = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w, rng.uniform(0.1, 0.25) * s
         d = np.hypot(yy - cy, xx - cx)
-        paint(np.abs(d - r) <= rng.uniform(1.0, 2.0), 4)
+        paint(np.abs(d - r) <= rng.uniform(1.0, 2.0) * thickness, 4)
     for _ in range(rng.integers(1, 4)):  # bars: thin lines at any angle
         cy, cx, angle = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0, np.pi)
-        half_len, half_width = rng.uniform(0.2, 0.5) * s, rng.uniform(1.0, 2.0)
+        half_len, half_width = rng.uniform(0.2, 0.5) * s, rng.uniform(1.0, 2.0) * thickness
         u = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
         v = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
         paint((np.abs(u) <= half_len) & (np.abs(v) <= half_width), 2)
     for _ in range(rng.integers(2, 7)):  # dots: small squares
-        r = rng.integers(2, 4)
-        cy, cx = rng.integers(r, h - r), rng.integers(r, w - r)
+        r = max(1, round(rng.integers(2, 4) * thickness))
+        cy, cx = rng.integers(0, h), rng.integers(0, w)
         paint((np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r), 3)
     image += rng.normal(0, 12, image.shape)
     return np.clip(image, 0, 255).astype(np.uint8), label
@@ -81,6 +85,7 @@ class SyntheticDataModule(SegmentationDataModule):
         train_size: int = 512,
         val_size: int = 64,
         seed: int = 0,
+        thickness: float = 1.0,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("crop_size", None)
@@ -89,7 +94,9 @@ class SyntheticDataModule(SegmentationDataModule):
         super().__init__(root, **kwargs)
         if image_size < 8:
             raise ValueError(f"data.image_size must be >= 8, got {image_size}")
-        self.image_size, self.seed = image_size, seed
+        if thickness <= 0:
+            raise ValueError(f"data.thickness must be > 0, got {thickness}")
+        self.image_size, self.seed, self.thickness = image_size, seed, thickness
         self.sizes = {"train": train_size, "val": val_size, "test": val_size}
 
     def make_dataset(self, split: str, transforms: Callable) -> Dataset:
@@ -98,7 +105,7 @@ class SyntheticDataModule(SegmentationDataModule):
         ids = [str(i) for i in range(self.sizes[split])]
         return SegmentationDataset(
             ids,
-            partial(_load_scene, self.seed, split, self.image_size),
+            partial(_load_scene, self.seed, split, self.image_size, self.thickness),
             self.num_classes,
             transforms,
             name=f"synthetic {split}",
@@ -115,7 +122,7 @@ class SyntheticDataModule(SegmentationDataModule):
         for split in splits:
             ids = []
             for i in range(self.sizes[split]):
-                image, label = render_scene(self.seed, split, i, self.image_size)
+                image, label = render_scene(self.seed, split, i, self.image_size, self.thickness)
                 name = f"{split}_{i:05d}"
                 Image.fromarray(image).save(root / "JPEGImages" / f"{name}.png")
                 lab = Image.fromarray(label, mode="P")
@@ -127,6 +134,6 @@ class SyntheticDataModule(SegmentationDataModule):
         return root
 
 
-def _load_scene(seed: int, split: str, size: int, i: str):
-    image, label = render_scene(seed, split, int(i), size)
+def _load_scene(seed: int, split: str, size: int, thickness: float, i: str):
+    image, label = render_scene(seed, split, int(i), size, thickness)
     return torch.from_numpy(image).permute(2, 0, 1).contiguous(), label, f"synthetic {split} #{i}"

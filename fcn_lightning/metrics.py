@@ -1,0 +1,86 @@
+"""The paper's four metrics (REFERENCE section 4, score.py) on torchmetrics.
+
+``hist`` is the confusion matrix over labelled pixels (rows = ground truth):
+pixel acc = diag.sum / hist.sum; mean acc = nanmean(diag / hist.sum(1));
+IU = diag / (hist.sum(1) + hist.sum(0) - diag); mean IU = nanmean(IU);
+f.w. IU = sum over classes with freq > 0 of freq * IU.
+A class absent from both prediction and ground truth is NaN and left out of the means.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import Metric
+from torchmetrics.classification import MulticlassJaccardIndex
+
+IGNORE_INDEX = 255
+
+
+def _labels(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Class indices from logits (N, C, H, W) or labels (N, H, W)."""
+    return preds.argmax(1) if preds.dim() == target.dim() + 1 else preds
+
+
+class PixelAccuracy(Metric):
+    """Correct / labelled pixels; ignored pixels count in neither. Sum states: exact under DDP."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, ignore_index: int = IGNORE_INDEX, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.ignore_index = ignore_index
+        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        preds = _labels(preds, target)
+        valid = target != self.ignore_index
+        self.correct += ((preds == target) & valid).sum()
+        self.total += valid.sum()
+
+    def compute(self) -> torch.Tensor:
+        return self.correct.float() / self.total.clamp(min=1)
+
+
+class ConfusionJaccardIndex(MulticlassJaccardIndex):
+    """torchmetrics' mean IoU (``average="macro"``, ignore_index 255) whose update builds the
+    confusion matrix with one ``scatter_add_`` on the device: no boolean indexing, so no host
+    sync per batch. ``confmat`` (rows = ground truth) is summed across processes under DDP."""
+
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, **kwargs) -> None:
+        kwargs.setdefault("validate_args", False)
+        super().__init__(
+            num_classes=num_classes, average="macro", ignore_index=ignore_index, **kwargs
+        )
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        n = self.num_classes
+        preds = _labels(preds, target).reshape(-1).long()
+        target = target.reshape(-1).long()
+        valid = (target != self.ignore_index) & (target >= 0) & (target < n)
+        index = torch.where(valid, target * n + preds, n * n)  # ignored pixels go to a spare bin
+        counts = torch.zeros(n * n + 1, dtype=self.confmat.dtype, device=self.confmat.device)
+        counts.scatter_add_(0, index, torch.ones_like(index, dtype=counts.dtype))
+        self.confmat += counts[:-1].view(n, n)
+
+
+def scores_from_confmat(hist: torch.Tensor) -> dict[str, torch.Tensor]:
+    """All of score.py's numbers from a confusion matrix (rows = ground truth)."""
+    hist = hist.double()
+    diag = hist.diag()
+    gt, pred = hist.sum(1), hist.sum(0)
+    total = hist.sum()
+    with torch.no_grad():
+        acc_per_class = diag / gt  # NaN where the class is absent from the ground truth
+        iou = diag / (gt + pred - diag)  # NaN where absent from both
+        freq = gt / total
+        present = freq > 0
+        return {
+            "pixel_acc": diag.sum() / total,
+            "mean_acc": acc_per_class.nanmean(),
+            "mIoU": iou.nanmean(),
+            "fwIoU": (freq[present] * iou[present]).sum(),
+            "per_class_IoU": iou,
+        }

@@ -1,0 +1,448 @@
+"""The FCN LightningModule: loss, solver, metrics and TensorBoard panels (REFERENCE sections 2, 4).
+
+Hyper-parameters are plain values only (numbers, strings, lists, dicts), so checkpoints load
+under ``torch.load(weights_only=True)`` and the model can be rebuilt from a checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
+
+from .data.base import voc_palette
+from .metrics import IGNORE_INDEX, ConfusionJaccardIndex, PixelAccuracy, scores_from_confmat
+from .models import build_fcn, get_normalization
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULERS = ("fixed", "poly", "cosine")
+SPLITS = ("val", "test")
+
+
+def plain(value: Any) -> Any:
+    """DictConfig / ListConfig / tuples -> plain dicts and lists (checkpoint-safe hparams)."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+class HeadMetrics(nn.Module):
+    """Mean IoU (torchmetrics) and pixel accuracy (our Metric) of one head and split."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.jaccard = ConfusionJaccardIndex(num_classes)
+        self.pixel_acc = PixelAccuracy()
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        self.jaccard.update(preds, target)
+        self.pixel_acc.update(preds, target)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        with (
+            self.jaccard.sync_context()
+        ):  # under DDP: the confusion matrices of all processes summed
+            confmat = self.jaccard.confmat.clone()
+        scores = scores_from_confmat(confmat)
+        scores["mIoU"] = self.jaccard.compute()  # torchmetrics' macro IoU (== nanmean of IU)
+        scores["pixel_acc"] = self.pixel_acc.compute()
+        scores["confmat"] = confmat
+        return scores
+
+    def reset(self) -> None:
+        self.jaccard.reset()
+        self.pixel_acc.reset()
+
+
+class FCNModule(pl.LightningModule):
+    """An FCN with the paper's per-pixel cross-entropy and SGD solver.
+
+    Args:
+        model: keyword arguments of :func:`fcn_lightning.models.build_fcn` (arch, num_classes or
+            heads, backbone, geometry, width, pretrained, in_channels, ...).
+        loss_reduction: ``mean`` over labelled pixels (lr ~1e-4) or ``sum`` (the reference's
+            "heavy" recipe: lr 1e-10 / 1e-12 / 1e-14, momentum 0.99, batch 1).
+        class_weights: optional per-class loss weights (one list per head for several heads).
+        loss_sample_prob: the paper's loss sampling (section 3.4): each pixel's loss is kept with
+            this probability during training.
+        optimizer: ``name`` (sgd | adamw), ``lr``, ``momentum``, ``nesterov``, ``weight_decay``,
+            ``betas``, ``bias_lr_factor`` (2: biases at twice the lr), ``bias_weight_decay`` (0).
+        scheduler: ``name`` (fixed | poly | cosine), ``power`` (poly), ``warmup_steps``,
+            ``warmup_factor``, ``min_lr`` (cosine).
+        class_names / palette: per head, for per-class tags and the image panels.
+        panel_size: images in the fixed validation panel; ``log_images_every_n_epochs``: how often
+            the panel and the confusion matrix are drawn (0 = never).
+    """
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        *,
+        loss_reduction: str = "mean",
+        class_weights: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
+        loss_sample_prob: float = 1.0,
+        optimizer: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+        class_names: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
+        palette: Sequence[Sequence[int]] | None = None,
+        panel_size: int = 4,
+        log_images_every_n_epochs: int = 1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(
+            {
+                "model": plain(model),
+                "loss_reduction": loss_reduction,
+                "class_weights": plain(class_weights),
+                "loss_sample_prob": loss_sample_prob,
+                "optimizer": plain(optimizer or {"name": "sgd", "lr": 1e-4}),
+                "scheduler": plain(scheduler or {"name": "fixed"}),
+                "class_names": plain(class_names),
+                "palette": plain(palette),
+                "panel_size": panel_size,
+                "log_images_every_n_epochs": log_images_every_n_epochs,
+            }
+        )
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if not 0 < loss_sample_prob <= 1:
+            raise ValueError(f"loss_sample_prob must be in (0, 1], got {loss_sample_prob}")
+        self.model = build_fcn(**self.hparams.model)
+        self.heads = {name: n for name, n in self.model.spec.heads}
+        self.single = list(self.heads) == ["out"]
+        weights = self.hparams.class_weights
+        for name, n in self.heads.items():
+            w = (
+                (weights.get(name) if isinstance(weights, Mapping) else weights)
+                if weights is not None
+                else None
+            )
+            if w is not None and len(w) != n:
+                raise ValueError(
+                    f"class_weights for head {name!r} has {len(w)} entries, the head has {n} classes"
+                )
+            self.register_buffer(
+                f"class_weight_{name}",
+                torch.tensor(w, dtype=torch.float32) if w is not None else None,
+                persistent=False,
+            )
+        self.metrics = nn.ModuleDict(
+            {
+                split: nn.ModuleDict({name: HeadMetrics(n) for name, n in self.heads.items()})
+                for split in SPLITS
+            }
+        )
+        self._panel: list[
+            tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]
+        ] = []
+        self.final_metrics: dict[str, dict[str, Any]] = {}
+
+    # --------------------------------------------------------------------- naming
+    def tag(self, split: str, head: str, name: str) -> str:
+        return f"{split}/{name}" if self.single else f"{split}/{head}/{name}"
+
+    @property
+    def monitor(self) -> str:
+        """The metric that picks the best checkpoint: val mIoU (of the first head)."""
+        return self.tag("val", next(iter(self.heads)), "mIoU")
+
+    def class_names_of(self, head: str) -> list[str]:
+        names = self.hparams.class_names
+        if isinstance(names, Mapping):
+            names = names.get(head)
+        return list(names) if names else [str(i) for i in range(self.heads[head])]
+
+    def _targets(
+        self, target: torch.Tensor | Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        if isinstance(target, Mapping):
+            return dict(target)
+        if not self.single:
+            raise ValueError(
+                f"this model has heads {list(self.heads)} but the data gives one label map"
+            )
+        return {"out": target}
+
+    # --------------------------------------------------------------------- forward and loss
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model(x)
+
+    def loss(
+        self,
+        logits: Mapping[str, torch.Tensor],
+        targets: Mapping[str, torch.Tensor],
+        sample: bool = False,
+    ) -> torch.Tensor:
+        """Per-pixel cross-entropy over labelled pixels, summed over heads."""
+        total = logits[next(iter(logits))].new_zeros(())
+        for name, out in logits.items():
+            target = targets[name]
+            weight = getattr(self, f"class_weight_{name}")
+            pixel = F.cross_entropy(
+                out.float(), target, weight=weight, ignore_index=IGNORE_INDEX, reduction="none"
+            )
+            keep = target != IGNORE_INDEX
+            if sample and self.hparams.loss_sample_prob < 1:
+                keep = keep & (torch.rand_like(pixel) < self.hparams.loss_sample_prob)
+            w = keep.to(pixel.dtype)
+            if weight is not None:
+                w = w * weight[target.clamp(max=len(weight) - 1)]
+            loss = (pixel * keep).sum()
+            if self.hparams.loss_reduction == "mean":
+                loss = loss / w.sum().clamp(min=1e-12)
+            total = total + loss
+        return total
+
+    # --------------------------------------------------------------------- steps
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, target = batch
+        targets = self._targets(target)
+        loss = self.loss(self(images), targets, sample=True)
+        self.log(
+            "train/loss",
+            loss,
+            on_step=True,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=images.shape[0],
+        )
+        return loss
+
+    def _eval_step(self, split: str, batch, batch_idx: int) -> None:
+        images, target = batch
+        targets = self._targets(target)
+        logits = self(images)
+        loss = self.loss(logits, targets)
+        self.log(f"{split}/loss", loss, on_epoch=True, batch_size=images.shape[0], sync_dist=True)
+        for name, out in logits.items():
+            self.metrics[split][name].update(out.argmax(1), targets[name])
+        if (
+            split == "val"
+            and len(self._panel) < self.hparams.panel_size
+            and self._draw_images_now()
+        ):
+            for i in range(min(images.shape[0], self.hparams.panel_size - len(self._panel))):
+                self._panel.append(
+                    (
+                        images[i].detach().cpu(),
+                        {k: v[i].cpu() for k, v in targets.items()},
+                        {k: v[i].argmax(0).cpu() for k, v in logits.items()},
+                    )
+                )
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step("val", batch, batch_idx)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step("test", batch, batch_idx)
+
+    def predict_step(
+        self, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, torch.Tensor]:
+        images = batch[0] if isinstance(batch, list | tuple) else batch
+        return {k: v.argmax(1) for k, v in self(images).items()}
+
+    # --------------------------------------------------------------------- epoch ends
+    def _draw_images_now(self) -> bool:
+        n = self.hparams.log_images_every_n_epochs
+        return bool(n) and self.current_epoch % n == 0 and not self.trainer.sanity_checking
+
+    def _end_epoch(self, split: str) -> None:
+        results: dict[str, Any] = {}
+        for name, metric in self.metrics[split].items():
+            scores = metric.compute()
+            metric.reset()
+            for key in ("mIoU", "pixel_acc", "mean_acc", "fwIoU"):
+                self.log(
+                    self.tag(split, name, key),
+                    scores[key].float(),
+                    prog_bar=key == "mIoU" and split == "val",
+                )
+            names = self.class_names_of(name)
+            per_class = scores["per_class_IoU"]
+            for cls, value in zip(names, per_class.tolist(), strict=False):
+                if not math.isnan(value):
+                    self.log(self.tag(split, name, f"IoU/{cls}"), value)
+            results[name] = {
+                **{k: float(scores[k]) for k in ("mIoU", "pixel_acc", "mean_acc", "fwIoU")},
+                "per_class_IoU": {
+                    c: (None if math.isnan(v) else v)
+                    for c, v in zip(names, per_class.tolist(), strict=False)
+                },
+            }
+            if split == "val" and self._draw_images_now():
+                self._log_image(
+                    self.tag(split, name, "confusion_matrix"), confusion_image(scores["confmat"])
+                )
+        if split == "val" and not self.trainer.sanity_checking:
+            first = results[next(iter(self.heads))]
+            for key in ("mIoU", "pixel_acc", "mean_acc", "fwIoU"):
+                self.log(f"hp/{key}", first[key])
+        if not self.trainer.sanity_checking:
+            self.final_metrics[split] = results if not self.single else results["out"]
+
+    def on_validation_epoch_start(self) -> None:
+        self._panel = []
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_epoch("val")
+        if self._panel:
+            for head in self.heads:
+                panel = [
+                    self._panel_row(img, gt[head], pred[head]) for img, gt, pred in self._panel
+                ]
+                self._log_image(self.tag("val", head, "predictions"), torch.cat(panel, dim=1))
+            self._panel = []
+
+    def on_test_epoch_end(self) -> None:
+        self._end_epoch("test")
+
+    # --------------------------------------------------------------------- images
+    def _log_image(self, tag: str, image: torch.Tensor) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if (
+            experiment is not None
+            and hasattr(experiment, "add_image")
+            and self.trainer.is_global_zero
+        ):
+            experiment.add_image(tag, image, self.current_epoch, dataformats="CHW")
+
+    def _panel_row(self, image: torch.Tensor, gt: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """input | ground truth | prediction, uint8 (3, H, 3W), in the dataset's palette."""
+        norm = get_normalization(self.model.normalization)
+        x = image[:3].float()
+        if norm.bgr:
+            x = x.flip(0)
+        mean = torch.tensor(norm.mean).view(3, 1, 1)
+        std = torch.tensor(norm.std).view(3, 1, 1)
+        if norm.bgr:
+            mean, std = mean.flip(0), std.flip(0)
+        rgb = ((x * std + mean) / norm.scale).clamp(0, 1).mul(255).to(torch.uint8)
+        palette = torch.tensor(self.hparams.palette or voc_palette(), dtype=torch.uint8)
+        if palette.shape[0] < 256:
+            palette = torch.cat(
+                [palette, torch.full((256 - palette.shape[0], 3), 255, dtype=torch.uint8)]
+            )
+        palette[IGNORE_INDEX] = torch.tensor([255, 255, 255], dtype=torch.uint8)
+        colour = lambda lab: palette[lab.long().clamp(0, 255)].permute(2, 0, 1)  # noqa: E731
+        return torch.cat([rgb, colour(gt), colour(pred)], dim=2)
+
+    # --------------------------------------------------------------------- TensorBoard HParams
+    def on_fit_start(self) -> None:
+        if self.logger is not None and hasattr(self.logger, "log_hyperparams"):
+            metrics = {f"hp/{k}": 0.0 for k in ("mIoU", "pixel_acc", "mean_acc", "fwIoU")}
+            self.logger.log_hyperparams(flat_hparams(self.hparams), metrics)
+
+    # --------------------------------------------------------------------- solver
+    def configure_optimizers(self):
+        opt = dict(self.hparams.optimizer)
+        name = opt.pop("name", "sgd")
+        lr = float(opt.pop("lr"))
+        wd = float(opt.pop("weight_decay", 0.0))
+        bias_lr = float(opt.pop("bias_lr_factor", 2.0))
+        bias_wd = float(opt.pop("bias_weight_decay", 0.0))
+        groups = self.model.parameter_groups()
+        param_groups = [
+            {"params": groups["weight"], "lr": lr, "weight_decay": wd},
+            {"params": groups["bias"], "lr": lr * bias_lr, "weight_decay": bias_wd},
+        ]
+        if name == "sgd":
+            optimizer = torch.optim.SGD(
+                param_groups,
+                lr=lr,
+                momentum=float(opt.pop("momentum", 0.9)),
+                nesterov=bool(opt.pop("nesterov", False)),
+                **opt,
+            )
+        elif name == "adamw":
+            betas = tuple(opt.pop("betas", (0.9, 0.999)))
+            optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=betas, **opt)
+        else:
+            raise ValueError(f"optimizer.name must be one of {OPTIMIZERS}, got {name!r}")
+        scheduler = self._scheduler(optimizer)
+        if scheduler is None:
+            return optimizer
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def _scheduler(self, optimizer: torch.optim.Optimizer):
+        cfg = dict(self.hparams.scheduler)
+        name = cfg.get("name", "fixed")
+        if name not in SCHEDULERS:
+            raise ValueError(f"scheduler.name must be one of {SCHEDULERS}, got {name!r}")
+        warmup = int(cfg.get("warmup_steps", 0))
+        if name == "fixed" and warmup == 0:
+            return None
+        total = max(1, int(self.trainer.estimated_stepping_batches) - warmup)
+        if name == "poly":
+            power = float(cfg.get("power", 0.9))
+            main = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: max(0.0, 1 - step / total) ** power
+            )
+        elif name == "cosine":
+            main = torch.optim.lr_scheduler.CosineAnnealingLR(
+                optimizer, T_max=total, eta_min=float(cfg.get("min_lr", 0.0))
+            )
+        else:
+            main = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        if warmup == 0:
+            return main
+        start = torch.optim.lr_scheduler.LinearLR(
+            optimizer, start_factor=float(cfg.get("warmup_factor", 0.001)), total_iters=warmup
+        )
+        return torch.optim.lr_scheduler.SequentialLR(optimizer, [start, main], milestones=[warmup])
+
+
+def flat_hparams(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested hparams as flat ``a/b`` keys of scalars, as TensorBoard's HParams tab wants them."""
+    out: dict[str, Any] = {}
+    for key, value in hparams.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flat_hparams(value, f"{name}/"))
+        elif isinstance(value, list | tuple):
+            if len(value) <= 8:
+                out[name] = str(value)
+        else:
+            out[name] = value if isinstance(value, int | float | str | bool) else str(value)
+    return out
+
+
+def confusion_image(confmat: torch.Tensor, cell: int = 12) -> torch.Tensor:
+    """Row-normalised confusion matrix as a uint8 (3, n*cell, n*cell) heat map (rows = truth)."""
+    hist = confmat.double().cpu()
+    rows = hist / hist.sum(1, keepdim=True).clamp(min=1)
+    v = (rows * 255).round().to(torch.uint8)
+    heat = torch.stack([v, (v.float() * 0.6).to(torch.uint8), 255 - v])  # blue (0) -> red (1)
+    return heat.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> FCNModule:
+    """Rebuild an :class:`FCNModule` from a checkpoint alone (``weights_only`` loading); the
+    trunk's pretrained weights are not fetched again, the checkpoint holds them."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, Mapping) or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(
+            f"{path} is not a checkpoint written by fcn-lightning (no hyper_parameters / state_dict)"
+        )
+    hparams = dict(ckpt["hyper_parameters"])
+    hparams["model"] = {**hparams["model"], "pretrained": None}
+    module = FCNModule(**hparams)
+    module.load_state_dict(ckpt["state_dict"])
+    return module
