@@ -1,0 +1,16 @@
+"""Evaluate a checkpoint: `python eval.py ckpt_path=... data=voc data.root=... [data.split=...]`
+prints mean IoU, pixel accuracy, mean accuracy, f.w. IoU and IoU per class, and writes eval.json."""
+
+import hydra
+from omegaconf import DictConfig
+
+from fcn_lightning.pipeline import evaluate
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

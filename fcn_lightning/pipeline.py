@@ -1,0 +1,303 @@
+"""What train.py, eval.py and predict.py run: the staged pipeline, evaluation and prediction.
+
+Run folder of ``train``::
+
+    <output_dir>/.hydra/config.yaml         the resolved config (Hydra)
+    <output_dir>/<stage>/checkpoints/{best,last}.ckpt
+    <output_dir>/tensorboard/<stage>/       one TensorBoard run per stage
+    <output_dir>/metrics.json               every finished stage's final val metrics
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from PIL import Image
+
+from .callbacks import best_checkpoint, last_checkpoint
+from .data.base import SegmentationDataModule, voc_palette
+from .data.transforms import eval_transforms
+from .models import transfer_stage
+from .module import FCNModule, load_checkpoint
+
+log = logging.getLogger("fcn_lightning")
+
+CHAIN = ("fcn32s", "fcn16s", "fcn8s")
+METRIC_KEYS = ("mIoU", "pixel_acc", "mean_acc", "fwIoU")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names it."""
+
+
+# --------------------------------------------------------------------------- helpers
+def stages_for(cfg: DictConfig) -> list[str]:
+    """The stages to train: the chain up to ``arch.name`` when staged, else the arch alone."""
+    arch = cfg.arch.name
+    if cfg.arch.get("init_from") or not cfg.staged or arch not in CHAIN:
+        return [arch]
+    return list(CHAIN[: CHAIN.index(arch) + 1])
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def make_datamodule(data_cfg: DictConfig, **override: Any) -> SegmentationDataModule:
+    cfg = OmegaConf.to_container(data_cfg, resolve=True)
+    cfg.update(override)
+    if cfg.get("root") == "???":
+        raise ConfigError("data.root is not set: pass data.root=/path/to/the/dataset")
+    return instantiate(cfg, _convert_="all")
+
+
+def model_kwargs(
+    cfg: DictConfig, dm: SegmentationDataModule, stage: str, pretrained: Any
+) -> dict[str, Any]:
+    arch = cfg.arch
+    heads = getattr(dm, "heads", None)
+    kw = {
+        "arch": stage,
+        "backbone": arch.backbone,
+        "geometry": arch.geometry,
+        "width": float(arch.width),
+        "pretrained": pretrained,
+        "in_channels": dm.in_channels,
+        "learnable_upsampling": bool(arch.learnable_upsampling),
+        "dropout": float(arch.dropout),
+        "normalization": arch.normalization,
+    }
+    if heads:
+        kw["heads"] = dict(heads)
+    else:
+        kw["num_classes"] = dm.num_classes
+    return kw
+
+
+def make_module(
+    cfg: DictConfig, dm: SegmentationDataModule, stage: str, lr: float, pretrained: Any
+) -> FCNModule:
+    optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    optimizer["lr"] = lr
+    heads = getattr(dm, "heads", None)
+    names = {h: list(dm.head_class_names[h]) for h in heads} if heads else list(dm.class_names)
+    return FCNModule(
+        model_kwargs(cfg, dm, stage, pretrained),
+        loss_reduction=cfg.loss.reduction,
+        class_weights=OmegaConf.to_container(cfg.loss.class_weights)
+        if cfg.loss.class_weights is not None
+        else None,
+        loss_sample_prob=float(cfg.loss.sample_prob),
+        optimizer=optimizer,
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+        class_names=names,
+        palette=[list(c) for c in dm.palette[:256]],
+        panel_size=int(cfg.images.panel_size),
+        log_images_every_n_epochs=int(cfg.images.every_n_epochs),
+    )
+
+
+def make_trainer(cfg: DictConfig, stage: str, out: Path, monitor: str) -> pl.Trainer:
+    ckpt_dir = out / stage / "checkpoints"
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks += [best_checkpoint(ckpt_dir, monitor), last_checkpoint(ckpt_dir)]
+    logger = instantiate(cfg.logger, name=stage, version="") if cfg.get("logger") else False
+    trainer_cfg = OmegaConf.merge(cfg.trainer, (cfg.get("stage_overrides") or {}).get(stage) or {})
+    return instantiate(
+        trainer_cfg, logger=logger, callbacks=callbacks, default_root_dir=str(out / stage)
+    )
+
+
+def _val_metrics(module: FCNModule) -> dict[str, Any]:
+    return module.final_metrics.get("val", {})
+
+
+def format_table(metrics: Mapping[str, Any]) -> str:
+    """One row per stage (and head) with the four metrics, in percent."""
+    rows = []
+    for stage, block in metrics.items():
+        heads = {"": block} if "mIoU" in block else block
+        for head, m in heads.items():
+            name = f"{stage}/{head}" if head else stage
+            rows.append(f"{name:<18}" + "".join(f"{100 * m[k]:>11.1f}" for k in METRIC_KEYS))
+    header = f"{'stage':<18}" + "".join(
+        f"{k:>11}" for k in ("mIoU %", "pixel acc", "mean acc", "fwIoU")
+    )
+    return "\n".join([header, "-" * len(header), *rows])
+
+
+def headline(block: Mapping[str, Any]) -> float:
+    """The number sweepers optimise: val mIoU (the first head's with several)."""
+    return float(block["mIoU"] if "mIoU" in block else next(iter(block.values()))["mIoU"])
+
+
+# --------------------------------------------------------------------------- train
+def train(cfg: DictConfig) -> float:
+    """Train the stages that ``cfg`` asks for; return the last stage's val mIoU."""
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(int(cfg.seed), workers=True)
+    dm = make_datamodule(cfg.data)
+    dm.setup("fit")  # a missing or broken dataset fails here, before any training
+    stages = stages_for(cfg)
+    metrics_path = out / "metrics.json"
+    metrics = read_json(metrics_path) if cfg.resume else {}
+    init_from = cfg.arch.get("init_from")
+    if init_from and not Path(init_from).is_file():
+        raise ConfigError(f"arch.init_from: checkpoint not found: {init_from}")
+    previous_best: str | None = init_from
+    lr = float(cfg.optimizer.lr)
+    log.info("stages: %s; run folder: %s", " -> ".join(stages), out)
+    for i, stage in enumerate(stages):
+        stage_lr = lr * float(cfg.stage_lr_factor) ** i
+        ckpt_dir = out / stage / "checkpoints"
+        best, last = ckpt_dir / "best.ckpt", ckpt_dir / "last.ckpt"
+        if cfg.resume and stage in metrics and best.is_file():
+            log.info(
+                "[%d/%d] %s: finished before, skipped (resume=true)", i + 1, len(stages), stage
+            )
+            previous_best = str(best)
+            continue
+        first = i == 0 and not previous_best
+        module = make_module(cfg, dm, stage, stage_lr, cfg.arch.pretrained if first else None)
+        resume_from = str(last) if cfg.resume and last.is_file() else None
+        if previous_best and not resume_from:
+            transfer_stage(previous_best, module.model)
+        source = (
+            f"from {previous_best}"
+            if previous_best
+            else ("from ImageNet VGG16" if cfg.arch.pretrained else "from scratch")
+        )
+        log.info(
+            "[%d/%d] %s: lr %.3g, %s%s", i + 1, len(stages), stage, stage_lr, source,
+            f", resuming {resume_from}" if resume_from else "",
+        )  # fmt: skip
+        trainer = make_trainer(cfg, stage, out, module.monitor)
+        trainer.fit(module, dm, ckpt_path=resume_from)
+        if trainer.interrupted:
+            raise KeyboardInterrupt(
+                f"{stage} was interrupted; run again with resume=true to continue"
+            )
+        if not best.is_file():
+            trainer.save_checkpoint(best)  # e.g. fast_dev_run, or no validation ran
+        trainer.validate(module, dm, ckpt_path=str(best), verbose=False)
+        metrics[stage] = _val_metrics(module)
+        write_json_atomic(metrics_path, metrics)
+        previous_best = str(best)
+        log.info("%s done: val mIoU %.4f", stage, headline(metrics[stage]))
+    table = format_table({s: metrics[s] for s in stages if s in metrics})
+    print(
+        "\nValidation metrics of each stage (best checkpoint):\n" + table + f"\n\nrun folder: {out}"
+    )
+    return headline(metrics[stages[-1]])
+
+
+# --------------------------------------------------------------------------- eval
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.ckpt_path`` on ``cfg.data`` (its ``split``, else its val split)."""
+    module = _load(cfg.ckpt_path)
+    data_cfg = cfg.data.copy()
+    with open_dict(data_cfg):
+        split = data_cfg.pop("split", None) or data_cfg.get("val_split")
+        # the checkpoint decides the normalisation its weights expect
+        data_cfg.normalization = module.hparams.model.get("normalization", "imagenet")
+    dm = make_datamodule(data_cfg, test_split=split)
+    heads = {name: n for name, n in module.model.spec.heads}
+    expected = dict(getattr(dm, "heads", None) or {"out": dm.num_classes})
+    if expected != heads:
+        raise ConfigError(
+            f"checkpoint {cfg.ckpt_path} predicts {heads} classes but data={cfg.data._target_} has {expected}"
+        )
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    trainer.test(module, dm, verbose=False)
+    results = module.final_metrics["test"]
+    out = Path(cfg.output) if cfg.get("output") else Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"checkpoint": str(cfg.ckpt_path), "split": split, "metrics": results}
+    write_json_atomic(out / "eval.json", report)
+    print(format_table({f"{module.model.spec.arch} {split}": results}))
+    for head, block in ({"out": results} if "mIoU" in results else results).items():
+        print(f"\nIoU per class{'' if head == 'out' else f' ({head})'}:")
+        for name, value in block["per_class_IoU"].items():
+            print(f"  {name:<20}{'absent' if value is None else f'{100 * value:.1f}'}")
+    print(f"\nwritten: {out / 'eval.json'}")
+    return report
+
+
+# --------------------------------------------------------------------------- predict
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def _load(path: Any) -> FCNModule:
+    if not path:
+        raise ConfigError("ckpt_path is not set: pass ckpt_path=/path/to/best.ckpt")
+    try:
+        return load_checkpoint(path).eval()
+    except FileNotFoundError as err:
+        raise ConfigError(f"ckpt_path: {err}") from None
+
+
+def predict(cfg: DictConfig) -> list[Path]:
+    """Write a palette label PNG and a colour overlay per input image, at its own size."""
+    from .data.base import read_image
+
+    module = _load(cfg.ckpt_path)
+    if not cfg.get("input"):
+        raise ConfigError("input is not set: pass input=<image or folder>")
+    source = Path(cfg.input).expanduser()
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ConfigError(
+                f"input folder {source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+            )
+    elif source.is_file():
+        files = [source]
+    else:
+        raise ConfigError(f"input not found: {source}")
+    out = Path(cfg.output).expanduser() if cfg.get("output") else Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    transform = eval_transforms(normalization=module.hparams.model.get("normalization", "imagenet"))
+    palette = module.hparams.palette or voc_palette()
+    flat = [v for c in (list(palette) + [[0, 0, 0]] * 256)[:256] for v in c]
+    device = torch.device(
+        "cuda" if torch.cuda.is_available() and cfg.get("device", "auto") != "cpu" else "cpu"
+    )
+    module.to(device)
+    written = []
+    from torchvision import tv_tensors
+
+    for path in files:
+        image = read_image(path)
+        x = transform(tv_tensors.Image(image)).as_subclass(torch.Tensor).unsqueeze(0).to(device)
+        with torch.no_grad():
+            preds = {k: v[0].argmax(0).to(torch.uint8).cpu().numpy() for k, v in module(x).items()}
+        for head, label in preds.items():
+            suffix = "" if head == "out" else f"_{head}"
+            lab = Image.fromarray(label, mode="P")
+            lab.putpalette(flat)
+            lab.save(out / f"{path.stem}{suffix}.png")
+            colour = np.asarray(lab.convert("RGB"), dtype=np.float32)
+            overlay = 0.5 * image.permute(1, 2, 0).numpy().astype(np.float32) + 0.5 * colour
+            Image.fromarray(overlay.round().astype(np.uint8)).save(
+                out / f"{path.stem}{suffix}_overlay.jpg", quality=92
+            )
+            written.append(out / f"{path.stem}{suffix}.png")
+    print(f"wrote {len(written)} label maps and overlays to {out}")
+    return written

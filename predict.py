@@ -1,0 +1,16 @@
+"""Predict: `python predict.py ckpt_path=... input=<image or folder> output=<folder>` writes a
+palette label PNG and a colour overlay per image, at the image's own size."""
+
+import hydra
+from omegaconf import DictConfig
+
+from fcn_lightning.pipeline import predict
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    predict(cfg)
+
+
+if __name__ == "__main__":
+    main()
