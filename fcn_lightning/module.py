@@ -213,7 +213,7 @@ class FCNModule(pl.LightningModule):
             "train/loss",
             loss,
             on_step=True,
-            on_epoch=True,
+            on_epoch=False,
             prog_bar=True,
             batch_size=images.shape[0],
         )
