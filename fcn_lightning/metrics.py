@@ -66,8 +66,14 @@ class ConfusionJaccardIndex(MulticlassJaccardIndex):
         self.confmat += counts[:-1].view(n, n)
 
 
-def scores_from_confmat(hist: torch.Tensor) -> dict[str, torch.Tensor]:
-    """All of score.py's numbers from a confusion matrix (rows = ground truth)."""
+def scores_from_confmat(
+    hist: torch.Tensor, exclude_absent: bool = False
+) -> dict[str, torch.Tensor]:
+    """All of score.py's numbers from a confusion matrix (rows = ground truth).
+
+    ``exclude_absent``: leave classes that never occur in the ground truth out of every mean
+    (the paper's SIFT Flow caveat), even where they were predicted.
+    """
     hist = hist.double()
     diag = hist.diag()
     gt, pred = hist.sum(1), hist.sum(0)
@@ -75,6 +81,8 @@ def scores_from_confmat(hist: torch.Tensor) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         acc_per_class = diag / gt  # NaN where the class is absent from the ground truth
         iou = diag / (gt + pred - diag)  # NaN where absent from both
+        if exclude_absent:
+            iou = torch.where(gt > 0, iou, torch.nan)
         freq = gt / total
         present = freq > 0
         return {

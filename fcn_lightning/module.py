@@ -40,8 +40,9 @@ def plain(value: Any) -> Any:
 class HeadMetrics(nn.Module):
     """Mean IoU (torchmetrics) and pixel accuracy (our Metric) of one head and split."""
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, exclude_absent: bool = False) -> None:
         super().__init__()
+        self.exclude_absent = exclude_absent
         self.jaccard = ConfusionJaccardIndex(num_classes)
         self.pixel_acc = PixelAccuracy()
 
@@ -54,8 +55,9 @@ class HeadMetrics(nn.Module):
             self.jaccard.sync_context()
         ):  # under DDP: the confusion matrices of all processes summed
             confmat = self.jaccard.confmat.clone()
-        scores = scores_from_confmat(confmat)
-        scores["mIoU"] = self.jaccard.compute()  # torchmetrics' macro IoU (== nanmean of IU)
+        scores = scores_from_confmat(confmat, self.exclude_absent)
+        if not self.exclude_absent:
+            scores["mIoU"] = self.jaccard.compute()  # torchmetrics' macro IoU (== nanmean of IU)
         scores["pixel_acc"] = self.pixel_acc.compute()
         scores["confmat"] = confmat
         return scores
@@ -83,6 +85,8 @@ class FCNModule(pl.LightningModule):
         class_names / palette: per head, for per-class tags and the image panels.
         panel_size: images in the fixed validation panel; ``log_images_every_n_epochs``: how often
             the panel and the confusion matrix are drawn (0 = never).
+        exclude_absent_classes: leave classes absent from the evaluated ground truth out of the
+            means (the paper's SIFT Flow caveat); the results then list them as excluded.
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class FCNModule(pl.LightningModule):
         palette: Sequence[Sequence[int]] | None = None,
         panel_size: int = 4,
         log_images_every_n_epochs: int = 1,
+        exclude_absent_classes: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -112,6 +117,7 @@ class FCNModule(pl.LightningModule):
                 "palette": plain(palette),
                 "panel_size": panel_size,
                 "log_images_every_n_epochs": log_images_every_n_epochs,
+                "exclude_absent_classes": exclude_absent_classes,
             }
         )
         if loss_reduction not in ("mean", "sum"):
@@ -139,7 +145,9 @@ class FCNModule(pl.LightningModule):
             )
         self.metrics = nn.ModuleDict(
             {
-                split: nn.ModuleDict({name: HeadMetrics(n) for name, n in self.heads.items()})
+                split: nn.ModuleDict(
+                    {name: HeadMetrics(n, exclude_absent_classes) for name, n in self.heads.items()}
+                )
                 for split in SPLITS
             }
         )
@@ -281,6 +289,11 @@ class FCNModule(pl.LightningModule):
                     for c, v in zip(names, per_class.tolist(), strict=False)
                 },
             }
+            if self.hparams.exclude_absent_classes:
+                absent = (scores["confmat"].sum(1) == 0).tolist()
+                results[name]["excluded_classes"] = [
+                    c for c, a in zip(names, absent, strict=False) if a
+                ]
             if split == "val" and self._draw_images_now():
                 self._log_image(
                     self.tag(split, name, "confusion_matrix"), confusion_image(scores["confmat"])
@@ -321,6 +334,11 @@ class FCNModule(pl.LightningModule):
     def _panel_row(self, image: torch.Tensor, gt: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         """input | ground truth | prediction, uint8 (3, H, 3W), in the dataset's palette."""
         norm = get_normalization(self.model.normalization)
+        if image.shape[0] < 3:  # depth only: show it as grey levels
+            d = image[:1].float()
+            d = (d - d.min()) / (d.max() - d.min()).clamp(min=1e-6)
+            rgb = d.expand(3, -1, -1).mul(255).to(torch.uint8)
+            return torch.cat([rgb, self._colour(gt), self._colour(pred)], dim=2)
         x = image[:3].float()
         if norm.bgr:
             x = x.flip(0)
@@ -329,14 +347,16 @@ class FCNModule(pl.LightningModule):
         if norm.bgr:
             mean, std = mean.flip(0), std.flip(0)
         rgb = ((x * std + mean) / norm.scale).clamp(0, 1).mul(255).to(torch.uint8)
+        return torch.cat([rgb, self._colour(gt), self._colour(pred)], dim=2)
+
+    def _colour(self, label: torch.Tensor) -> torch.Tensor:
+        """Class indices -> uint8 (3, H, W) in the dataset's palette; ignored pixels white."""
         palette = torch.tensor(self.hparams.palette or voc_palette(), dtype=torch.uint8)
         if palette.shape[0] < 256:
-            palette = torch.cat(
-                [palette, torch.full((256 - palette.shape[0], 3), 255, dtype=torch.uint8)]
-            )
+            fill = torch.full((256 - palette.shape[0], 3), 255, dtype=torch.uint8)
+            palette = torch.cat([palette, fill])
         palette[IGNORE_INDEX] = torch.tensor([255, 255, 255], dtype=torch.uint8)
-        colour = lambda lab: palette[lab.long().clamp(0, 255)].permute(2, 0, 1)  # noqa: E731
-        return torch.cat([rgb, colour(gt), colour(pred)], dim=2)
+        return palette[label.long().clamp(0, 255)].permute(2, 0, 1)
 
     # --------------------------------------------------------------------- TensorBoard HParams
     def on_fit_start(self) -> None:
@@ -430,9 +450,12 @@ def confusion_image(confmat: torch.Tensor, cell: int = 12) -> torch.Tensor:
     return heat.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> FCNModule:
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", **overrides: Any
+) -> FCNModule:
     """Rebuild an :class:`FCNModule` from a checkpoint alone (``weights_only`` loading); the
-    trunk's pretrained weights are not fetched again, the checkpoint holds them."""
+    trunk's pretrained weights are not fetched again, the checkpoint holds them. ``overrides``
+    replace hyper-parameters that do not change the weights (e.g. ``exclude_absent_classes``)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -443,6 +466,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         )
     hparams = dict(ckpt["hyper_parameters"])
     hparams["model"] = {**hparams["model"], "pretrained": None}
-    module = FCNModule(**hparams)
+    module = FCNModule(**{**hparams, **overrides})
     module.load_state_dict(ckpt["state_dict"])
     return module

@@ -44,7 +44,12 @@ class ConfigError(ValueError):
 def stages_for(cfg: DictConfig) -> list[str]:
     """The stages to train: the chain up to ``arch.name`` when staged, else the arch alone."""
     arch = cfg.arch.name
-    if cfg.arch.get("init_from") or not cfg.staged or arch not in CHAIN:
+    if (
+        cfg.arch.get("init_from")
+        or cfg.arch.get("init_streams")
+        or not cfg.staged
+        or arch not in CHAIN
+    ):
         return [arch]
     return list(CHAIN[: CHAIN.index(arch) + 1])
 
@@ -87,6 +92,9 @@ def model_kwargs(
         kw["heads"] = dict(heads)
     else:
         kw["num_classes"] = dm.num_classes
+    streams = getattr(dm, "streams", None)
+    if streams:
+        kw["streams"] = dict(streams)
     return kw
 
 
@@ -110,6 +118,7 @@ def make_module(
         palette=[list(c) for c in dm.palette[:256]],
         panel_size=int(cfg.images.panel_size),
         log_images_every_n_epochs=int(cfg.images.every_n_epochs),
+        exclude_absent_classes=bool(cfg.get("exclude_absent_classes", False)),
     )
 
 
@@ -147,6 +156,21 @@ def headline(block: Mapping[str, Any]) -> float:
     return float(block["mIoU"] if "mIoU" in block else next(iter(block.values()))["mIoU"])
 
 
+def init_streams(model: Any, sources: Mapping[str, str]) -> None:
+    """Start each late-fusion stream from its own trained checkpoint (the paper's RGB-HHA)."""
+    streams = getattr(model, "streams", None)
+    if streams is None:
+        raise ConfigError("arch.init_streams needs a late-fusion model (data.modality=rgb+hha)")
+    if set(sources) != set(streams):
+        raise ConfigError(
+            f"arch.init_streams names {sorted(sources)}, the model's streams are {sorted(streams)}"
+        )
+    for name, path in sources.items():
+        if not Path(path).is_file():
+            raise ConfigError(f"arch.init_streams.{name}: checkpoint not found: {path}")
+        transfer_stage(path, streams[name])
+
+
 # --------------------------------------------------------------------------- train
 def train(cfg: DictConfig) -> float:
     """Train the stages that ``cfg`` asks for; return the last stage's val mIoU."""
@@ -179,6 +203,9 @@ def train(cfg: DictConfig) -> float:
         resume_from = str(last) if cfg.resume and last.is_file() else None
         if previous_best and not resume_from:
             transfer_stage(previous_best, module.model)
+        elif i == 0 and cfg.arch.get("init_streams") and not resume_from:
+            init_streams(module.model, cfg.arch.init_streams)
+            previous_best = "the checkpoints of arch.init_streams"
         source = (
             f"from {previous_best}"
             if previous_best
@@ -211,7 +238,9 @@ def train(cfg: DictConfig) -> float:
 # --------------------------------------------------------------------------- eval
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.data`` (its ``split``, else its val split)."""
-    module = _load(cfg.ckpt_path)
+    module = _load(
+        cfg.ckpt_path, exclude_absent_classes=bool(cfg.get("exclude_absent_classes", False))
+    )
     data_cfg = cfg.data.copy()
     with open_dict(data_cfg):
         split = data_cfg.pop("split", None) or data_cfg.get("val_split")
@@ -233,6 +262,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     write_json_atomic(out / "eval.json", report)
     print(format_table({f"{module.model.spec.arch} {split}": results}))
     for head, block in ({"out": results} if "mIoU" in results else results).items():
+        if block.get("excluded_classes"):
+            print(
+                f"classes absent from this split, left out of the means{'' if head == 'out' else f' ({head})'}: {', '.join(block['excluded_classes'])}"
+            )
+    for head, block in ({"out": results} if "mIoU" in results else results).items():
         print(f"\nIoU per class{'' if head == 'out' else f' ({head})'}:")
         for name, value in block["per_class_IoU"].items():
             print(f"  {name:<20}{'absent' if value is None else f'{100 * value:.1f}'}")
@@ -244,11 +278,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
-def _load(path: Any) -> FCNModule:
+def _load(path: Any, **overrides: Any) -> FCNModule:
     if not path:
         raise ConfigError("ckpt_path is not set: pass ckpt_path=/path/to/best.ckpt")
     try:
-        return load_checkpoint(path).eval()
+        return load_checkpoint(path, **overrides).eval()
     except FileNotFoundError as err:
         raise ConfigError(f"ckpt_path: {err}") from None
 

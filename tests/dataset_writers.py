@@ -109,3 +109,56 @@ def write_folder(
                 "\n".join(s_ids) + "\n"
             )
     return root
+
+
+def write_nyud(root: Path, splits: dict[str, list[str]], size=(30, 40), seed: int = 4) -> Path:
+    """NYUDv2 as prepared for FCN: <split>.txt, data/{images,hha,depth}/img_<id>.png,
+    segmentation/img_<id>.mat with key 'segmentation' (uint8, 0 = void, 1..40)."""
+    rng = np.random.default_rng(seed)
+    for sub in ("data/images", "data/hha", "data/depth", "segmentation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for split, ids in splits.items():
+        (root / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+        for i in ids:
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(
+                root / "data/images" / f"img_{i}.png"
+            )
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(
+                root / "data/hha" / f"img_{i}.png"
+            )
+            depth = rng.integers(500, 8000, size, dtype=np.uint16)  # millimetres
+            Image.fromarray(depth).save(root / "data/depth" / f"img_{i}.png")
+            seg = rng.integers(0, 41, size).astype(np.uint8)
+            scipy.io.savemat(root / "segmentation" / f"img_{i}.mat", {"segmentation": seg})
+    return root
+
+
+SIFT_SUBDIR = "spatial_envelope_256x256_static_8outdoorcategories"
+
+
+def write_siftflow(
+    root: Path,
+    train: list[str],
+    test: list[str],
+    unlabelled: list[str] = (),
+    size=(32, 32),
+    seed: int = 5,
+) -> Path:
+    """The SIFT Flow layout: Images/, SemanticLabels/, GeoLabels/ (.mat key 'S'; -1 in GeoLabels
+    for unlabeled) and TestSet1.txt in its Windows form."""
+    rng = np.random.default_rng(seed)
+    for sub in ("Images", "SemanticLabels", "GeoLabels"):
+        (root / sub / SIFT_SUBDIR).mkdir(parents=True, exist_ok=True)
+    for i in [*train, *test, *unlabelled]:
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(
+            root / "Images" / SIFT_SUBDIR / f"{i}.jpg"
+        )
+        if i in unlabelled:
+            continue
+        sem = rng.integers(0, 34, size).astype(np.int32)  # 0 = unlabeled, 1..33
+        geo = rng.integers(1, 4, size).astype(np.int32)
+        geo[0, :] = -1  # unlabeled
+        scipy.io.savemat(root / "SemanticLabels" / SIFT_SUBDIR / f"{i}.mat", {"S": sem})
+        scipy.io.savemat(root / "GeoLabels" / SIFT_SUBDIR / f"{i}.mat", {"S": geo})
+    (root / "TestSet1.txt").write_text("".join(f"{SIFT_SUBDIR}\\{i}.jpg\r\n" for i in test))
+    return root

@@ -221,6 +221,13 @@ class SegmentationDataModule(pl.LightningDataModule):
     def in_channels(self) -> int:
         return 3
 
+    @property
+    def image_groups(self) -> int:
+        """Leading groups of 3 channels that are images and get normalised (depth is not)."""
+        return 1
+
+    heads: dict[str, int] | None = None  # several label maps per sample: {head: classes}
+
     def make_dataset(self, split: str, transforms: Callable) -> Dataset:
         raise NotImplementedError
 
@@ -231,10 +238,11 @@ class SegmentationDataModule(pl.LightningDataModule):
             scale_range=self.scale_range,
             hflip=self.hflip,
             normalization=self.normalization,
+            image_groups=self.image_groups,
         )
 
     def eval_transforms(self) -> Callable:
-        return eval_transforms(normalization=self.normalization)
+        return eval_transforms(normalization=self.normalization, image_groups=self.image_groups)
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {

@@ -41,25 +41,35 @@ class RandomScale(v2.Transform):
 
 
 class NormalizeImage(v2.Transform):
-    """Float image in 0..1 -> the normalisation the model's weights expect (RGB or BGR)."""
+    """Float image in 0..1 -> the normalisation the model's weights expect (RGB or BGR).
+
+    The first ``image_groups`` groups of 3 channels are images (RGB, or HHA encoded as an image)
+    and are normalised; any further channels (depth) pass unchanged.
+    """
 
     _transformed_types = (tv_tensors.Image,)
 
-    def __init__(self, normalization: str | Normalization | dict = "imagenet") -> None:
+    def __init__(
+        self, normalization: str | Normalization | dict = "imagenet", image_groups: int = 1
+    ) -> None:
         super().__init__()
         self.norm = get_normalization(normalization)
+        self.image_groups = image_groups
         n = self.norm
         # (x * scale - mean) / std == (x - mean / scale) / (std / scale)
         self.mean = [m / n.scale for m in n.mean]
         self.std = [s / n.scale for s in n.std]
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        if self.norm.bgr:
-            inpt = tv_tensors.wrap(inpt[..., [2, 1, 0, *range(3, inpt.shape[-3])], :, :], like=inpt)
-        channels = inpt.shape[-3]
-        mean = (self.mean + [0.0] * channels)[:channels]  # extra channels (depth, ...) pass as is
-        std = (self.std + [1.0] * channels)[:channels]
-        return TF.normalize(inpt, mean=mean, std=std)
+        x = inpt.as_subclass(torch.Tensor)
+        parts = []
+        for g in range(self.image_groups):
+            image = x[..., 3 * g : 3 * g + 3, :, :]
+            if self.norm.bgr:
+                image = image.flip(-3)
+            parts.append(TF.normalize(image, mean=self.mean, std=self.std))
+        parts.append(x[..., 3 * self.image_groups :, :, :])
+        return tv_tensors.wrap(torch.cat(parts, dim=-3), like=inpt)
 
 
 def train_transforms(
@@ -68,6 +78,7 @@ def train_transforms(
     scale_range: Sequence[float] | None = (0.5, 2.0),
     hflip: bool = True,
     normalization: str | Normalization | dict = "imagenet",
+    image_groups: int = 1,
 ) -> v2.Compose:
     """Random scale, random crop (padded with 0 / 255 when the image is smaller) and flip."""
     ops: list[v2.Transform] = []
@@ -77,14 +88,18 @@ def train_transforms(
         ops.append(v2.RandomCrop(crop_size, pad_if_needed=True, fill=FILL))
     if hflip:
         ops.append(v2.RandomHorizontalFlip())
-    return v2.Compose([*ops, *eval_transforms(normalization=normalization).transforms])
+    return v2.Compose(
+        [*ops, *eval_transforms(normalization=normalization, image_groups=image_groups).transforms]
+    )
 
 
-def eval_transforms(*, normalization: str | Normalization | dict = "imagenet") -> v2.Compose:
-    """Whole images: only the dtype conversion and normalisation."""
+def eval_transforms(
+    *, normalization: str | Normalization | dict = "imagenet", image_groups: int = 1
+) -> v2.Compose:
+    """Whole images: only the dtype conversion (uint8 -> 0..1; float passes) and normalisation."""
     return v2.Compose(
         [
             v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
-            NormalizeImage(normalization),
+            NormalizeImage(normalization, image_groups),
         ]
     )

@@ -1,6 +1,7 @@
 """FCN models on a VGG16 trunk."""
 
 from .fcn import ARCHS, FCN, FCNHead, FCNSpec, build_fcn
+from .fusion import LateFusionFCN, compose_late_fusion
 from .torchfcn import export_torchfcn, import_torchfcn
 from .transfer import model_state_dict, transfer_stage
 from .upsample import bilinear_kernel, upsampler
@@ -14,11 +15,13 @@ __all__ = [
     "IMAGENET",
     "FCNHead",
     "FCNSpec",
+    "LateFusionFCN",
     "Normalization",
     "PretrainedWeightsUnavailable",
     "VGG16Trunk",
     "bilinear_kernel",
     "build_fcn",
+    "compose_late_fusion",
     "expand_input_channels",
     "export_torchfcn",
     "get_normalization",

@@ -231,6 +231,7 @@ def build_fcn(
     learnable_upsampling: bool = True,
     dropout: float = 0.5,
     normalization: str | Normalization | None = None,
+    streams: Mapping[str, int] | None = None,
     progress: bool = True,
 ) -> FCN:
     """Build an FCN from plain arguments.
@@ -248,7 +249,18 @@ def build_fcn(
         learnable_upsampling: learn the intermediate 2x upsamplings (the final one stays fixed).
         normalization: ``imagenet`` or ``caffe`` input normalisation the model expects; defaults
             to ``imagenet`` (what torchvision's weights need).
+        streams: late fusion, e.g. ``{"rgb": 3, "hha": 3}``: one FCN per stream on its own input
+            channels (in that order), score maps averaged. ``in_channels`` is then ignored.
     """
+    if streams:
+        from .fusion import LateFusionFCN
+
+        kw = dict(num_classes=num_classes, heads=heads, backbone=backbone, geometry=geometry, width=width,
+                  pretrained=pretrained, learnable_upsampling=learnable_upsampling, dropout=dropout,
+                  normalization=normalization, progress=progress)  # fmt: skip
+        return LateFusionFCN(
+            {name: build_fcn(arch, in_channels=int(c), **kw) for name, c in streams.items()}
+        )
     spec = FCNSpec(
         arch=arch,
         heads=tuple((str(k), int(v)) for k, v in heads.items())

@@ -13,9 +13,11 @@ from .fcn import FCN, NEW_IN_STAGE, STAGE, FCNSpec
 StateSource = FCN | nn.Module | Mapping[str, torch.Tensor] | str | Path
 
 
-def model_state_dict(source: StateSource) -> dict[str, torch.Tensor]:
+def model_state_dict(
+    source: StateSource, anchor: str = "trunk.features.0.weight"
+) -> dict[str, torch.Tensor]:
     """The FCN state dict of a model, a state dict, or a file (a Lightning checkpoint or a
-    ``torch.save``'d state dict); any prefix before ``trunk.`` (``model.`` in a
+    ``torch.save``'d state dict); any prefix before ``anchor`` (``model.`` in a
     LightningModule's checkpoint) is stripped."""
     if isinstance(source, nn.Module):
         state = source.state_dict()
@@ -30,12 +32,11 @@ def model_state_dict(source: StateSource) -> dict[str, torch.Tensor]:
         state = source
     if not isinstance(state, Mapping):
         raise ValueError(f"{source!r} does not hold a state dict")
-    anchor = next((k for k in state if k.endswith("trunk.features.0.weight")), None)
-    if anchor is None:
-        raise ValueError(
-            f"{source if isinstance(source, str | Path) else 'state dict'} holds no FCN weights (no '...trunk.features.0.weight' key)"
-        )
-    prefix = anchor[: -len("trunk.features.0.weight")]
+    found = next((k for k in state if k.endswith(anchor)), None)
+    if found is None:
+        where = source if isinstance(source, str | Path) else "state dict"
+        raise ValueError(f"{where} holds no FCN weights (no '...{anchor}' key)")
+    prefix = found[: -len(anchor)]
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
@@ -47,6 +48,24 @@ def transfer_stage(source: StateSource, target: FCN) -> FCN:
     values, zero scores and bilinear kernels, so the new stage starts from the previous stage's
     predictions. Raises ``ValueError`` naming the layer and both shapes when the two disagree.
     """
+    from .fusion import LateFusionFCN
+
+    if isinstance(target, LateFusionFCN):  # stream by stream, from a fused source
+        state = model_state_dict(
+            source, f"streams.{next(iter(target.streams))}.trunk.features.0.weight"
+        )
+        for name, stream in target.streams.items():
+            sub = {
+                k[len(f"streams.{name}.") :]: v
+                for k, v in state.items()
+                if k.startswith(f"streams.{name}.")
+            }
+            if not sub:
+                raise ValueError(
+                    f"source has no stream {name!r} (late fusion streams: {list(target.streams)})"
+                )
+            transfer_stage(sub, stream)
+        return target
     state = model_state_dict(source)
     if state.get("_extra_state"):
         src = FCNSpec.from_dict(state["_extra_state"])

@@ -1,0 +1,185 @@
+"""NYUDv2 as prepared for FCN (REFERENCE section 3): RGB, HHA, depth and their fusions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.io
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from .base import (
+    DataError,
+    SegmentationDataModule,
+    SegmentationDataset,
+    check_files_exist,
+    read_image,
+    read_split_file,
+)
+
+NYUD_CLASSES = (
+    "wall",
+    "floor",
+    "cabinet",
+    "bed",
+    "chair",
+    "sofa",
+    "table",
+    "door",
+    "window",
+    "bookshelf",
+    "picture",
+    "counter",
+    "blinds",
+    "desk",
+    "shelves",
+    "curtain",
+    "dresser",
+    "pillow",
+    "mirror",
+    "floor mat",
+    "clothes",
+    "ceiling",
+    "books",
+    "refridgerator",
+    "television",
+    "paper",
+    "towel",
+    "shower curtain",
+    "box",
+    "whiteboard",
+    "person",
+    "night stand",
+    "toilet",
+    "sink",
+    "lamp",
+    "bathtub",
+    "bag",
+    "otherstructure",
+    "otherfurniture",
+    "otherprop",
+)  # fmt: skip  (Gupta et al. 40 classes, 1..40 in the .mat files)
+
+MODALITIES = {
+    "rgb": ("images",),
+    "hha": ("hha",),
+    "depth": ("depth",),
+    "rgbd": ("images", "depth"),
+    "rgb+hha": ("images", "hha"),
+}
+SPLITS = ("train", "val", "test", "trainval")
+MEAN_LOG_DEPTH = 7.844  # mean log(depth in mm) of NYUDv2, as the reference subtracts it
+
+LAYOUT = """Expected layout under data.root (NYUDv2 as prepared for FCN):
+  train.txt, val.txt, test.txt            (one id per line, e.g. 5001)
+  data/images/img_<id>.png                (RGB)
+  data/hha/img_<id>.png                   (HHA: disparity, height, angle as 3 channels)
+  data/depth/img_<id>.png                 (depth in millimetres, 16-bit)
+  segmentation/img_<id>.mat               (key 'segmentation': uint8, 0 = void, 1..40 = classes)
+Prepared data: http://dl.caffe.berkeleyvision.org/nyud.tar.gz (fcn.berkeleyvision.org, data/nyud)"""
+
+
+def load_nyud_label(path: Path) -> np.ndarray:
+    """segmentation/img_<id>.mat -> class indices 0..39 with void (0) mapped to 255."""
+    try:
+        mat = scipy.io.loadmat(path)
+    except FileNotFoundError:
+        raise DataError(f"NYUDv2 label not found: {path}") from None
+    except Exception as err:
+        raise DataError(f"cannot read NYUDv2 label {path}: {err}") from err
+    if "segmentation" not in mat:
+        raise DataError(
+            f"{path} has no 'segmentation' key (found {sorted(k for k in mat if not k.startswith('__'))})"
+        )
+    seg = np.asarray(mat["segmentation"]).astype(np.int64)
+    return np.where(seg == 0, 255, seg - 1)  # 0 = void -> 255; classes 1..40 -> 0..39
+
+
+def read_depth(path: Path) -> torch.Tensor:
+    """Depth PNG (mm) -> (1, H, W) float: log depth minus the dataset mean (the reference)."""
+    try:
+        with Image.open(path) as img:
+            depth = np.array(img, dtype=np.float32)
+    except FileNotFoundError:
+        raise DataError(f"depth file not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"cannot decode depth {path}: {err}") from err
+    if depth.ndim != 2:
+        raise DataError(
+            f"depth {path} has {depth.shape[-1]} channels; expected a single-channel PNG"
+        )
+    return torch.from_numpy(np.log(np.maximum(depth, 1.0)) - MEAN_LOG_DEPTH).unsqueeze(0)
+
+
+class NYUDDataModule(SegmentationDataModule):
+    """NYUDv2, 40 classes. ``modality``: ``rgb``, ``hha``, ``depth``, ``rgbd`` (early fusion: a
+    4-channel input) or ``rgb+hha`` (late fusion: two streams whose scores are averaged)."""
+
+    class_names = NYUD_CLASSES
+
+    def __init__(self, root: str | Path, *, modality: str = "rgb", **kwargs: Any) -> None:
+        kwargs.setdefault("train_split", "trainval")  # the paper: train on trainval, report on test
+        kwargs.setdefault("val_split", "test")
+        super().__init__(root, **kwargs)
+        if modality not in MODALITIES:
+            raise ValueError(f"data.modality must be one of {sorted(MODALITIES)}, got {modality!r}")
+        self.modality = modality
+        for split in (self.train_split, self.val_split, self.test_split):
+            if split not in SPLITS:
+                raise ValueError(f"unknown NYUDv2 split {split!r}; expected one of {SPLITS}")
+
+    @property
+    def in_channels(self) -> int:
+        return {"rgb": 3, "hha": 3, "depth": 1, "rgbd": 4, "rgb+hha": 6}[self.modality]
+
+    @property
+    def image_groups(self) -> int:
+        return {"rgb": 1, "hha": 1, "depth": 0, "rgbd": 1, "rgb+hha": 2}[self.modality]
+
+    @property
+    def streams(self) -> dict[str, int] | None:
+        """Late fusion: one network per stream, with its input channels."""
+        return {"rgb": 3, "hha": 3} if self.modality == "rgb+hha" else None
+
+    def _paths(self, i: str) -> list[Path]:
+        folders = MODALITIES[self.modality]
+        return [self.root / "data" / f / f"img_{i}.png" for f in folders] + [
+            self.root / "segmentation" / f"img_{i}.mat"
+        ]
+
+    def split_ids(self, split: str) -> list[str]:
+        if self.root is None or not self.root.is_dir():
+            raise DataError(f"data.root {self.root} does not exist.\n{LAYOUT}")
+        for folder in MODALITIES[self.modality]:
+            if not (self.root / "data" / folder).is_dir():
+                raise DataError(
+                    f"data.modality={self.modality} needs {self.root / 'data' / folder}, which does not exist.\n{LAYOUT}"
+                )
+        if split == "trainval":
+            return self.split_ids("train") + self.split_ids("val")
+        return read_split_file(self.root / f"{split}.txt", f"NYUDv2 {split}")
+
+    def make_dataset(self, split: str, transforms: Callable) -> Dataset:
+        ids = self.split_ids(split)
+        check_files_exist(ids, self._paths, split)
+        return SegmentationDataset(
+            ids, self._load, self.num_classes, transforms, name=f"NYUDv2 split {split!r}"
+        )
+
+    def _load(self, i: str):
+        *inputs, label_path = self._paths(i)
+        parts = [read_depth(p) if p.parent.name == "depth" else read_image(p) for p in inputs]
+        if any(
+            p.dtype != torch.uint8 for p in parts
+        ):  # with depth: everything as float, RGB in 0..1
+            parts = [p.float() / 255 if p.dtype == torch.uint8 else p for p in parts]
+        sizes = {tuple(p.shape[-2:]) for p in parts}
+        if len(sizes) > 1:
+            raise DataError(
+                f"NYUDv2 id {i}: the {'/'.join(MODALITIES[self.modality])} images differ in size: {sorted(sizes)}"
+            )
+        return torch.cat(parts, dim=0), load_nyud_label(label_path), label_path

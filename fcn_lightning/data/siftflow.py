@@ -1,0 +1,135 @@
+"""SIFT Flow (REFERENCE section 3): 33 semantic and 3 geometric classes, learned by two heads."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.io
+from torch.utils.data import Dataset
+
+from .base import DataError, SegmentationDataModule, SegmentationDataset, read_image
+
+SEMANTIC_CLASSES = (
+    "awning", "balcony", "bird", "boat", "bridge", "building", "bus", "car", "cow", "crosswalk",
+    "desert", "door", "fence", "field", "grass", "moon", "mountain", "person", "plant", "pole",
+    "river", "road", "rock", "sand", "sea", "sidewalk", "sign", "sky", "staircase", "streetlight",
+    "sun", "tree", "window",
+)  # fmt: skip
+GEOMETRIC_CLASSES = ("sky", "horizontal", "vertical")
+SUBDIR = "spatial_envelope_256x256_static_8outdoorcategories"
+
+LAYOUT = f"""Expected layout under data.root (the SIFT Flow dataset):
+  Images/{SUBDIR}/<id>.jpg
+  SemanticLabels/{SUBDIR}/<id>.mat     (key 'S': 0 = unlabeled, 1..33 = classes)
+  GeoLabels/{SUBDIR}/<id>.mat          (key 'S': -1 = unlabeled, 1..3 = sky, horizontal, vertical)
+  TestSet1.txt                         (the 200 test images, one '{SUBDIR}\\<id>.jpg' a line)
+Download: http://people.csail.mit.edu/celiu/LabelTransfer/SiftFlowDataset.zip"""
+
+
+def load_siftflow_label(path: Path, geometric: bool) -> np.ndarray:
+    """A label .mat (key 'S') -> 0-based classes with unlabeled = 255."""
+    try:
+        mat = scipy.io.loadmat(path)
+    except FileNotFoundError:
+        raise DataError(f"SIFT Flow label not found: {path}") from None
+    except Exception as err:
+        raise DataError(f"cannot read SIFT Flow label {path}: {err}") from err
+    if "S" not in mat:
+        raise DataError(
+            f"{path} has no 'S' key (found {sorted(k for k in mat if not k.startswith('__'))})"
+        )
+    s = np.asarray(mat["S"]).astype(np.int64)
+    if geometric:
+        s[s == -1] = 0  # the geometric labels mark unlabeled with -1
+    return np.where(s == 0, 255, s - 1)
+
+
+class SiftFlowDataModule(SegmentationDataModule):
+    """SIFT Flow with two label maps per image: ``sem`` (33 classes) and ``geo`` (3 classes).
+
+    Splits: ``test`` (the 200 images of TestSet1.txt) and ``train`` (the rest). Images without
+    both annotations are left out with a warning (two in the official release).
+    """
+
+    class_names = SEMANTIC_CLASSES
+    heads = {"sem": len(SEMANTIC_CLASSES), "geo": len(GEOMETRIC_CLASSES)}
+    head_class_names = {"sem": SEMANTIC_CLASSES, "geo": GEOMETRIC_CLASSES}
+
+    def __init__(self, root: str | Path, **kwargs: Any) -> None:
+        kwargs.setdefault("val_split", "test")
+        super().__init__(root, **kwargs)
+        for split in (self.train_split, self.val_split, self.test_split):
+            if split not in ("train", "test"):
+                raise ValueError(f"unknown SIFT Flow split {split!r}; expected 'train' or 'test'")
+
+    def _paths(self, i: str) -> tuple[Path, Path, Path]:
+        return (
+            self.root / "Images" / SUBDIR / f"{i}.jpg",
+            self.root / "SemanticLabels" / SUBDIR / f"{i}.mat",
+            self.root / "GeoLabels" / SUBDIR / f"{i}.mat",
+        )
+
+    def split_ids(self, split: str) -> list[str]:
+        if self.root is None or not self.root.is_dir():
+            raise DataError(f"data.root {self.root} does not exist.\n{LAYOUT}")
+        images = self.root / "Images" / SUBDIR
+        if not images.is_dir():
+            raise DataError(f"{images} not found.\n{LAYOUT}")
+        test_file = self.root / "TestSet1.txt"
+        if not test_file.is_file():
+            raise DataError(f"{test_file} not found: it defines the test split.\n{LAYOUT}")
+        # lines look like 'spatial_envelope_256x256_static_8outdoorcategories\coast_arnat59.jpg'
+        test = [
+            Path(line.strip().replace("\\", "/")).stem
+            for line in test_file.read_text().splitlines()
+            if line.strip()
+        ]
+        if split == "test":
+            ids = test
+            missing = [i for i in ids if not self._paths(i)[0].is_file()]
+            if missing:
+                raise DataError(
+                    f"TestSet1.txt lists '{missing[0]}' but {self._paths(missing[0])[0]} does not exist"
+                )
+        else:
+            test_set = set(test)
+            ids = sorted(p.stem for p in images.glob("*.jpg") if p.stem not in test_set)
+        unlabelled = [
+            i for i in ids if not (self._paths(i)[1].is_file() and self._paths(i)[2].is_file())
+        ]
+        if unlabelled:
+            warnings.warn(
+                f"SIFT Flow {split}: {len(unlabelled)} image(s) without annotation left out: {', '.join(unlabelled[:5])}",
+                stacklevel=2,
+            )
+            ids = [i for i in ids if i not in set(unlabelled)]
+        if not ids:
+            raise DataError(f"SIFT Flow split '{split}' is empty under {self.root}")
+        return ids
+
+    def make_dataset(self, split: str, transforms: Callable) -> Dataset:
+        return SegmentationDataset(
+            self.split_ids(split),
+            self._load,
+            dict(self.heads),
+            transforms,
+            name=f"SIFT Flow {split}",
+        )
+
+    def _load(self, i: str):
+        image, sem, geo = self._paths(i)
+        labels = {
+            "sem": load_siftflow_label(sem, geometric=False),
+            "geo": load_siftflow_label(geo, geometric=True),
+        }
+        return read_image(image), labels, sem
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "head_class_names": {k: list(v) for k, v in self.head_class_names.items()},
+        }

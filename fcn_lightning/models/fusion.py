@@ -1,0 +1,74 @@
+"""Late fusion (the paper's RGB-HHA net): one FCN stream per channel group, scores averaged."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .fcn import FCN
+
+
+class LateFusionFCN(nn.Module):
+    """FCN streams that each see their own channels of one input (e.g. RGB = channels 0-2, HHA =
+    3-5); the output is the average of the streams' score maps, per head."""
+
+    def __init__(self, streams: Mapping[str, FCN]) -> None:
+        super().__init__()
+        if len(streams) < 2:
+            raise ValueError("late fusion needs at least two streams")
+        first_name, first = next(iter(streams.items()))
+        for name, stream in streams.items():
+            for field in ("arch", "heads", "geometry"):
+                if getattr(stream.spec, field) != getattr(first.spec, field):
+                    raise ValueError(
+                        f"late fusion streams disagree on {field}: {first_name!r} has "
+                        f"{getattr(first.spec, field)!r}, {name!r} has {getattr(stream.spec, field)!r}"
+                    )
+        self.streams = nn.ModuleDict(streams)
+        self.channels = [s.spec.in_channels for s in streams.values()]
+        self.spec = replace(first.spec, in_channels=sum(self.channels))
+        self.normalization = first.normalization
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.dim() != 4 or x.shape[1] != sum(self.channels):
+            names = ", ".join(f"{n}: {c}" for n, c in zip(self.streams, self.channels, strict=True))
+            raise ValueError(
+                f"expected input (N, {sum(self.channels)}, H, W) ({names}), got {tuple(x.shape)}"
+            )
+        outs = [
+            stream(part)
+            for stream, part in zip(
+                self.streams.values(), torch.split(x, self.channels, dim=1), strict=True
+            )
+        ]
+        return {head: torch.stack([o[head] for o in outs]).mean(0) for head in outs[0]}
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        groups: dict[str, list[nn.Parameter]] = {"weight": [], "bias": []}
+        for stream in self.streams.values():
+            for key, params in stream.parameter_groups().items():
+                groups[key] += params
+        return groups
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"fusion": "late", "streams": {n: s.spec.as_dict() for n, s in self.streams.items()}}
+
+    def set_extra_state(self, state: Any) -> None:
+        if state and list(state.get("streams", {})) != list(self.streams):
+            raise ValueError(
+                f"state dict was saved from streams {list(state.get('streams', {}))}, this model has {list(self.streams)}"
+            )
+
+
+def compose_late_fusion(sources: Mapping[str, Any]) -> LateFusionFCN:
+    """A late-fusion net from trained single-modality FCNs (models, state dicts or checkpoints),
+    as the paper composed RGB-HHA from its RGB and HHA nets: ``{"rgb": ..., "hha": ...}``."""
+    from .transfer import model_state_dict
+
+    return LateFusionFCN(
+        {name: FCN.from_state_dict(model_state_dict(src)) for name, src in sources.items()}
+    )
