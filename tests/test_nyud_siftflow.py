@@ -47,6 +47,7 @@ def test_nyud_modalities(nyud, modality, channels):
     assert len(dm.datasets["val"]) == 2  # the test split
     image, label = dm.datasets["train"][0]
     assert image.shape == (channels, 30, 40) and image.dtype == torch.float32
+    assert label.shape == (30, 40) and label.dtype == torch.int64
     assert dm.num_classes == 40 and dm.class_names[0] == "wall"
 
 

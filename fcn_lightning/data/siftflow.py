@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.io
@@ -56,8 +56,11 @@ class SiftFlowDataModule(SegmentationDataModule):
     """
 
     class_names = SEMANTIC_CLASSES
-    heads = {"sem": len(SEMANTIC_CLASSES), "geo": len(GEOMETRIC_CLASSES)}
-    head_class_names = {"sem": SEMANTIC_CLASSES, "geo": GEOMETRIC_CLASSES}
+    heads: ClassVar[dict[str, int]] = {"sem": len(SEMANTIC_CLASSES), "geo": len(GEOMETRIC_CLASSES)}
+    head_class_names: ClassVar[dict[str, tuple[str, ...]]] = {
+        "sem": SEMANTIC_CLASSES,
+        "geo": GEOMETRIC_CLASSES,
+    }
 
     def __init__(self, root: str | Path, **kwargs: Any) -> None:
         kwargs.setdefault("val_split", "test")
