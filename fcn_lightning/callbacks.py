@@ -1,10 +1,19 @@
-"""Checkpointing: the best checkpoint by val mIoU and the last one, each in its own file."""
+"""Checkpointing: best and last checkpoints, written atomically, and a checkpoint on interruption."""
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
+from typing import Any
 
-from pytorch_lightning.callbacks import ModelCheckpoint
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins import TorchCheckpointIO
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger("fcn_lightning")
 
 
 def best_checkpoint(dirpath: str | Path, monitor: str = "val/mIoU") -> ModelCheckpoint:
@@ -21,3 +30,42 @@ def last_checkpoint(dirpath: str | Path) -> ModelCheckpoint:
     return ModelCheckpoint(
         dirpath=dirpath, filename="last", monitor=None, save_top_k=1, enable_version_counter=False
     )
+
+
+class InterruptCheckpoint(Callback):
+    """On SIGTERM (a pre-empted job) or Ctrl+C, write ``last.ckpt`` so that ``resume=true``
+    continues from the step where training stopped. Weights that are no longer finite are never
+    written: the previous ``last.ckpt`` is kept."""
+
+    def __init__(self, dirpath: str | Path) -> None:
+        self.path = Path(dirpath) / "last.ckpt"
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if not isinstance(exception, KeyboardInterrupt | SIGTERMException):
+            return
+        if not all(torch.isfinite(p).all() for p in pl_module.parameters()):
+            log.warning("interrupted with non-finite weights: %s left as it was", self.path)
+            return
+        trainer.save_checkpoint(self.path)
+        log.warning(
+            "interrupted at epoch %d, step %d: wrote %s",
+            trainer.current_epoch,
+            trainer.global_step,
+            self.path,
+        )
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file and renames it into place, so a kill while
+    writing leaves the previous checkpoint intact."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)

@@ -7,6 +7,7 @@ under ``torch.load(weights_only=True)`` and the model can be rebuilt from a chec
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,10 @@ def plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [plain(v) for v in value]
     return value
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
 
 
 class HeadMetrics(nn.Module):
@@ -217,6 +222,12 @@ class FCNModule(pl.LightningModule):
         images, target = batch
         targets = self._targets(target)
         loss = self.loss(self(images), targets, sample=True)
+        if not torch.isfinite(loss):  # one host sync per step: cheap next to a lost run
+            raise NonFiniteLossError(
+                f"the training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
+                f"(batch {batch_idx}): training stopped before this step changed the weights; the last "
+                "good checkpoint is kept. Lower optimizer.lr (a summed loss needs ~1e-10), or check the data."
+            )
         self.log(
             "train/loss",
             loss,
@@ -358,6 +369,23 @@ class FCNModule(pl.LightningModule):
         palette[IGNORE_INDEX] = torch.tensor([255, 255, 255], dtype=torch.uint8)
         return palette[label.long().clamp(0, 255)].permute(2, 0, 1)
 
+    # --------------------------------------------------------------------- random state
+    # Saved with every checkpoint so that a resumed run draws the same dropout masks and loss
+    # samples as an uninterrupted one (data order and augmentation are seeded per sample).
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        version, state, gauss = random.getstate()
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "python": {"version": version, "state": list(state), "gauss": gauss},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if states:
+            torch.set_rng_state(states["torch"])
+            py = states["python"]
+            random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+
     # --------------------------------------------------------------------- TensorBoard HParams
     def on_fit_start(self) -> None:
         if self.logger is not None and hasattr(self.logger, "log_hyperparams"):
@@ -378,18 +406,26 @@ class FCNModule(pl.LightningModule):
             {"params": groups["bias"], "lr": lr * bias_lr, "weight_decay": bias_wd},
         ]
         if name == "sgd":
-            optimizer = torch.optim.SGD(
-                param_groups,
-                lr=lr,
-                momentum=float(opt.pop("momentum", 0.9)),
-                nesterov=bool(opt.pop("nesterov", False)),
-                **opt,
+            cls, allowed = (
+                torch.optim.SGD,
+                {"momentum", "nesterov", "dampening", "foreach", "fused", "maximize"},
             )
+            opt.setdefault("momentum", 0.9)
         elif name == "adamw":
-            betas = tuple(opt.pop("betas", (0.9, 0.999)))
-            optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=betas, **opt)
+            cls, allowed = (
+                torch.optim.AdamW,
+                {"betas", "eps", "amsgrad", "foreach", "fused", "maximize"},
+            )
+            if "betas" in opt:
+                opt["betas"] = tuple(opt["betas"])
         else:
             raise ValueError(f"optimizer.name must be one of {OPTIMIZERS}, got {name!r}")
+        unknown = sorted(set(opt) - allowed)
+        if unknown:
+            raise ValueError(
+                f"optimizer.{unknown[0]} is not a setting of {cls.__name__} (it takes {sorted(allowed)})"
+            )
+        optimizer = cls(param_groups, lr=lr, **opt)
         scheduler = self._scheduler(optimizer)
         if scheduler is None:
             return optimizer

@@ -23,12 +23,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from .callbacks import best_checkpoint, last_checkpoint
+from .callbacks import AtomicCheckpointIO, InterruptCheckpoint, best_checkpoint, last_checkpoint
 from .data.base import SegmentationDataModule, voc_palette
 from .data.transforms import eval_transforms
 from .models import transfer_stage
-from .module import FCNModule, load_checkpoint
+from .module import FCNModule, NonFiniteLossError, load_checkpoint
 
 log = logging.getLogger("fcn_lightning")
 
@@ -125,11 +126,19 @@ def make_module(
 def make_trainer(cfg: DictConfig, stage: str, out: Path, monitor: str) -> pl.Trainer:
     ckpt_dir = out / stage / "checkpoints"
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    callbacks += [best_checkpoint(ckpt_dir, monitor), last_checkpoint(ckpt_dir)]
+    callbacks += [
+        best_checkpoint(ckpt_dir, monitor),
+        last_checkpoint(ckpt_dir),
+        InterruptCheckpoint(ckpt_dir),
+    ]
     logger = instantiate(cfg.logger, name=stage, version="") if cfg.get("logger") else False
     trainer_cfg = OmegaConf.merge(cfg.trainer, (cfg.get("stage_overrides") or {}).get(stage) or {})
     return instantiate(
-        trainer_cfg, logger=logger, callbacks=callbacks, default_root_dir=str(out / stage)
+        trainer_cfg,
+        logger=logger,
+        callbacks=callbacks,
+        default_root_dir=str(out / stage),
+        plugins=[AtomicCheckpointIO()],
     )
 
 
@@ -216,16 +225,28 @@ def train(cfg: DictConfig) -> float:
             f", resuming {resume_from}" if resume_from else "",
         )  # fmt: skip
         trainer = make_trainer(cfg, stage, out, module.monitor)
-        trainer.fit(module, dm, ckpt_path=resume_from)
+        try:
+            trainer.fit(module, dm, ckpt_path=resume_from)
+        except SIGTERMException:
+            raise SystemExit(
+                f"{stage} stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}; "
+                f"{last} holds that step. Continue with: python train.py <same overrides> resume=true "
+                f"hydra.run.dir={out}"
+            ) from None
+        except NonFiniteLossError as err:
+            raise SystemExit(
+                f"{stage}: {err} ({last if last.is_file() else 'no checkpoint yet'})"
+            ) from None
         if trainer.interrupted:
-            raise KeyboardInterrupt(
-                f"{stage} was interrupted; run again with resume=true to continue"
+            raise SystemExit(
+                f"{stage} was interrupted; continue with resume=true hydra.run.dir={out}"
             )
         if not best.is_file():
             trainer.save_checkpoint(best)  # e.g. fast_dev_run, or no validation ran
         trainer.validate(module, dm, ckpt_path=str(best), verbose=False)
         metrics[stage] = _val_metrics(module)
-        write_json_atomic(metrics_path, metrics)
+        if trainer.is_global_zero:
+            write_json_atomic(metrics_path, metrics)
         previous_best = str(best)
         log.info("%s done: val mIoU %.4f", stage, headline(metrics[stage]))
     table = format_table({s: metrics[s] for s in stages if s in metrics})

@@ -14,7 +14,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 
 from .transforms import IGNORE_INDEX, eval_transforms, train_transforms
@@ -134,6 +135,56 @@ def _plain(target):
     return target.as_subclass(torch.Tensor).long()
 
 
+class ResumableSampler(Sampler):
+    """Shuffles with a generator seeded by (seed, epoch), so an epoch's order is known again after
+    a restart, and yields ``(epoch, index)`` so that each sample's random transforms are seeded
+    too (see :class:`SeededDataset`). ``resume_at(epoch, n)`` skips the first ``n`` samples of
+    that epoch: training resumed mid-epoch sees exactly the samples it had not seen."""
+
+    def __init__(self, size: int, seed: int = 0, shuffle: bool = True) -> None:
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.epoch = 0
+        self._skip: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this before each epoch
+        self.epoch = epoch
+
+    def resume_at(self, epoch: int, samples_done: int) -> None:
+        self._skip = (epoch, samples_done)
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(
+                self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            ).tolist()
+        else:
+            order = list(range(self.size))
+        if self._skip is not None and self._skip[0] == self.epoch:
+            order = order[self._skip[1] :]
+            self._skip = None
+        return iter([(self.epoch, i) for i in order])
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class SeededDataset(Dataset):
+    """Training samples whose random transforms depend only on (seed, epoch, index), not on the
+    global random state: prefetching and restarts do not change what a sample looks like."""
+
+    def __init__(self, dataset: Dataset, seed: int = 0) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int] | int):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            return self.dataset[index]
+
+
 def pad_collate(batch: list[tuple[torch.Tensor, Any]]) -> tuple[torch.Tensor, Any]:
     """Pad every sample to the largest in the batch: image with 0, labels with 255 (ignored)."""
     h = max(img.shape[-2] for img, _ in batch)
@@ -177,6 +228,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         scale_range: Sequence[float] | None = (0.5, 2.0),
         hflip: bool = True,
         normalization: str | dict = "imagenet",
+        loader_seed: int | None = 0,
     ) -> None:
         super().__init__()
         if batching not in BATCHING:
@@ -205,6 +257,22 @@ class SegmentationDataModule(pl.LightningDataModule):
         )
         self.normalization = normalization
         self.datasets: dict[str, Dataset] = {}
+        # the shuffling order and per-sample transforms of training depend on this seed only
+        self.loader_seed = (
+            int(loader_seed) if loader_seed is not None else torch.initial_seed() % 2**31
+        )
+        self._resume: dict[str, int] | None = None
+
+    # --- where training stopped, saved in every checkpoint, for an exact mid-epoch resume
+    def state_dict(self) -> dict[str, Any]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not trainer.training:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return {"epoch": trainer.current_epoch, "batches_done": done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = dict(state) if state else None
 
     # --- what subclasses provide
     class_names: tuple[str, ...] = ()
@@ -262,10 +330,26 @@ class SegmentationDataModule(pl.LightningDataModule):
     ) -> DataLoader:
         if key not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[key])
+        dataset, sampler = self.datasets[key], None
+        if key == "train":
+            sampler = ResumableSampler(len(dataset), self.loader_seed, shuffle=shuffle)
+            if self._resume:
+                sampler.resume_at(self._resume["epoch"], self._resume["batches_done"] * batch_size)
+                self._resume = None
+            dataset = SeededDataset(dataset, self.loader_seed)
+        elif (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        ):
+            # every sample exactly once across processes: no padding with repeated samples
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
         return DataLoader(
-            self.datasets[key],
+            dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
+            # its own generator: creating an iterator must not draw from the global random state
+            generator=torch.Generator().manual_seed(self.loader_seed),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers,

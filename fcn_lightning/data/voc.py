@@ -75,6 +75,8 @@ class VOCDataModule(SegmentationDataModule):
         for split in (self.train_split, self.val_split, self.test_split):
             if split not in SPLITS:
                 raise ValueError(f"unknown VOC split {split!r}; expected one of {SPLITS}")
+            if split == "seg11valid" and self.year != "2011":
+                raise ValueError("seg11valid is VOC2011 val minus SBD train: set data.year=2011")
 
     @property
     def voc_dir(self) -> Path:
