@@ -148,6 +148,19 @@ def test_ddp_validation_metrics_equal_single_process(tmp_path):
     assert 0 < one["mIoU"] < 1
 
 
+def test_cli_ddp_two_cpu_processes_write_one_run_folder(tmp_path):
+    overrides = [o for o in TINY if not o.startswith(("data.train_size", "data.batch_size"))]
+    result = run("train.py", "arch=fcn16s", *overrides, "data.train_size=8", "data.batch_size=2", "trainer.devices=2",
+                 "trainer.strategy=ddp", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # not one folder per process
+    assert list(json.loads((tmp_path / "run" / "metrics.json").read_text())) == ["fcn32s", "fcn16s"]
+    assert sorted(p.name for p in (tmp_path / "run" / "tensorboard").iterdir()) == [
+        "fcn16s",
+        "fcn32s",
+    ]
+
+
 # --------------------------------------------------------------------------- bad input table
 def _ckpt(tmp_path: Path) -> Path:
     out = tmp_path / "trained"
@@ -339,3 +352,26 @@ def test_slurm_launcher_config_composes():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+def test_resumable_sampler_skips_only_in_the_resumed_epoch():
+    from fcn_lightning.data.base import ResumableSampler
+
+    sampler = ResumableSampler(10, seed=3)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    assert sorted(i for _, i in full) == list(range(10)) and {e for e, _ in full} == {2}
+    assert list(sampler) == full  # the order is a function of (seed, epoch)
+    sampler.resume_at(2, 4)
+    assert len(sampler) == 6 and list(sampler) == full[4:]
+    assert list(sampler) == full  # only once
+    sampler.set_epoch(3)
+    assert list(sampler) != full
+
+
+def test_datamodule_ignores_resume_state_outside_fit():
+    from fcn_lightning.data import SyntheticDataModule
+
+    dm = SyntheticDataModule(train_size=8, image_size=16, batch_size=2)
+    dm.load_state_dict({"epoch": 0, "samples_done": 4})  # e.g. restored by validate(ckpt_path=...)
+    assert len(dm.train_dataloader().sampler) == 8

@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image, UnidentifiedImageError
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 
@@ -165,6 +166,8 @@ class ResumableSampler(Sampler):
         return iter([(self.epoch, i) for i in order])
 
     def __len__(self) -> int:
+        if self._skip is not None and self._skip[0] == self.epoch:
+            return max(0, self.size - self._skip[1])
         return self.size
 
 
@@ -269,10 +272,18 @@ class SegmentationDataModule(pl.LightningDataModule):
         if trainer is None or not trainer.training:
             return {}
         done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-        return {"epoch": trainer.current_epoch, "batches_done": done}
+        if done == 0 or done >= trainer.num_training_batches:
+            return {}  # at an epoch boundary: the next epoch starts from its beginning
+        # samples seen this epoch, over all processes
+        return {
+            "epoch": trainer.current_epoch,
+            "samples_done": done * self.batch_size * trainer.world_size,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume = dict(state) if state else None
+        trainer = getattr(self, "trainer", None)
+        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        self._resume = dict(state) if state and fitting else None
 
     # --- what subclasses provide
     class_names: tuple[str, ...] = ()
@@ -334,7 +345,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         if key == "train":
             sampler = ResumableSampler(len(dataset), self.loader_seed, shuffle=shuffle)
             if self._resume:
-                sampler.resume_at(self._resume["epoch"], self._resume["batches_done"] * batch_size)
+                sampler.resume_at(self._resume["epoch"], self._resume["samples_done"])
                 self._resume = None
             dataset = SeededDataset(dataset, self.loader_seed)
         elif (
