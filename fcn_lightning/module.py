@@ -88,6 +88,8 @@ class FCNModule(pl.LightningModule):
         scheduler: ``name`` (fixed | poly | cosine), ``power`` (poly), ``warmup_steps``,
             ``warmup_factor``, ``min_lr`` (cosine).
         class_names / palette: per head, for per-class tags and the image panels.
+        channels_last / compile: GPU speed switches (channels_last memory format; torch.compile
+            of the model with this mode: default, reduce-overhead, max-autotune); ignored on CPU.
         panel_size: images in the fixed validation panel; ``log_images_every_n_epochs``: how often
             the panel and the confusion matrix are drawn (0 = never).
         exclude_absent_classes: leave classes absent from the evaluated ground truth out of the
@@ -108,6 +110,8 @@ class FCNModule(pl.LightningModule):
         panel_size: int = 4,
         log_images_every_n_epochs: int = 1,
         exclude_absent_classes: bool = False,
+        channels_last: bool = False,
+        compile: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -123,6 +127,8 @@ class FCNModule(pl.LightningModule):
                 "panel_size": panel_size,
                 "log_images_every_n_epochs": log_images_every_n_epochs,
                 "exclude_absent_classes": exclude_absent_classes,
+                "channels_last": channels_last,
+                "compile": compile,
             }
         )
         if loss_reduction not in ("mean", "sum"):
@@ -189,7 +195,24 @@ class FCNModule(pl.LightningModule):
 
     # --------------------------------------------------------------------- forward and loss
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self._channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
+
+    # --------------------------------------------------------------------- speed switches
+    _channels_last = False
+
+    def configure_model(self) -> None:
+        """channels_last and torch.compile, on a GPU only: on the CPU neither helps."""
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        if self.hparams.channels_last and on_gpu and not self._channels_last:
+            self.model.to(memory_format=torch.channels_last)
+            self._channels_last = True
+        if self.hparams.compile and on_gpu and not getattr(self, "_compiled", False):
+            self.model.compile(
+                mode=None if self.hparams.compile == "default" else self.hparams.compile
+            )
+            self._compiled = True  # in place: parameter names and checkpoints are unchanged
 
     def loss(
         self,

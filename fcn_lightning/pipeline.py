@@ -120,6 +120,8 @@ def make_module(
         panel_size=int(cfg.images.panel_size),
         log_images_every_n_epochs=int(cfg.images.every_n_epochs),
         exclude_absent_classes=bool(cfg.get("exclude_absent_classes", False)),
+        channels_last=bool(cfg.perf.channels_last),
+        compile=cfg.perf.compile,
     )
 
 
