@@ -381,16 +381,6 @@ class SegmentationDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
 
-    def describe(self) -> dict[str, Any]:
-        """What a checkpoint needs to know of its data: names, palette, normalisation."""
-        return {
-            "class_names": list(self.class_names),
-            "palette": [list(c) for c in self.palette[: max(self.num_classes, 1)]],
-            "normalization": self.normalization
-            if isinstance(self.normalization, str)
-            else dict(self.normalization),
-        }
-
 
 def read_split_file(path: Path, what: str) -> list[str]:
     if not path.is_file():

@@ -130,9 +130,3 @@ class SiftFlowDataModule(SegmentationDataModule):
             "geo": load_siftflow_label(geo, geometric=True),
         }
         return read_image(image), labels, sem
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            **super().describe(),
-            "head_class_names": {k: list(v) for k, v in self.head_class_names.items()},
-        }
