@@ -355,7 +355,7 @@ BAD_INPUT = [
     (_unknown_class_count, r"set data.num_classes or write .*classes.txt"),
     (_rgb_label, r"label .*a.png is a RGB image; labels must be palette"),
     (_folder_missing_subdir, r"SegmentationClass not found[\s\S]*Expected layout"),
-    (_sbd_mat_without_gtcls, r"s1.mat has no GTcls.Segmentation field"),
+    (_sbd_mat_without_gtcls, r"s1.mat has no 'GTcls' key \(found \['other'\]\)"),
     (_sbd_missing, r"SBD \(benchmark_RELEASE/dataset\) not found[\s\S]*benchmark.tgz"),
 ]
 

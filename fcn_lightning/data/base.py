@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
+import scipy.io
 import torch
 from PIL import Image, UnidentifiedImageError
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
@@ -70,6 +71,20 @@ def read_label_png(path: Path) -> np.ndarray:
         raise DataError(f"label file not found: {path}") from None
     except (UnidentifiedImageError, OSError) as err:
         raise DataError(f"cannot read label {path}: {err}") from err
+
+
+def read_mat(path: Path, key: str, what: str) -> np.ndarray:
+    """``scipy.io.loadmat(path)[key]``; a missing file, unreadable file or missing key names itself."""
+    try:
+        mat = scipy.io.loadmat(path)
+    except FileNotFoundError:
+        raise DataError(f"{what} not found: {path}") from None
+    except Exception as err:
+        raise DataError(f"cannot read {what} {path}: {err}") from err
+    if key not in mat:
+        found = sorted(k for k in mat if not k.startswith("__"))
+        raise DataError(f"{path} has no '{key}' key (found {found})")
+    return mat[key]
 
 
 def check_label(

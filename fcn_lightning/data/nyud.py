@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.io
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
@@ -18,6 +17,7 @@ from .base import (
     SegmentationDataset,
     check_files_exist,
     read_image,
+    read_mat,
     read_split_file,
 )
 
@@ -85,17 +85,7 @@ Prepared data: http://dl.caffe.berkeleyvision.org/nyud.tar.gz (fcn.berkeleyvisio
 
 def load_nyud_label(path: Path) -> np.ndarray:
     """segmentation/img_<id>.mat -> class indices 0..39 with void (0) mapped to 255."""
-    try:
-        mat = scipy.io.loadmat(path)
-    except FileNotFoundError:
-        raise DataError(f"NYUDv2 label not found: {path}") from None
-    except Exception as err:
-        raise DataError(f"cannot read NYUDv2 label {path}: {err}") from err
-    if "segmentation" not in mat:
-        raise DataError(
-            f"{path} has no 'segmentation' key (found {sorted(k for k in mat if not k.startswith('__'))})"
-        )
-    seg = np.asarray(mat["segmentation"]).astype(np.int64)
+    seg = np.asarray(read_mat(path, "segmentation", "NYUDv2 label")).astype(np.int64)
     return np.where(seg == 0, 255, seg - 1)  # 0 = void -> 255; classes 1..40 -> 0..39
 
 

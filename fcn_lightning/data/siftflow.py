@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import scipy.io
 from torch.utils.data import Dataset
 
-from .base import DataError, SegmentationDataModule, SegmentationDataset, read_image
+from .base import DataError, SegmentationDataModule, SegmentationDataset, read_image, read_mat
 
 SEMANTIC_CLASSES = (
     "awning", "balcony", "bird", "boat", "bridge", "building", "bus", "car", "cow", "crosswalk",
@@ -32,17 +31,7 @@ Download: http://people.csail.mit.edu/celiu/LabelTransfer/SiftFlowDataset.zip"""
 
 def load_siftflow_label(path: Path, geometric: bool) -> np.ndarray:
     """A label .mat (key 'S') -> 0-based classes with unlabeled = 255."""
-    try:
-        mat = scipy.io.loadmat(path)
-    except FileNotFoundError:
-        raise DataError(f"SIFT Flow label not found: {path}") from None
-    except Exception as err:
-        raise DataError(f"cannot read SIFT Flow label {path}: {err}") from err
-    if "S" not in mat:
-        raise DataError(
-            f"{path} has no 'S' key (found {sorted(k for k in mat if not k.startswith('__'))})"
-        )
-    s = np.asarray(mat["S"]).astype(np.int64)
+    s = np.asarray(read_mat(path, "S", "SIFT Flow label")).astype(np.int64)
     if geometric:
         s[s == -1] = 0  # the geometric labels mark unlabeled with -1
     return np.where(s == 0, 255, s - 1)

@@ -7,7 +7,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import scipy.io
 from torch.utils.data import ConcatDataset, Dataset
 
 from .base import (
@@ -17,6 +16,7 @@ from .base import (
     check_files_exist,
     read_image,
     read_label_png,
+    read_mat,
     read_split_file,
 )
 
@@ -43,14 +43,9 @@ SBD: http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_
 
 def load_sbd_label(path: Path) -> Any:
     """SBD label: loadmat(cls/<id>.mat)['GTcls'][0]['Segmentation'][0] (uint8 class indices)."""
+    gtcls = read_mat(path, "GTcls", "SBD label")
     try:
-        mat = scipy.io.loadmat(path)
-    except FileNotFoundError:
-        raise DataError(f"SBD label not found: {path}") from None
-    except Exception as err:
-        raise DataError(f"cannot read SBD label {path}: {err}") from err
-    try:
-        return mat["GTcls"][0]["Segmentation"][0]
+        return gtcls[0]["Segmentation"][0]
     except (KeyError, IndexError, ValueError) as err:
         raise DataError(
             f"{path} has no GTcls.Segmentation field (is it an SBD cls/*.mat file?)"
