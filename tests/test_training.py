@@ -312,7 +312,15 @@ def test_two_heads_sum_losses_and_keep_metrics_apart(tmp_path):
 
 def test_gpu_speed_switches_are_ignored_on_cpu(tmp_path):
     module = tiny_module(channels_last=True, compile="max-autotune")
-    t = trainer(tmp_path, max_steps=1, max_epochs=1, limit_val_batches=0, logger=False, callbacks=[], enable_checkpointing=False)
+    t = trainer(
+        tmp_path,
+        max_steps=1,
+        max_epochs=1,
+        limit_val_batches=0,
+        logger=False,
+        callbacks=[],
+        enable_checkpointing=False,
+    )
     t.fit(module, tiny_data(train_size=4))
     assert not module._channels_last and not getattr(module, "_compiled", False)
     assert module.model.trunk.features[0].weight.is_contiguous()  # not converted to channels_last
