@@ -20,12 +20,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
+from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from .models import build_fcn
+from .module import FCNModule
 
 
 @dataclass
@@ -78,27 +81,37 @@ def _autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def _model(setting: Setting, device: torch.device, classes: int = 21):
+def _model(setting: Setting, device: torch.device, module: FCNModule | None = None):
+    """FCN-8s (21 classes) on ``device`` in train mode, its score layers made non-zero so that
+    every layer gets gradients; ``module``'s own model when given."""
     model = (
-        build_fcn("fcn8s", num_classes=classes, width=setting.width, geometry=setting.geometry)
-        .to(device)
-        .train()
+        module.model
+        if module is not None
+        else build_fcn("fcn8s", num_classes=21, width=setting.width, geometry=setting.geometry)
     )
-    with torch.no_grad():  # trained-looking scores, so every layer gets gradients
+    model = model.to(device).train()
+    with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.startswith("heads") and "score" in name and p.requires_grad:
+            if name.split(".")[2].startswith("score"):  # score_fr, score_pool4, score_pool3
                 p.normal_(std=0.01)
     return model
+
+
+def _module(setting: Setting, **kwargs) -> FCNModule:
+    return FCNModule(
+        {"arch": "fcn8s", "num_classes": 21, "width": setting.width, "geometry": setting.geometry},
+        **kwargs,
+    )
 
 
 def train_step_fn(setting: Setting, device: torch.device, plain: bool) -> Callable[[], object]:
     """One SGD step. ``plain``: the textbook loop (no switches); else our module's loss and the
     speed switches that apply on this device."""
-    model = _model(setting, device)
     gpu = device.type == "cuda"
     x = torch.randn(setting.batch, 3, setting.size, setting.size, device=device)
     y = torch.randint(0, 21, (setting.batch, setting.size, setting.size), device=device)
     if plain:
+        model = _model(setting, device)
         opt = torch.optim.SGD(model.parameters(), lr=1e-10, momentum=0.99)
 
         def step():
@@ -108,12 +121,8 @@ def train_step_fn(setting: Setting, device: torch.device, plain: bool) -> Callab
             opt.step()
 
         return step
-    from .module import FCNModule
-
-    module = FCNModule(
-        {"arch": "fcn8s", "num_classes": 21, "width": setting.width, "geometry": setting.geometry}
-    )
-    module.model = model
+    module = _module(setting)
+    model = _model(setting, device, module)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-10, momentum=0.99, fused=(gpu and setting.fast) or None)
     if setting.fast and gpu:
@@ -134,19 +143,14 @@ def train_step_fn(setting: Setting, device: torch.device, plain: bool) -> Callab
 def lightning_loop_rate(setting: Setting, device: torch.device, steps: int) -> float:
     """Images per second of a whole Lightning fit: in-memory synthetic batches, metrics and
     TensorBoard logging on, validation excluded."""
-    import pytorch_lightning as pl
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from .module import FCNModule
-
     n = setting.batch * (steps + 3)
     images = torch.randn(n, 3, setting.size, setting.size)
     labels = torch.randint(0, 21, (n, setting.size, setting.size))
     loader = DataLoader(
         TensorDataset(images, labels), batch_size=setting.batch, pin_memory=device.type == "cuda"
     )
-    module = FCNModule(
-        {"arch": "fcn8s", "num_classes": 21, "width": setting.width, "geometry": setting.geometry},
+    module = _module(
+        setting,
         optimizer={
             "name": "sgd",
             "lr": 1e-10,

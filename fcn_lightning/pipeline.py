@@ -24,9 +24,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+from torchvision import tv_tensors
 
 from .callbacks import AtomicCheckpointIO, InterruptCheckpoint, best_checkpoint, last_checkpoint
-from .data.base import SegmentationDataModule, voc_palette
+from .data.base import SegmentationDataModule, read_image, voc_palette
 from .data.transforms import eval_transforms
 from .models import transfer_stage
 from .module import FCNModule, NonFiniteLossError, load_checkpoint
@@ -312,8 +313,6 @@ def _load(path: Any, **overrides: Any) -> FCNModule:
 
 def predict(cfg: DictConfig) -> list[Path]:
     """Write a palette label PNG and a colour overlay per input image, at its own size."""
-    from .data.base import read_image
-
     module = _load(cfg.ckpt_path)
     if not cfg.get("input"):
         raise ConfigError("input is not set: pass input=<image or folder>")
@@ -338,8 +337,6 @@ def predict(cfg: DictConfig) -> list[Path]:
     )
     module.to(device)
     written = []
-    from torchvision import tv_tensors
-
     for path in files:
         image = read_image(path)
         x = transform(tv_tensors.Image(image)).as_subclass(torch.Tensor).unsqueeze(0).to(device)

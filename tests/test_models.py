@@ -288,15 +288,19 @@ def test_caffe_normalization_travels_with_model():
 def _randomize_scores(model):
     with torch.no_grad():
         for name, p in model.heads.named_parameters():
-            if name.startswith("score"):
-                p.normal_(std=0.1)
+            if name.split(".")[1].startswith("score"):  # out.score_fr.weight, ...
+                assert p.requires_grad
+                p.normal_(
+                    std=0.1 if name.endswith("weight") else 0.01
+                )  # biases must not drown the features
     return model
 
 
 @pytest.mark.parametrize("geometry,min_agreement", [("paper", 0.99), ("same", 0.95)])
 def test_stage_transfer_keeps_predictions(geometry, min_agreement):
-    # Measured: paper geometry 100% of pixels agree (32s->16s and 16s->8s); same geometry
-    # 96.8% and 99.0% (the coarse maps' border cells fade differently without the margin).
+    # Measured (224x288 input, 2-3 classes predicted): paper geometry 99.6% of pixels agree
+    # 32s->16s and 99.9% 16s->8s; same geometry 97.6% and 99.3% (the coarse maps' border cells
+    # fade differently without the 100-pixel margin).
     kw = dict(width=1 / 8, geometry=geometry, num_classes=5)
     m32 = _randomize_scores(build_fcn("fcn32s", **kw)).eval()
     m16 = transfer_stage(m32, build_fcn("fcn16s", **kw)).eval()
@@ -304,9 +308,10 @@ def test_stage_transfer_keeps_predictions(geometry, min_agreement):
     assert m16.heads["out"].score_pool4.weight.abs().sum() == 0
     torch.testing.assert_close(m16.trunk.fc7.weight, m32.trunk.fc7.weight)
     torch.testing.assert_close(m16.heads["out"].score_fr.weight, m32.heads["out"].score_fr.weight)
-    x = torch.randn(2, 3, 96, 128)
+    x = torch.randn(2, 3, 224, 288)
     with torch.no_grad():
         p32, p16, p8 = (m(x)["out"].argmax(1) for m in (m32, m16, m8))
+    assert len(p32.unique()) > 1 and len(p8.unique()) > 1  # real predictions, not all one class
     assert (p32 == p16).float().mean() >= min_agreement
     assert (p16 == p8).float().mean() >= min_agreement
 

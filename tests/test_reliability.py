@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_app import ROOT, TINY, cfg_of, run
+from test_app import NO_DATA, ROOT, TINY, cfg_of, run
 
 from fcn_lightning.callbacks import AtomicCheckpointIO
 from fcn_lightning.pipeline import evaluate, predict, train
@@ -177,7 +177,6 @@ def _write_voc_missing_image(tmp_path):
     return tmp_path / "voc"
 
 
-NO_DATA = [o for o in TINY if not o.startswith("data.")]
 BAD = {
     "voc root missing": (
         lambda t: ("train", ["data=voc", f"data.root={t / 'none'}", *NO_DATA]),
