@@ -4,7 +4,7 @@ palette label PNG and a colour overlay per image, at the image's own size."""
 import hydra
 from omegaconf import DictConfig
 
-from fcn_lightning.pipeline import predict
+from fcn_lightning.prediction import predict
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")

@@ -166,6 +166,7 @@ class FCNModule(pl.LightningModule):
             tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]
         ] = []
         self.final_metrics: dict[str, dict[str, Any]] = {}
+        self._val_runs = 0  # validation runs so far (not sanity checks): when to draw panels
 
     # --------------------------------------------------------------------- naming
     def tag(self, split: str, head: str, name: str) -> str:
@@ -297,8 +298,11 @@ class FCNModule(pl.LightningModule):
 
     # --------------------------------------------------------------------- epoch ends
     def _draw_images_now(self) -> bool:
+        """Draw on the 1st, (n+1)th, (2n+1)th... validation run. Runs are counted, not epoch
+        indices: with ``check_val_every_n_epoch=4`` validation follows epochs 3, 7, 11, and an
+        epoch-index rule (``epoch % 4 == 0``) would never draw."""
         n = self.hparams.log_images_every_n_epochs
-        return bool(n) and self.current_epoch % n == 0 and not self.trainer.sanity_checking
+        return bool(n) and self._val_runs % n == 0 and not self.trainer.sanity_checking
 
     def _end_epoch(self, split: str) -> None:
         results: dict[str, Any] = {}
@@ -346,11 +350,11 @@ class FCNModule(pl.LightningModule):
         self._end_epoch("val")
         if self._panel:
             for head in self.heads:
-                panel = [
-                    self._panel_row(img, gt[head], pred[head]) for img, gt, pred in self._panel
-                ]
-                self._log_image(self.tag("val", head, "predictions"), torch.cat(panel, dim=1))
+                rows = [self._panel_row(img, gt[head], pred[head]) for img, gt, pred in self._panel]
+                self._log_image(self.tag("val", head, "predictions"), stack_rows(rows))
             self._panel = []
+        if not self.trainer.sanity_checking:
+            self._val_runs += 1
 
     def on_test_epoch_end(self) -> None:
         self._end_epoch("test")
@@ -363,7 +367,7 @@ class FCNModule(pl.LightningModule):
             and hasattr(experiment, "add_image")
             and self.trainer.is_global_zero
         ):
-            experiment.add_image(tag, image, self.current_epoch, dataformats="CHW")
+            experiment.add_image(tag, image, self.global_step, dataformats="CHW")
 
     def _panel_row(self, image: torch.Tensor, gt: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         """input | ground truth | prediction, uint8 (3, H, 3W), in the dataset's palette."""
@@ -401,8 +405,10 @@ class FCNModule(pl.LightningModule):
             "torch": torch.get_rng_state(),
             "python": {"version": version, "state": list(state), "gauss": gauss},
         }
+        checkpoint["validation_runs"] = self._val_runs
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._val_runs = int(checkpoint.get("validation_runs", 0))
         states = checkpoint.get("rng_states")
         if states:
             torch.set_rng_state(states["torch"])
@@ -498,6 +504,15 @@ def flat_hparams(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any]
         else:
             out[name] = value if isinstance(value, int | float | str | bool) else str(value)
     return out
+
+
+def stack_rows(rows: Sequence[torch.Tensor], fill: int = 0) -> torch.Tensor:
+    """Panel rows of any widths and heights, one under the other: each row is padded on the
+    right with ``fill`` to the widest row (padded, not resized, so every pixel stays the image's
+    own and the label colours stay exact). Validation images come whole and of their own size
+    (PASCAL VOC mixes 500x375 and 375x500)."""
+    width = max(r.shape[-1] for r in rows)
+    return torch.cat([F.pad(r, (0, width - r.shape[-1]), value=fill) for r in rows], dim=1)
 
 
 def confusion_image(confmat: torch.Tensor, cell: int = 12) -> torch.Tensor:

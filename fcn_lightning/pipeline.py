@@ -17,18 +17,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
-from PIL import Image
 from pytorch_lightning.utilities.exceptions import SIGTERMException
-from torchvision import tv_tensors
 
 from .callbacks import AtomicCheckpointIO, InterruptCheckpoint, best_checkpoint, last_checkpoint
-from .data.base import SegmentationDataModule, read_image, voc_palette
-from .data.transforms import eval_transforms
+from .data.base import SegmentationDataModule
 from .models import transfer_stage
 from .module import FCNModule, NonFiniteLossError, load_checkpoint
 
@@ -260,9 +255,18 @@ def train(cfg: DictConfig) -> float:
 
 
 # --------------------------------------------------------------------------- eval
+def load_module(path: Any, **overrides: Any) -> FCNModule:
+    if not path:
+        raise ConfigError("ckpt_path is not set: pass ckpt_path=/path/to/best.ckpt")
+    try:
+        return load_checkpoint(path, **overrides).eval()
+    except FileNotFoundError as err:
+        raise ConfigError(f"ckpt_path: {err}") from None
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.data`` (its ``split``, else its val split)."""
-    module = _load(
+    module = load_module(
         cfg.ckpt_path, exclude_absent_classes=bool(cfg.get("exclude_absent_classes", False))
     )
     data_cfg = cfg.data.copy()
@@ -296,62 +300,3 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             print(f"  {name:<20}{'absent' if value is None else f'{100 * value:.1f}'}")
     print(f"\nwritten: {out / 'eval.json'}")
     return report
-
-
-# --------------------------------------------------------------------------- predict
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-
-
-def _load(path: Any, **overrides: Any) -> FCNModule:
-    if not path:
-        raise ConfigError("ckpt_path is not set: pass ckpt_path=/path/to/best.ckpt")
-    try:
-        return load_checkpoint(path, **overrides).eval()
-    except FileNotFoundError as err:
-        raise ConfigError(f"ckpt_path: {err}") from None
-
-
-def predict(cfg: DictConfig) -> list[Path]:
-    """Write a palette label PNG and a colour overlay per input image, at its own size."""
-    module = _load(cfg.ckpt_path)
-    if not cfg.get("input"):
-        raise ConfigError("input is not set: pass input=<image or folder>")
-    source = Path(cfg.input).expanduser()
-    if source.is_dir():
-        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise ConfigError(
-                f"input folder {source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
-            )
-    elif source.is_file():
-        files = [source]
-    else:
-        raise ConfigError(f"input not found: {source}")
-    out = Path(cfg.output).expanduser() if cfg.get("output") else Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    transform = eval_transforms(normalization=module.hparams.model.get("normalization", "imagenet"))
-    palette = module.hparams.palette or voc_palette()
-    flat = [v for c in (list(palette) + [[0, 0, 0]] * 256)[:256] for v in c]
-    device = torch.device(
-        "cuda" if torch.cuda.is_available() and cfg.get("device", "auto") != "cpu" else "cpu"
-    )
-    module.to(device)
-    written = []
-    for path in files:
-        image = read_image(path)
-        x = transform(tv_tensors.Image(image)).as_subclass(torch.Tensor).unsqueeze(0).to(device)
-        with torch.no_grad():
-            preds = {k: v[0].argmax(0).to(torch.uint8).cpu().numpy() for k, v in module(x).items()}
-        for head, label in preds.items():
-            suffix = "" if head == "out" else f"_{head}"
-            lab = Image.fromarray(label, mode="P")
-            lab.putpalette(flat)
-            lab.save(out / f"{path.stem}{suffix}.png")
-            colour = np.asarray(lab.convert("RGB"), dtype=np.float32)
-            overlay = 0.5 * image.permute(1, 2, 0).numpy().astype(np.float32) + 0.5 * colour
-            Image.fromarray(overlay.round().astype(np.uint8)).save(
-                out / f"{path.stem}{suffix}_overlay.jpg", quality=92
-            )
-            written.append(out / f"{path.stem}{suffix}.png")
-    print(f"wrote {len(written)} label maps and overlays to {out}")
-    return written

@@ -12,7 +12,8 @@ import torch
 from test_app import NO_DATA, ROOT, TINY, cfg_of, run
 
 from fcn_lightning.callbacks import AtomicCheckpointIO
-from fcn_lightning.pipeline import evaluate, predict, train
+from fcn_lightning.pipeline import evaluate, train
+from fcn_lightning.prediction import predict
 
 # 16 images of 32 px, batch 4: 4 steps an epoch, 2 epochs; dropout on so the random state matters
 RESUMABLE = [o for o in TINY if not o.startswith(("trainer.max_steps", "data.train_size"))] + [

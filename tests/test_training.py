@@ -325,3 +325,46 @@ def test_gpu_speed_switches_are_ignored_on_cpu(tmp_path):
     assert not module._channels_last and not getattr(module, "_compiled", False)
     assert module.model.trunk.features[0].weight.is_contiguous()  # not converted to channels_last
     assert module.hparams.compile == "max-autotune"  # kept for a GPU resume
+
+
+# --------------------------------------------------------------------------- validation panels
+def _panels(t: pl.Trainer, tag: str = "val/predictions") -> list:
+    events = EventAccumulator(str(t.logger.log_dir), size_guidance={"images": 0})
+    events.Reload()
+    return events.Images(tag) if tag in events.Tags()["images"] else []
+
+
+def test_panel_takes_validation_images_of_different_sizes(tmp_path):
+    # PASCAL VOC mixes landscape and portrait images; validation sees each whole, one per batch
+    from dataset_writers import write_folder
+
+    root = tmp_path / "data"
+    for i, size in (("land", (24, 40)), ("port", (40, 24)), ("small", (20, 20))):
+        write_folder(root, [i], ["background", "a", "b"], size=size, seed=len(i))
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("land\n")
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("land\nport\nsmall\n")
+    from fcn_lightning.data import FolderDataModule
+
+    data = FolderDataModule(root, batching="whole", batch_size=1, val_batch_size=1, scale_range=None)
+    module = tiny_module(model={"num_classes": 3}, panel_size=3)
+    t = trainer(tmp_path, max_epochs=1)
+    t.fit(module, data)
+    (panel,) = _panels(t)
+    # rows padded on the right to the widest (3 x 40), stacked: 24 + 40 + 20 rows
+    assert (panel.width, panel.height) == (3 * 40, 24 + 40 + 20)
+
+
+@pytest.mark.parametrize(
+    "every_val,every_images,epochs,expected",
+    [(4, 4, 8, 1), (3, 2, 9, 2), (1, 3, 4, 2), (2, 1, 4, 2)],
+)
+def test_panels_follow_validation_runs_not_epoch_indices(
+    tmp_path, every_val, every_images, epochs, expected
+):
+    # validation after epochs every_val-1, 2*every_val-1, ...: panels on runs 0, n, 2n, ...
+    module = tiny_module(log_images_every_n_epochs=every_images, panel_size=1)
+    t = trainer(tmp_path, max_epochs=epochs, check_val_every_n_epoch=every_val)
+    t.fit(module, tiny_data(train_size=4, image_size=32))
+    assert len(_panels(t)) == expected
+    assert len(_panels(t, "val/confusion_matrix")) == expected
