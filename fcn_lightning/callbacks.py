@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,8 @@ import torch
 from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from .checkpoints import load_weights_only
 
 log = logging.getLogger("fcn_lightning")
 
@@ -58,14 +62,47 @@ class InterruptCheckpoint(Callback):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file and renames it into place, so a kill while
-    writing leaves the previous checkpoint intact."""
+    """Checkpoint reads and writes for every Trainer of the project.
+
+    Writes go to a temporary file that is renamed into place, so a kill while writing leaves the
+    previous checkpoint intact; a failed write (a full disk) removes the temporary file and says
+    which file and what to do. Reads (resuming, ``validate(ckpt_path=...)``) are always
+    ``weights_only``: a planted checkpoint cannot run code, whatever torch's default is."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
     ) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)
+        except BaseException as err:
+            tmp.unlink(missing_ok=True)
+            if isinstance(err, OSError | RuntimeError) and _disk_full(err, path):
+                raise OSError(
+                    errno.ENOSPC,
+                    f"no space left on the device while writing {path}: free some space (or "
+                    "train into a folder on a larger disk: hydra.run.dir=...), then continue "
+                    f"with resume=true hydra.run.dir={path.parents[2]}. "
+                    + ("The previous checkpoint is kept." if path.is_file() else ""),
+                ) from err
+            raise
+
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        return load_weights_only(path, map_location=map_location or "cpu")
+
+
+def _disk_full(err: BaseException, path: Path) -> bool:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    # torch's zip writer reports a full disk as a RuntimeError ("... file write failed")
+    if "write failed" in str(err) or "No space left" in str(err):
+        return True
+    try:
+        return shutil.disk_usage(path.parent).free < 1 << 20
+    except OSError:
+        return False

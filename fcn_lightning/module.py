@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
+from .checkpoints import load_weights_only
 from .data.base import voc_palette
 from .metrics import IGNORE_INDEX, ConfusionJaccardIndex, PixelAccuracy, scores_from_confmat
 from .models import build_fcn, get_normalization
@@ -131,6 +132,10 @@ class FCNModule(pl.LightningModule):
                 "compile": compile,
             }
         )
+        optimizer_class(self.hparams.optimizer)  # a bad solver setting fails now, not at fit
+        scheduler_name = self.hparams.scheduler.get("name", "fixed")
+        if scheduler_name not in SCHEDULERS:
+            raise ValueError(f"scheduler.name must be one of {SCHEDULERS}, got {scheduler_name!r}")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if not 0 < loss_sample_prob <= 1:
@@ -423,8 +428,7 @@ class FCNModule(pl.LightningModule):
 
     # --------------------------------------------------------------------- solver
     def configure_optimizers(self):
-        opt = dict(self.hparams.optimizer)
-        name = opt.pop("name", "sgd")
+        cls, opt = optimizer_class(self.hparams.optimizer)
         lr = float(opt.pop("lr"))
         wd = float(opt.pop("weight_decay", 0.0))
         bias_lr = float(opt.pop("bias_lr_factor", 2.0))
@@ -434,26 +438,6 @@ class FCNModule(pl.LightningModule):
             {"params": groups["weight"], "lr": lr, "weight_decay": wd},
             {"params": groups["bias"], "lr": lr * bias_lr, "weight_decay": bias_wd},
         ]
-        if name == "sgd":
-            cls, allowed = (
-                torch.optim.SGD,
-                {"momentum", "nesterov", "dampening", "foreach", "fused", "maximize"},
-            )
-            opt.setdefault("momentum", 0.9)
-        elif name == "adamw":
-            cls, allowed = (
-                torch.optim.AdamW,
-                {"betas", "eps", "amsgrad", "foreach", "fused", "maximize"},
-            )
-            if "betas" in opt:
-                opt["betas"] = tuple(opt["betas"])
-        else:
-            raise ValueError(f"optimizer.name must be one of {OPTIMIZERS}, got {name!r}")
-        unknown = sorted(set(opt) - allowed)
-        if unknown:
-            raise ValueError(
-                f"optimizer.{unknown[0]} is not a setting of {cls.__name__} (it takes {sorted(allowed)})"
-            )
         optimizer = cls(param_groups, lr=lr, **opt)
         scheduler = self._scheduler(optimizer)
         if scheduler is None:
@@ -489,6 +473,44 @@ class FCNModule(pl.LightningModule):
             optimizer, start_factor=float(cfg.get("warmup_factor", 0.001)), total_iters=warmup
         )
         return torch.optim.lr_scheduler.SequentialLR(optimizer, [start, main], milestones=[warmup])
+
+
+COMMON_OPTIMIZER_KEYS = {"name", "lr", "weight_decay", "bias_lr_factor", "bias_weight_decay"}
+OPTIMIZER_KEYS = {
+    "sgd": {"momentum", "nesterov", "dampening", "foreach", "fused", "maximize"},
+    "adamw": {"betas", "eps", "amsgrad", "foreach", "fused", "maximize"},
+}
+
+
+def optimizer_class(settings: Mapping[str, Any]) -> tuple[type[torch.optim.Optimizer], dict]:
+    """The optimizer class and its settings (without ``name``), checked: an unknown name or
+    key, or a learning rate that is not a positive number, is refused with the setting named."""
+    opt = dict(settings)
+    name = opt.pop("name", "sgd")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer.name must be one of {OPTIMIZERS}, got {name!r}")
+    cls = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[name]
+    allowed = OPTIMIZER_KEYS[name] | COMMON_OPTIMIZER_KEYS
+    unknown = sorted(set(opt) - allowed)
+    if unknown:
+        raise ValueError(
+            f"optimizer.{unknown[0]} is not a setting of {cls.__name__} (it takes "
+            f"{sorted(allowed - {'name'})})"
+        )
+    try:
+        lr = float(opt.get("lr", "missing"))
+    except (TypeError, ValueError):
+        raise ValueError(f"optimizer.lr must be a number, got {opt.get('lr')!r}") from None
+    if not lr > 0 or math.isinf(lr):
+        raise ValueError(f"optimizer.lr must be a positive number, got {lr}")
+    for key in ("weight_decay", "bias_lr_factor", "bias_weight_decay", "momentum"):
+        if key in opt and opt[key] is not None and float(opt[key]) < 0:
+            raise ValueError(f"optimizer.{key} must be >= 0, got {opt[key]}")
+    if name == "sgd":
+        opt.setdefault("momentum", 0.9)
+    if opt.get("betas") is not None:
+        opt["betas"] = tuple(opt["betas"])
+    return cls, opt
 
 
 def flat_hparams(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -533,8 +555,8 @@ def load_checkpoint(
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(ckpt, Mapping) or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
+    ckpt = load_weights_only(path, map_location)
+    if "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
         raise ValueError(
             f"{path} is not a checkpoint written by fcn-lightning (no hyper_parameters / state_dict)"
         )

@@ -13,16 +13,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from . import rundir
 from .callbacks import AtomicCheckpointIO, InterruptCheckpoint, best_checkpoint, last_checkpoint
+from .checkpoints import check_readable
 from .data.base import SegmentationDataModule
 from .models import transfer_stage
 from .module import FCNModule, NonFiniteLossError, load_checkpoint
@@ -121,16 +126,47 @@ def make_module(
     )
 
 
+def trainer_settings(cfg: DictConfig, stage: str) -> DictConfig:
+    """``cfg.trainer`` with the stage's ``stage_overrides``, made workable: sync batch norm only
+    where it works (GPUs), checked before any work."""
+    merged = OmegaConf.merge(cfg.trainer, (cfg.get("stage_overrides") or {}).get(stage) or {})
+    accelerator = str(merged.get("accelerator", "auto"))
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if merged.get("sync_batchnorm") and on_cpu:
+        log.warning(
+            "trainer.sync_batchnorm=true works on GPUs only; on the CPU each process keeps its "
+            "own batch-norm statistics (sync_batchnorm set to false)"
+        )
+        merged.sync_batchnorm = False
+    return merged
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Settings that would fail only after the data was read or a stage was trained."""
+    scheduler = (cfg.get("scheduler") or {}).get("name", "fixed")
+    for stage in stages_for(cfg):
+        t = trainer_settings(cfg, stage)
+        steps, epochs = t.get("max_steps"), t.get("max_epochs")
+        unlimited = (steps is None or steps < 0) and (epochs is None or epochs < 0)
+        if scheduler in ("poly", "cosine") and unlimited and not t.get("fast_dev_run"):
+            raise ConfigError(
+                f"scheduler={scheduler} decays the lr over the run's length, but {stage} has no "
+                "limit: set trainer.max_steps=N or trainer.max_epochs=N, or use scheduler=fixed"
+            )
+
+
 def make_trainer(cfg: DictConfig, stage: str, out: Path, monitor: str) -> pl.Trainer:
     ckpt_dir = out / stage / "checkpoints"
+    trainer_cfg = trainer_settings(cfg, stage)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if not trainer_cfg.get("enable_progress_bar", True):  # Lightning refuses a bar it may not show
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks += [
         best_checkpoint(ckpt_dir, monitor),
         last_checkpoint(ckpt_dir),
         InterruptCheckpoint(ckpt_dir),
     ]
     logger = instantiate(cfg.logger, name=stage, version="") if cfg.get("logger") else False
-    trainer_cfg = OmegaConf.merge(cfg.trainer, (cfg.get("stage_overrides") or {}).get(stage) or {})
     return instantiate(
         trainer_cfg,
         logger=logger,
@@ -179,19 +215,88 @@ def init_streams(model: Any, sources: Mapping[str, str]) -> None:
 
 
 # --------------------------------------------------------------------------- train
+def read_metrics(path: Path) -> dict[str, Any]:
+    """A run's metrics.json (empty if there is none); a damaged one stops with what to do."""
+    try:
+        metrics = read_json(path)
+    except ValueError as err:
+        raise ConfigError(
+            f"{path} is damaged ({err}); it records which stages finished. Delete it and resume "
+            "again: each stage then continues from its last.ckpt (a finished stage only "
+            "re-validates its best.ckpt)"
+        ) from None
+    if not isinstance(metrics, dict):
+        raise ConfigError(f"{path} is damaged: it holds a {type(metrics).__name__}, not stages")
+    return metrics
+
+
+def check_free_space(out: Path, module: FCNModule) -> None:
+    """Refuse to start when the run folder's disk cannot hold the checkpoints of a stage
+    (best and last, each with the optimizer state: about 3 copies of the weights)."""
+    need = 2 * 3 * sum(p.numel() * p.element_size() for p in module.parameters())
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise ConfigError(
+            f"{out} has {free / 2**20:.0f} MiB free; a stage's checkpoints need about "
+            f"{need / 2**20:.0f} MiB. Free some space or train into a folder on a larger disk "
+            "(hydra.run.dir=...)"
+        )
+
+
 def train(cfg: DictConfig) -> float:
-    """Train the stages that ``cfg`` asks for; return the last stage's val mIoU."""
+    """Train the stages that ``cfg`` asks for; return the last stage's val mIoU.
+
+    The run owns its folder (``fcn_lightning.rundir``): a folder that holds another run is
+    refused unless ``resume=true``, and ``run.json`` records how the run ended."""
     out = Path(cfg.paths.output_dir)
+    check_settings(cfg)
+    resume = rundir.claim(out, bool(cfg.resume), fresh_if_empty=is_multirun())
+    try:
+        score = _train(cfg, out, resume)
+    except (KeyboardInterrupt, SIGTERMException) as err:
+        rundir.mark(out, "interrupted", str(err) or type(err).__name__)
+        raise
+    except SystemExit as err:
+        interrupted = "interrupted" in str(err.code) or "SIGTERM" in str(err.code)
+        rundir.mark(out, "interrupted" if interrupted else "failed", str(err.code))
+        raise
+    except BaseException as err:
+        rundir.mark(out, "failed", f"{type(err).__name__}: {err}")
+        raise
+    else:
+        rundir.mark(out, "finished", mIoU=score)
+        return score
+    finally:
+        rundir.release()
+
+
+def is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _train(cfg: DictConfig, out: Path, resume: bool) -> float:
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(int(cfg.seed), workers=True)
-    dm = make_datamodule(cfg.data)
-    dm.setup("fit")  # a missing or broken dataset fails here, before any training
     stages = stages_for(cfg)
     metrics_path = out / "metrics.json"
-    metrics = read_json(metrics_path) if cfg.resume else {}
+    metrics = read_metrics(metrics_path) if resume else {}
     init_from = cfg.arch.get("init_from")
-    if init_from and not Path(init_from).is_file():
-        raise ConfigError(f"arch.init_from: checkpoint not found: {init_from}")
+    if init_from:
+        if not Path(init_from).expanduser().is_file():
+            raise ConfigError(f"arch.init_from: checkpoint not found: {init_from}")
+        check_readable(init_from, "arch.init_from")
+    for name, path in (cfg.arch.get("init_streams") or {}).items():
+        if Path(path).expanduser().is_file():
+            check_readable(path, f"arch.init_streams.{name}")
+    if resume:  # the checkpoints this run will read: damaged ones are named now
+        for stage in stages:
+            for ckpt in sorted((out / stage / "checkpoints").glob("*.ckpt")):
+                check_readable(ckpt, f"resume=true: {stage}")
+    dm = make_datamodule(cfg.data)
+    dm.setup("fit")  # a missing or broken dataset fails here, before any training
     previous_best: str | None = init_from
     lr = float(cfg.optimizer.lr)
     log.info("stages: %s; run folder: %s", " -> ".join(stages), out)
@@ -199,7 +304,7 @@ def train(cfg: DictConfig) -> float:
         stage_lr = lr * float(cfg.stage_lr_factor) ** i
         ckpt_dir = out / stage / "checkpoints"
         best, last = ckpt_dir / "best.ckpt", ckpt_dir / "last.ckpt"
-        if cfg.resume and stage in metrics and best.is_file():
+        if resume and stage in metrics and best.is_file():
             log.info(
                 "[%d/%d] %s: finished before, skipped (resume=true)", i + 1, len(stages), stage
             )
@@ -207,7 +312,8 @@ def train(cfg: DictConfig) -> float:
             continue
         first = i == 0 and not previous_best
         module = make_module(cfg, dm, stage, stage_lr, cfg.arch.pretrained if first else None)
-        resume_from = str(last) if cfg.resume and last.is_file() else None
+        check_free_space(out, module)
+        resume_from = str(last) if resume and last.is_file() else None
         if previous_best and not resume_from:
             transfer_stage(previous_best, module.model)
         elif i == 0 and cfg.arch.get("init_streams") and not resume_from:
@@ -223,21 +329,29 @@ def train(cfg: DictConfig) -> float:
             f", resuming {resume_from}" if resume_from else "",
         )  # fmt: skip
         trainer = make_trainer(cfg, stage, out, module.monitor)
+        resume_hint = (
+            f"Continue with: python train.py <the same overrides> resume=true hydra.run.dir={out}"
+        )
         try:
             trainer.fit(module, dm, ckpt_path=resume_from)
         except SIGTERMException:
             raise SystemExit(
                 f"{stage} stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}; "
-                f"{last} holds that step. Continue with: python train.py <same overrides> resume=true "
-                f"hydra.run.dir={out}"
+                f"{last} holds that step. {resume_hint}"
             ) from None
         except NonFiniteLossError as err:
             raise SystemExit(
                 f"{stage}: {err} ({last if last.is_file() else 'no checkpoint yet'})"
             ) from None
+        except SystemExit:  # Lightning exits this way after Ctrl+C
+            if not trainer.interrupted:
+                raise
         if trainer.interrupted:
             raise SystemExit(
-                f"{stage} was interrupted; continue with resume=true hydra.run.dir={out}"
+                f"{stage} was interrupted (Ctrl+C) at epoch {trainer.current_epoch}, step "
+                f"{trainer.global_step}; "
+                + (f"{last} holds that step. " if last.is_file() else "no checkpoint yet. ")
+                + resume_hint
             )
         if not best.is_file():
             trainer.save_checkpoint(best)  # e.g. fast_dev_run, or no validation ran
@@ -266,6 +380,12 @@ def load_module(path: Any, **overrides: Any) -> FCNModule:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.data`` (its ``split``, else its val split)."""
+    out = Path(cfg.output).expanduser() if cfg.get("output") else Path(cfg.paths.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(
+            f"output={out} is a file; output names the folder that will hold eval.json "
+            f"(e.g. output={out.parent / 'eval'})"
+        )
     module = load_module(
         cfg.ckpt_path, exclude_absent_classes=bool(cfg.get("exclude_absent_classes", False))
     )
@@ -284,7 +404,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     trainer.test(module, dm, verbose=False)
     results = module.final_metrics["test"]
-    out = Path(cfg.output) if cfg.get("output") else Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {"checkpoint": str(cfg.ckpt_path), "split": split, "metrics": results}
     write_json_atomic(out / "eval.json", report)

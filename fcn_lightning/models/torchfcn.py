@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoints import load_weights_only
 from .fcn import FCN, build_fcn
 
 _BLOCKS = (2, 2, 3, 3, 3)  # convs per VGG16 block
@@ -70,7 +71,7 @@ def import_torchfcn(
         path = Path(source).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"torchfcn weights not found: {path}")
-        source = torch.load(path, map_location="cpu", weights_only=True)
+        source = load_weights_only(path, what="torchfcn weights", archive=False)
         if (
             isinstance(source, Mapping) and "model_state_dict" in source
         ):  # torchfcn's own checkpoints

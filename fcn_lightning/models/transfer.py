@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoints import load_weights_only
 from .fcn import FCN, NEW_IN_STAGE, STAGE, FCNSpec
 
 StateSource = FCN | nn.Module | Mapping[str, torch.Tensor] | str | Path
@@ -22,10 +23,7 @@ def model_state_dict(
     if isinstance(source, nn.Module):
         state = source.state_dict()
     elif isinstance(source, str | Path):
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_weights_only(source)
         if isinstance(state, Mapping) and "state_dict" in state:
             state = state["state_dict"]
     else:

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torchvision.models import VGG16_BN_Weights, VGG16_Weights
 
+from ..checkpoints import load_weights_only
+
 
 @dataclass(frozen=True)
 class Normalization:
@@ -89,7 +91,7 @@ def load_trunk_state_dict(
             f"pretrained weights file not found: {path} (arch.pretrained must be 'imagenet', null, "
             "or the path of a VGG16 state dict saved with torch.save)"
         )
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = load_weights_only(path, what="arch.pretrained", archive=False)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not any(k.startswith("features.") for k in obj):

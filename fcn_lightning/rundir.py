@@ -1,0 +1,282 @@
+"""One run per folder.
+
+A training run owns its folder: ``run.json`` records who made it (when, the command, the
+SLURM job if any) and how it went (``status``: running, finished, interrupted, failed, with the
+reason). A folder that holds a run (``run.json``, ``metrics.json`` or a checkpoint) is refused
+to a new run, unless ``resume=true``; ``resume=true`` on a folder that holds nothing is refused
+too. A job that SLURM requeues (same job id, higher ``SLURM_RESTART_COUNT``) is the same run and
+resumes by itself.
+
+The processes of one launch share the run: DDP workers started by Lightning inherit
+``FCN_LIGHTNING_RUN_ID`` from the process that claimed the folder, and the tasks of one SLURM
+job derive the same id from the job's variables.
+
+The checks run twice on the command line: first in :class:`RunFolderGuard`, a Hydra callback
+that runs before Hydra writes ``.hydra/`` into the folder (so that a refused run changes
+nothing, and a resumed run records its own command in ``.hydra/resume-<n>/`` beside the
+original), then in ``pipeline.train`` (which Python callers call directly).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import socket
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+log = logging.getLogger("fcn_lightning")
+
+RECORD = "run.json"
+ENV_ID = "FCN_LIGHTNING_RUN_ID"
+
+
+class RunFolderError(ValueError):
+    """A run folder that this run may not use; the message says what to do instead."""
+
+
+def _now() -> str:
+    return dt.datetime.now().isoformat(timespec="seconds")
+
+
+def read_record(out: Path) -> dict[str, Any] | None:
+    path = Path(out) / RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunFolderError(
+            f"{path} is unreadable ({err}): this folder's run record is damaged. Move the folder "
+            "aside, or delete run.json if you know which run the folder holds."
+        ) from None
+    return record if isinstance(record, dict) else {}
+
+
+def _write_record(out: Path, record: dict[str, Any], exclusive: bool = False) -> None:
+    path = Path(out) / RECORD
+    text = json.dumps(record, indent=2) + "\n"
+    if exclusive:  # the claim itself: exactly one of two racing runs gets the folder
+        with open(path, "x") as f:
+            f.write(text)
+        return
+    tmp = path.with_name(f".{RECORD}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run_files(out: Path) -> list[Path]:
+    """What a run leaves that is worth keeping: its metrics and its checkpoints."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    metrics = [out / "metrics.json"] if (out / "metrics.json").is_file() else []
+    return metrics + sorted(out.glob("*/checkpoints/*.ckpt"))
+
+
+def _running_elsewhere(record: dict[str, Any] | None) -> bool:
+    """The record's run may still be running (in another process)."""
+    if not record or record.get("status") != "running":
+        return False
+    if record.get("host") != socket.gethostname():
+        return True  # cannot tell: assume it runs
+    try:
+        os.kill(int(record.get("pid", 0)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OSError):
+        return True
+    return int(record.get("pid", 0)) != os.getpid()
+
+
+def _slurm() -> dict[str, Any] | None:
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    return {
+        "job_id": f"{array}_{task}" if array and task else job,
+        "restart_count": int(os.environ.get("SLURM_RESTART_COUNT") or 0),
+    }
+
+
+def launch_id() -> str | None:
+    """The id every process of this launch shares, if one is known yet."""
+    if os.environ.get(ENV_ID):
+        return os.environ[ENV_ID]
+    slurm = _slurm()
+    if slurm is not None and os.environ.get("SLURM_NTASKS", "1") != "1":
+        return f"slurm-{slurm['job_id']}-{slurm['restart_count']}"
+    return None
+
+
+def _is_requeue_of(record: dict[str, Any]) -> bool:
+    """This process is a SLURM requeue of the job that made ``record``."""
+    mine, theirs = _slurm(), record.get("slurm")
+    return bool(
+        mine
+        and theirs
+        and mine["job_id"] == theirs.get("job_id")
+        and mine["restart_count"] > int(theirs.get("restart_count", 0))
+    )
+
+
+def _recent_runs(out: Path, n: int = 3) -> list[Path]:
+    """Run folders near ``out`` (its siblings and cousins), newest first: where the user may
+    have meant to point."""
+    seen: set[Path] = set()
+    for base in (out.parent, out.parent.parent):
+        if base.is_dir():
+            for record in [*base.glob(f"*/{RECORD}"), *base.glob(f"*/*/{RECORD}")]:
+                seen.add(record.parent)
+    return sorted(seen, key=lambda p: (p / RECORD).stat().st_mtime, reverse=True)[:n]
+
+
+def _describe(out: Path, record: dict[str, Any] | None) -> str:
+    metrics = out / "metrics.json"
+    try:
+        stages = list(json.loads(metrics.read_text())) if metrics.is_file() else []
+    except ValueError:
+        stages = []
+    parts = []
+    if record:
+        parts.append(f"started {record.get('started', '?')}, status {record.get('status', '?')}")
+    parts.append(f"finished stages: {', '.join(stages) or 'none'}")
+    return "; ".join(parts)
+
+
+def claim(out: str | Path, resume: bool, *, fresh_if_empty: bool = False) -> bool:
+    """Make ``out`` this run's folder; return whether to resume the run it holds.
+
+    Raises :class:`RunFolderError` for a folder that holds another run (without ``resume``) or
+    holds nothing to resume (with ``resume``, unless ``fresh_if_empty``: a sweep resumed with
+    jobs that never started)."""
+    out = Path(out).absolute()
+    record = read_record(out)
+    me = launch_id()
+    if record is not None and me is not None and record.get("run_id") == me:
+        return bool(record.get("resuming", resume))  # claimed already by this launch
+    held = run_files(out)
+    if record is not None and _is_requeue_of(record):
+        log.info("SLURM requeued job %s: resuming its run in %s", record["slurm"]["job_id"], out)
+        resume = True
+    elif _running_elsewhere(record):
+        raise RunFolderError(
+            f"run folder {out} is in use by a running run (pid {record.get('pid')} on "
+            f"{record.get('host')}, started {record.get('started')}). Leave out hydra.run.dir so "
+            f"that this run gets its own folder (if that run is dead, delete {out / RECORD})."
+        )
+    if not held and not resume:
+        pass  # a new folder, or one whose run saved nothing worth keeping
+    elif not held and record is None and not fresh_if_empty:
+        nearby = _recent_runs(out)
+        hint = (
+            "\nrun folders nearby, newest first:\n" + "\n".join(f"  {p}" for p in nearby)
+            if nearby
+            else ""
+        )
+        raise RunFolderError(
+            f"resume=true, but there is nothing to resume in {out}: it holds no {RECORD}, "
+            "metrics.json or checkpoint. Point hydra.run.dir= at the folder of the run to "
+            f"continue, or drop resume=true to start a new run.{hint}"
+        )
+    elif not held:
+        log.info("resume=true: the run in %s saved nothing yet; it starts from the beginning", out)
+    elif not resume:
+        raise RunFolderError(
+            f"run folder {out} already holds a run ({_describe(out, record)}). A run owns its "
+            "folder, so this run will not write there.\n"
+            f"  continue that run:  python train.py <its overrides> resume=true hydra.run.dir={out}\n"
+            "  start a new run:    leave out hydra.run.dir (each run gets a new folder), or "
+            f"choose an unused one, e.g. hydra.run.dir={out}-2"
+        )
+    run_id = me or uuid.uuid4().hex
+    os.environ[ENV_ID] = run_id  # DDP workers started from here inherit it
+    entry = {
+        "run_id": run_id,
+        "resuming": resume,
+        "status": "running",
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "argv": list(sys.argv),
+        "slurm": _slurm(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    if record is None:
+        try:
+            _write_record(out, {**entry, "started": _now(), "resumed": []}, exclusive=True)
+        except FileExistsError:
+            os.environ.pop(ENV_ID, None)
+            raise RunFolderError(
+                f"another run claimed {out} a moment ago; leave out hydra.run.dir so that each "
+                "run gets its own folder"
+            ) from None
+    elif not held and not resume:  # the folder's earlier run saved nothing: a new run
+        _write_record(out, {**entry, "started": _now(), "resumed": []})
+    else:
+        resumed = [*record.get("resumed", []), {"at": _now(), "argv": list(sys.argv)}]
+        _write_record(out, {**record, **entry, "resumed": resumed})
+    return resume
+
+
+def release() -> None:
+    """Forget this process's run id: the next ``claim`` in this process is a new run."""
+    os.environ.pop(ENV_ID, None)
+
+
+def mark(out: str | Path, status: str, reason: str | None = None, **extra: Any) -> None:
+    """Record how the run went (``finished``, ``interrupted``, ``failed`` with the reason)."""
+    out = Path(out)
+    try:
+        record = read_record(out) or {}
+    except RunFolderError:
+        record = {}
+    record.update(status=status, ended=_now(), **extra)
+    if reason is not None:
+        record["reason"] = reason
+    else:
+        record.pop("reason", None)
+    try:
+        _write_record(out, record)
+    except OSError as err:  # e.g. a full disk: the run's own error matters more
+        log.warning("could not update %s: %s", out / RECORD, err)
+
+
+def is_rank_zero() -> bool:
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
+class RunFolderGuard(Callback):
+    """Hydra callback: check the run folder before Hydra writes ``.hydra/`` into it."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if "resume" not in config or (not is_rank_zero() and launch_id()):
+            return
+        out = Path(OmegaConf.select(config, "hydra.run.dir"))
+        resume = claim(out, bool(config.resume))
+        subdir = config.hydra.output_subdir
+        if resume and subdir is not None and (out / subdir).is_dir():
+            # keep the record of how the run was made; this resume records its own command
+            n = 1 + sum(1 for _ in out.glob(f"{subdir}/resume-*"))
+            with read_write(config.hydra), open_dict(config.hydra):
+                config.hydra.output_subdir = f"{subdir}/resume-{n}"
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if "resume" not in config or config.resume:
+            return
+        root = Path(OmegaConf.select(config, "hydra.sweep.dir")).absolute()
+        taken = sorted({p.parent for p in root.glob(f"*/{RECORD}")}) if root.is_dir() else []
+        if taken:
+            raise RunFolderError(
+                f"sweep folder {root} already holds the jobs of another sweep "
+                f"({', '.join(p.name for p in taken[:5])}). Continue it with resume=true and the "
+                "same sweep overrides, or leave out hydra.sweep.dir (each sweep gets a new folder)."
+            )
