@@ -1,0 +1,332 @@
+"""predict: never replaces or drops a user's file, skips what it cannot read, takes any image."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_app import TINY, cfg_of, run
+
+from fcn_lightning.pipeline import train
+from fcn_lightning.prediction import MANIFEST, output_stems, predict
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    train(cfg_of("config", ["arch=fcn16s", *TINY], out))
+    return out / "fcn16s" / "checkpoints" / "best.ckpt"
+
+
+def run_predict(ckpt: Path, source: Path | str, output: Path | str | None) -> list[Path]:
+    overrides = [f"ckpt_path={ckpt}", f"input={source}", "device=cpu"]
+    if output is not None:
+        overrides.append(f"output={output}")
+    return predict(cfg_of("predict", overrides, Path(str(source)).parent / "run"))
+
+
+def gradient(h: int, w: int) -> np.ndarray:
+    """A smooth RGB image (JPEG keeps it close): red down, green across, blue constant."""
+    y, x = np.mgrid[0:h, 0:w]
+    r, g = 255 * y / max(h - 1, 1), 255 * x / max(w - 1, 1)
+    return np.stack([r, g, np.full_like(r, 90)], -1).round().astype(np.uint8)
+
+
+def save(path: Path, h: int = 20, w: int = 30) -> Path:
+    Image.fromarray(gradient(h, w)).save(path)
+    return path
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+        for p in sorted(folder.iterdir())
+    }
+
+
+def label_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as label:
+        assert label.mode == "P"
+        return label.size
+
+
+# --------------------------------------------------------------------------- never over an input
+@pytest.mark.parametrize("how", ["same", "dot", "symlink", "dotdot", "trailing slash"])
+def test_output_that_is_the_input_folder_is_refused(ckpt, tmp_path, monkeypatch, how):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    save(photos / "photo.png")
+    save(photos / "cat.jpg")
+    (photos / "sub").mkdir()
+    (tmp_path / "link").symlink_to(photos)
+    monkeypatch.chdir(photos)
+    output = {
+        "same": photos,
+        "dot": ".",
+        "symlink": tmp_path / "link",
+        "dotdot": photos / "sub" / "..",
+        "trailing slash": f"{photos}/",
+    }[how]
+    before = digests(photos)
+    with pytest.raises(ValueError, match=r"is the input folder .*photos.*output=.*predictions"):
+        run_predict(ckpt, photos, output)
+    assert digests(photos) == before
+
+
+def test_single_image_never_overwrites_itself(ckpt, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    save(photos / "photo.png")
+    before = digests(photos)
+    with pytest.raises(ValueError, match=r"would overwrite the input image .*photo.png"):
+        run_predict(ckpt, photos / "photo.png", photos)
+    (tmp_path / "link").symlink_to(photos)  # the same folder by another name
+    with pytest.raises(ValueError, match=r"would overwrite the input image .*photo.png"):
+        run_predict(ckpt, photos / "photo.png", tmp_path / "link")
+    (tmp_path / "other").mkdir()  # the same file by another name
+    (tmp_path / "other" / "photo.jpg").symlink_to(photos / "photo.png")
+    with pytest.raises(ValueError, match=r"would overwrite the input image .*photo.jpg"):
+        run_predict(ckpt, tmp_path / "other" / "photo.jpg", photos)
+    assert digests(photos) == before
+
+
+def test_outputs_next_to_the_input_are_not_read_as_inputs(ckpt, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    save(photos / "cat.jpg", 24, 16)
+    written = run_predict(ckpt, photos / "cat.jpg", photos)  # allowed: cat.png is a new name
+    assert written == [photos / "cat.png"]
+    assert sorted(os.listdir(photos)) == ["cat.jpg", "cat.png", "cat_overlay.jpg", MANIFEST]
+    # the folder as input: cat.png and cat_overlay.jpg are outputs, only cat.jpg is an input
+    written = run_predict(ckpt, photos, tmp_path / "pred")
+    assert written == [tmp_path / "pred" / "cat.png"]
+    # a folder of nothing but predictions holds no inputs, and says why
+    with pytest.raises(ValueError, match=r"holds no images .*2 are outputs of an earlier predict"):
+        run_predict(ckpt, tmp_path / "pred", tmp_path / "pred2")
+
+
+# --------------------------------------------------------------------------- one output per input
+def test_inputs_with_one_stem_get_distinct_outputs(ckpt, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    sizes = {"img.jpg": (20, 30), "img.png": (17, 13), "IMG.JPG": (9, 40), "other.png": (12, 12)}
+    for name, (h, w) in sizes.items():
+        save(photos / name, h, w)
+    out = tmp_path / "pred"
+    written = run_predict(ckpt, photos, out)
+    printed = capsys.readouterr().out
+    labels = {"IMG.JPG": "IMG.JPG.png", "img.jpg": "img.jpg-2.png", "img.png": "img.png.png"}
+    labels["other.png"] = "other.png"
+    assert sorted(p.name for p in written) == sorted(labels.values())
+    for name, label in labels.items():
+        h, w = sizes[name]
+        assert label_size(out / label) == (w, h), name  # each input got its own label map
+        assert (out / f"{label[:-4]}_overlay.jpg").is_file()
+    assert "wrote 4 label maps and 4 overlays" in printed and str(out) in printed
+    assert "img.jpg -> img.jpg-2.png" in printed and "other.png ->" not in printed
+    manifest = json.loads((out / MANIFEST).read_text())["outputs"]
+    assert manifest["img.png.png"] == str((photos / "img.png").resolve())
+    assert len(manifest) == 8
+
+
+@pytest.mark.parametrize(
+    "names,heads,stems",
+    [
+        (["a.jpg", "b.png"], ["out"], ["a", "b"]),
+        (["x.JPG", "x.jpeg", "y.png"], ["out"], ["x.JPG", "x.jpeg", "y"]),
+        # the full-name stem of a clash taken by another input's own stem: numbered
+        (["img.jpg", "img.jpg.png", "img.png"], ["out"], ["img.jpg-2", "img.jpg", "img.png"]),
+        # two heads: a writes a_sem.png, a_sem writes a_sem_sem.png: no clash
+        (["a.png", "a_sem.png"], ["sem", "geo"], ["a", "a_sem"]),
+        (["a.png", "A.jpg"], ["sem", "geo"], ["a.png", "A.jpg"]),
+        (["b.png", "b.jpg", "B.png", "B.jpg"], ["out"], ["b.png-2", "b.jpg-2", "B.png", "B.jpg"]),
+    ],
+)
+def test_output_stems_are_unique_and_deterministic(names, heads, stems):
+    files = [Path("/in") / n for n in names]
+    assert [output_stems(files, heads)[f] for f in files] == stems
+    assert output_stems(files[::-1], heads) == output_stems(files, heads)
+
+
+# --------------------------------------------------------------------------- unrelated files
+def test_unrelated_file_in_the_output_folder_is_refused(ckpt, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    save(photos / "a.jpg")
+    save(photos / "b.jpg")
+    out = tmp_path / "pred"
+    out.mkdir()
+    (out / "b_overlay.jpg").write_bytes(b"my own picture")
+    with pytest.raises(ValueError, match=r"already holds b_overlay.jpg, not written by predict"):
+        run_predict(ckpt, photos, out)
+    assert os.listdir(out) == ["b_overlay.jpg"]  # nothing written, not even a.png
+    assert (out / "b_overlay.jpg").read_bytes() == b"my own picture"
+    (out / "b_overlay.jpg").unlink()
+    (out / MANIFEST).write_text('{"my": "notes"}')
+    with pytest.raises(ValueError, match=r"predictions.json exists and predict did not write it"):
+        run_predict(ckpt, photos, out)
+    assert os.listdir(out) == [MANIFEST]
+
+
+def test_a_rerun_replaces_its_own_outputs_only(ckpt, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    save(photos / "a.jpg")
+    out = tmp_path / "pred"
+    run_predict(ckpt, photos, out)
+    first = digests(out)
+    (out / "a.png").write_bytes(b"stale")  # a run's own output may be replaced
+    assert run_predict(ckpt, photos, out) == [out / "a.png"]
+    assert digests(out) == first
+    save(photos / "b.jpg")
+    (out / "b.png").write_bytes(b"mine")  # this one is not a predict output
+    with pytest.raises(ValueError, match=r"already holds b.png"):
+        run_predict(ckpt, photos, out)
+    assert (out / "b.png").read_bytes() == b"mine"
+
+
+# --------------------------------------------------------------------------- unreadable images
+def bad_images(folder: Path) -> list[str]:
+    buf = folder / "full.jpg"
+    save(buf, 64, 64)
+    (folder / "truncated.jpg").write_bytes(buf.read_bytes()[: buf.stat().st_size // 2])
+    buf.unlink()
+    (folder / "text.png").write_text("not an image\n")
+    (folder / "empty.png").write_bytes(b"")
+    return ["empty.png", "text.png", "truncated.jpg"]
+
+
+def test_undecodable_images_are_skipped_and_reported(ckpt, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    save(photos / "a.jpg", 21, 34)
+    save(photos / "b.png", 30, 10)
+    bad = bad_images(photos)
+    out = tmp_path / "pred"
+    with pytest.raises(SystemExit) as exit_:
+        run_predict(ckpt, photos, out)
+    message = str(exit_.value.code)
+    assert "3 of 5 input images could not be read" in message
+    assert all(str(photos / name) in message for name in bad)
+    assert label_size(out / "a.png") == (34, 21) and label_size(out / "b.png") == (10, 30)
+    assert "wrote 2 label maps and 2 overlays for 2 of 5 images" in capsys.readouterr().out
+    assert sorted(json.loads((out / MANIFEST).read_text())["outputs"]) == [
+        "a.png", "a_overlay.jpg", "b.png", "b_overlay.jpg",
+    ]  # fmt: skip
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    bad_images(only_bad)
+    with pytest.raises(SystemExit, match="none of the 3 input images could be read"):
+        run_predict(ckpt, only_bad, tmp_path / "pred2")
+    assert "wrote 0 label maps" in capsys.readouterr().out
+
+
+def test_folder_without_images_is_a_clear_error(ckpt, tmp_path):
+    photos = tmp_path / "photos"
+    (photos / "nested.png").mkdir(parents=True)  # a folder, and not listed recursively
+    save(photos / "nested.png" / "deep.png")
+    save(photos / ".hidden.png")
+    (photos / "notes.txt").write_text("hi")
+    with pytest.raises(ValueError, match=r"input folder .*photos holds no images \(.*\.jpg"):
+        run_predict(ckpt, photos, tmp_path / "pred")
+    assert not (tmp_path / "pred").exists()
+
+
+# --------------------------------------------------------------------------- every kind of image
+def gray(h: int, w: int) -> np.ndarray:
+    return gradient(h, w)[..., :2].mean(-1).round().astype(np.uint8)
+
+
+def with_alpha(h: int, w: int) -> np.ndarray:
+    alpha = np.linspace(0, 255, w).round().astype(np.uint8)[None, :, None].repeat(h, 0)
+    return np.concatenate([gradient(h, w), alpha], -1)
+
+
+def sixteen_bit(h: int, w: int) -> np.ndarray:
+    return (np.linspace(0, 65535, w)[None, :].repeat(h, 0)).astype(np.uint16)
+
+
+def pil_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+# name: (file, size (h, w), writer, the RGB the overlay should show)
+MODES = {
+    "rgb jpeg": ("x.jpg", (20, 30), lambda a: Image.fromarray(a), pil_rgb),
+    "gray jpeg": ("x.jpg", (20, 30), lambda a: Image.fromarray(a).convert("L"), pil_rgb),
+    "cmyk jpeg": ("x.jpg", (20, 30), lambda a: Image.fromarray(a).convert("CMYK"), pil_rgb),
+    "rgba png": ("x.png", (20, 30), None, lambda p: with_alpha(20, 30)[..., :3]),
+    "la png": ("x.png", (20, 30), lambda a: Image.fromarray(a).convert("LA"), pil_rgb),
+    "palette png": ("x.png", (20, 30), lambda a: Image.fromarray(a).quantize(64), pil_rgb),
+    "16-bit png": ("x.png", (20, 30), None, lambda p: (sixteen_bit(20, 30) >> 8)[..., None]),
+    "8x8": ("x.png", (8, 8), lambda a: Image.fromarray(a), pil_rgb),
+    "1x1": ("x.png", (1, 1), lambda a: Image.fromarray(a), pil_rgb),
+    "portrait": ("x.jpg", (50, 19), lambda a: Image.fromarray(a), pil_rgb),
+    "landscape": ("x.webp", (19, 50), lambda a: Image.fromarray(a), pil_rgb),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_image_mode_and_size_gives_a_label_at_its_size(ckpt, tmp_path, mode):
+    name, (h, w), writer, expected = MODES[mode]
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    path = photos / name
+    if mode == "rgba png":
+        Image.fromarray(with_alpha(h, w), mode="RGBA").save(path)
+    elif mode == "16-bit png":
+        Image.fromarray(sixteen_bit(h, w)).save(path)
+    else:
+        writer(gradient(h, w)).save(path)
+    out = tmp_path / "pred"
+    assert run_predict(ckpt, path, out) == [out / "x.png"]
+    with Image.open(out / "x.png") as label:
+        assert label.mode == "P" and label.size == (w, h)
+        classes = np.asarray(label)
+        colours = np.asarray(label.convert("RGB"), dtype=np.float32)
+        assert classes.max() < 5
+    with Image.open(out / "x_overlay.jpg") as overlay:
+        assert overlay.mode == "RGB" and overlay.size == (w, h)
+        shown = np.asarray(overlay, dtype=np.float32)
+    # the overlay is the image's own RGB (alpha left aside) blended half and half with the label
+    rgb = np.broadcast_to(expected(path), (h, w, 3)).astype(np.float32)
+    assert np.abs(shown - (0.5 * rgb + 0.5 * colours)).mean() < 6, mode
+
+
+def test_exif_rotated_photo_gets_a_label_as_displayed(ckpt, tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: stored 30 wide x 20 high, shown turned 90 degrees
+    Image.fromarray(gradient(20, 30)).save(tmp_path / "phone.jpg", exif=exif)
+    run_predict(ckpt, tmp_path / "phone.jpg", tmp_path / "pred")
+    assert label_size(tmp_path / "pred" / "phone.png") == (20, 30)
+    with Image.open(tmp_path / "pred" / "phone_overlay.jpg") as overlay:
+        assert overlay.size == (20, 30)
+
+
+# --------------------------------------------------------------------------- command line
+def test_cli_exits_non_zero_naming_unreadable_images(ckpt, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    save(photos / "good.jpg")
+    (photos / "broken.png").write_text("not an image\n")
+    out = tmp_path / "pred"
+    result = run(
+        "predict.py",
+        f"ckpt_path={ckpt}",
+        f"input={photos}",
+        f"output={out}",
+        "device=cpu",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "1 of 2 input images could not be read" in result.stderr
+    assert str(photos / "broken.png") in result.stderr
+    assert f"wrote 1 label maps and 1 overlays for 1 of 2 images to {out}" in result.stdout
+    assert (out / "good.png").is_file() and not (out / "broken.png").exists()
