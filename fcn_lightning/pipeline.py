@@ -143,6 +143,15 @@ def trainer_settings(cfg: DictConfig, stage: str) -> DictConfig:
 
 def check_settings(cfg: DictConfig) -> None:
     """Settings that would fail only after the data was read or a stage was trained."""
+    lr = float(cfg.optimizer.lr)
+    if cfg.loss.reduction == "sum" and lr > 1e-6:
+        log.warning(
+            "loss.reduction=sum (the loss summed over every pixel, this recipe's choice) with "
+            "optimizer.lr=%g: a summed loss needs an lr near 1e-10 (optimizer=sgd_heavy); with "
+            "optimizer=%s set loss.reduction=mean",
+            lr,
+            cfg.optimizer.name,
+        )
     scheduler = (cfg.get("scheduler") or {}).get("name", "fixed")
     for stage in stages_for(cfg):
         t = trainer_settings(cfg, stage)
