@@ -255,13 +255,17 @@ def is_rank_zero() -> bool:
 
 
 class RunFolderGuard(Callback):
-    """Hydra callback: check the run folder before Hydra writes ``.hydra/`` into it."""
+    """Hydra callback: check the run folder before Hydra writes ``.hydra/`` into it. (Hydra
+    turns a callback's exceptions into warnings: a refusal exits through SystemExit.)"""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if "resume" not in config or (not is_rank_zero() and launch_id()):
             return
         out = Path(OmegaConf.select(config, "hydra.run.dir"))
-        resume = claim(out, bool(config.resume))
+        try:
+            resume = claim(out, bool(config.resume))
+        except RunFolderError as err:
+            raise SystemExit(f"Error: {err}") from None
         subdir = config.hydra.output_subdir
         if resume and subdir is not None and (out / subdir).is_dir():
             # keep the record of how the run was made; this resume records its own command
@@ -275,8 +279,8 @@ class RunFolderGuard(Callback):
         root = Path(OmegaConf.select(config, "hydra.sweep.dir")).absolute()
         taken = sorted({p.parent for p in root.glob(f"*/{RECORD}")}) if root.is_dir() else []
         if taken:
-            raise RunFolderError(
-                f"sweep folder {root} already holds the jobs of another sweep "
+            raise SystemExit(
+                f"Error: sweep folder {root} already holds the jobs of another sweep "
                 f"({', '.join(p.name for p in taken[:5])}). Continue it with resume=true and the "
                 "same sweep overrides, or leave out hydra.sweep.dir (each sweep gets a new folder)."
             )

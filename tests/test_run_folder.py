@@ -1,0 +1,166 @@
+"""A run owns its folder: reuse, resume, races, SLURM requeues, and Hydra's record of a run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_app import ROOT, TINY, cfg_of, run
+from test_reliability import RESUMABLE, final_state
+
+from fcn_lightning import rundir
+from fcn_lightning.pipeline import train
+from fcn_lightning.rundir import RunFolderError
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished")
+    train(cfg_of("config", [*TINY, "arch=fcn32s"], out))
+    return out
+
+
+@pytest.mark.parametrize(
+    "overrides", [[], ["debug=fdr"], ["trainer.max_steps=3"]], ids=["same", "fdr", "longer"]
+)
+def test_a_folder_holding_a_run_is_refused_and_left_as_it_was(finished, overrides):
+    before = snapshot(finished)
+    with pytest.raises(
+        RunFolderError, match=r"already holds a run[\s\S]*resume=true hydra.run.dir="
+    ):
+        train(cfg_of("config", [*TINY, "arch=fcn32s", *overrides], finished))
+    assert snapshot(finished) == before  # metrics.json, best.ckpt, run.json: untouched
+
+
+def test_run_record_says_how_the_run_went(finished):
+    record = json.loads((finished / "run.json").read_text())
+    assert record["status"] == "finished" and 0 <= record["mIoU"] <= 1
+    assert record["started"] and record["argv"]
+
+
+@pytest.mark.parametrize("where", ["missing", "empty"])
+def test_resume_with_nothing_to_resume_says_where_it_looked(tmp_path, finished, where):
+    out = tmp_path / "outputs" / "2026-11-29" / "17-00-0"  # e.g. a mistyped folder
+    if where == "empty":
+        out.mkdir(parents=True)
+    sibling = tmp_path / "outputs" / "2026-11-29" / "17-00-00"
+    sibling.mkdir(parents=True)
+    (sibling / "run.json").write_text((finished / "run.json").read_text())
+    with pytest.raises(RunFolderError, match=r"nothing to resume in .*17-00-0\b[\s\S]*17-00-00"):
+        train(cfg_of("config", [*TINY, "arch=fcn32s", "resume=true"], out))
+    assert not (out / "fcn32s").exists() and not (out / "run.json").exists()
+
+
+def test_a_run_that_saved_nothing_leaves_its_folder_usable(tmp_path):
+    with pytest.raises(ValueError, match="geometry"):
+        train(cfg_of("config", [*TINY, "arch=fcn32s", "arch.geometry=sideways"], tmp_path))
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "failed"
+    train(cfg_of("config", [*TINY, "arch=fcn32s"], tmp_path))  # fixed and run again: fine
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "finished"
+
+
+def test_a_folder_in_use_by_a_live_run_is_refused(tmp_path):
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        record = {"run_id": "x", "status": "running", "pid": other.pid, "started": "now"}
+        (tmp_path / "run.json").write_text(json.dumps({**record, "host": os.uname().nodename}))
+        with pytest.raises(RunFolderError, match=rf"in use by a running run \(pid {other.pid}"):
+            rundir.claim(tmp_path, resume=False)
+    finally:
+        other.kill()
+        other.wait()
+    assert rundir.claim(tmp_path, resume=False) is False  # its process is gone: a stale record
+    rundir.release()
+
+
+def test_two_claims_of_one_folder_one_wins(tmp_path):
+    assert rundir.claim(tmp_path, resume=False) is False
+    first = os.environ[rundir.ENV_ID]
+    rundir.release()
+    (tmp_path / "metrics.json").write_text("{}")  # the first run has saved something
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        rundir.claim(tmp_path, resume=False)
+    assert json.loads((tmp_path / "run.json").read_text())["run_id"] == first
+
+
+def test_slurm_requeue_resumes_its_own_folder_by_itself(tmp_path, monkeypatch, caplog):
+    straight = tmp_path / "straight"
+    train(cfg_of("config", RESUMABLE, straight))
+    job = tmp_path / "job"
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    kill = ["+callbacks.kill._target_=interrupts.SigtermAtStep", "+callbacks.kill.step=6"]
+    with pytest.raises(SystemExit, match="stopped by SIGTERM"):
+        train(cfg_of("config", [*RESUMABLE, *kill], job))
+    assert json.loads((job / "run.json").read_text())["status"] == "interrupted"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the same job, requeued: resume=false
+    with caplog.at_level("INFO", logger="fcn_lightning"):
+        train(cfg_of("config", RESUMABLE, job))
+    assert "SLURM requeued job 4242" in caplog.text and "resuming" in caplog.text
+    a, b = final_state(straight), final_state(job)
+    for key in a:
+        assert torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key], key
+    # another SLURM job in that folder is another run
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        train(cfg_of("config", RESUMABLE, job))
+
+
+# --------------------------------------------------------------------------- command line
+def test_cli_refusals_keep_the_runs_hydra_record(tmp_path):
+    out = tmp_path / "run"
+    base = [*RESUMABLE, f"hydra.run.dir={out}"]
+    kill = ["+callbacks.kill._target_=interrupts.SigtermAtStep", "+callbacks.kill.step=2"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"), PYTHONWARNINGS="ignore")
+    killed = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *base, *kill],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert killed.returncode != 0 and "resume=true" in killed.stderr, killed.stderr[-2000:]
+    record = (out / ".hydra" / "overrides.yaml").read_text()
+    before = snapshot(out)
+    again = run("train.py", *base, "optimizer.lr=0.1", cwd=tmp_path)  # same folder, no resume
+    assert again.returncode != 0 and "already holds a run" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert snapshot(out) == before  # not even .hydra/ was rewritten
+    changed = run("train.py", *base, "arch.width=0.125", "resume=true", cwd=tmp_path)
+    assert changed.returncode != 0 and "width: checkpoint 0.0625 vs model 0.125" in changed.stderr
+    assert (out / ".hydra" / "overrides.yaml").read_text() == record
+    assert "arch.width=0.125" in (out / ".hydra" / "resume-1" / "overrides.yaml").read_text()
+    resumed = run("train.py", *base, "resume=true", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (out / ".hydra" / "overrides.yaml").read_text() == record
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
+def test_cli_runs_started_together_get_their_own_folders(tmp_path):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, str(ROOT / "train.py"), "arch=fcn32s", *TINY]
+    procs = [
+        subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    results = [(p.wait(timeout=600), p.stderr.read().decode()) for p in procs]
+    assert [code for code, _ in results] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    folders = sorted(tmp_path.glob("outputs/*/*"))
+    assert len(folders) == 2 and all((f / "metrics.json").is_file() for f in folders)
+
+
+def test_cli_resume_without_a_folder_says_so(tmp_path):
+    result = run("train.py", "arch=fcn32s", *TINY, "resume=true", cwd=tmp_path)
+    assert result.returncode != 0 and "nothing to resume" in result.stderr
+    assert not list(tmp_path.glob("outputs/*/*/fcn32s"))
