@@ -252,6 +252,24 @@ def check_free_space(out: Path, module: FCNModule) -> None:
         )
 
 
+def check_inputs(cfg: DictConfig, out: Path, resume: bool) -> None:
+    """The files a run will read, named now if they are missing or damaged (reads nothing
+    but their size and index)."""
+    init_from = cfg.arch.get("init_from")
+    if init_from:
+        if not Path(init_from).expanduser().is_file():
+            raise ConfigError(f"arch.init_from: checkpoint not found: {init_from}")
+        check_readable(init_from, "arch.init_from")
+    for name, path in (cfg.arch.get("init_streams") or {}).items():
+        if Path(path).expanduser().is_file():
+            check_readable(path, f"arch.init_streams.{name}")
+    if resume:
+        read_metrics(out / "metrics.json")
+        for stage in stages_for(cfg):
+            for ckpt in sorted((out / stage / "checkpoints").glob("*.ckpt")):
+                check_readable(ckpt, f"resume=true: {stage}")
+
+
 def train(cfg: DictConfig) -> float:
     """Train the stages that ``cfg`` asks for; return the last stage's val mIoU.
 
@@ -259,6 +277,7 @@ def train(cfg: DictConfig) -> float:
     refused unless ``resume=true``, and ``run.json`` records how the run ended."""
     out = Path(cfg.paths.output_dir)
     check_settings(cfg)
+    check_inputs(cfg, out, bool(cfg.resume))  # read-only: a refused run changes nothing
     resume = rundir.claim(out, bool(cfg.resume), fresh_if_empty=is_multirun())
     try:
         score = _train(cfg, out, resume)
@@ -290,20 +309,10 @@ def _train(cfg: DictConfig, out: Path, resume: bool) -> float:
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(int(cfg.seed), workers=True)
     stages = stages_for(cfg)
+    check_inputs(cfg, out, resume)
     metrics_path = out / "metrics.json"
     metrics = read_metrics(metrics_path) if resume else {}
     init_from = cfg.arch.get("init_from")
-    if init_from:
-        if not Path(init_from).expanduser().is_file():
-            raise ConfigError(f"arch.init_from: checkpoint not found: {init_from}")
-        check_readable(init_from, "arch.init_from")
-    for name, path in (cfg.arch.get("init_streams") or {}).items():
-        if Path(path).expanduser().is_file():
-            check_readable(path, f"arch.init_streams.{name}")
-    if resume:  # the checkpoints this run will read: damaged ones are named now
-        for stage in stages:
-            for ckpt in sorted((out / stage / "checkpoints").glob("*.ckpt")):
-                check_readable(ckpt, f"resume=true: {stage}")
     dm = make_datamodule(cfg.data)
     dm.setup("fit")  # a missing or broken dataset fails here, before any training
     previous_best: str | None = init_from

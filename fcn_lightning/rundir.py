@@ -2,7 +2,7 @@
 
 A training run owns its folder: ``run.json`` records who made it (when, the command, the
 SLURM job if any) and how it went (``status``: running, finished, interrupted, failed, with the
-reason). A folder that holds a run (``run.json``, ``metrics.json`` or a checkpoint) is refused
+reason); each resume adds its own launch and keeps the earlier ones under ``history``. A folder that holds a run (``run.json``, ``metrics.json`` or a checkpoint) is refused
 to a new run, unless ``resume=true``; ``resume=true`` on a folder that holds nothing is refused
 too. A job that SLURM requeues (same job id, higher ``SLURM_RESTART_COUNT``) is the same run and
 resumes by itself.
@@ -212,18 +212,16 @@ def claim(out: str | Path, resume: bool, *, fresh_if_empty: bool = False) -> boo
     out.mkdir(parents=True, exist_ok=True)
     if record is None:
         try:
-            _write_record(out, {**entry, "started": _now(), "resumed": []}, exclusive=True)
+            _write_record(out, {**entry, "started": _now(), "history": []}, exclusive=True)
         except FileExistsError:
             os.environ.pop(ENV_ID, None)
             raise RunFolderError(
                 f"another run claimed {out} a moment ago; leave out hydra.run.dir so that each "
                 "run gets its own folder"
             ) from None
-    elif not held and not resume:  # the folder's earlier run saved nothing: a new run
-        _write_record(out, {**entry, "started": _now(), "resumed": []})
-    else:
-        resumed = [*record.get("resumed", []), {"at": _now(), "argv": list(sys.argv)}]
-        _write_record(out, {**record, **entry, "resumed": resumed})
+    else:  # a resume, or a new run where the earlier one saved nothing: keep its record
+        history = record.pop("history", [])
+        _write_record(out, {**entry, "started": _now(), "history": [*history, record]})
     return resume
 
 

@@ -4,11 +4,14 @@ bad-input table over data, config and checkpoints, and a local submitit sweep.""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from test_app import NO_DATA, ROOT, TINY, cfg_of, run
 
 from fcn_lightning.callbacks import AtomicCheckpointIO
@@ -163,164 +166,356 @@ def test_cli_ddp_two_cpu_processes_write_one_run_folder(tmp_path):
 
 
 # --------------------------------------------------------------------------- bad input table
-def _ckpt(tmp_path: Path) -> Path:
-    out = tmp_path / "trained"
-    if not (out / "fcn32s/checkpoints/best.ckpt").is_file():
-        train(cfg_of("config", [*TINY, "arch=fcn32s"], out))
-    return out / "fcn32s/checkpoints/best.ckpt"
+# Each row: (make(case_dir, finished_run) -> (entry, overrides, out), message). Every row asserts
+# its message, and that every file that existed before (the case's own files and a finished
+# run's) is byte-identical afterwards: a refused command loses nothing already written.
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished")
+    train(cfg_of("config", [*TINY, "arch=fcn32s"], out))
+    return out
 
 
-def _write_voc_missing_image(tmp_path):
+def _ckpt(t: Path, run: Path) -> Path:
+    return run / "fcn32s/checkpoints/best.ckpt"
+
+
+def _copy_run(t: Path, run: Path, damage=None) -> Path:
+    out = t / "copy"
+    shutil.copytree(run, out)
+    if damage:
+        damage(out)
+    return out
+
+
+def _damaged_ckpt(t: Path, run: Path, how: str) -> Path:
+    path = t / f"{how}.ckpt"
+    data = _ckpt(t, run).read_bytes()
+    path.write_bytes(b"" if how == "empty" else data[: len(data) // 2])
+    return path
+
+
+class Planted:
+    """Unpickling this runs code: it creates a file named by the test."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _planted(t: Path, run: Path, name: str = "planted.ckpt") -> Path:
+    ckpt = torch.load(_ckpt(t, run), weights_only=True)
+    ckpt["hyper_parameters"]["extra"] = Planted(t / "CODE_RAN")
+    path = t / name
+    torch.save(ckpt, path)
+    return path
+
+
+def _resume_from(t: Path, run: Path, damage) -> tuple[str, list[str], Path]:
+    return "train", [*TINY, "arch=fcn32s", "resume=true"], _copy_run(t, run, damage)
+
+
+def _unfinish(out: Path) -> None:
+    (out / "metrics.json").unlink()  # the stage counts as unfinished: resume reads last.ckpt
+
+
+def _plant_last(out: Path) -> None:
+    _unfinish(out)
+    last = out / "fcn32s/checkpoints/last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["loops"] = {"planted": Planted(out.parent / "CODE_RAN")}
+    torch.save(ckpt, last)
+
+
+def _truncate(path: Path, empty: bool = False) -> None:
+    data = path.read_bytes()
+    path.write_bytes(b"" if empty else data[: len(data) // 2])
+
+
+def _write_voc_missing_image(t):
     from dataset_writers import write_voc
 
-    write_voc(tmp_path / "voc", 2012, {"train": ["a", "b"], "val": ["c"]})
-    (tmp_path / "voc/VOCdevkit/VOC2012/JPEGImages/b.jpg").unlink()
-    return tmp_path / "voc"
+    write_voc(t / "voc", 2012, {"train": ["a", "b"], "val": ["c"]})
+    (t / "voc/VOCdevkit/VOC2012/JPEGImages/b.jpg").unlink()
+    return t / "voc"
 
 
+def _photos(t: Path) -> Path:
+    folder = t / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.jpg", "b.png"):
+        Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(folder / name)
+    return folder
+
+
+def _folder_rgb_labels(t: Path) -> Path:
+    from dataset_writers import write_folder
+
+    root = write_folder(t / "mine", ["a", "b"], ["bg", "fg"])
+    for name in ("a", "b"):
+        label = root / "SegmentationClass" / f"{name}.png"
+        Image.open(label).convert("RGB").save(label)  # a colour-coded mask, as many tools save
+    return root
+
+
+def _folder(t: Path, classes=("bg", "fg")) -> Path:
+    from dataset_writers import write_folder
+
+    return write_folder(t / "mine", ["a", "b"], list(classes))
+
+
+def _train(overrides: list[str]):
+    return lambda t, r: ("train", overrides, t / "run")
+
+
+VOC = ["data=voc", "data.year=2012", "data.train_split=train", "data.val_split=val"]
 BAD = {
+    # --- data
     "voc root missing": (
-        lambda t: ("train", ["data=voc", f"data.root={t / 'none'}", *NO_DATA]),
+        lambda t, r: ("train", ["data=voc", f"data.root={t / 'none'}", *NO_DATA], t / "run"),
         r"data.root .*none does not exist[\s\S]*VOCdevkit",
     ),
-    "voc root unset": (lambda t: ("train", ["data=voc", *NO_DATA]), r"data.root"),
+    "voc root unset": (_train(["data=voc", *NO_DATA]), r"data.root"),
     "split lists a missing image": (
-        lambda t: (
-            "train",
-            [
-                "data=voc",
-                f"data.root={_write_voc_missing_image(t)}",
-                "data.year=2012",
-                "data.train_split=train",
-                "data.val_split=val",
-                *NO_DATA,
-            ],
-        ),
+        lambda t, r: ("train", [*VOC, f"data.root={_write_voc_missing_image(t)}", *NO_DATA], t / "run"),
         r"split 'train' lists 'b' but .*b.jpg does not exist",
     ),
     "sbd missing for sbd_train": (
-        lambda t: (
-            "train",
-            [
-                "data=voc",
-                f"data.root={_write_voc_missing_image(t)}",
-                "data.year=2012",
-                "data.val_split=val",
-                *NO_DATA,
-            ],
-        ),
+        lambda t, r: ("train", ["data=voc", f"data.root={_write_voc_missing_image(t)}", "data.year=2012",
+                               "data.val_split=val", *NO_DATA], t / "run"),
         r"SBD \(benchmark_RELEASE/dataset\) not found[\s\S]*benchmark.tgz",
     ),
     "seg11valid on VOC2012": (
-        lambda t: (
-            "train",
-            [
-                "data=voc",
-                f"data.root={_write_voc_missing_image(t)}",
-                "data.year=2012",
-                "data.train_split=train",
-                *NO_DATA,
-            ],
-        ),
+        lambda t, r: ("train", ["data=voc", f"data.root={_write_voc_missing_image(t)}", "data.year=2012",
+                               "data.train_split=train", *NO_DATA], t / "run"),
         r"seg11valid is VOC2011 val minus SBD train: set data.year=2011",
     ),
     "unknown voc split": (
-        lambda t: ("train", ["data=voc", "data.root=/x", "data.train_split=everything", *NO_DATA]),
+        _train(["data=voc", "data.root=/x", "data.train_split=everything", *NO_DATA]),
         r"unknown VOC split 'everything'",
     ),
     "folder without class count": (
-        lambda t: ("train", ["data=folder", f"data.root={t}", *NO_DATA]),
+        lambda t, r: ("train", ["data=folder", f"data.root={t}", *NO_DATA], t / "run"),
         r"JPEGImages not found|number of classes is unknown",
     ),
+    "folder class count disagrees": (
+        lambda t, r: ("train", ["data=folder", f"data.root={_folder(t)}", "+data.num_classes=3", *NO_DATA], t / "run"),
+        r"data.num_classes=3 disagrees with the 2 classes in .*classes.txt",
+    ),
+    "folder with colour labels": (
+        lambda t, r: ("train", ["data=folder", f"data.root={_folder_rgb_labels(t)}", "arch.pretrained=null", *NO_DATA], t / "run"),
+        r"label .*a.png is a RGB image; labels must be palette",
+    ),
+    "nyud root missing": (
+        _train(["data=nyud", "data.root=/nowhere/nyud", *NO_DATA]),
+        r"data.root /nowhere/nyud does not exist",
+    ),
+    "siftflow root missing": (
+        _train(["data=siftflow", "data.root=/nowhere/sift", *NO_DATA]),
+        r"data.root /nowhere/sift does not exist",
+    ),
     "nyud unknown modality": (
-        lambda t: ("train", ["data=nyud", "data.root=/x", "data.modality=thermal", *NO_DATA]),
+        _train(["data=nyud", "data.root=/x", "data.modality=thermal", *NO_DATA]),
         r"data.modality must be one of",
     ),
     "batching whole with batch 8": (
-        lambda t: ("train", [*TINY, "data.batching=whole", "data.batch_size=8"]),
+        _train([*TINY, "data.batching=whole", "data.batch_size=8"]),
         r"data.batching=whole .* data.batch_size=1",
     ),
-    "unknown batching": (
-        lambda t: ("train", [*TINY, "data.batching=tiles"]),
-        r"data.batching must be one of",
-    ),
+    "unknown batching": (_train([*TINY, "data.batching=tiles"]), r"data.batching must be one of"),
+    # --- model and solver
     "geometry typo": (
-        lambda t: ("train", [*TINY, "arch.geometry=sideways"]),
+        _train([*TINY, "arch.geometry=sideways"]),
         r"geometry must be one of \('paper', 'same'\), got 'sideways'",
     ),
-    "zero width": (lambda t: ("train", [*TINY, "arch.width=0"]), r"width must be > 0"),
+    "zero width": (_train([*TINY, "arch.width=0"]), r"width must be > 0"),
     "unknown optimizer": (
-        lambda t: ("train", [*TINY, "optimizer.name=rmsprop"]),
-        r"optimizer.name must be one of",
+        _train([*TINY, "optimizer.name=rmsprop"]), r"optimizer.name must be one of"
     ),
     "sgd setting on adamw": (
-        lambda t: ("train", [*TINY, "+optimizer.momentum=0.9"]),
-        r"optimizer.momentum is not a setting of AdamW",
+        _train([*TINY, "+optimizer.momentum=0.9"]), r"optimizer.momentum is not a setting of AdamW"
     ),
+    "lr zero": (_train([*TINY, "optimizer.lr=0"]), r"optimizer.lr must be a positive number, got 0"),
+    "lr negative": (_train([*TINY, "optimizer.lr=-0.01"]), r"optimizer.lr must be a positive number"),
+    "weight decay negative": (
+        _train([*TINY, "optimizer.weight_decay=-1"]), r"optimizer.weight_decay must be >= 0"
+    ),
+    "poly without a limit": (
+        _train([*TINY, "scheduler=poly", "trainer.max_steps=-1", "trainer.max_epochs=-1"]),
+        r"scheduler=poly decays the lr over the run's length[\s\S]*trainer.max_steps",
+    ),
+    "cosine without a limit": (
+        _train([*TINY, "scheduler=cosine", "trainer.max_steps=-1", "trainer.max_epochs=-1"]),
+        r"scheduler=cosine decays",
+    ),
+    "unknown scheduler": (_train([*TINY, "scheduler.name=step"]), r"scheduler.name must be one of"),
     "loss reduction typo": (
-        lambda t: ("train", [*TINY, "loss.reduction=median"]),
-        r"loss_reduction must be 'mean' or 'sum'",
+        _train([*TINY, "loss.reduction=median"]), r"loss_reduction must be 'mean' or 'sum'"
+    ),
+    "loss sampling zero": (
+        _train([*TINY, "loss.sample_prob=0"]), r"loss_sample_prob must be in \(0, 1\]"
+    ),
+    "class weights of the wrong length": (
+        _train([*TINY, "loss.class_weights=[1,2]"]),
+        r"class_weights for head 'out' has 2 entries, the head has 5 classes",
     ),
     "pretrained file missing": (
-        lambda t: ("train", [*TINY, f"arch.pretrained={t / 'vgg.pth'}"]),
+        lambda t, r: ("train", [*TINY, f"arch.pretrained={t / 'vgg.pth'}"], t / "run"),
         r"pretrained weights file not found: .*vgg.pth",
     ),
+    # --- checkpoints to start from
     "init_from missing": (
-        lambda t: ("train", [*TINY, f"arch.init_from={t / 'x.ckpt'}"]),
+        lambda t, r: ("train", [*TINY, f"arch.init_from={t / 'x.ckpt'}"], t / "run"),
         r"arch.init_from: checkpoint not found: .*x.ckpt",
     ),
+    "init_from empty": (
+        lambda t, r: ("train", [*TINY, f"arch.init_from={_damaged_ckpt(t, r, 'empty')}"], t / "run"),
+        r"arch.init_from: .*empty.ckpt is empty \(0 bytes\)",
+    ),
+    "init_from truncated": (
+        lambda t, r: ("train", [*TINY, f"arch.init_from={_damaged_ckpt(t, r, 'half')}"], t / "run"),
+        r"arch.init_from: .*half.ckpt .* is truncated",
+    ),
+    "init_from planted": (
+        lambda t, r: ("train", [*TINY, "arch=fcn16s", f"arch.init_from={_planted(t, r)}"], t / "run"),
+        r"holds objects other than tensors and plain values, which are not loaded \(weights_only",
+    ),
     "init_streams without fusion": (
-        lambda t: (
-            "train",
-            [*TINY, "staged=false", f"+arch.init_streams={{rgb: {_ckpt(t)}, hha: {_ckpt(t)}}}"],
-        ),
+        lambda t, r: ("train", [*TINY, "staged=false", f"+arch.init_streams={{rgb: {_ckpt(t, r)}, hha: {_ckpt(t, r)}}}"], t / "run"),
         r"arch.init_streams needs a late-fusion model",
     ),
+    # --- run folders
+    "reused run folder": (
+        lambda t, r: ("train", [*TINY, "arch=fcn32s"], _copy_run(t, r)),
+        r"already holds a run[\s\S]*resume=true hydra.run.dir=[\s\S]*start a new run",
+    ),
+    "fdr into a finished run": (
+        lambda t, r: ("train", [*TINY, "arch=fcn32s", "debug=fdr"], _copy_run(t, r)),
+        r"already holds a run",
+    ),
+    "resume with nothing to resume": (
+        lambda t, r: ("train", [*TINY, "resume=true"], t / "outputs" / "typo"),
+        r"resume=true, but there is nothing to resume in .*typo",
+    ),
+    "resume with damaged metrics.json": (
+        lambda t, r: _resume_from(t, r, lambda o: (o / "metrics.json").write_text('{"fcn32s": {')),
+        r"metrics.json is damaged[\s\S]*Delete it and resume",
+    ),
+    "resume with damaged run.json": (
+        lambda t, r: _resume_from(t, r, lambda o: (o / "run.json").write_text("{")),
+        r"run.json is unreadable",
+    ),
+    "resume with an empty last.ckpt": (
+        lambda t, r: _resume_from(t, r, lambda o: _truncate(o / "fcn32s/checkpoints/last.ckpt", empty=True)),
+        r"resume=true: fcn32s: .*last.ckpt is empty \(0 bytes\)",
+    ),
+    "resume with a truncated best.ckpt": (
+        lambda t, r: _resume_from(t, r, lambda o: _truncate(o / "fcn32s/checkpoints/best.ckpt")),
+        r"resume=true: fcn32s: .*best.ckpt .* is truncated",
+    ),
+    "resume with a planted last.ckpt": (
+        lambda t, r: _resume_from(t, r, _plant_last),
+        r"last.ckpt holds objects other than tensors",
+    ),
+    "resume with another width": (
+        lambda t, r: ("train", [*TINY, "arch=fcn32s", "resume=true", "arch.width=0.125"], _copy_run(t, r, _unfinish)),
+        r"width: checkpoint 0.0625 vs model 0.125",
+    ),
+    # --- eval
     "eval ckpt missing": (
-        lambda t: ("eval", [f"ckpt_path={t / 'nope.ckpt'}"]),
+        lambda t, r: ("eval", [f"ckpt_path={t / 'nope.ckpt'}"], t / "run"),
         r"ckpt_path: checkpoint not found: .*nope.ckpt",
     ),
     "eval ckpt not ours": (
-        lambda t: ("eval", [f"ckpt_path={_not_ours(t)}"]),
+        lambda t, r: ("eval", [f"ckpt_path={_not_ours(t)}"], t / "run"),
         r"is not a checkpoint written by fcn-lightning",
     ),
+    "eval ckpt empty": (
+        lambda t, r: ("eval", [f"ckpt_path={_damaged_ckpt(t, r, 'empty')}"], t / "run"),
+        r"empty.ckpt is empty \(0 bytes\)",
+    ),
+    "eval ckpt truncated": (
+        lambda t, r: ("eval", [f"ckpt_path={_damaged_ckpt(t, r, 'half')}"], t / "run"),
+        r"half.ckpt .* is truncated",
+    ),
+    "eval ckpt planted": (
+        lambda t, r: ("eval", [f"ckpt_path={_planted(t, r)}"], t / "run"),
+        r"planted.ckpt holds objects other than tensors",
+    ),
+    "eval output is a file": (
+        lambda t, r: ("eval", [f"ckpt_path={_ckpt(t, r)}", f"output={_existing(t)}"], t / "run"),
+        r"output=.*eval.json is a file",
+    ),
     "eval with other classes": (
-        lambda t: ("eval", [f"ckpt_path={_ckpt(t)}", "data=nyud", f"data.root={_nyud(t)}"]),
+        lambda t, r: ("eval", [f"ckpt_path={_ckpt(t, r)}", "data=nyud", f"data.root={_nyud(t)}"], t / "run"),
         r"predicts \{'out': 5\} classes but .* has \{'out': 40\}",
     ),
+    # --- predict
     "predict input missing": (
-        lambda t: ("predict", [f"ckpt_path={_ckpt(t)}", f"input={t / 'photos'}", f"output={t}"]),
+        lambda t, r: ("predict", [f"ckpt_path={_ckpt(t, r)}", f"input={t / 'photos'}", f"output={t}"], t / "run"),
         r"input not found: .*photos",
     ),
-}
+    "predict into the input folder": (
+        lambda t, r: ("predict", [f"ckpt_path={_ckpt(t, r)}", f"input={_photos(t)}", f"output={t / 'photos'}"], t / "run"),
+        r"output .*photos is the input folder",
+    ),
+    "predict ckpt truncated": (
+        lambda t, r: ("predict", [f"ckpt_path={_damaged_ckpt(t, r, 'half')}", f"input={_photos(t)}", f"output={t / 'out'}"], t / "run"),
+        r"half.ckpt .* is truncated",
+    ),
+}  # fmt: skip
 
 
-def _not_ours(tmp_path: Path) -> Path:
-    path = tmp_path / "other.ckpt"
+def _existing(t: Path) -> Path:
+    path = t / "eval.json"
+    path.write_text('{"earlier": "results"}\n')
+    return path
+
+
+def _not_ours(t: Path) -> Path:
+    path = t / "other.ckpt"
     torch.save({"weights": torch.zeros(1)}, path)
     return path
 
 
-def _nyud(tmp_path: Path) -> Path:
+def _nyud(t: Path) -> Path:
     from dataset_writers import write_nyud
 
-    return write_nyud(tmp_path / "nyud", {"train": ["1"], "val": ["2"], "test": ["3"]})
+    return write_nyud(t / "nyud", {"train": ["1"], "val": ["2"], "test": ["3"]})
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_bad_input_table_has_forty_rows():
+    assert len(BAD) >= 40
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_table(tmp_path, case):
+def test_bad_input_table(tmp_path, finished_run, case):
     make, message = BAD[case]
-    entry, overrides = make(tmp_path)
-    cfg = cfg_of(
-        {"train": "config", "eval": "eval", "predict": "predict"}[entry],
-        overrides,
-        tmp_path / "run",
-    )
+    entry, overrides, out = make(tmp_path, finished_run)
+    cfg = cfg_of({"train": "config", "eval": "eval", "predict": "predict"}[entry], overrides, out)
     fn = {"train": train, "eval": evaluate, "predict": predict}[entry]
+    before, shared = _files(tmp_path), _files(finished_run)
     with pytest.raises(Exception, match=message):
         fn(cfg)
+    after = _files(tmp_path)
+    changed = [p for p, data in before.items() if after.get(p) != data]
+    for record in [p for p in changed if p.endswith("run.json")]:  # a resume that failed ...
+        earlier, now = json.loads(before[record]), json.loads(after[record])
+        history = earlier.pop("history", [])
+        assert now["history"] == [*history, earlier] and now["status"] == "failed"  # adds to it
+        changed.remove(record)
+    assert not changed, f"{case}: changed or removed {changed}"
+    assert _files(finished_run) == shared
+    assert not (tmp_path / "CODE_RAN").exists()  # no checkpoint ran code
     if entry == "train":  # failed before any training
-        assert not list((tmp_path / "run").glob("fcn*/checkpoints/*.ckpt"))
+        assert not [p for p in out.glob("fcn*/checkpoints/*.ckpt") if str(p) not in before]
 
 
 def test_local_submitit_sweep(tmp_path):
