@@ -31,3 +31,14 @@ class PoisonAtStep(Callback):
         if trainer.global_step == self.step:
             with torch.no_grad():
                 next(pl_module.parameters()).fill_(float("inf"))
+
+
+class CtrlCAtStep(Callback):
+    """Raises KeyboardInterrupt after the given global step, as Ctrl+C in the terminal does."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt

@@ -1,0 +1,122 @@
+"""Habits of real users: Ctrl+C, a full disk, no progress bar, DDP on CPUs, odd solver input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+from test_app import TINY, cfg_of
+from test_reliability import RESUMABLE
+
+from fcn_lightning.callbacks import AtomicCheckpointIO
+from fcn_lightning.module import FCNModule
+from fcn_lightning.pipeline import ConfigError, train
+
+MODEL = {"arch": "fcn32s", "num_classes": 3, "width": 0.0625, "geometry": "same"}
+
+
+def test_ctrl_c_writes_last_checkpoint_and_prints_the_resume_command(tmp_path):
+    ctrl_c = ["+callbacks.stop._target_=interrupts.CtrlCAtStep", "+callbacks.stop.step=3"]
+    with pytest.raises(SystemExit) as stop:
+        train(cfg_of("config", [*RESUMABLE, *ctrl_c], tmp_path))
+    message = str(stop.value.code)
+    assert "interrupted (Ctrl+C) at epoch 0, step 3" in message
+    assert (
+        f"resume=true hydra.run.dir={tmp_path}" in message
+        and "last.ckpt holds that step" in message
+    )
+    assert (
+        torch.load(tmp_path / "fcn32s/checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
+    )
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "interrupted"
+    train(cfg_of("config", [*RESUMABLE, "resume=true"], tmp_path))  # and it continues
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "finished"
+
+
+def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "run" / "fcn32s" / "checkpoints" / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1}, path)
+
+    def full(obj, f, *a, **k):
+        Path(f).write_bytes(b"part of a checkpoint")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0: file write failed"
+        )
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(
+        OSError,
+        match=r"no space left on the device while writing .*last.ckpt[\s\S]*resume=true hydra.run.dir=.*run\b[\s\S]*previous checkpoint is kept",
+    ) as err:
+        io.save_checkpoint({"step": 2}, path)
+    assert err.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temporary left
+    assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_too_little_disk_for_the_checkpoints_is_refused_before_training(tmp_path, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(ConfigError, match=r"has 0 MiB free; a stage's checkpoints need about"):
+        train(cfg_of("config", [*TINY, "arch=fcn32s"], tmp_path))
+    assert not list(tmp_path.glob("fcn32s/checkpoints/*.ckpt"))
+
+
+def test_training_without_a_progress_bar(tmp_path):
+    # the default callbacks hold a progress bar that Lightning refuses to keep when it is off
+    overrides = [o for o in TINY if o != "callbacks=none"]
+    train(
+        cfg_of("config", [*overrides, "arch=fcn32s", "trainer.enable_progress_bar=false"], tmp_path)
+    )
+    assert (tmp_path / "metrics.json").is_file()
+
+
+def test_ddp_preset_on_cpu_keeps_batch_norm_per_process(tmp_path, caplog):
+    from fcn_lightning.pipeline import trainer_settings
+
+    cfg = cfg_of("config", ["trainer=ddp", "trainer.accelerator=cpu"])
+    assert cfg.trainer.sync_batchnorm and cfg.arch.backbone == "vgg16_bn"
+    with caplog.at_level("WARNING", logger="fcn_lightning"):
+        assert trainer_settings(cfg, "fcn32s").sync_batchnorm is False
+    assert "works on GPUs only" in caplog.text
+    if torch.cuda.is_available():
+        gpu = cfg_of("config", ["trainer=ddp"])
+        assert trainer_settings(gpu, "fcn32s").sync_batchnorm is True
+
+
+@pytest.mark.parametrize(
+    "optimizer,message",
+    [
+        (
+            {"name": "adam", "lr": 1e-3},
+            r"optimizer.name must be one of \('sgd', 'adamw'\), got 'adam'",
+        ),
+        ({"name": "sgd", "lr": 0}, r"optimizer.lr must be a positive number, got 0"),
+        ({"name": "sgd"}, r"optimizer.lr must be a number"),
+        ({"name": "sgd", "lr": "fast"}, r"optimizer.lr must be a number, got 'fast'"),
+        (
+            {"name": "sgd", "lr": 1e-3, "betas": [0.9, 0.99]},
+            r"optimizer.betas is not a setting of SGD",
+        ),
+    ],
+)
+def test_module_refuses_a_bad_solver_when_built_not_at_fit(optimizer, message):
+    with pytest.raises(ValueError, match=message):
+        FCNModule(MODEL, optimizer=optimizer)
+
+
+def test_module_refuses_an_unknown_scheduler_when_built():
+    with pytest.raises(ValueError, match=r"scheduler.name must be one of"):
+        FCNModule(MODEL, scheduler={"name": "plateau"})
+
+
+def test_lowest_allowed_torch_loads_checkpoints_safely():
+    # torch.load(weights_only=True) could still run code before torch 2.6
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert '"torch>=2.6"' in text
