@@ -42,6 +42,10 @@ class ConfigError(ValueError):
     """A setting that cannot work; the message names it."""
 
 
+class RunInterrupted(SystemExit):
+    """Training stopped by SIGTERM or Ctrl+C; the message says how to continue."""
+
+
 # --------------------------------------------------------------------------- helpers
 def stages_for(cfg: DictConfig) -> list[str]:
     """The stages to train: the chain up to ``arch.name`` when staged, else the arch alone."""
@@ -285,7 +289,7 @@ def train(cfg: DictConfig) -> float:
         rundir.mark(out, "interrupted", str(err) or type(err).__name__)
         raise
     except SystemExit as err:
-        interrupted = "interrupted" in str(err.code) or "SIGTERM" in str(err.code)
+        interrupted = isinstance(err, RunInterrupted)
         rundir.mark(out, "interrupted" if interrupted else "failed", str(err.code))
         raise
     except BaseException as err:
@@ -353,7 +357,7 @@ def _train(cfg: DictConfig, out: Path, resume: bool) -> float:
         try:
             trainer.fit(module, dm, ckpt_path=resume_from)
         except SIGTERMException:
-            raise SystemExit(
+            raise RunInterrupted(
                 f"{stage} stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}; "
                 f"{last} holds that step. {resume_hint}"
             ) from None
@@ -365,7 +369,7 @@ def _train(cfg: DictConfig, out: Path, resume: bool) -> float:
             if not trainer.interrupted:
                 raise
         if trainer.interrupted:
-            raise SystemExit(
+            raise RunInterrupted(
                 f"{stage} was interrupted (Ctrl+C) at epoch {trainer.current_epoch}, step "
                 f"{trainer.global_step}; "
                 + (f"{last} holds that step. " if last.is_file() else "no checkpoint yet. ")
