@@ -319,6 +319,8 @@ def _train(cfg: DictConfig, out: Path, resume: bool) -> float:
     init_from = cfg.arch.get("init_from")
     dm = make_datamodule(cfg.data)
     dm.setup("fit")  # a missing or broken dataset fails here, before any training
+    if rundir.is_rank_zero():  # every label of train / val / test, once (cached), before training
+        print(dm.check_labels().format())
     previous_best: str | None = init_from
     lr = float(cfg.optimizer.lr)
     log.info("stages: %s; run folder: %s", " -> ".join(stages), out)
@@ -416,13 +418,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         split = data_cfg.pop("split", None) or data_cfg.get("val_split")
         # the checkpoint decides the normalisation its weights expect
         data_cfg.normalization = module.hparams.model.get("normalization", "imagenet")
-    dm = make_datamodule(data_cfg, test_split=split)
+    dm = make_datamodule(data_cfg, val_split=split, test_split=split)  # eval reads this split alone
     heads = {name: n for name, n in module.model.spec.heads}
     expected = dict(getattr(dm, "heads", None) or {"out": dm.num_classes})
     if expected != heads:
         raise ConfigError(
             f"checkpoint {cfg.ckpt_path} predicts {heads} classes but data={cfg.data._target_} has {expected}"
         )
+    print(dm.check_labels([split]).format())
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     trainer.test(module, dm, verbose=False)
     results = module.final_metrics["test"]

@@ -1,0 +1,131 @@
+"""The whole command-line path on data as varied as the real thing: images of several sizes,
+portrait and landscape, greyscale, CMYK, RGBA, 16-bit, palette and plain labels with 255
+borders, in the official layouts: train.py (staged, with validation panels), eval.py,
+predict.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dataset_writers import (
+    VARIED_FOLDER,
+    VARIED_VOC,
+    VARIED_VOC_VAL,
+    write_binary_masks_folder,
+    write_varied_folder,
+    write_varied_voc,
+)
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_app import run
+
+SMALL = [
+    "arch.width=0.0625",
+    "arch.pretrained=null",
+    "arch.backbone=vgg16_bn",
+    "arch.dropout=0.0",
+    "data.num_workers=0",
+    "trainer.max_steps=2",
+    "trainer.max_epochs=-1",
+    "trainer.accumulate_grad_batches=1",
+    "trainer.val_check_interval=null",
+    "trainer.check_val_every_n_epoch=1",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.accelerator=cpu",
+    "images.panel_size=4",
+]
+
+
+def panels(run_dir: Path, stage: str, tag: str = "val/predictions") -> list:
+    events = EventAccumulator(str(run_dir / "tensorboard" / stage), size_guidance={"images": 0})
+    events.Reload()
+    return events.Images(tag) if tag in events.Tags()["images"] else []
+
+
+@pytest.fixture(scope="module")
+def voc_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("voc")
+    root = write_varied_voc(base / "pascal")
+    out = base / "run"
+    result = run(
+        "train.py", "arch=fcn16s", "data=voc", f"data.root={root}", "data.year=2012",
+        "data.train_split=train", "data.val_split=val", *SMALL, f"hydra.run.dir={out}",
+        cwd=base,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return root, out, result
+
+
+def test_staged_voc_run_on_varied_images(voc_run):
+    _, out, result = voc_run
+    assert list(json.loads((out / "metrics.json").read_text())) == ["fcn32s", "fcn16s"]
+    assert "label check" in result.stdout and "val: 4 images" in result.stdout
+    widths = {size[1] for i, _, size in VARIED_VOC if i in VARIED_VOC_VAL}
+    heights = [size[0] for i, _, size in VARIED_VOC if i in VARIED_VOC_VAL]
+    assert len(widths) > 1  # the panel had to take validation images of different widths
+    for stage in ("fcn32s", "fcn16s"):
+        (panel, *_) = panels(out, stage)
+        assert (panel.width, panel.height) == (3 * max(widths), sum(heights))
+        assert panels(out, stage, "val/confusion_matrix")
+
+
+def test_eval_on_varied_images(voc_run, tmp_path):
+    root, out, _ = voc_run
+    ckpt = out / "fcn16s/checkpoints/best.ckpt"
+    result = run(
+        "eval.py", f"ckpt_path={ckpt}", "data=voc", f"data.root={root}", "data.year=2012",
+        "data.split=val", "data.num_workers=0", "trainer.accelerator=cpu", f"output={tmp_path}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / "eval.json").read_text())
+    trained = json.loads((out / "metrics.json").read_text())["fcn16s"]
+    assert report["metrics"]["mIoU"] == pytest.approx(trained["mIoU"], abs=1e-6)
+
+
+def test_predict_on_every_image_format(voc_run, tmp_path):
+    _, out, _ = voc_run
+    folder = write_varied_folder(tmp_path / "mine") / "JPEGImages"
+    result = run(
+        "predict.py", f"ckpt_path={out / 'fcn16s/checkpoints/best.ckpt'}", f"input={folder}",
+        f"output={tmp_path / 'pred'}", "device=cpu", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    for i, _, (h, w) in VARIED_FOLDER:
+        label = Image.open(tmp_path / "pred" / f"{i}.png")
+        assert label.mode == "P" and label.size == (w, h), i
+        assert np.asarray(label).max() < 21
+
+
+def test_folder_run_on_every_image_format(tmp_path):
+    root = write_varied_folder(tmp_path / "mine")
+    result = run(
+        "train.py", "arch=fcn32s", "data=folder", f"data.root={root}", "data.batching=pad",
+        "data.batch_size=2", "data.scale_range=null", *SMALL, f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["fcn32s"]
+    assert set(metrics["per_class_IoU"]) == {"background", "cat", "dog", "car"}
+    assert panels(tmp_path / "run", "fcn32s")
+
+
+def test_binary_masks_saved_as_0_255_are_named_and_mapped(tmp_path):
+    root = write_binary_masks_folder(tmp_path / "masks")
+    args = ["arch=fcn32s", "data=folder", f"data.root={root}", "data.batching=pad",
+            "data.batch_size=2", "data.scale_range=null", *SMALL]  # fmt: skip
+    plain = run("train.py", *args, f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
+    assert "data.label_map={255: 1}" in plain.stdout + plain.stderr
+    mapped = run(
+        "train.py",
+        *args,
+        "data.label_map={255: 1}",
+        f"hydra.run.dir={tmp_path / 'b'}",
+        cwd=tmp_path,
+    )
+    assert mapped.returncode == 0, mapped.stderr[-4000:]
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())["fcn32s"]
+    assert metrics["per_class_IoU"]["object"] is not None  # foreground is a class, not ignored
