@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -161,4 +163,172 @@ def write_siftflow(
         scipy.io.savemat(root / "SemanticLabels" / SIFT_SUBDIR / f"{i}.mat", {"S": sem})
         scipy.io.savemat(root / "GeoLabels" / SIFT_SUBDIR / f"{i}.mat", {"S": geo})
     (root / "TestSet1.txt").write_text("".join(f"{SIFT_SUBDIR}\\{i}.jpg\r\n" for i in test))
+    return root
+
+
+# --------------------------------------------------------------------------- varied, real-world files
+# Colour of each class in the varied scenes (255: the void border), so image and label agree.
+SCENE_COLOURS = 40 + 0.7 * np.array(voc_palette(), np.float32)
+SCENE_COLOURS[0], SCENE_COLOURS[255] = (40, 60, 90), (230, 230, 230)
+
+
+def scene(label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """An RGB picture of a label: each class a flat colour with a little noise."""
+    image = SCENE_COLOURS[label] + rng.normal(0, 4, (*label.shape, 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def save_varied_image(rgb: np.ndarray, path: Path, kind: str) -> Path:
+    """Save an RGB picture as one of the formats found in the wild; returns the file written.
+
+    kind: rgb_jpeg, gray_jpeg, cmyk_jpeg, rgba_png, la_png, gray16_png (16-bit greyscale, the
+    grey levels times 257), palette_png, palette_alpha_png (palette with a transparent entry),
+    bilevel_png (1-bit).
+    """
+    img = Image.fromarray(rgb)
+    ext = ".jpg" if kind.endswith("jpeg") else ".png"
+    path = path.with_suffix(ext)
+    if kind == "rgb_jpeg":
+        img.save(path, quality=92)
+    elif kind == "gray_jpeg":
+        img.convert("L").save(path, quality=92)
+    elif kind == "cmyk_jpeg":
+        img.convert("CMYK").save(path, quality=92)
+    elif kind == "rgba_png":
+        alpha = np.full(rgb.shape[:2], 128, np.uint8)
+        Image.fromarray(np.dstack([rgb, alpha])).save(path)
+    elif kind == "la_png":
+        img.convert("LA").save(path)
+    elif kind == "gray16_png":
+        grey = np.asarray(img.convert("L")).astype(np.uint16) * 257
+        Image.fromarray(grey).save(path)
+    elif kind in ("palette_png", "palette_alpha_png"):
+        pal = img.quantize(64, dither=Image.Dither.NONE)
+        if kind == "palette_alpha_png":
+            pal.save(path, transparency=0)
+        else:
+            pal.save(path)
+    elif kind == "bilevel_png":
+        img.convert("L").point(lambda v: 255 if v >= 128 else 0).convert("1").save(path)
+    else:
+        raise ValueError(f"unknown image kind {kind!r}")
+    return path
+
+
+def save_png16_rgb(rgb16: np.ndarray, path: Path) -> Path:
+    """A 16-bit-per-channel RGB PNG, written by hand (Pillow cannot write one)."""
+    h, w, _ = rgb16.shape
+    rows = b"".join(b"\x00" + rgb16[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)  # 16 bits, colour type 2 (RGB)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+VARIED_VOC = [  # (id, kind, (h, w)): what VOC's JPEGImages holds, in several sizes and orientations
+    ("2012_000001", "rgb_jpeg", (30, 40)),
+    ("2012_000002", "rgb_jpeg", (40, 30)),
+    ("2012_000003", "gray_jpeg", (28, 36)),
+    ("2012_000004", "cmyk_jpeg", (36, 28)),
+    ("2012_000005", "rgb_jpeg", (32, 48)),
+    ("2012_000006", "gray_jpeg", (40, 30)),
+    ("2012_000007", "cmyk_jpeg", (30, 40)),
+    ("2012_000008", "rgb_jpeg", (48, 36)),
+]
+VARIED_VOC_VAL = ["2012_000005", "2012_000006", "2012_000007", "2012_000008"]
+
+
+def write_varied_voc(root: Path, year: int = 2012, seed: int = 0) -> Path:
+    """VOC layout as varied as the real data but tiny: RGB, greyscale and CMYK JPEGs, landscape
+    and portrait; palette labels with 255 borders, two as plain 'L' index PNGs; 4 val images of
+    different widths."""
+    rng = np.random.default_rng(seed)
+    voc = root / "VOCdevkit" / f"VOC{year}"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / sub).mkdir(parents=True, exist_ok=True)
+    for n, (i, kind, size) in enumerate(VARIED_VOC):
+        label = make_label(*size, 21, rng)
+        save_varied_image(scene(label, rng), voc / "JPEGImages" / i, kind)
+        if n % 4 == 3:
+            Image.fromarray(label).save(voc / "SegmentationClass" / f"{i}.png")  # mode 'L'
+        else:
+            save_palette_png(label, voc / "SegmentationClass" / f"{i}.png")
+    lists = voc / "ImageSets" / "Segmentation"
+    train = [i for i, _, _ in VARIED_VOC if i not in VARIED_VOC_VAL]
+    (lists / "train.txt").write_text("".join(f"{i}\n" for i in train))
+    (lists / "val.txt").write_text("".join(f"{i}\n" for i in VARIED_VOC_VAL))
+    return root
+
+
+VARIED_FOLDER = [  # (id, kind, (h, w)): everything a user's own folder may hold
+    ("rgb", "rgb_jpeg", (30, 40)),
+    ("gray", "gray_jpeg", (40, 30)),
+    ("cmyk", "cmyk_jpeg", (36, 28)),
+    ("rgba", "rgba_png", (28, 36)),
+    ("la", "la_png", (30, 40)),
+    ("gray16", "gray16_png", (40, 30)),
+    ("palette", "palette_png", (32, 48)),
+    ("palette_alpha", "palette_alpha_png", (30, 40)),
+    ("bilevel", "bilevel_png", (24, 32)),
+]
+VARIED_FOLDER_VAL = ["gray16", "rgba", "palette_alpha"]
+
+
+def write_varied_folder(
+    root: Path, classes: tuple[str, ...] = ("background", "cat", "dog", "car"), seed: int = 0
+) -> Path:
+    """A user's folder in VOC layout whose images come in every common format (.jpg and .png:
+    greyscale, CMYK, RGBA, LA, 16-bit greyscale, palette with and without transparency, 1-bit),
+    with palette and 'L' labels, classes.txt and train/val lists."""
+    rng = np.random.default_rng(seed)
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for n, (i, kind, size) in enumerate(VARIED_FOLDER):
+        label = make_label(*size, len(classes), rng)
+        save_varied_image(scene(label, rng), root / "JPEGImages" / i, kind)
+        if n % 3 == 2:
+            Image.fromarray(label).save(root / "SegmentationClass" / f"{i}.png")
+        else:
+            save_palette_png(label, root / "SegmentationClass" / f"{i}.png")
+    lists = root / "ImageSets" / "Segmentation"
+    train = [i for i, _, _ in VARIED_FOLDER if i not in VARIED_FOLDER_VAL]
+    (lists / "train.txt").write_text("".join(f"{i}\n" for i in train))
+    (lists / "val.txt").write_text("".join(f"{i}\n" for i in VARIED_FOLDER_VAL))
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    return root
+
+
+def write_binary_masks_folder(
+    root: Path, n_train: int = 4, n_val: int = 2, size=(30, 40), seed: int = 6
+) -> Path:
+    """The home-made binary format: JPEG photos and 'L' masks saved as 0 / 255 (object = 255),
+    with classes.txt (background, object) and train/val lists."""
+    rng = np.random.default_rng(seed)
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    splits = {
+        "train": [f"img_{k:03d}" for k in range(n_train)],
+        "val": [f"img_{k:03d}" for k in range(n_train, n_train + n_val)],
+    }
+    for split, ids in splits.items():
+        for i in ids:
+            mask = np.zeros(size, np.uint8)
+            cy, cx = rng.integers(5, size[0] - 5), rng.integers(5, size[1] - 5)
+            yy, xx = np.mgrid[: size[0], : size[1]]
+            mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= rng.integers(9, 40)] = 255
+            save_varied_image(scene(np.minimum(mask, 1), rng), root / "JPEGImages" / i, "rgb_jpeg")
+            Image.fromarray(mask).save(root / "SegmentationClass" / f"{i}.png")
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text(
+            "".join(f"{i}\n" for i in ids)
+        )
+    (root / "classes.txt").write_text("background\nobject\n")
     return root

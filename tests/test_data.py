@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.io
 import torch
 from conftest import SHARED_DATA
-from dataset_writers import make_label, save_palette_png, write_folder, write_sbd, write_voc
+from dataset_writers import (
+    VARIED_FOLDER,
+    VARIED_VOC,
+    make_label,
+    save_palette_png,
+    save_png16_rgb,
+    save_varied_image,
+    scene,
+    write_binary_masks_folder,
+    write_folder,
+    write_sbd,
+    write_varied_folder,
+    write_varied_voc,
+    write_voc,
+)
 from PIL import Image
 from torchvision import tv_tensors
 
@@ -17,6 +33,8 @@ from fcn_lightning.data import (
     SyntheticDataModule,
     VOCDataModule,
     pad_collate,
+    read_image,
+    read_label_png,
     train_transforms,
 )
 from fcn_lightning.data.voc import load_sbd_label
@@ -383,3 +401,154 @@ def test_sbd_label_reader_matches_official_access_path(tmp_path):
     write_sbd(tmp_path, {"train": ["s"]})
     label = load_sbd_label(tmp_path / "benchmark_RELEASE/dataset/cls/s.mat")
     assert label.dtype == np.uint8 and label.shape == (30, 40)
+
+
+# --------------------------------------------------------------------------- real-world image files
+@pytest.mark.parametrize(
+    "dtype,suffix", [(np.uint16, ".png"), (">u2", ".tif"), (np.int32, ".tif")], ids=str
+)
+def test_16bit_grey_image_keeps_its_grey_levels(tmp_path, dtype, suffix):
+    """16-bit greyscale scales by 65535 -> 255 (Image.convert clips it to white); a 12-bit image
+    stored in 16 bits (max 4095) comes out dark but faithful."""
+    values = np.array([[0, 4095, 257 * 50, 257 * 128], [30000, 50000, 65000, 65535]])
+    path = tmp_path / f"grey{suffix}"
+    Image.fromarray(values.astype(dtype)).save(path)
+    image = read_image(path)
+    expected = np.rint(values * 255 / 65535).astype(np.uint8)
+    assert image.shape == (3, 2, 4) and image.dtype == torch.uint8
+    for channel in image:
+        np.testing.assert_array_equal(channel.numpy(), expected)
+    assert image[0, 0, 1] == 16 and image[0, 0, 2] == 50  # 12-bit white: dark, not white
+    assert read_image(path, mode="L").shape == (1, 2, 4)
+
+
+def test_float_image_in_0_to_1_scales_to_255(tmp_path):
+    Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32)).save(tmp_path / "f.tif")
+    assert read_image(tmp_path / "f.tif")[0, 0].tolist() == [0, 128, 255]
+
+
+def test_every_common_mode_decodes_to_its_colours(tmp_path):
+    rgb = scene(make_label(30, 40, 4, np.random.default_rng(0)), np.random.default_rng(1))
+    grey = np.asarray(Image.fromarray(rgb).convert("L")).astype(np.float32)
+    tolerance = {"jpeg": 6.0, "palette": 4.0}  # mean absolute error; exact otherwise
+    for kind in [kind for _, kind, _ in VARIED_FOLDER]:
+        image = read_image(save_varied_image(rgb, tmp_path / kind, kind))
+        assert image.shape == (3, 30, 40) and image.dtype == torch.uint8, kind
+        got = image.permute(1, 2, 0).numpy().astype(np.float32)
+        expected = rgb.astype(np.float32)
+        if kind in ("gray_jpeg", "la_png", "gray16_png", "bilevel_png"):  # greyscale sources
+            assert (got == got[..., :1]).all(), kind
+            expected = np.repeat(grey[..., None], 3, axis=2)
+            if kind == "bilevel_png":
+                expected = np.where(expected >= 128, 255.0, 0.0)
+        error = np.abs(got - expected).mean()
+        assert error <= next((t for k, t in tolerance.items() if k in kind), 0.0), (kind, error)
+    rgb16 = np.zeros((3, 5, 3), np.uint16)  # Pillow opens 16-bit RGB PNGs as 8-bit RGB
+    rgb16[..., 0], rgb16[..., 1], rgb16[..., 2] = 65535, 257 * 128, 257 * 3
+    image = read_image(save_png16_rgb(rgb16, tmp_path / "rgb16.png"))
+    assert image.shape == (3, 3, 5) and image[:, 1, 2].tolist() == [255, 128, 3]
+
+
+def test_exif_orientation_is_applied_only_when_asked(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees clockwise
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "phone.jpg", exif=exif)
+    assert read_image(tmp_path / "phone.jpg").shape == (3, 30, 40)  # the stored pixels: training
+    assert read_image(tmp_path / "phone.jpg", exif_transpose=True).shape == (3, 40, 30)
+
+
+@pytest.mark.parametrize("kind", ["rgb_jpeg", "gray16_png"])
+def test_truncated_image_names_itself(tmp_path, kind):
+    rgb = scene(make_label(40, 48, 4, np.random.default_rng(0)), np.random.default_rng(1))
+    path = save_varied_image(rgb, tmp_path / "cut", kind)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DataError, match=rf"cannot decode image .*{path.name}"):
+        read_image(path, exif_transpose=True)
+
+
+def test_16bit_label_above_255_is_refused_not_wrapped(tmp_path):
+    label = np.zeros((6, 8), np.uint16)
+    label[1, 1], label[2, 2] = 300, 255
+    Image.fromarray(label).save(tmp_path / "big.png")
+    with pytest.raises(DataError, match=r"label .*big.png is a I;16 image with values \[300\]"):
+        read_label_png(tmp_path / "big.png")
+    label[1, 1] = 7  # 0..255 in a 16-bit file: fine, as uint8
+    Image.fromarray(label).save(tmp_path / "ok.png")
+    out = read_label_png(tmp_path / "ok.png")
+    assert out.dtype == np.uint8 and out[1, 1] == 7 and out[2, 2] == 255
+
+
+def test_1bit_and_16bit_big_endian_labels_are_indices(tmp_path):
+    mask = np.zeros((4, 6), bool)
+    mask[1:3, 2:5] = True
+    Image.fromarray(mask).save(tmp_path / "bits.png")
+    np.testing.assert_array_equal(read_label_png(tmp_path / "bits.png"), mask.astype(np.uint8))
+    Image.fromarray((mask * 300).astype(">u2")).save(tmp_path / "big.tif")
+    with pytest.raises(DataError, match=r"big.tif is a I;16B image with values \[300\]"):
+        read_label_png(tmp_path / "big.tif")
+
+
+def test_rgb_label_refusal_says_how_to_convert(tmp_path):
+    grey = np.zeros((4, 4, 3), np.uint8)
+    grey[1:3, 1:3] = 2
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    with pytest.raises(DataError, match=r"must be palette .*convert\('L'\)"):
+        read_label_png(tmp_path / "grey.png")
+    grey[0, 0] = (128, 0, 0)
+    Image.fromarray(grey).save(tmp_path / "colour.png")
+    with pytest.raises(DataError, match=r"colour.png is a RGB image.*To convert a colour-coded"):
+        read_label_png(tmp_path / "colour.png")
+
+
+def test_varied_voc_loads_every_format_and_size(tmp_path, monkeypatch):
+    monkeypatch.setenv("FCN_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    write_varied_voc(tmp_path)
+    dm = eval_dm(VOCDataModule, tmp_path, year=2012, val_batch_size=4)
+    dm.setup("fit")
+    sizes = {size for _, _, size in VARIED_VOC}
+    seen = set()
+    for key in ("train", "val"):
+        for k in range(len(dm.datasets[key])):
+            image, label = dm.datasets[key][k]
+            assert image.shape[0] == 3 and image.shape[1:] == label.shape
+            assert set(label.unique().tolist()) <= set(range(21)) | {255}
+            seen.add(tuple(label.shape))
+    assert seen == sizes
+    images, labels = next(iter(dm.val_dataloader()))  # widths differ: padded to the largest
+    assert images.shape == (4, 3, 48, 48) and (labels == 255).any()
+    # the label check reads the palette and 'L' labels as training does
+    labels = [dm.datasets["val"][k][1] for k in range(len(dm.datasets["val"]))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # classes absent from so small a split
+        report = dm.check_labels(["val"])
+    counts = sum(torch.bincount(lab[lab != 255], minlength=21) for lab in labels)
+    assert report.splits["val"].histogram.tolist() == counts.tolist()
+
+
+def test_varied_folder_decodes_16bit_and_alpha_images(tmp_path):
+    write_varied_folder(tmp_path)
+    dm = eval_dm(FolderDataModule, tmp_path, normalization=PLAIN)
+    dm.setup("fit")
+    assert len(dm.datasets["train"]) + len(dm.datasets["val"]) == len(VARIED_FOLDER)
+    for key in ("train", "val"):
+        for k in range(len(dm.datasets[key])):
+            image, label = dm.datasets[key][k]
+            assert image.shape[1:] == label.shape and image.mean() < 0.8  # not saturated
+    stored = np.asarray(Image.open(tmp_path / "JPEGImages/gray16.png")) / 65535
+    image, _ = dm.datasets["val"][dm.datasets["val"].ids.index("gray16")]
+    np.testing.assert_allclose(image[0].numpy(), stored, atol=0.5 / 255)
+
+
+def test_label_map_makes_0_255_masks_train_ready(tmp_path):
+    write_binary_masks_folder(tmp_path)
+    plain = eval_dm(FolderDataModule, tmp_path)
+    plain.setup("validate")
+    assert set(plain.datasets["val"][0][1].unique().tolist()) == {0, 255}  # objects ignored
+    mapped = eval_dm(FolderDataModule, tmp_path, label_map={255: 1})
+    mapped.setup("validate")
+    for k in range(len(mapped.datasets["val"])):
+        assert set(mapped.datasets["val"][k][1].unique().tolist()) == {0, 1}
+    bad = eval_dm(FolderDataModule, tmp_path, label_map={255: 7})  # mapped out of range
+    bad.setup("validate")
+    with pytest.raises(DataError, match=r"label .*img_004.png has values \[7\] outside 0..1"):
+        bad.datasets["val"][0]

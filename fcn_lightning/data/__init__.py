@@ -1,7 +1,17 @@
-"""Segmentation DataModules: PASCAL VOC (+ SBD), VOC-layout folders, synthetic scenes."""
+"""Segmentation DataModules: PASCAL VOC (+ SBD), VOC-layout folders, NYUDv2, SIFT Flow,
+synthetic scenes; image and label readers; the label check run before training."""
 
-from .base import DataError, SegmentationDataModule, SegmentationDataset, pad_collate, voc_palette
+from .base import (
+    DataError,
+    SegmentationDataModule,
+    SegmentationDataset,
+    pad_collate,
+    read_image,
+    read_label_png,
+    voc_palette,
+)
 from .folder import FolderDataModule
+from .labelcheck import LabelReport, SplitLabels
 from .nyud import NYUD_CLASSES, NYUDDataModule
 from .siftflow import GEOMETRIC_CLASSES, SEMANTIC_CLASSES, SiftFlowDataModule
 from .synthetic import SyntheticDataModule, render_scene
@@ -16,16 +26,20 @@ __all__ = [
     "VOC_CLASSES",
     "DataError",
     "FolderDataModule",
+    "LabelReport",
     "NYUDDataModule",
     "NormalizeImage",
     "RandomScale",
     "SegmentationDataModule",
     "SegmentationDataset",
     "SiftFlowDataModule",
+    "SplitLabels",
     "SyntheticDataModule",
     "VOCDataModule",
     "eval_transforms",
     "pad_collate",
+    "read_image",
+    "read_label_png",
     "render_scene",
     "train_transforms",
     "voc_palette",

@@ -8,19 +8,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytorch_lightning as pl
 import scipy.io
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 
 from .transforms import IGNORE_INDEX, eval_transforms, train_transforms
+
+if TYPE_CHECKING:
+    from .labelcheck import LabelReport
 
 BATCHING = ("crop", "pad", "whole")
 
@@ -44,33 +47,110 @@ def voc_palette(n: int = 256) -> list[tuple[int, int, int]]:
     return palette
 
 
-def read_image(path: Path, mode: str = "RGB") -> torch.Tensor:
-    """Decode a JPEG or PNG to a uint8 (C, H, W) tensor; a corrupt file names itself."""
+def read_image(path: Path, mode: str = "RGB", exif_transpose: bool = False) -> torch.Tensor:
+    """Decode an image file to a uint8 (C, H, W) tensor, ``mode`` 'RGB' (3 channels) or 'L' (1).
+
+    Every common PIL mode keeps its true brightness, where ``Image.convert`` would clip:
+
+    - 16-bit greyscale ('I;16', 'I;16B', ...) is scaled by the range of its type, 65535 -> 255,
+      never stretched per image: a 12-bit image stored in 16 bits comes out dark but faithful,
+      and one scene looks the same in every file. 'I' (32-bit) is read as 16-bit when its values
+      fit 0..65535 (older Pillow opens 16-bit PNGs so), else by the int32 range; 'F' as 0..1
+      when its values fit, else as 0..255 (clipped). Pillow opens 16-bit RGB PNGs as 8-bit RGB
+      (their high byte), the same scaling.
+    - Alpha ('RGBA', 'LA', 'PA', palette transparency) is dropped, not composited: the stored
+      colours stay, as the labels were drawn on them.
+    - 'P' gives its palette colours, 'CMYK' (JPEG) Pillow's CMYK -> RGB, '1' black and white.
+
+    ``exif_transpose`` turns the image as its EXIF orientation says (photos from phones, for
+    prediction); training leaves it off, since labels are drawn on the stored pixels. A missing,
+    corrupt or truncated file raises DataError naming it.
+    """
+    if mode not in ("RGB", "L"):
+        raise ValueError(f"read_image: mode must be 'RGB' or 'L', got {mode!r}")
     try:
         with Image.open(path) as img:
-            array = np.array(img.convert(mode))
+            array = _decode(ImageOps.exif_transpose(img) if exif_transpose else img)
     except FileNotFoundError:
         raise DataError(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+    ) as err:
         raise DataError(f"cannot decode image {path}: {err}") from err
+    if mode == "L" and array.ndim == 3:
+        array = np.array(Image.fromarray(array).convert("L"))
+    elif mode == "RGB" and array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
     tensor = torch.from_numpy(array)
     return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1).contiguous()
 
 
+def _decode(img: Image.Image) -> np.ndarray:
+    """uint8 pixels of any PIL mode: (H, W) for greyscale sources, (H, W, 3) for colour."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        values = np.asarray(img)
+        top = float(values.max(initial=0))
+        if img.mode == "F":
+            top = 1.0 if top <= 1.0 else 255.0
+        elif img.mode == "I":
+            top = 65535.0 if top <= 65535 else float(np.iinfo(np.int32).max)
+        else:
+            top = 65535.0
+        return np.clip(np.rint(values.astype(np.float32) * (255 / top)), 0, 255).astype(np.uint8)
+    if img.mode in ("1", "L", "LA", "La"):
+        return np.array(img.convert("L"))  # '1' -> 0 / 255; alpha dropped
+    if img.mode in ("P", "PA"):
+        return np.array(img.convert("RGBA"))[..., :3]  # palette colours; transparency dropped
+    return np.array(img.convert("RGB"))  # RGB, RGBA/RGBX (alpha dropped), CMYK, YCbCr
+
+
+LABEL_MODES = ("P", "L", "1", "I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
 def read_label_png(path: Path) -> np.ndarray:
-    """Class indices of a palette ('P') or single-channel ('L') PNG label."""
+    """uint8 class indices of a label PNG: palette ('P'), 8-bit ('L'), 1-bit ('1': 0 / 1) or
+    16-bit ('I;16', 'I') whose values stay within 0..255. A larger 16-bit value is refused, never
+    wrapped modulo 256 into some other class; colour (RGB) labels are refused too: their pixels
+    are colours, not class indices."""
     try:
         with Image.open(path) as img:
-            if img.mode not in ("P", "L", "I", "I;16"):
-                raise DataError(
-                    f"label {path} is a {img.mode} image; labels must be palette (P) or single-channel "
-                    "index PNGs whose pixel values are class indices (255 = ignore)"
-                )
-            return np.asarray(img)
+            if img.mode not in LABEL_MODES:
+                raise DataError(_colour_label_message(path, img))
+            label = np.asarray(img)
+            mode = img.mode
     except FileNotFoundError:
         raise DataError(f"label file not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise DataError(f"cannot read label {path}: {err}") from err
+    if label.dtype != np.uint8:
+        wide = (label < 0) | (label > 255)
+        if wide.any():
+            found = np.unique(label[wide])[:8].tolist()
+            raise DataError(
+                f"label {path} is a {mode} image with values {found} above 255: class indices "
+                "must be 0..254 (255 = ignore); with more classes than that, split the labels"
+            )
+        label = label.astype(np.uint8)
+    return label
+
+
+def _colour_label_message(path: Path, img: Image.Image) -> str:
+    message = (
+        f"label {path} is a {img.mode} image; labels must be palette (P) or single-channel index "
+        "PNGs whose pixel values are class indices (255 = ignore). "
+    )
+    rgb = np.asarray(img.convert("RGB"))
+    if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+        return message + "Its channels are equal: Image.open(p).convert('L').save(p) converts it"
+    return message + (
+        "To convert a colour-coded mask, give each colour its class: "
+        "index[(rgb == colour).all(-1)] = class, then Image.fromarray(index).save(p) "
+        "with index a uint8 array"
+    )
 
 
 def read_mat(path: Path, key: str, what: str) -> np.ndarray:
@@ -87,6 +167,24 @@ def read_mat(path: Path, key: str, what: str) -> np.ndarray:
     return mat[key]
 
 
+def map_labels(label: np.ndarray, label_map: dict[int, int] | None) -> np.ndarray:
+    """``label`` with each value ``k`` of ``label_map`` replaced by ``label_map[k]``, all at once
+    (so ``{1: 2, 2: 1}`` swaps); run before the range check, so a bad target still fails it."""
+    arr = np.asarray(label)
+    if not label_map:
+        return arr
+    if arr.dtype == np.uint8 and all(0 <= v <= 255 for v in label_map.values()):
+        lut = np.arange(256, dtype=np.uint8)
+        for src, dst in label_map.items():
+            if 0 <= src <= 255:
+                lut[src] = dst
+        return lut[arr]
+    out = arr.astype(np.int64)
+    for src, dst in label_map.items():
+        out[arr == src] = dst
+    return out
+
+
 def check_label(
     label: np.ndarray | torch.Tensor, num_classes: int, path: Path | str
 ) -> torch.Tensor:
@@ -97,22 +195,25 @@ def check_label(
         found = sorted(set(np.unique(arr[~valid]).tolist()))[:8]
         raise DataError(
             f"label {path} has values {found} outside 0..{num_classes - 1} and {IGNORE_INDEX} "
-            f"(num_classes={num_classes}: does the class count match the labels?)"
+            f"(num_classes={num_classes}: does the class count match the labels? "
+            "data.label_map can map values, e.g. to 255 to ignore them)"
         )
     # uint8 through the transforms: nearest resizing and cropping stay cheap
     return torch.from_numpy(np.array(arr, dtype=np.uint8))
 
 
 class SegmentationDataset(Dataset):
-    """Samples from a list of ids and a loader for one id; checks sizes and label ranges."""
+    """Samples from a list of ids and a loader for one id; maps label values by ``label_map``
+    (every head alike), then checks sizes and label ranges."""
 
     def __init__(
         self,
         ids: Sequence[str],
         load: Callable[[str], tuple[torch.Tensor, Any, str]],
-        num_classes: int,
+        num_classes: int | dict[str, int],
         transforms: Callable | None = None,
         name: str = "dataset",
+        label_map: dict[int, int] | None = None,
     ) -> None:
         if not ids:
             raise DataError(f"{name} is empty: its split lists no images")
@@ -122,6 +223,7 @@ class SegmentationDataset(Dataset):
             num_classes,
             transforms,
         )
+        self.label_map = label_map or None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -132,7 +234,7 @@ class SegmentationDataset(Dataset):
         checked = {}
         for head, lab in labels.items():
             n = self.num_classes[head] if isinstance(self.num_classes, dict) else self.num_classes
-            lab = check_label(lab, n, where)
+            lab = check_label(map_labels(lab, self.label_map), n, where)
             if tuple(lab.shape) != tuple(image.shape[-2:]):
                 raise DataError(
                     f"{where}: label is {tuple(lab.shape)} (H, W) but its image is {tuple(image.shape[-2:])}"
@@ -225,6 +327,11 @@ class SegmentationDataModule(pl.LightningDataModule):
     Batching: ``crop`` trains on fixed-size random crops (labels padded with 255); ``pad`` pads
     each batch to its largest image; ``whole`` feeds whole images one at a time (the paper).
     Validation and test always see whole images, padded per batch when ``val_batch_size > 1``.
+
+    ``label_map`` replaces label values before the range check, e.g. ``{255: 1}`` for binary
+    masks saved as 0/255, or ``{3: 255}`` to ignore class 3. It acts on the values the dataset
+    gives after its own conversion (NYUDv2 and SIFT Flow: 0-based classes, void = 255), on every
+    head alike. ``check_labels()`` reads all labels once before training.
     """
 
     ignore_index = IGNORE_INDEX
@@ -247,6 +354,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         hflip: bool = True,
         normalization: str | dict = "imagenet",
         loader_seed: int | None = 0,
+        label_map: dict[int, int] | None = None,
     ) -> None:
         super().__init__()
         if batching not in BATCHING:
@@ -274,6 +382,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             hflip,
         )
         self.normalization = normalization
+        self.label_map = {int(k): int(v) for k, v in (label_map or {}).items()}
         self.datasets: dict[str, Dataset] = {}
         # the shuffling order and per-sample transforms of training depend on this seed only
         self.loader_seed = (
@@ -324,6 +433,28 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     def make_dataset(self, split: str, transforms: Callable) -> Dataset:
         raise NotImplementedError
+
+    def label_files(self, split: str) -> list[dict[str, Path]]:
+        """The label file of each sample of a split, per head (``{"out": path}`` with one head)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def read_label(path: Path, head: str = "out") -> np.ndarray:
+        """Class indices (255 = ignore) of one label file, after the dataset's own conversions and
+        before ``label_map``: what training reads. A staticmethod, so that the label check's
+        worker processes can be sent it."""
+        raise NotImplementedError
+
+    def check_labels(
+        self, splits: Sequence[str] | None = None, *, workers: int | None = None
+    ) -> LabelReport:
+        """Read every label file of ``splits`` (default: the train, val and test splits) once,
+        in ``workers`` processes (default ``os.cpu_count()``), with a per-file cache: class
+        histograms, ignored share, empty labels, absent classes. Out-of-range values raise
+        DataError naming the files; likely mistakes warn. See :mod:`.labelcheck`."""
+        from .labelcheck import run_label_check  # labelcheck imports this module
+
+        return run_label_check(self, splits, workers=workers)
 
     # --- Lightning hooks
     def train_transforms(self) -> Callable:

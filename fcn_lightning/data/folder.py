@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -113,15 +114,29 @@ class FolderDataModule(SegmentationDataModule):
         )
         return ids
 
+    def label_path(self, i: str) -> Path:
+        return self.root / "SegmentationClass" / f"{i}.png"
+
     def make_dataset(self, split: str, transforms: Callable) -> Dataset:
         ids = self.split_ids(split)
-        check_files_exist(
-            ids, lambda i: (self.image_path(i), self.root / "SegmentationClass" / f"{i}.png"), split
-        )
+        check_files_exist(ids, lambda i: (self.image_path(i), self.label_path(i)), split)
         return SegmentationDataset(
-            ids, self._load, self.num_classes, transforms, name=f"split {split!r} of {self.root}"
+            ids,
+            self._load,
+            self.num_classes,
+            transforms,
+            name=f"split {split!r} of {self.root}",
+            label_map=self.label_map,
         )
 
+    def label_files(self, split: str) -> list[dict[str, Path]]:
+        folder = self.root / "SegmentationClass"  # what label_path gives, joined once
+        return [{"out": folder / f"{i}.png"} for i in self.split_ids(split)]
+
+    @staticmethod
+    def read_label(path: Path, head: str = "out") -> np.ndarray:
+        return read_label_png(path)
+
     def _load(self, i: str):
-        label_path = self.root / "SegmentationClass" / f"{i}.png"
-        return read_image(self.image_path(i)), read_label_png(label_path), label_path
+        label_path = self.label_path(i)
+        return read_image(self.image_path(i)), self.read_label(label_path), label_path

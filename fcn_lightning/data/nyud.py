@@ -138,8 +138,12 @@ class NYUDDataModule(SegmentationDataModule):
     def _paths(self, i: str) -> list[Path]:
         folders = MODALITIES[self.modality]
         return [self.root / "data" / f / f"img_{i}.png" for f in folders] + [
-            self.root / "segmentation" / f"img_{i}.mat"
+            self.label_folder / f"img_{i}.mat"
         ]
+
+    @property
+    def label_folder(self) -> Path:
+        return self.root / "segmentation"
 
     def split_ids(self, split: str) -> list[str]:
         if self.root is None or not self.root.is_dir():
@@ -157,8 +161,21 @@ class NYUDDataModule(SegmentationDataModule):
         ids = self.split_ids(split)
         check_files_exist(ids, self._paths, split)
         return SegmentationDataset(
-            ids, self._load, self.num_classes, transforms, name=f"NYUDv2 split {split!r}"
+            ids,
+            self._load,
+            self.num_classes,
+            transforms,
+            name=f"NYUDv2 split {split!r}",
+            label_map=self.label_map,
         )
+
+    def label_files(self, split: str) -> list[dict[str, Path]]:
+        folder = self.label_folder
+        return [{"out": folder / f"img_{i}.mat"} for i in self.split_ids(split)]
+
+    @staticmethod
+    def read_label(path: Path, head: str = "out") -> np.ndarray:
+        return load_nyud_label(path)
 
     def _load(self, i: str):
         *inputs, label_path = self._paths(i)
@@ -172,4 +189,4 @@ class NYUDDataModule(SegmentationDataModule):
             raise DataError(
                 f"NYUDv2 id {i}: the {'/'.join(MODALITIES[self.modality])} images differ in size: {sorted(sizes)}"
             )
-        return torch.cat(parts, dim=0), load_nyud_label(label_path), label_path
+        return torch.cat(parts, dim=0), self.read_label(label_path), label_path

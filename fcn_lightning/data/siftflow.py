@@ -41,7 +41,8 @@ class SiftFlowDataModule(SegmentationDataModule):
     """SIFT Flow with two label maps per image: ``sem`` (33 classes) and ``geo`` (3 classes).
 
     Splits: ``test`` (the 200 images of TestSet1.txt) and ``train`` (the rest). Images without
-    both annotations are left out with a warning (two in the official release).
+    both annotations are left out with a warning (two in the official release). ``label_map``
+    acts on both heads, on their 0-based classes.
     """
 
     class_names = SEMANTIC_CLASSES
@@ -110,12 +111,17 @@ class SiftFlowDataModule(SegmentationDataModule):
             dict(self.heads),
             transforms,
             name=f"SIFT Flow {split}",
+            label_map=self.label_map,
         )
+
+    def label_files(self, split: str) -> list[dict[str, Path]]:
+        return [{"sem": sem, "geo": geo} for _, sem, geo in map(self._paths, self.split_ids(split))]
+
+    @staticmethod
+    def read_label(path: Path, head: str = "sem") -> np.ndarray:
+        return load_siftflow_label(path, geometric=head == "geo")
 
     def _load(self, i: str):
         image, sem, geo = self._paths(i)
-        labels = {
-            "sem": load_siftflow_label(sem, geometric=False),
-            "geo": load_siftflow_label(geo, geometric=True),
-        }
+        labels = {"sem": self.read_label(sem, "sem"), "geo": self.read_label(geo, "geo")}
         return read_image(image), labels, sem

@@ -7,6 +7,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch.utils.data import ConcatDataset, Dataset
 
 from .base import (
@@ -118,13 +119,15 @@ class VOCDataModule(SegmentationDataModule):
             ]
         raise ValueError(f"unknown VOC split {split!r}; expected one of {SPLITS}")
 
-    def _paths(self, source: str, i: str) -> tuple[Path, Path]:
+    def _folders(self, source: str) -> tuple[Path, Path, str]:
+        """Image folder, label folder and label suffix of ``voc`` or ``sbd``."""
         if source == "voc":
-            return (
-                self.voc_dir / "JPEGImages" / f"{i}.jpg",
-                self.voc_dir / "SegmentationClass" / f"{i}.png",
-            )
-        return self.sbd_dir / "img" / f"{i}.jpg", self.sbd_dir / "cls" / f"{i}.mat"
+            return self.voc_dir / "JPEGImages", self.voc_dir / "SegmentationClass", ".png"
+        return self.sbd_dir / "img", self.sbd_dir / "cls", ".mat"
+
+    def _paths(self, source: str, i: str) -> tuple[Path, Path]:
+        images, labels, suffix = self._folders(source)
+        return images / f"{i}.jpg", labels / f"{i}{suffix}"
 
     def make_dataset(self, split: str, transforms: Callable) -> Dataset:
         pairs = self.split_ids(split)
@@ -139,12 +142,22 @@ class VOCDataModule(SegmentationDataModule):
                 self.num_classes,
                 transforms,
                 name=f"VOC split {split!r}",
+                label_map=self.label_map,
             )
             for source, ids in by_source.items()
         ]
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
+    def label_files(self, split: str) -> list[dict[str, Path]]:
+        pairs = self.split_ids(split)
+        folders = {source: self._folders(source)[1:] for source in {s for s, _ in pairs}}
+        return [{"out": folders[s][0] / f"{i}{folders[s][1]}"} for s, i in pairs]
+
+    @staticmethod
+    def read_label(path: Path, head: str = "out") -> np.ndarray:
+        """A VOC palette PNG or an SBD cls/<id>.mat, by its suffix."""
+        return load_sbd_label(path) if path.suffix == ".mat" else read_label_png(path)
+
     def _load(self, source: str, i: str):
         image_path, label_path = self._paths(source, i)
-        label = read_label_png(label_path) if source == "voc" else load_sbd_label(label_path)
-        return read_image(image_path), label, label_path
+        return read_image(image_path), self.read_label(label_path), label_path

@@ -1,0 +1,151 @@
+"""Time the label check on a VOC + SBD sized corpus: the first check and the cached re-check.
+
+The corpus is made in a temporary folder with the real files' sizes and formats: VOC2012 train
+(1,464) and val (1,449) palette PNGs with 255 borders, and SBD train (8,498) cls/<id>.mat files
+holding the GTcls struct (segmentation, sparse boundaries, categories present), 500x375 mostly,
+some portrait. The check reads labels only, so no JPEG is written. ``--n`` shrinks the corpus
+in the same proportions.
+
+    python benchmarks/label_check.py [--n 11411] [--workers N] [--root DIR]
+
+``--root`` keeps the corpus in DIR (made there once, reused when its lists are there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+import scipy.sparse
+from PIL import Image
+
+from fcn_lightning.data import VOCDataModule, voc_palette
+
+SPLITS = {"voc_train": 1464, "voc_val": 1449, "sbd_train": 8498}
+SIZES = [(375, 500)] * 7 + [(500, 375)] * 2 + [(333, 500)]  # (H, W), as VOC's mix
+FLAT_PALETTE = [v for c in voc_palette() for v in c]
+
+
+def make_label(index: int, void_border: bool) -> np.ndarray:
+    """A few objects (ellipses) of random classes on background, a 5 px 255 border on VOC's."""
+    rng = np.random.default_rng(index)
+    h, w = SIZES[index % len(SIZES)]
+    label = np.zeros((h, w), np.uint8)
+    for cls in rng.integers(1, 21, rng.integers(1, 4)):
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        ry, rx = rng.uniform(20, h / 2), rng.uniform(20, w / 2)
+        y0, y1 = max(0, int(cy - ry - 6)), min(h, int(cy + ry + 7))
+        x0, x1 = max(0, int(cx - rx - 6)), min(w, int(cx + rx + 7))
+        yy, xx = np.ogrid[y0:y1, x0:x1]
+        inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
+        box = label[y0:y1, x0:x1]
+        if void_border:
+            box[(inside > 1) & (inside <= (1 + 5 / min(ry, rx)) ** 2)] = 255
+        box[inside <= 1] = cls
+    return label
+
+
+def write_one(job: tuple[str, int, Path]) -> None:
+    kind, index, path = job
+    label = make_label(index, void_border=kind != "sbd")
+    if kind == "sbd":
+        boundaries = np.empty((20, 1), dtype=object)
+        present = np.unique(label[label > 0]).astype(np.uint8)[:, None]
+        for c in range(20):
+            boundaries[c, 0] = scipy.sparse.csc_matrix(label.shape, dtype=bool)
+        for c in present[:, 0]:  # a thin outline of each object, as SBD's boundaries
+            mask = label == c
+            boundaries[c - 1, 0] = scipy.sparse.csc_matrix(
+                mask & ~(np.roll(mask, 1, 0) & np.roll(mask, 1, 1))
+            )
+        gtcls = {"Segmentation": label, "Boundaries": boundaries, "CategoriesPresent": present}
+        scipy.io.savemat(path, {"GTcls": gtcls}, do_compression=True)
+    else:
+        img = Image.fromarray(label, mode="P")
+        img.putpalette(FLAT_PALETTE)
+        img.save(path)
+
+
+def lists(root: Path) -> dict[str, Path]:
+    voc = root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation"
+    return {
+        "voc_train": voc / "train.txt",
+        "voc_val": voc / "val.txt",
+        "sbd_train": root / "benchmark_RELEASE" / "dataset" / "train.txt",
+    }
+
+
+def build(root: Path, n: int, workers: int) -> dict[str, int]:
+    counts = {k: max(1, round(v * n / sum(SPLITS.values()))) for k, v in SPLITS.items()}
+    folders = {
+        "voc": root / "VOCdevkit" / "VOC2012" / "SegmentationClass",
+        "sbd": root / "benchmark_RELEASE" / "dataset" / "cls",
+    }
+    jobs, ids, index = [], {}, 0
+    for split, count in counts.items():
+        kind = split[:3]
+        ids[split] = [f"{2008 + (index + k) // 3000}_{index + k:06d}" for k in range(count)]
+        folders[kind].mkdir(parents=True, exist_ok=True)
+        suffix = ".mat" if kind == "sbd" else ".png"
+        jobs += [
+            (kind, index + k, folders[kind] / f"{i}{suffix}") for k, i in enumerate(ids[split])
+        ]
+        index += count
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(write_one, jobs, chunksize=64))
+    for split, path in lists(root).items():  # written last: a corpus with its lists is complete
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"{i}\n" for i in ids[split]))
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=sum(SPLITS.values()), help="label files")
+    parser.add_argument("--workers", type=int, default=None, help="default: os.cpu_count()")
+    parser.add_argument("--root", type=Path, default=None, help="keep the corpus there")
+    args = parser.parse_args()
+    workers = args.workers or os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        root, cache = args.root or Path(tmp) / "data", Path(tmp) / "cache"
+        os.environ["FCN_LIGHTNING_CACHE"] = str(cache)  # a cold cache each run
+        t0 = time.perf_counter()
+        if (root / "benchmark_RELEASE" / "dataset" / "train.txt").is_file():
+            counts = {k: len(v.read_text().split()) for k, v in lists(root).items()}
+        else:
+            counts = build(root, args.n, workers)
+        built = time.perf_counter() - t0
+        files = sum(counts.values())
+        size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+        dm = VOCDataModule(root, year=2012, train_split="sbd_train+voc_train", val_split="val")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # classes absent from a shrunk corpus
+            t0 = time.perf_counter()
+            first = dm.check_labels(workers=workers)
+            cold = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            again = dm.check_labels(workers=workers)
+            warm = time.perf_counter() - t0
+        assert again.from_cache and not first.from_cache
+        (cache_file,) = cache.glob("*.json")
+        print(
+            f"corpus: {files} label files ({counts['voc_train'] + counts['voc_val']} VOC PNGs, "
+            f"{counts['sbd_train']} SBD .mat), {size / 2**20:.0f} MiB, "
+            + (f"written in {built:.1f} s" if built > 0.5 else f"reused from {root}")
+        )
+        print(f"first check:  {cold:6.2f} s  ({files / cold:.0f} files/s, {workers} workers)")
+        print(
+            f"cached check: {warm:6.2f} s  (cache file {cache_file.stat().st_size / 2**20:.1f} MiB)"
+        )
+        print(first.format())
+
+
+if __name__ == "__main__":
+    main()
