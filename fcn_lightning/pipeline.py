@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,13 @@ def check_free_space(out: Path, module: FCNModule) -> None:
         )
 
 
+def label_report(dm: SegmentationDataModule, splits: list[str] | None = None) -> str:
+    """The label check's block; its warnings are printed in it, not again as Python warnings."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="label check: ")
+        return dm.check_labels(splits).format()
+
+
 def check_inputs(cfg: DictConfig, out: Path, resume: bool) -> None:
     """The files a run will read, named now if they are missing or damaged (reads nothing
     but their size and index)."""
@@ -320,7 +328,7 @@ def _train(cfg: DictConfig, out: Path, resume: bool) -> float:
     dm = make_datamodule(cfg.data)
     dm.setup("fit")  # a missing or broken dataset fails here, before any training
     if rundir.is_rank_zero():  # every label of train / val / test, once (cached), before training
-        print(dm.check_labels().format())
+        print(label_report(dm))
     previous_best: str | None = init_from
     lr = float(cfg.optimizer.lr)
     log.info("stages: %s; run folder: %s", " -> ".join(stages), out)
@@ -425,7 +433,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(
             f"checkpoint {cfg.ckpt_path} predicts {heads} classes but data={cfg.data._target_} has {expected}"
         )
-    print(dm.check_labels([split]).format())
+    print(label_report(dm, [split]))
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     trainer.test(module, dm, verbose=False)
     results = module.final_metrics["test"]

@@ -11,3 +11,9 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _label_cache(tmp_path_factory, monkeypatch):
+    # the label check's cache goes to a test folder, never the user's home
+    monkeypatch.setenv("FCN_LIGHTNING_CACHE", str(tmp_path_factory.getbasetemp() / "label-cache"))
