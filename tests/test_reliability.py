@@ -243,6 +243,22 @@ def _write_voc_missing_image(t):
     return t / "voc"
 
 
+def _write_voc(t: Path) -> Path:
+    from dataset_writers import write_voc
+
+    return write_voc(t / "voc", 2012, {"train": ["a", "b"], "val": ["c"]})
+
+
+def _voc_bad_label(t: Path, split: str, value: int) -> Path:
+    root = _write_voc(t)
+    name = {"train": "a", "val": "c"}[split]
+    path = root / "VOCdevkit/VOC2012/SegmentationClass" / f"{name}.png"
+    label = np.array(Image.open(path)).astype(np.uint16)
+    label[0, 0] = value
+    Image.fromarray(label).save(path)  # a 16-bit PNG when the value needs it
+    return root
+
+
 def _photos(t: Path) -> Path:
     folder = t / "photos"
     folder.mkdir()
@@ -309,6 +325,18 @@ BAD = {
     "folder with colour labels": (
         lambda t, r: ("train", ["data=folder", f"data.root={_folder_rgb_labels(t)}", "arch.pretrained=null", *NO_DATA], t / "run"),
         r"label .*a.png is a RGB image; labels must be palette",
+    ),
+    "label out of range in the val split": (
+        lambda t, r: ("train", [*VOC, f"data.root={_voc_bad_label(t, 'val', 40)}", "arch.pretrained=null", *NO_DATA], t / "run"),
+        r"split 'val'[\s\S]*c.png[\s\S]*40",
+    ),
+    "16-bit label over 255": (
+        lambda t, r: ("train", [*VOC, f"data.root={_voc_bad_label(t, 'train', 300)}", "arch.pretrained=null", *NO_DATA], t / "run"),
+        r"a.png[\s\S]*300",
+    ),
+    "label_map to a value out of range": (
+        lambda t, r: ("train", [*VOC, f"data.root={_write_voc(t)}", "data.label_map={255: 30}", "arch.pretrained=null", *NO_DATA], t / "run"),
+        r"30",
     ),
     "nyud root missing": (
         _train(["data=nyud", "data.root=/nowhere/nyud", *NO_DATA]),
