@@ -6,6 +6,9 @@ import errno
 import logging
 import os
 import shutil
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,21 +41,60 @@ def last_checkpoint(dirpath: str | Path) -> ModelCheckpoint:
 
 class InterruptCheckpoint(Callback):
     """On SIGTERM (a pre-empted job) or Ctrl+C, write ``last.ckpt`` so that ``resume=true``
-    continues from the step where training stopped. Weights that are no longer finite are never
-    written: the previous ``last.ckpt`` is kept."""
+    continues from the step where training stopped, exactly.
+
+    Both stop at the end of the current step, never inside it: Lightning does so for SIGTERM,
+    and during training this callback turns the first Ctrl+C into the same request (a
+    checkpoint written in the middle of a step would make the resumed run skip that step). A
+    second Ctrl+C stops at once and writes nothing: the previous ``last.ckpt`` stays. Weights
+    that are no longer finite are never written either."""
 
     def __init__(self, dirpath: str | Path) -> None:
         self.path = Path(dirpath) / "last.ckpt"
+        self.ctrl_c = False  # the stop came from Ctrl+C, not SIGTERM
+        self._previous: Any = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self.ctrl_c = False
+
+        def first_ctrl_c(signum: int, frame: Any) -> None:
+            if self.ctrl_c:  # the second one
+                signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+                raise KeyboardInterrupt
+            self.ctrl_c = True
+            trainer._signal_connector.received_sigterm = True  # stop after this step
+            print(
+                "\nCtrl+C: finishing this step, then writing last.ckpt (Ctrl+C again stops at "
+                "once, without it)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        self._previous = signal.signal(signal.SIGINT, first_ctrl_c)
+
+    def _restore(self) -> None:
+        if self._previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        if not isinstance(exception, KeyboardInterrupt | SIGTERMException):
+        self._restore()
+        if isinstance(exception, KeyboardInterrupt):
+            log.warning("stopped at once (Ctrl+C twice): %s left as it was", self.path)
+            return
+        if not isinstance(exception, SIGTERMException):
             return
         if not all(torch.isfinite(p).all() for p in pl_module.parameters()):
             log.warning("interrupted with non-finite weights: %s left as it was", self.path)
             return
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)
         log.warning(
             "interrupted at epoch %d, step %d: wrote %s",
             trainer.current_epoch,

@@ -10,12 +10,15 @@ Run folder of ``train``::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from . import rundir
 from .callbacks import AtomicCheckpointIO, InterruptCheckpoint, best_checkpoint, last_checkpoint
-from .checkpoints import check_readable
+from .checkpoints import check_readable, load_weights_only
 from .data.base import SegmentationDataModule
 from .models import transfer_stage
 from .module import FCNModule, NonFiniteLossError, load_checkpoint
@@ -282,6 +285,36 @@ def check_inputs(cfg: DictConfig, out: Path, resume: bool) -> None:
                 check_readable(ckpt, f"resume=true: {stage}")
 
 
+_fitting = False
+
+
+@contextlib.contextmanager
+def during_fit() -> Iterator[None]:
+    """Mark ``trainer.fit`` as running: SIGTERM is then Lightning's to handle (at the end of
+    the step); outside it (loading data, the final validation) :func:`_on_sigterm` stops."""
+    global _fitting
+    _fitting = True
+    try:
+        yield
+    finally:
+        _fitting = False
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    if not _fitting:
+        raise RunInterrupted(
+            "stopped by SIGTERM outside training (while loading data or validating); "
+            "resume=true with the same hydra.run.dir continues the run"
+        )
+
+
+def _step_of(path: Path) -> Any:
+    try:
+        return load_weights_only(path).get("global_step", "?")
+    except ValueError:
+        return "?"
+
+
 def train(cfg: DictConfig) -> float:
     """Train the stages that ``cfg`` asks for; return the last stage's val mIoU.
 
@@ -290,7 +323,11 @@ def train(cfg: DictConfig) -> float:
     out = Path(cfg.paths.output_dir)
     check_settings(cfg)
     check_inputs(cfg, out, bool(cfg.resume))  # read-only: a refused run changes nothing
-    resume = rundir.claim(out, bool(cfg.resume), fresh_if_empty=is_multirun())
+    resume = rundir.claim(
+        out, bool(cfg.resume), fresh_if_empty=is_multirun(), config=rundir.comparable(cfg)
+    )
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
     try:
         score = _train(cfg, out, resume)
     except (KeyboardInterrupt, SIGTERMException) as err:
@@ -308,6 +345,8 @@ def train(cfg: DictConfig) -> float:
         return score
     finally:
         rundir.release()
+        if main:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def is_multirun() -> bool:
@@ -364,11 +403,14 @@ def _train(cfg: DictConfig, out: Path, resume: bool) -> float:
         resume_hint = (
             f"Continue with: python train.py <the same overrides> resume=true hydra.run.dir={out}"
         )
+        stopper = next(c for c in trainer.callbacks if isinstance(c, InterruptCheckpoint))
         try:
-            trainer.fit(module, dm, ckpt_path=resume_from)
+            with during_fit():
+                trainer.fit(module, dm, ckpt_path=resume_from)
         except SIGTERMException:
+            cause = "was interrupted (Ctrl+C)" if stopper.ctrl_c else "stopped by SIGTERM"
             raise RunInterrupted(
-                f"{stage} stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}; "
+                f"{stage} {cause} at epoch {trainer.current_epoch}, step {trainer.global_step}; "
                 f"{last} holds that step. {resume_hint}"
             ) from None
         except NonFiniteLossError as err:
@@ -379,14 +421,16 @@ def _train(cfg: DictConfig, out: Path, resume: bool) -> float:
             if not trainer.interrupted:
                 raise
         if trainer.interrupted:
+            kept = f"{last} holds step {_step_of(last)}" if last.is_file() else "no checkpoint yet"
             raise RunInterrupted(
-                f"{stage} was interrupted (Ctrl+C) at epoch {trainer.current_epoch}, step "
-                f"{trainer.global_step}; "
-                + (f"{last} holds that step. " if last.is_file() else "no checkpoint yet. ")
+                f"{stage} was stopped at once (Ctrl+C twice) at epoch {trainer.current_epoch}, "
+                f"step {trainer.global_step}; the step in progress was not saved: {kept}. "
                 + resume_hint
             )
+        if not last.is_file():  # no epoch ended and no validation ran (a short max_steps)
+            trainer.save_checkpoint(last, weights_only=False)
         if not best.is_file():
-            trainer.save_checkpoint(best)  # e.g. fast_dev_run, or no validation ran
+            trainer.save_checkpoint(best, weights_only=False)  # e.g. no validation ran
         trainer.validate(module, dm, ckpt_path=str(best), verbose=False)
         metrics[stage] = _val_metrics(module)
         if trainer.is_global_zero:

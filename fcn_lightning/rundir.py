@@ -153,12 +153,56 @@ def _describe(out: Path, record: dict[str, Any] | None) -> str:
     return "; ".join(parts)
 
 
-def claim(out: str | Path, resume: bool, *, fresh_if_empty: bool = False) -> bool:
+# what may differ between a run and its resume: where things are, how many processes, what is
+# logged, and how long the unfinished stage trains; anything else would mix two runs in one
+RESUME_MAY_CHANGE = (
+    "resume", "paths", "data.root", "data.num_workers", "data.pin_memory",
+    "data.persistent_workers", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
+    "trainer.strategy", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
+    "trainer.max_steps", "trainer.max_epochs", "callbacks", "logger", "images", "perf",
+)  # fmt: skip
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_changes(made: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The settings in which ``now`` differs from the config a run was ``made`` with, outside
+    :data:`RESUME_MAY_CHANGE`, as ``key: then -> now`` lines."""
+    a, b = _flat(made), _flat(now)
+    free = tuple(RESUME_MAY_CHANGE)
+    return [
+        f"{key}: {a.get(key, '(unset)')} -> {b.get(key, '(unset)')}"
+        for key in sorted(set(a) | set(b))
+        if a.get(key) != b.get(key)
+        and not (key in free or key.startswith(tuple(f + "." for f in free)))
+    ]
+
+
+def comparable(config: Any) -> dict[str, Any]:
+    """A run's config as run.json keeps it: unresolved, without Hydra's own node."""
+    tree = OmegaConf.to_container(config, resolve=False) if not isinstance(config, dict) else config
+    return {k: v for k, v in tree.items() if k != "hydra"}
+
+
+def claim(
+    out: str | Path,
+    resume: bool,
+    *,
+    fresh_if_empty: bool = False,
+    config: dict[str, Any] | None = None,
+) -> bool:
     """Make ``out`` this run's folder; return whether to resume the run it holds.
 
     Raises :class:`RunFolderError` for a folder that holds another run (without ``resume``) or
     holds nothing to resume (with ``resume``, unless ``fresh_if_empty``: a sweep resumed with
-    jobs that never started)."""
+    jobs that never started), or a resume whose ``config`` differs from the run's own."""
     out = Path(out).absolute()
     record = read_record(out)
     me = launch_id()
@@ -190,6 +234,16 @@ def claim(out: str | Path, resume: bool, *, fresh_if_empty: bool = False) -> boo
         )
     elif not held:
         log.info("resume=true: the run in %s saved nothing yet; it starts from the beginning", out)
+    elif resume and config is not None and record and record.get("config") is not None:
+        changes = config_changes(record["config"], config)
+        if changes:
+            raise RunFolderError(
+                f"resume=true continues the run in {out} as it was made, but these settings "
+                "differ from the run's own:\n  "
+                + "\n  ".join(changes[:12])
+                + "\nResume with the run's own settings (its command is in run.json and "
+                ".hydra/overrides.yaml), or start a new run (leave out hydra.run.dir)."
+            )
     elif not resume:
         raise RunFolderError(
             f"run folder {out} already holds a run ({_describe(out, record)}). A run owns its "
@@ -208,6 +262,7 @@ def claim(out: str | Path, resume: bool, *, fresh_if_empty: bool = False) -> boo
         "pid": os.getpid(),
         "argv": list(sys.argv),
         "slurm": _slurm(),
+        "config": config if not (resume and record) else record.get("config", config),
     }
     out.mkdir(parents=True, exist_ok=True)
     if record is None:
@@ -261,7 +316,7 @@ class RunFolderGuard(Callback):
             return
         out = Path(OmegaConf.select(config, "hydra.run.dir"))
         try:
-            resume = claim(out, bool(config.resume))
+            resume = claim(out, bool(config.resume), config=comparable(config))
         except RunFolderError as err:
             raise SystemExit(f"Error: {err}") from None
         subdir = config.hydra.output_subdir

@@ -34,11 +34,13 @@ class PoisonAtStep(Callback):
 
 
 class CtrlCAtStep(Callback):
-    """Raises KeyboardInterrupt after the given global step, as Ctrl+C in the terminal does."""
+    """Sends this process SIGINT (Ctrl+C in the terminal) after the given global step, ``times``
+    times in a row."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, times: int = 1) -> None:
+        self.step, self.times = step, times
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
-            raise KeyboardInterrupt
+            for _ in range(self.times):
+                os.kill(os.getpid(), signal.SIGINT)

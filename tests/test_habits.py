@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_app import TINY, cfg_of
-from test_reliability import RESUMABLE
+from test_reliability import RESUMABLE, final_state
 
 from fcn_lightning.callbacks import AtomicCheckpointIO
 from fcn_lightning.module import FCNModule
@@ -20,22 +20,31 @@ from fcn_lightning.pipeline import ConfigError, train
 MODEL = {"arch": "fcn32s", "num_classes": 3, "width": 0.0625, "geometry": "same"}
 
 
-def test_ctrl_c_writes_last_checkpoint_and_prints_the_resume_command(tmp_path):
-    ctrl_c = ["+callbacks.stop._target_=interrupts.CtrlCAtStep", "+callbacks.stop.step=3"]
+def test_ctrl_c_stops_after_the_step_and_resumes_exactly(tmp_path):
+    straight = tmp_path / "straight"
+    train(cfg_of("config", RESUMABLE, straight))
+    out = tmp_path / "stopped"
+    ctrl_c = ["+callbacks.stop._target_=interrupts.CtrlCAtStep", "+callbacks.stop.step=6"]
     with pytest.raises(SystemExit) as stop:
-        train(cfg_of("config", [*RESUMABLE, *ctrl_c], tmp_path))
+        train(cfg_of("config", [*RESUMABLE, *ctrl_c], out))
     message = str(stop.value.code)
-    assert "interrupted (Ctrl+C) at epoch 0, step 3" in message
-    assert (
-        f"resume=true hydra.run.dir={tmp_path}" in message
-        and "last.ckpt holds that step" in message
-    )
-    assert (
-        torch.load(tmp_path / "fcn32s/checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
-    )
-    assert json.loads((tmp_path / "run.json").read_text())["status"] == "interrupted"
-    train(cfg_of("config", [*RESUMABLE, "resume=true"], tmp_path))  # and it continues
-    assert json.loads((tmp_path / "run.json").read_text())["status"] == "finished"
+    assert "interrupted (Ctrl+C) at epoch 1, step 6" in message
+    assert f"resume=true hydra.run.dir={out}" in message and "last.ckpt holds that step" in message
+    ckpt = torch.load(out / "fcn32s/checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 6  # mid-epoch, at the end of a whole step
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    train(cfg_of("config", [*RESUMABLE, "resume=true"], out))
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    a, b = final_state(straight), final_state(out)  # as if never interrupted
+    for key in a:
+        assert torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key], key
+
+
+def test_ctrl_c_twice_stops_at_once_and_keeps_the_last_whole_checkpoint(tmp_path):
+    ctrl_c = ["+callbacks.stop._target_=interrupts.CtrlCAtStep", "+callbacks.stop.step=6"]
+    with pytest.raises(SystemExit, match=r"stopped at once \(Ctrl\+C twice\)[\s\S]*holds step 4"):
+        train(cfg_of("config", [*RESUMABLE, *ctrl_c, "+callbacks.stop.times=2"], tmp_path))
+    assert torch.load(tmp_path / "fcn32s/checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
 
 
 def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):

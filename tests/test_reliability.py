@@ -136,6 +136,11 @@ def test_resume_into_a_different_config_names_both_sides(tmp_path):
                 tmp_path,
             )
         )
+    with pytest.raises(ValueError, match=r"arch.width: 0.0625 -> 0.125"):
+        train(cfg_of("config", [*RESUMABLE, "resume=true", "arch.width=0.125"], tmp_path))
+    record = json.loads((tmp_path / "run.json").read_text())
+    del record["config"]  # a run made before run.json kept its config: the model says it
+    (tmp_path / "run.json").write_text(json.dumps(record))
     with pytest.raises(ValueError, match=r"width: checkpoint 0.0625 vs model 0.125"):
         train(cfg_of("config", [*RESUMABLE, "resume=true", "arch.width=0.125"], tmp_path))
 
@@ -451,7 +456,7 @@ BAD = {
     ),
     "resume with another width": (
         lambda t, r: ("train", [*TINY, "arch=fcn32s", "resume=true", "arch.width=0.125"], _copy_run(t, r, _unfinish)),
-        r"width: checkpoint 0.0625 vs model 0.125",
+        r"differ from the run's own:\s+arch.width: 0.0625 -> 0.125",
     ),
     # --- eval
     "eval ckpt missing": (

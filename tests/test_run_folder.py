@@ -138,12 +138,12 @@ def test_cli_refusals_keep_the_runs_hydra_record(tmp_path):
     assert "Traceback" not in again.stderr
     assert snapshot(out) == before  # not even .hydra/ was rewritten
     changed = run("train.py", *base, "arch.width=0.125", "resume=true", cwd=tmp_path)
-    assert changed.returncode != 0 and "width: checkpoint 0.0625 vs model 0.125" in changed.stderr
-    assert (out / ".hydra" / "overrides.yaml").read_text() == record
-    assert "arch.width=0.125" in (out / ".hydra" / "resume-1" / "overrides.yaml").read_text()
-    resumed = run("train.py", *base, "resume=true", cwd=tmp_path)
+    assert changed.returncode != 0 and "arch.width: 0.0625 -> 0.125" in changed.stderr
+    assert snapshot(out) == before  # refused before Hydra wrote anything
+    resumed = run("train.py", *base, "resume=true", "data.num_workers=0", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert (out / ".hydra" / "overrides.yaml").read_text() == record
+    assert (out / ".hydra" / "overrides.yaml").read_text() == record  # how the run was made
+    assert "resume=true" in (out / ".hydra" / "resume-1" / "overrides.yaml").read_text()
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
 
 
@@ -164,3 +164,30 @@ def test_cli_resume_without_a_folder_says_so(tmp_path):
     result = run("train.py", "arch=fcn32s", *TINY, "resume=true", cwd=tmp_path)
     assert result.returncode != 0 and "nothing to resume" in result.stderr
     assert not list(tmp_path.glob("outputs/*/*/fcn32s"))
+
+
+def test_resume_with_other_settings_is_refused_naming_them(finished, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    with pytest.raises(
+        RunFolderError, match=r"data.image_size: 32 -> 48\s+optimizer.lr: 0.001 -> 0.5"
+    ):
+        train(
+            cfg_of(
+                "config",
+                [*TINY, "arch=fcn32s", "resume=true", "optimizer.lr=0.5", "data.image_size=48"],
+                out,
+            )
+        )
+    with pytest.raises(RunFolderError, match=r"optimizer.name: adamw -> sgd"):
+        train(cfg_of("config", [*TINY, "arch=fcn32s", "resume=true", "optimizer=sgd"], out))
+    # where the data lives, how many workers load it, how long to train: may change
+    train(
+        cfg_of(
+            "config",
+            [*TINY, "arch=fcn32s", "resume=true", "data.num_workers=0", "trainer.max_steps=2"],
+            out,
+        )
+    )
