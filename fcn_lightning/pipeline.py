@@ -11,6 +11,7 @@ Run folder of ``train``::
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from . import rundir
 from .callbacks import AtomicCheckpointIO, InterruptCheckpoint, best_checkpoint, last_checkpoint
 from .checkpoints import check_readable, load_weights_only
-from .data.base import SegmentationDataModule
+from .data.base import DataError, SegmentationDataModule
 from .models import transfer_stage
 from .module import FCNModule, NonFiniteLossError, load_checkpoint
 
@@ -160,8 +161,23 @@ def check_settings(cfg: DictConfig) -> None:
             lr,
             cfg.optimizer.name,
         )
+    stages = stages_for(cfg)
+    trainer_args = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+    for stage, settings in (cfg.get("stage_overrides") or {}).items():
+        if stage not in (*CHAIN, "fcn8s_atonce"):
+            raise ConfigError(
+                f"stage_overrides.{stage}: no stage is called {stage!r} (stages: "
+                f"{', '.join((*CHAIN, 'fcn8s_atonce'))})"
+            )
+        unknown = sorted(set(settings or {}) - trainer_args)
+        if unknown:
+            raise ConfigError(
+                f"stage_overrides.{stage}.{unknown[0]} is not a Lightning Trainer argument"
+            )
+        if stage not in stages:
+            log.warning("stage_overrides.%s: this run does not train %s", stage, stage)
     scheduler = (cfg.get("scheduler") or {}).get("name", "fixed")
-    for stage in stages_for(cfg):
+    for stage in stages:
         t = trainer_settings(cfg, stage)
         steps, epochs = t.get("max_steps"), t.get("max_epochs")
         unlimited = (steps is None or steps < 0) and (epochs is None or epochs < 0)
@@ -247,24 +263,44 @@ def read_metrics(path: Path) -> dict[str, Any]:
     return metrics
 
 
-def check_free_space(out: Path, module: FCNModule) -> None:
-    """Refuse to start when the run folder's disk cannot hold the checkpoints of a stage
-    (best and last, each with the optimizer state: about 3 copies of the weights)."""
-    need = 2 * 3 * sum(p.numel() * p.element_size() for p in module.parameters())
+def check_free_space(out: Path, stage: str, module: FCNModule) -> None:
+    """Refuse to start a stage when the run folder's disk cannot hold its checkpoints: best and
+    last (weights and optimizer state), and a temporary copy while one is written. Checkpoints
+    the stage already has (a resume) will be replaced, so their room counts as free."""
+    weights = sum(p.numel() * p.element_size() for p in module.parameters())
+    ckpt = weights * (3 if module.hparams.optimizer.get("name") == "adamw" else 2)
+    have = sum(p.stat().st_size for p in (out / stage / "checkpoints").glob("*.ckpt"))
+    need = max(0, 2 * ckpt - have) + ckpt
     free = shutil.disk_usage(out).free
     if free < need:
         raise ConfigError(
-            f"{out} has {free / 2**20:.0f} MiB free; a stage's checkpoints need about "
-            f"{need / 2**20:.0f} MiB. Free some space or train into a folder on a larger disk "
-            "(hydra.run.dir=...)"
+            f"{out} has {free / 2**20:.0f} MiB free; {stage}'s checkpoints need about "
+            f"{need / 2**20:.0f} MiB more. Free some space or train into a folder on a larger "
+            "disk (hydra.run.dir=...)"
         )
 
 
 def label_report(dm: SegmentationDataModule, splits: list[str] | None = None) -> str:
-    """The label check's block; its warnings are printed in it, not again as Python warnings."""
+    """The label check's block; its warnings are printed in it, not again as Python warnings.
+    Training labels with a single class (the rest ignored) are refused: nothing to learn, and
+    the scores would read 100%."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="label check: ")
-        return dm.check_labels(splits).format()
+        report = dm.check_labels(splits)
+    for key, split in report.splits.items():
+        present = [n for n, c in zip(split.class_names, split.histogram, strict=True) if c > 0]
+        if split.split == dm.train_split and splits is None and len(present) <= 1:
+            hint = (
+                " Masks saved as 0/255 (object = 255 = ignore)? set data.label_map={255: 1}."
+                if split.ignored
+                else ""
+            )
+            raise DataError(
+                f"the training split '{key}' holds only class {present or 'none'} "
+                f"({100 * split.ignored_share:.1f}% of its pixels ignored): there is nothing to "
+                f"learn, and every score would read 100%.{hint}\n{report.format()}"
+            )
+    return report.format()
 
 
 def check_inputs(cfg: DictConfig, out: Path, resume: bool) -> None:
@@ -383,7 +419,7 @@ def _train(cfg: DictConfig, out: Path, resume: bool) -> float:
             continue
         first = i == 0 and not previous_best
         module = make_module(cfg, dm, stage, stage_lr, cfg.arch.pretrained if first else None)
-        check_free_space(out, module)
+        check_free_space(out, stage, module)
         resume_from = str(last) if resume and last.is_file() else None
         if previous_best and not resume_from:
             transfer_stage(previous_best, module.model)
@@ -462,6 +498,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"output={out} is a file; output names the folder that will hold eval.json "
             f"(e.g. output={out.parent / 'eval'})"
         )
+    report_path = out / "eval.json"
+    split_wanted = cfg.data.get("split") or cfg.data.get("val_split")
+    if report_path.is_file():  # replace an earlier report of this evaluation only
+        try:
+            earlier = json.loads(report_path.read_text())
+            earlier = (earlier.get("checkpoint"), earlier.get("split"))
+        except (ValueError, AttributeError):
+            earlier = None
+        if earlier != (str(cfg.ckpt_path), split_wanted):
+            raise ConfigError(
+                f"{report_path} holds another evaluation "
+                + (f"({earlier[0]}, split {earlier[1]})" if earlier else "(unreadable)")
+                + ": choose another output= folder, or move that file away"
+            )
     module = load_module(
         cfg.ckpt_path, exclude_absent_classes=bool(cfg.get("exclude_absent_classes", False))
     )

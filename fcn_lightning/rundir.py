@@ -68,8 +68,11 @@ def _write_record(out: Path, record: dict[str, Any], exclusive: bool = False) ->
             f.write(text)
         return
     tmp = path.with_name(f".{RECORD}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failed write (a full disk) too
 
 
 def run_files(out: Path) -> list[Path]:

@@ -72,7 +72,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, m
 def test_too_little_disk_for_the_checkpoints_is_refused_before_training(tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
-    with pytest.raises(ConfigError, match=r"has 0 MiB free; a stage's checkpoints need about"):
+    with pytest.raises(ConfigError, match=r"has 0 MiB free; fcn32s's checkpoints need about"):
         train(cfg_of("config", [*TINY, "arch=fcn32s"], tmp_path))
     assert not list(tmp_path.glob("fcn32s/checkpoints/*.ckpt"))
 

@@ -289,6 +289,20 @@ def _folder(t: Path, classes=("bg", "fg")) -> Path:
     return write_folder(t / "mine", ["a", "b"], list(classes))
 
 
+def _two_files(t: Path) -> Path:
+    root = _folder(t)
+    Image.open(root / "JPEGImages" / "a.jpg").save(root / "JPEGImages" / "a.png")
+    return root
+
+
+def _turned(t: Path) -> Path:
+    root = _folder(t)
+    for name in ("a", "b"):  # the photo stored on its side, the mask drawn upright
+        path = root / "JPEGImages" / f"{name}.jpg"
+        Image.open(path).transpose(Image.Transpose.ROTATE_90).save(path)
+    return root
+
+
 def _train(overrides: list[str]):
     return lambda t, r: ("train", overrides, t / "run")
 
@@ -343,6 +357,14 @@ BAD = {
         lambda t, r: ("train", [*VOC, f"data.root={_write_voc(t)}", "data.label_map={255: 30}", "arch.pretrained=null", *NO_DATA], t / "run"),
         r"30",
     ),
+    "folder image id with two files": (
+        lambda t, r: ("train", ["data=folder", f"data.root={_two_files(t)}", "arch.pretrained=null", *NO_DATA], t / "run"),
+        r"image id 'a' has 2 files: .*a.jpg, .*a.png",
+    ),
+    "folder label turned by 90 degrees": (
+        lambda t, r: ("train", ["data=folder", f"data.root={_turned(t)}", "arch.pretrained=null", "data.batching=whole", "data.batch_size=1", *NO_DATA], t / "run"),
+        r"turned by 90 degrees[\s\S]*EXIF orientation",
+    ),
     "nyud root missing": (
         _train(["data=nyud", "data.root=/nowhere/nyud", *NO_DATA]),
         r"data.root /nowhere/nyud does not exist",
@@ -384,6 +406,14 @@ BAD = {
     "cosine without a limit": (
         _train([*TINY, "scheduler=cosine", "trainer.max_steps=-1", "trainer.max_epochs=-1"]),
         r"scheduler=cosine decays",
+    ),
+    "stage_overrides typo in the stage": (
+        _train([*TINY, "+stage_overrides.fcn16.max_steps=3"]),
+        r"stage_overrides.fcn16: no stage is called 'fcn16'",
+    ),
+    "stage_overrides typo in the setting": (
+        _train([*TINY, "+stage_overrides.fcn16s.max_step=3"]),
+        r"stage_overrides.fcn16s.max_step is not a Lightning Trainer argument",
     ),
     "unknown scheduler": (_train([*TINY, "scheduler.name=step"]), r"scheduler.name must be one of"),
     "loss reduction typo": (
@@ -482,6 +512,10 @@ BAD = {
     "eval output is a file": (
         lambda t, r: ("eval", [f"ckpt_path={_ckpt(t, r)}", f"output={_existing(t)}"], t / "run"),
         r"output=.*eval.json is a file",
+    ),
+    "eval into another evaluation's folder": (
+        lambda t, r: ("eval", [f"ckpt_path={_ckpt(t, r)}", f"output={_existing(t).parent}"], t / "run"),
+        r"eval.json holds another evaluation",
     ),
     "eval with other classes": (
         lambda t, r: ("eval", [f"ckpt_path={_ckpt(t, r)}", "data=nyud", f"data.root={_nyud(t)}"], t / "run"),

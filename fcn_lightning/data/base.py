@@ -236,8 +236,17 @@ class SegmentationDataset(Dataset):
             n = self.num_classes[head] if isinstance(self.num_classes, dict) else self.num_classes
             lab = check_label(map_labels(lab, self.label_map), n, where)
             if tuple(lab.shape) != tuple(image.shape[-2:]):
+                turned = tuple(lab.shape) == tuple(image.shape[-2:])[::-1]
                 raise DataError(
-                    f"{where}: label is {tuple(lab.shape)} (H, W) but its image is {tuple(image.shape[-2:])}"
+                    f"{where}: label is {tuple(lab.shape)} (H, W) but its image is "
+                    f"{tuple(image.shape[-2:])}"
+                    + (
+                        ": turned by 90 degrees. Was the mask drawn on the photo as a viewer shows "
+                        "it (EXIF orientation)? Training reads the stored pixels: save the photo "
+                        "turned (PIL.ImageOps.exif_transpose), or the mask to match the stored image"
+                        if turned
+                        else ""
+                    )
                 )
             checked[head] = tv_tensors.Mask(lab)
         image = tv_tensors.Image(image)

@@ -94,12 +94,22 @@ class FolderDataModule(SegmentationDataModule):
         return self._palette
 
     # --- samples
+    IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg")
+
     def image_path(self, i: str) -> Path:
-        for ext in (".jpg", ".png", ".jpeg"):
-            p = self.root / "JPEGImages" / f"{i}{ext}"
-            if p.is_file():
-                return p
-        return self.root / "JPEGImages" / f"{i}.jpg"
+        """``JPEGImages/<id>.jpg|.png|.jpeg``; two of them for one id are refused, not guessed."""
+        found = [
+            p
+            for ext in self.IMAGE_EXTENSIONS
+            if (p := self.root / "JPEGImages" / f"{i}{ext}").is_file()
+        ]
+        if len(found) > 1:
+            raise DataError(
+                f"image id '{i}' has {len(found)} files: {', '.join(str(p) for p in found)}; "
+                f"its label {self.label_path(i).name} can belong to one only: rename or move "
+                "the others"
+            )
+        return found[0] if found else self.root / "JPEGImages" / f"{i}.jpg"
 
     def split_ids(self, split: str) -> list[str]:
         self._check_root()
@@ -109,8 +119,18 @@ class FolderDataModule(SegmentationDataModule):
         ids = sorted(p.stem for p in (self.root / "SegmentationClass").glob("*.png"))
         if not ids:
             raise DataError(f"no label PNGs in {self.root / 'SegmentationClass'}.\n{LAYOUT}")
+        images = {p.stem for p in (self.root / "JPEGImages").iterdir() if p.is_file()}
+        unlabelled = sorted(images - set(ids))
         warnings.warn(
-            f"{lists} not found: split '{split}' uses all {len(ids)} labelled images", stacklevel=2
+            f"{lists} not found: split '{split}' uses all {len(ids)} labelled images (so "
+            "validation scores the training images: write ImageSets/Segmentation/train.txt and "
+            "val.txt for a held-out score)"
+            + (
+                f"; {len(unlabelled)} image(s) without a label left out: {', '.join(unlabelled[:5])}"
+                if unlabelled
+                else ""
+            ),
+            stacklevel=2,
         )
         return ids
 
