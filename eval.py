@@ -4,12 +4,12 @@ prints mean IoU, pixel accuracy, mean accuracy, f.w. IoU and IoU per class, and 
 import hydra
 from omegaconf import DictConfig
 
-from fcn_lightning.pipeline import evaluate
+from fcn_lightning.pipeline import as_command, evaluate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    as_command(evaluate, cfg)
 
 
 if __name__ == "__main__":

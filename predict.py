@@ -4,12 +4,13 @@ palette label PNG and a colour overlay per image, at the image's own size."""
 import hydra
 from omegaconf import DictConfig
 
+from fcn_lightning.pipeline import as_command
 from fcn_lightning.prediction import predict
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
-    predict(cfg)
+    as_command(predict, cfg)
 
 
 if __name__ == "__main__":

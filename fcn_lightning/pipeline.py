@@ -19,7 +19,7 @@ import shutil
 import signal
 import threading
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from . import rundir
 from .callbacks import AtomicCheckpointIO, InterruptCheckpoint, best_checkpoint, last_checkpoint
-from .checkpoints import check_readable, load_weights_only
+from .checkpoints import CheckpointError, check_readable, load_weights_only
 from .data.base import DataError, SegmentationDataModule
 from .models import transfer_stage
 from .module import FCNModule, NonFiniteLossError, load_checkpoint
@@ -45,6 +45,20 @@ METRIC_KEYS = ("mIoU", "pixel_acc", "mean_acc", "fwIoU")
 
 class ConfigError(ValueError):
     """A setting that cannot work; the message names it."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix: printed as their message, without a traceback."""
+    return (ConfigError, DataError, rundir.RunFolderError, CheckpointError)
+
+
+def as_command(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """``fn(cfg)`` for a command-line entry point: a user error ends the process with its
+    message (exit status 1), not with a traceback through the project's code."""
+    try:
+        return fn(cfg)
+    except user_errors() as err:
+        raise SystemExit(f"Error: {err}") from None
 
 
 class RunInterrupted(SystemExit):
@@ -463,8 +477,9 @@ def _train(cfg: DictConfig, out: Path, resume: bool) -> float:
                 f"step {trainer.global_step}; the step in progress was not saved: {kept}. "
                 + resume_hint
             )
-        if not last.is_file():  # no epoch ended and no validation ran (a short max_steps)
-            trainer.save_checkpoint(last, weights_only=False)
+        # the stage's final state, also when no epoch ended since the last save (a short
+        # max_steps, or a resume that finished mid-epoch): last.ckpt is where the stage ended
+        trainer.save_checkpoint(last, weights_only=False)
         if not best.is_file():
             trainer.save_checkpoint(best, weights_only=False)  # e.g. no validation ran
         trainer.validate(module, dm, ckpt_path=str(best), verbose=False)
@@ -503,13 +518,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if report_path.is_file():  # replace an earlier report of this evaluation only
         try:
             earlier = json.loads(report_path.read_text())
-            earlier = (earlier.get("checkpoint"), earlier.get("split"))
+            earlier = (earlier.get("checkpoint"), earlier.get("split"), earlier.get("data_root"))
         except (ValueError, AttributeError):
             earlier = None
-        if earlier != (str(cfg.ckpt_path), split_wanted):
+        if earlier != (str(cfg.ckpt_path), split_wanted, cfg.data.get("root")):
             raise ConfigError(
                 f"{report_path} holds another evaluation "
-                + (f"({earlier[0]}, split {earlier[1]})" if earlier else "(unreadable)")
+                + (f"({earlier[0]}, split {earlier[1]} of {earlier[2]})" if earlier else "(unreadable)")
                 + ": choose another output= folder, or move that file away"
             )
     module = load_module(
@@ -532,7 +547,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     trainer.test(module, dm, verbose=False)
     results = module.final_metrics["test"]
     out.mkdir(parents=True, exist_ok=True)
-    report = {"checkpoint": str(cfg.ckpt_path), "split": split, "metrics": results}
+    report = {
+        "checkpoint": str(cfg.ckpt_path),
+        "split": split,
+        "data_root": cfg.data.get("root"),
+        "metrics": results,
+    }
     write_json_atomic(out / "eval.json", report)
     print(format_table({f"{module.model.spec.arch} {split}": results}))
     for head, block in ({"out": results} if "mIoU" in results else results).items():

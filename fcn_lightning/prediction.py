@@ -44,7 +44,7 @@ from .data.base import DataError, read_image, voc_palette
 from .data.transforms import eval_transforms
 from .pipeline import ConfigError, load_module
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 MANIFEST = "predictions.json"
 WRITTEN_BY = "fcn-lightning predict"
 
@@ -131,6 +131,20 @@ def list_inputs(source: Path) -> list[Path]:
         if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
     )
     files = [p for p in images if p.name not in earlier]
+    others = sorted(
+        p.name
+        for p in source.iterdir()
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.suffix.lower() not in IMAGE_SUFFIXES
+        and p.name != MANIFEST
+    )
+    if others:
+        print(
+            f"not images ({', '.join(sorted(IMAGE_SUFFIXES))}), left out: {len(others)} file(s): "
+            + ", ".join(others[:5])
+            + (" ..." if len(others) > 5 else "")
+        )
     if not files:
         why = f"; its {len(images)} are outputs of an earlier predict run ({MANIFEST})"
         raise ConfigError(

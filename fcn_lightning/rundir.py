@@ -330,13 +330,43 @@ class RunFolderGuard(Callback):
                 config.hydra.output_subdir = f"{subdir}/resume-{n}"
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if "resume" not in config or config.resume:
+        if "resume" not in config:
             return
         root = Path(OmegaConf.select(config, "hydra.sweep.dir")).absolute()
+        if config.resume:
+            self._check_same_sweep(root, list(config.hydra.overrides.task))
+            return
         taken = sorted({p.parent for p in root.glob(f"*/{RECORD}")}) if root.is_dir() else []
         if taken:
             raise SystemExit(
                 f"Error: sweep folder {root} already holds the jobs of another sweep "
                 f"({', '.join(p.name for p in taken[:5])}). Continue it with resume=true and the "
                 "same sweep overrides, or leave out hydra.sweep.dir (each sweep gets a new folder)."
+            )
+
+    @staticmethod
+    def _check_same_sweep(root: Path, task: list[str]) -> None:
+        """A resumed sweep must sweep what it swept: other values would put new settings' names
+        on the old jobs' results (each job folder is matched by its number)."""
+        saved = root / "multirun.yaml"  # written by Hydra's basic sweeper when the sweep began
+        if not saved.is_file():
+            return
+        before = OmegaConf.select(OmegaConf.load(saved), "hydra.overrides.task") or []
+        free = tuple(RESUME_MAY_CHANGE)
+
+        def settings(overrides: list[str]) -> dict[str, str]:
+            pairs = (o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
+            return {k: v for k, v in pairs if k not in free and not k.startswith(free)}
+
+        old, new = settings(list(before)), settings(task)
+        if old != new:
+            diff = [
+                f"{k}: {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}"
+                for k in sorted(set(old) | set(new))
+                if old.get(k) != new.get(k)
+            ]
+            raise SystemExit(
+                f"Error: resume=true continues the sweep in {root} as it was made, but its "
+                "settings differ:\n  " + "\n  ".join(diff) + "\nResume it with its own "
+                "overrides (see multirun.yaml there), or leave out hydra.sweep.dir for a new sweep."
             )

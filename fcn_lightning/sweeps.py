@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from . import hydra_callbacks, rundir
-from .pipeline import RunInterrupted, train
+from .pipeline import RunInterrupted, as_command, train
 
 log = logging.getLogger("fcn_lightning")
 
@@ -35,7 +35,7 @@ _interrupted = False  # a sweep job of this process was interrupted: the sweep s
 def train_job(cfg: DictConfig) -> float:
     """``pipeline.train`` for a single run, :func:`sweep_job` for a job of a sweep."""
     if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
-        return train(cfg)
+        return as_command(train, cfg)
     return sweep_job(cfg)
 
 

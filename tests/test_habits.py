@@ -44,7 +44,9 @@ def test_ctrl_c_twice_stops_at_once_and_keeps_the_last_whole_checkpoint(tmp_path
     ctrl_c = ["+callbacks.stop._target_=interrupts.CtrlCAtStep", "+callbacks.stop.step=6"]
     with pytest.raises(SystemExit, match=r"stopped at once \(Ctrl\+C twice\)[\s\S]*holds step 4"):
         train(cfg_of("config", [*RESUMABLE, *ctrl_c, "+callbacks.stop.times=2"], tmp_path))
-    assert torch.load(tmp_path / "fcn32s/checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
+    assert (
+        torch.load(tmp_path / "fcn32s/checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
+    )
 
 
 def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -129,3 +131,14 @@ def test_lowest_allowed_torch_loads_checkpoints_safely():
     # torch.load(weights_only=True) could still run code before torch 2.6
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert '"torch>=2.6"' in text
+
+
+def test_last_checkpoint_is_where_the_stage_ended_after_a_resume(tmp_path):
+    # 3 steps in an epoch of 4: no epoch end, no validation during fit
+    short = [*RESUMABLE, "trainer.max_steps=3", "trainer.check_val_every_n_epoch=10"]
+    kill = ["+callbacks.kill._target_=interrupts.SigtermAtStep", "+callbacks.kill.step=1"]
+    with pytest.raises(SystemExit, match="stopped by SIGTERM"):
+        train(cfg_of("config", [*short, *kill], tmp_path))
+    train(cfg_of("config", [*short, "resume=true"], tmp_path))
+    last = torch.load(tmp_path / "fcn32s/checkpoints/last.ckpt", weights_only=True)
+    assert last["global_step"] == 3

@@ -269,7 +269,19 @@ MODES = {
     "1x1": ("x.png", (1, 1), lambda a: Image.fromarray(a), pil_rgb),
     "portrait": ("x.jpg", (50, 19), lambda a: Image.fromarray(a), pil_rgb),
     "landscape": ("x.webp", (19, 50), lambda a: Image.fromarray(a), pil_rgb),
+    "tiff": ("x.tif", (20, 30), lambda a: Image.fromarray(a), pil_rgb),
+    "gif": ("x.gif", (20, 30), lambda a: Image.fromarray(a).quantize(64), pil_rgb),
 }
+
+
+def test_files_that_are_not_images_are_named_not_silently_dropped(ckpt, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    save(photos / "a.jpg")
+    (photos / "IMG_0001.HEIC").write_bytes(b"not decodable here")
+    (photos / "notes.txt").write_text("shot list")
+    run_predict(ckpt, photos, tmp_path / "pred")
+    assert "left out: 2 file(s): IMG_0001.HEIC, notes.txt" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("mode", list(MODES))

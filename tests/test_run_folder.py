@@ -191,3 +191,15 @@ def test_resume_with_other_settings_is_refused_naming_them(finished, tmp_path):
             out,
         )
     )
+
+
+def test_cli_resumed_sweep_must_sweep_what_it_swept(tmp_path):
+    sweep = [*TINY, "arch=fcn32s", f"hydra.sweep.dir={tmp_path}"]
+    assert run("train.py", "-m", *sweep, "optimizer.lr=1e-3,1e-4", cwd=tmp_path).returncode == 0
+    summary = (tmp_path / "summary.json").read_text()
+    other = run("train.py", "-m", *sweep, "optimizer.lr=2e-3,1e-3", "resume=true", cwd=tmp_path)
+    assert other.returncode != 0 and "optimizer.lr: 1e-3,1e-4 -> 2e-3,1e-3" in other.stderr
+    assert (tmp_path / "summary.json").read_text() == summary  # nothing relabelled
+    same = run("train.py", "-m", *sweep, "optimizer.lr=1e-3,1e-4", "resume=true", cwd=tmp_path)
+    assert same.returncode == 0, same.stderr[-2000:]
+    assert "finished before, skipped" in same.stderr + same.stdout
