@@ -124,6 +124,14 @@ def test_real_voc_mini_files():
     assert images.shape[0] == 2 and labels.shape == images.shape[:1] + images.shape[2:]
     images, labels = next(iter(dm.train_dataloader()))
     assert images.shape == (2, 3, 96, 96) and labels.shape == (2, 96, 96)
+    # the label check on real files, whose folder is read-only: the cache lives elsewhere
+    dm = VOCDataModule(SHARED_DATA / "voc_mini", year=2012, train_split="train", val_split="val")
+    report = dm.check_labels()
+    assert set(report.splits) == {"train", "val"} and report.splits["val"].images == 2
+    assert 0.02 < report.splits["val"].ignored_share < 0.3  # the void borders
+    assert (
+        report.splits["train"].histogram[0] > 0 and "background" not in report.splits["val"].absent
+    )
 
 
 # --------------------------------------------------------------------------- transforms
