@@ -524,7 +524,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if earlier != (str(cfg.ckpt_path), split_wanted, cfg.data.get("root")):
             raise ConfigError(
                 f"{report_path} holds another evaluation "
-                + (f"({earlier[0]}, split {earlier[1]} of {earlier[2]})" if earlier else "(unreadable)")
+                + (
+                    f"({earlier[0]}, split {earlier[1]} of {earlier[2]})"
+                    if earlier
+                    else "(unreadable)"
+                )
                 + ": choose another output= folder, or move that file away"
             )
     module = load_module(

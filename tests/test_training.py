@@ -346,7 +346,9 @@ def test_panel_takes_validation_images_of_different_sizes(tmp_path):
     (root / "ImageSets" / "Segmentation" / "val.txt").write_text("land\nport\nsmall\n")
     from fcn_lightning.data import FolderDataModule
 
-    data = FolderDataModule(root, batching="whole", batch_size=1, val_batch_size=1, scale_range=None)
+    data = FolderDataModule(
+        root, batching="whole", batch_size=1, val_batch_size=1, scale_range=None
+    )
     module = tiny_module(model={"num_classes": 3}, panel_size=3)
     t = trainer(tmp_path, max_epochs=1)
     t.fit(module, data)
