@@ -63,8 +63,11 @@ class InterruptCheckpoint(Callback):
             if self.ctrl_c:  # the second one
                 signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
                 raise KeyboardInterrupt
+            connector = getattr(trainer, "_signal_connector", None)
+            if connector is None or not hasattr(connector, "received_sigterm"):
+                raise KeyboardInterrupt  # this Lightning cannot stop after the step: at once
             self.ctrl_c = True
-            trainer._signal_connector.received_sigterm = True  # stop after this step
+            connector.received_sigterm = True  # Lightning's SIGTERM path: stop after this step
             print(
                 "\nCtrl+C: finishing this step, then writing last.ckpt (Ctrl+C again stops at "
                 "once, without it)",

@@ -14,7 +14,6 @@ import contextlib
 import inspect
 import json
 import logging
-import os
 import shutil
 import signal
 import threading
@@ -25,12 +24,15 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from . import rundir
+from .atomic import write_json_atomic
 from .callbacks import AtomicCheckpointIO, InterruptCheckpoint, best_checkpoint, last_checkpoint
 from .checkpoints import CheckpointError, check_readable, load_weights_only
 from .data.base import DataError, SegmentationDataModule
@@ -77,12 +79,6 @@ def stages_for(cfg: DictConfig) -> list[str]:
     ):
         return [arch]
     return list(CHAIN[: CHAIN.index(arch) + 1])
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -149,17 +145,18 @@ def make_module(
     )
 
 
-def trainer_settings(cfg: DictConfig, stage: str) -> DictConfig:
+def trainer_settings(cfg: DictConfig, stage: str, warn: bool = False) -> DictConfig:
     """``cfg.trainer`` with the stage's ``stage_overrides``, made workable: sync batch norm only
-    where it works (GPUs), checked before any work."""
+    where it works (GPUs); ``warn`` says so when it turns it off."""
     merged = OmegaConf.merge(cfg.trainer, (cfg.get("stage_overrides") or {}).get(stage) or {})
     accelerator = str(merged.get("accelerator", "auto"))
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     if merged.get("sync_batchnorm") and on_cpu:
-        log.warning(
-            "trainer.sync_batchnorm=true works on GPUs only; on the CPU each process keeps its "
-            "own batch-norm statistics (sync_batchnorm set to false)"
-        )
+        if warn:
+            log.warning(
+                "trainer.sync_batchnorm=true works on GPUs only; on the CPU each process keeps "
+                "its own batch-norm statistics (sync_batchnorm set to false)"
+            )
         merged.sync_batchnorm = False
     return merged
 
@@ -191,8 +188,8 @@ def check_settings(cfg: DictConfig) -> None:
         if stage not in stages:
             log.warning("stage_overrides.%s: this run does not train %s", stage, stage)
     scheduler = (cfg.get("scheduler") or {}).get("name", "fixed")
-    for stage in stages:
-        t = trainer_settings(cfg, stage)
+    for i, stage in enumerate(stages):
+        t = trainer_settings(cfg, stage, warn=i == 0)  # said once, before any work
         steps, epochs = t.get("max_steps"), t.get("max_epochs")
         unlimited = (steps is None or steps < 0) and (epochs is None or epochs < 0)
         if scheduler in ("poly", "cosine") and unlimited and not t.get("fast_dev_run"):
@@ -400,9 +397,7 @@ def train(cfg: DictConfig) -> float:
 
 
 def is_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
+    """Whether this process runs a job of a Hydra sweep (``-m``)."""
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
@@ -410,7 +405,8 @@ def _train(cfg: DictConfig, out: Path, resume: bool) -> float:
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(int(cfg.seed), workers=True)
     stages = stages_for(cfg)
-    check_inputs(cfg, out, resume)
+    if resume and not cfg.resume:  # a SLURM requeue: its checkpoints are checked now
+        check_inputs(cfg, out, resume)
     metrics_path = out / "metrics.json"
     metrics = read_metrics(metrics_path) if resume else {}
     init_from = cfg.arch.get("init_from")

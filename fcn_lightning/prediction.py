@@ -30,9 +30,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import torch
@@ -40,6 +38,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torchvision import tv_tensors
 
+from .atomic import write_atomically
 from .data.base import DataError, read_image, voc_palette
 from .data.transforms import eval_transforms
 from .pipeline import ConfigError, load_module
@@ -95,20 +94,6 @@ def read_manifest(folder: Path) -> dict[str, str] | None:
         for k, v in outputs.items()
         if Path(str(k)).name == k and (folder / str(k)).is_file()
     }
-
-
-def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write a hidden temporary file, then rename it over ``path``: a kill leaves the old file
-    or none, never half of one, and a symlink at ``path`` is replaced rather than followed."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    f = open(tmp, "xb")  # "x": never clobbers a file; closed below
-    try:
-        with f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_manifest(folder: Path, outputs: dict[str, str]) -> None:

@@ -32,6 +32,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from .atomic import write_atomically
+
 log = logging.getLogger("fcn_lightning")
 
 RECORD = "run.json"
@@ -67,12 +69,7 @@ def _write_record(out: Path, record: dict[str, Any], exclusive: bool = False) ->
         with open(path, "x") as f:
             f.write(text)
         return
-    tmp = path.with_name(f".{RECORD}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # after a failed write (a full disk) too
+    write_atomically(path, lambda f: f.write(text.encode()))
 
 
 def run_files(out: Path) -> list[Path]:
@@ -166,6 +163,10 @@ RESUME_MAY_CHANGE = (
 )  # fmt: skip
 
 
+def may_change_on_resume(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)
+
+
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, dict):
         out: dict[str, Any] = {}
@@ -179,12 +180,10 @@ def config_changes(made: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """The settings in which ``now`` differs from the config a run was ``made`` with, outside
     :data:`RESUME_MAY_CHANGE`, as ``key: then -> now`` lines."""
     a, b = _flat(made), _flat(now)
-    free = tuple(RESUME_MAY_CHANGE)
     return [
         f"{key}: {a.get(key, '(unset)')} -> {b.get(key, '(unset)')}"
         for key in sorted(set(a) | set(b))
-        if a.get(key) != b.get(key)
-        and not (key in free or key.startswith(tuple(f + "." for f in free)))
+        if a.get(key) != b.get(key) and not may_change_on_resume(key)
     ]
 
 
@@ -352,11 +351,10 @@ class RunFolderGuard(Callback):
         if not saved.is_file():
             return
         before = OmegaConf.select(OmegaConf.load(saved), "hydra.overrides.task") or []
-        free = tuple(RESUME_MAY_CHANGE)
 
         def settings(overrides: list[str]) -> dict[str, str]:
             pairs = (o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
-            return {k: v for k, v in pairs if k not in free and not k.startswith(free)}
+            return {k: v for k, v in pairs if not may_change_on_resume(k)}
 
         old, new = settings(list(before)), settings(task)
         if old != new:

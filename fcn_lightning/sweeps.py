@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from . import hydra_callbacks, rundir
-from .pipeline import RunInterrupted, as_command, train
+from .pipeline import RunInterrupted, as_command, is_multirun, train
 
 log = logging.getLogger("fcn_lightning")
 
@@ -34,7 +33,7 @@ _interrupted = False  # a sweep job of this process was interrupted: the sweep s
 
 def train_job(cfg: DictConfig) -> float:
     """``pipeline.train`` for a single run, :func:`sweep_job` for a job of a sweep."""
-    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+    if not is_multirun():
         return as_command(train, cfg)
     return sweep_job(cfg)
 
@@ -48,7 +47,7 @@ def sweep_job(cfg: DictConfig) -> float:
     try:
         return train(cfg)
     except (Exception, SystemExit) as err:
-        if _is_interruption(err, out):
+        if _is_interruption(err):
             _interrupted = True
             raise
         reason = str(err.code) if isinstance(err, SystemExit) else f"{type(err).__name__}: {err}"
@@ -62,9 +61,9 @@ def sweep_job(cfg: DictConfig) -> float:
     return float("nan")
 
 
-def _is_interruption(err: BaseException, out: Path) -> bool:
-    """Ctrl+C or SIGTERM, whichever way it reached here (Lightning turns Ctrl+C during fit into
-    ``sys.exit(1)``; the pipeline turns SIGTERM into a SystemExit with a message)."""
+def _is_interruption(err: BaseException) -> bool:
+    """Ctrl+C or SIGTERM, whichever way it reached here: the pipeline's RunInterrupted, the
+    ``sys.exit(1)`` Lightning makes of Ctrl+C, or an error caused by either."""
     if isinstance(err, RunInterrupted) or (
         isinstance(err, SystemExit) and not isinstance(err.code, str)
     ):
@@ -74,11 +73,7 @@ def _is_interruption(err: BaseException, out: Path) -> bool:
         if isinstance(cause, (KeyboardInterrupt, SIGTERMException)):
             return True
         cause = cause.__cause__ or cause.__context__
-    try:
-        record = rundir.read_record(out)
-    except rundir.RunFolderError:
-        return False
-    return bool(record) and record.get("status") == "interrupted"
+    return False
 
 
 def _record_failure(out: Path, reason: str) -> None:

@@ -89,13 +89,15 @@ def test_training_without_a_progress_bar(tmp_path):
 
 
 def test_ddp_preset_on_cpu_keeps_batch_norm_per_process(tmp_path, caplog):
-    from fcn_lightning.pipeline import trainer_settings
+    from fcn_lightning.pipeline import check_settings, trainer_settings
 
     cfg = cfg_of("config", ["trainer=ddp", "trainer.accelerator=cpu"])
     assert cfg.trainer.sync_batchnorm and cfg.arch.backbone == "vgg16_bn"
     with caplog.at_level("WARNING", logger="fcn_lightning"):
+        check_settings(cfg)  # said once before any work, not once per stage
         assert trainer_settings(cfg, "fcn32s").sync_batchnorm is False
     assert "works on GPUs only" in caplog.text
+    assert caplog.text.count("works on GPUs only") == 1
     if torch.cuda.is_available():
         gpu = cfg_of("config", ["trainer=ddp"])
         assert trainer_settings(gpu, "fcn32s").sync_batchnorm is True

@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..atomic import write_json_atomic
 from .base import DataError, map_labels
 from .transforms import IGNORE_INDEX
 
@@ -213,11 +213,9 @@ class LabelCache:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(
-                "w", dir=self.path.parent, suffix=".tmp", delete=False
-            ) as tmp:
-                json.dump({"version": CACHE_VERSION, "entries": self.entries}, tmp)
-            os.replace(tmp.name, self.path)
+            write_json_atomic(
+                self.path, {"version": CACHE_VERSION, "entries": self.entries}, indent=None
+            )
         except OSError as err:
             warnings.warn(f"label check: cache not written to {self.path}: {err}", stacklevel=3)
 
