@@ -1,0 +1,224 @@
+"""The contract between data and model: what a DataModule publishes, once, and what the model,
+the LightningModule and the reports consume. Plain values only, so that it travels inside a
+checkpoint's hyper-parameters and loads with ``torch.load(weights_only=True)``.
+
+Inside the project heads are always a dict (``{"out": ...}`` for one head). The single-head short
+form, where results have no head level, exists only at the edges: TensorBoard tag names,
+metrics.json / eval.json and the printed table (:func:`tag`, :func:`short_form`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+IGNORE_INDEX = 255
+SINGLE_HEAD = "out"
+# The paper's four numbers (section 5, docs/PAPER.md "Metrics"), in the order every report uses.
+METRIC_NAMES = ("mIoU", "pixel_acc", "mean_acc", "fwIoU")
+METRIC_TITLES = {
+    "mIoU": "mIoU %",
+    "pixel_acc": "pixel acc",
+    "mean_acc": "mean acc",
+    "fwIoU": "fwIoU",
+}
+
+
+def voc_palette(n: int = 256) -> list[tuple[int, int, int]]:
+    """The PASCAL VOC colour map (bit-interleaved), the de facto segmentation palette."""
+    palette = []
+    for i in range(n):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette.append((r, g, b))
+    return palette
+
+
+@dataclass(frozen=True)
+class Head:
+    """One output of the model: its class names (index = class) and their colours."""
+
+    class_names: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.class_names:
+            raise ValueError("a head needs at least one class")
+        if not self.palette:
+            object.__setattr__(self, "palette", tuple(voc_palette()))
+        object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
+        object.__setattr__(self, "palette", tuple(tuple(int(v) for v in c) for c in self.palette))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass(frozen=True)
+class DataContract:
+    """What a DataModule gives and a model must match.
+
+    Args:
+        heads: head name -> :class:`Head`, in order; the first head picks the best checkpoint.
+        in_channels: channels of the input tensor.
+        streams: late fusion: stream name -> its channels, in input order (e.g. rgb 3, hha 3);
+            ``None`` for one network.
+        image_groups: leading groups of 3 channels that are images (normalised, shown in the
+            panels); further channels (depth) pass as they are.
+        ignore_index: label value that no loss or metric counts.
+    """
+
+    heads: Mapping[str, Head]
+    in_channels: int = 3
+    streams: Mapping[str, int] | None = None
+    image_groups: int = 1
+    ignore_index: int = IGNORE_INDEX
+    _order: tuple[str, ...] = field(default=(), repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.heads:
+            raise ValueError("a data contract needs at least one head")
+        if self.streams and sum(self.streams.values()) != self.in_channels:
+            raise ValueError(
+                f"streams {dict(self.streams)} do not add up to in_channels={self.in_channels}"
+            )
+        object.__setattr__(self, "_order", tuple(self.heads))
+
+    # --- reading
+    @property
+    def num_classes(self) -> dict[str, int]:
+        """head -> number of classes: what the model is built with."""
+        return {name: h.num_classes for name, h in self.heads.items()}
+
+    @property
+    def first_head(self) -> str:
+        return self._order[0]
+
+    @property
+    def single(self) -> bool:
+        """One head called ``out``: reports use the short form."""
+        return self._order == (SINGLE_HEAD,)
+
+    def class_names(self, head: str) -> list[str]:
+        return list(self.heads[head].class_names)
+
+    def model_inputs(self) -> dict[str, Any]:
+        """The keyword arguments of ``build_fcn`` that the data decides."""
+        kw: dict[str, Any] = {"heads": self.num_classes, "in_channels": self.in_channels}
+        if self.streams:
+            kw["streams"] = dict(self.streams)
+        return kw
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order)
+
+    # --- plain values (checkpoint hyper-parameters)
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "heads": {
+                name: {"class_names": list(h.class_names), "palette": [list(c) for c in h.palette]}
+                for name, h in self.heads.items()
+            },
+            "in_channels": self.in_channels,
+            "streams": dict(self.streams) if self.streams else None,
+            "image_groups": self.image_groups,
+            "ignore_index": self.ignore_index,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DataContract:
+        heads = {
+            str(name): Head(
+                tuple(h["class_names"]), tuple(tuple(c) for c in h.get("palette") or ())
+            )
+            for name, h in d["heads"].items()
+        }
+        return cls(
+            heads=heads,
+            in_channels=int(d.get("in_channels", 3)),
+            streams=dict(d["streams"]) if d.get("streams") else None,
+            image_groups=int(d.get("image_groups", 1)),
+            ignore_index=int(d.get("ignore_index", IGNORE_INDEX)),
+        )
+
+    @classmethod
+    def coerce(cls, contract: DataContract | Mapping[str, Any]) -> DataContract:
+        return contract if isinstance(contract, DataContract) else cls.from_dict(contract)
+
+    @classmethod
+    def from_model_settings(
+        cls,
+        settings: Mapping[str, Any],
+        class_names: Mapping[str, Sequence[str]] | Sequence[str] | None = None,
+        palette: Sequence[Sequence[int]] | None = None,
+    ) -> DataContract:
+        """The contract that a model's own settings imply (``heads`` or ``num_classes``,
+        ``in_channels``, ``streams``), for a model built without data; class names numbered
+        unless given."""
+        heads = settings.get("heads") or {SINGLE_HEAD: settings.get("num_classes", 21)}
+        names = class_names if isinstance(class_names, Mapping) else {SINGLE_HEAD: class_names}
+        streams = settings.get("streams")
+        return cls.for_classes(
+            {h: (names.get(h) or n) for h, n in heads.items()},
+            palette=palette,
+            in_channels=sum(streams.values()) if streams else settings.get("in_channels", 3),
+            streams=streams,
+        )
+
+    @classmethod
+    def for_classes(
+        cls,
+        heads: Mapping[str, int] | Mapping[str, Sequence[str]],
+        *,
+        palette: Sequence[Sequence[int]] | None = None,
+        in_channels: int = 3,
+        streams: Mapping[str, int] | None = None,
+    ) -> DataContract:
+        """A contract from class counts or class-name lists per head (numbered names when only
+        counts are known); one palette for every head."""
+        built = {}
+        for name, classes in heads.items():
+            names = [str(i) for i in range(classes)] if isinstance(classes, int) else list(classes)
+            built[str(name)] = Head(tuple(names), tuple(tuple(c) for c in palette or ()))
+        return cls(heads=built, in_channels=in_channels, streams=streams)
+
+
+# --------------------------------------------------------------------------- edges
+def tag(split: str, head: str, name: str, single: bool) -> str:
+    """A TensorBoard / logged metric name: ``val/mIoU`` with one head, ``val/sem/mIoU`` with several."""
+    return f"{split}/{name}" if single else f"{split}/{head}/{name}"
+
+
+def short_form(results: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Per-head results as reports write them: the one head's block itself when the only head is
+    ``out``, else ``{head: block}``."""
+    return results[SINGLE_HEAD] if list(results) == [SINGLE_HEAD] else results
+
+
+def long_form(block: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`short_form`: ``{head: block}`` from what a report holds."""
+    return {SINGLE_HEAD: dict(block)} if "mIoU" in block else dict(block)
+
+
+def headline(block: Mapping[str, Any]) -> float:
+    """The number sweepers optimise and summaries show: mIoU of the first head."""
+    return float(next(iter(long_form(block).values()))["mIoU"])
+
+
+def plain(value: Any) -> Any:
+    """DictConfig / ListConfig / tuples -> plain dicts and lists (checkpoint-safe hparams)."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
