@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +14,14 @@ import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fcn_lightning.models as models_pkg
 from fcn_lightning.models import (
     ARCHS,
+    FCNHead,
     PretrainedWeightsUnavailable,
+    SegmentationNet,
+    Tap,
+    Trunk,
     bilinear_kernel,
     build_fcn,
     expand_input_channels,
@@ -120,10 +128,99 @@ def test_flops_at_500_match_reference_and_same_geometry_is_cheaper():
         return counter.get_total_flops() / 1e9
 
     paper, same = gflops("paper"), gflops("same")
-    assert 355 < paper < 370, paper  # REFERENCE section 1: 363 GFLOP
+    assert 355 < paper < 370, paper  # docs/PAPER.md, Network geometry: 363 GFLOP
     # measured 216.6 GFLOP: the convs shrink ~2x without the margin, but fc6 (kept padded so any
     # input size works) costs the same 53 GFLOP in both geometries
     assert 1.6 < paper / same < 2.2, (paper, same)
+
+
+# --------------------------------------------------------------------------- trunk interface
+PAPER_OFFSETS = {  # the authors' reference code (docs/PAPER.md, Network geometry)
+    "fcn32s": {"final": 19},
+    "fcn16s": {"pool4": 5, "final": 27},
+    "fcn8s": {"pool4": 5, "pool3": 9, "final": 31},
+    "fcn8s_atonce": {"pool4": 5, "pool3": 9, "final": 31},
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_crop_offsets_derived_from_coordinate_maps(arch):
+    paper, same = tiny(arch), tiny(arch, "same")
+    assert paper.heads["out"].offsets == PAPER_OFFSETS[arch]
+    assert same.heads["out"].offsets == dict.fromkeys(PAPER_OFFSETS[arch], 0)
+    origins = {name: (t.stride, t.origin) for name, t in paper.trunk.taps.items()}
+    assert origins == {"pool3": (8, -95.5), "pool4": (16, -91.5), "final": (32, 12.5)}
+    origins = {name: (t.stride, t.origin) for name, t in same.trunk.taps.items()}
+    assert origins == {"pool3": (8, 3.5), "pool4": (16, 7.5), "final": (32, 15.5)}
+
+
+class FinalOnlyTrunk(Trunk):
+    """A toy trunk with only a stride-32 map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.geometry, self.taps = "paper", {"final": Tap(channels=4, stride=32, origin=12.5)}
+
+    def forward(self, x):
+        return {"final": F.avg_pool2d(x[:, :1].expand(-1, 4, -1, -1), 32)}
+
+    def load_pretrained(self, source, *, progress=True):
+        raise NotImplementedError
+
+
+def test_heads_take_any_trunk_and_refuse_a_missing_tap():
+    trunk = FinalOnlyTrunk()
+    head = FCNHead("fcn32s", 3, trunk)
+    assert head.offsets == {"final": 19}
+    assert head(trunk(torch.randn(1, 3, 64, 64)), 40, 50).shape == (1, 3, 40, 50)
+    with pytest.raises(
+        ValueError,
+        match=r"fcn16s needs the trunk's 'pool4' tap; FinalOnlyTrunk has only \['final'\]",
+    ):
+        FCNHead("fcn16s", 3, trunk)
+    trunk.taps["pool4"] = Tap(channels=4, stride=16, origin=-91.5)
+    with pytest.raises(ValueError, match="fcn8s needs the trunk's 'pool3' tap; FinalOnlyTrunk"):
+        FCNHead("fcn8s", 3, trunk)
+
+
+def test_fcn_and_late_fusion_share_the_interface():
+    single = tiny("fcn16s", heads={"sem": 3, "geo": 2})
+    fused = build_fcn("fcn16s", width=TINY, heads={"sem": 3, "geo": 2}, streams={"rgb": 3, "d": 1})
+    for m in (single, fused):
+        assert isinstance(m, SegmentationNet) and m.head_names == ("sem", "geo")
+        assert m.anchor.endswith("trunk.features.0.weight") and m.anchor in m.state_dict()
+
+
+def test_models_package_has_no_import_cycles_or_function_local_imports():
+    folder = Path(models_pkg.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        graph[path.stem] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                inner = [n for n in ast.walk(node) if isinstance(n, ast.Import | ast.ImportFrom)]
+                assert not inner, f"{path.name}: import inside {node.name}()"
+            if isinstance(node, ast.ImportFrom) and node.level:
+                target = "." * (node.level - 1) + (node.module or "")
+                assert not target.startswith((".data", ".module", ".pipeline")), path.name
+                if node.level == 1 and node.module:
+                    graph[path.stem].add(node.module.split(".")[0])
+            elif isinstance(node, ast.ImportFrom | ast.Import):
+                names = (
+                    [node.module]
+                    if isinstance(node, ast.ImportFrom)
+                    else [a.name for a in node.names]
+                )
+                assert not any(n and n.startswith("fcn_lightning") for n in names), path.name
+        importlib.import_module(f"fcn_lightning.models.{path.stem}".removesuffix(".__init__"))
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(
+            n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in graph[start]
+        )
+
+    assert [m for m in graph if reaches(m, m, set())] == []
 
 
 # --------------------------------------------------------------------------- upsampling
@@ -217,7 +314,7 @@ def test_convolutionalized_fc7_equals_torchvision_classifier(vgg_file):
     model = build_fcn("fcn32s", geometry="same", pretrained=path).eval()
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
-        fc7 = model.trunk(x)["fc7"]
+        fc7 = model.trunk(x)["final"]
         assert fc7.shape[-2:] == (7, 7)
         ours = fc7[0, :, 3, 3]  # centre: its receptive field is the whole 7x7 pool5
         theirs = vgg.classifier[:5](torch.flatten(vgg.avgpool(vgg.features(x)), 1))[0]

@@ -1,12 +1,20 @@
-"""FCN models on a VGG16 trunk."""
+"""FCN models on a trunk with named feature taps (VGG16 here; docs/PAPER.md, Network geometry).
 
-from .fcn import ARCHS, FCN, FCNHead, FCNSpec, build_fcn
+Import order, no module importing a later one: state, upsample, trunk, weights, vgg, base, fcn,
+fusion, transfer, build, torchfcn."""
+
+from ..normalization import CAFFE, IMAGENET, Normalization, get_normalization
+from .base import ARCHS, FCNSpec, SegmentationNet
+from .build import build_fcn
+from .fcn import FCN, FCNHead
 from .fusion import LateFusionFCN, compose_late_fusion
+from .state import model_state_dict
 from .torchfcn import export_torchfcn, import_torchfcn
-from .transfer import model_state_dict, transfer_stage
+from .transfer import transfer_stage
+from .trunk import Tap, Trunk
 from .upsample import bilinear_kernel, upsampler
 from .vgg import VGG16Trunk, expand_input_channels
-from .weights import CAFFE, IMAGENET, Normalization, PretrainedWeightsUnavailable, get_normalization
+from .weights import PretrainedWeightsUnavailable
 
 __all__ = [
     "ARCHS",
@@ -18,6 +26,9 @@ __all__ = [
     "LateFusionFCN",
     "Normalization",
     "PretrainedWeightsUnavailable",
+    "SegmentationNet",
+    "Tap",
+    "Trunk",
     "VGG16Trunk",
     "bilinear_kernel",
     "build_fcn",

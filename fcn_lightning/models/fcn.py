@@ -1,153 +1,117 @@
-"""FCN-32s, FCN-16s, FCN-8s and FCN-8s at-once on a VGG16 trunk (Long et al. 2015).
+"""FCN-32s, FCN-16s, FCN-8s and FCN-8s at-once heads on any trunk (Long et al. 2015, section 4.2).
 
-Forward contract: ``model(x)`` with ``x`` of shape (N, C, H, W) returns a dict from head name
-to logits of shape (N, classes, H, W); a single-head model has the one head ``"out"``.
+The heads read the trunk's taps and derive everything geometric from them: each upsampling
+factor from the ratio of two tap strides, each crop offset from the taps' coordinate maps
+(docs/PAPER.md, Network geometry).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import fields
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..normalization import Normalization, get_normalization
+from .base import FCNSpec, SegmentationNet
+from .trunk import Trunk
 from .upsample import upsampler
-from .vgg import BACKBONES, GEOMETRIES, VGG16Trunk
-from .weights import Normalization, get_normalization, load_trunk_state_dict
+from .vgg import TRUNKS
 
-ARCHS = ("fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce")
-# How many skips an arch fuses: the order of the staged pipeline (32s -> 16s -> 8s).
-STAGE = {"fcn32s": 0, "fcn16s": 1, "fcn8s": 2, "fcn8s_atonce": 2}
-# Crop offsets of the reference (REFERENCE section 1) in the paper geometry.
-PAPER_OFFSETS = {
-    "fcn32s": {"final": 19},
-    "fcn16s": {"pool4": 5, "final": 27},
-    "fcn8s": {"pool4": 5, "pool3": 9, "final": 31},
-}
-PAPER_OFFSETS["fcn8s_atonce"] = PAPER_OFFSETS["fcn8s"]
+# The taps each arch fuses after ``final``, coarse to fine; their count is the arch's stage in
+# the staged pipeline (32s -> 16s -> 8s).
+SKIPS = {"fcn32s": (), "fcn16s": ("pool4",), "fcn8s": ("pool4", "pool3")}
+SKIPS["fcn8s_atonce"] = SKIPS["fcn8s"]
+STAGE = {arch: len(skips) for arch, skips in SKIPS.items()}
+# The paper's layer names: the upsampling that brings the scores to a skip's stride, and the
+# last one, by the number of skips.
+UPSCORE = {"pool4": "upscore2", "pool3": "upscore_pool4"}
+FINAL_UPSCORE = ("upscore", "upscore16", "upscore8")
+# FCN-8s at-once (PAMI): skips scaled before scoring so training straight from VGG16 is stable.
+AT_ONCE_SCALES = {"pool4": 0.01, "pool3": 1e-4}
 # Layers that exist in a later stage but not in the earlier one: left at their initial values
 # (zero scores, bilinear upsampling) by the stage transfer.
-NEW_IN_STAGE = (
-    "score_pool4",
-    "score_pool3",
-    "upscore",
-    "upscore2",
-    "upscore16",
-    "upscore_pool4",
-    "upscore8",
-)
+NEW_IN_STAGE = (*(f"score_{t}" for t in UPSCORE), *UPSCORE.values(), *FINAL_UPSCORE)
 
 
-@dataclass(frozen=True)
-class FCNSpec:
-    """What fixes a model's layers and their shapes; saved in its state dict (``_extra_state``)."""
-
-    arch: str = "fcn8s"
-    heads: tuple[tuple[str, int], ...] = (("out", 21),)
-    backbone: str = "vgg16"
-    geometry: str = "paper"
-    width: float = 1.0
-    in_channels: int = 3
-
-    def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
-        if self.geometry not in GEOMETRIES:
-            raise ValueError(f"geometry must be one of {GEOMETRIES}, got {self.geometry!r}")
-        if not self.heads:
-            raise ValueError("a model needs at least one head")
-        for name, n in self.heads:
-            if not isinstance(n, int) or n < 1:
-                raise ValueError(f"head {name!r} needs a positive number of classes, got {n!r}")
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["heads"] = {name: n for name, n in self.heads}
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> FCNSpec:
-        d = dict(d)
-        d["heads"] = tuple((str(k), int(v)) for k, v in dict(d["heads"]).items())
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+def _index(value: float, what: str) -> int:
+    if value != int(value):
+        raise ValueError(f"{what} falls between pixels ({value}): the trunk's taps do not align")
+    return int(value)
 
 
-def _crop(x: torch.Tensor, offset: int, height: int, width: int) -> torch.Tensor:
-    return x[:, :, offset : offset + height, offset : offset + width]
+def _upsampled(stride: int, origin: float, factor: int, padding: int) -> tuple[int, float]:
+    """(stride, origin) after a transposed convolution of kernel 2f, stride f, padding p, which
+    maps input pixel i to output pixel ``f * i + (2f - 1) / 2 - p``."""
+    stride //= factor
+    return stride, origin - stride * ((2 * factor - 1) / 2 - padding)
+
+
+def _fuse(up: torch.Tensor, skip: torch.Tensor, offset: int) -> torch.Tensor:
+    """The sum over the region both maps cover; ``offset``: the skip pixel under up's pixel 0."""
+    a, b = max(0, -offset), max(0, offset)
+    h = min(up.shape[-2] - a, skip.shape[-2] - b)
+    w = min(up.shape[-1] - a, skip.shape[-1] - b)
+    return up[:, :, a : a + h, a : a + w] + skip[:, :, b : b + h, b : b + w]
 
 
 class FCNHead(nn.Module):
-    """Score layers and upsampling of one output head (its own score_fr and skips)."""
+    """Score layers and upsampling of one output head (its own score_fr and skips).
+
+    Carrying each map's (stride, origin) through the upsamplings gives the crop offset of every
+    skip and of the output (``offsets``). The paper geometry leaves the upsamplings unpadded
+    (offsets 19; 5, 27; 5, 9, 31, as in the reference); the same geometry pads them by f // 2
+    (every offset 0).
+    """
 
     def __init__(
-        self,
-        arch: str,
-        num_classes: int,
-        trunk: VGG16Trunk,
-        geometry: str,
-        learnable_upsampling: bool,
+        self, arch: str, num_classes: int, trunk: Trunk, learnable_upsampling: bool = True
     ) -> None:
         super().__init__()
-        self.arch, self.geometry = arch, geometry
-        n = num_classes
-        self.score_fr = nn.Conv2d(trunk.out_channels, n, 1)
-        # paper: unpadded transposed convs, then the reference's fixed crops; same: padding f/2
-        # centres each coarse cell on the pixels it pools, then a crop at 0 to the target size.
-        pad = (lambda f: 0) if geometry == "paper" else (lambda f: f // 2)
-        if arch == "fcn32s":
-            self.upscore = upsampler(n, 32, padding=pad(32), learnable=False)
-        else:
-            self.score_pool4 = nn.Conv2d(trunk.pool4_channels, n, 1)
-            self.upscore2 = upsampler(n, 2, padding=pad(2), learnable=learnable_upsampling)
-            if arch == "fcn16s":
-                self.upscore16 = upsampler(n, 16, padding=pad(16), learnable=False)
-            else:
-                self.score_pool3 = nn.Conv2d(trunk.pool3_channels, n, 1)
-                self.upscore_pool4 = upsampler(n, 2, padding=pad(2), learnable=learnable_upsampling)
-                self.upscore8 = upsampler(n, 8, padding=pad(8), learnable=False)
-        # FCN-8s at-once (PAMI): skips scaled before scoring so training straight from VGG16 is stable.
-        at_once = arch == "fcn8s_atonce"
-        self.pool4_scale = 0.01 if at_once else 1.0
-        self.pool3_scale = 1e-4 if at_once else 1.0
-        self.offsets = PAPER_OFFSETS[arch] if geometry == "paper" else None
+        self.arch, self.skips = arch, SKIPS[arch]
+        for tap in ("final", *self.skips):
+            if tap not in trunk.taps:
+                raise ValueError(
+                    f"{arch} needs the trunk's {tap!r} tap; {type(trunk).__name__} has only "
+                    f"{list(trunk.taps)}"
+                )
+        n, final = num_classes, trunk.taps["final"]
+        pad = (lambda f: f // 2) if trunk.geometry == "same" else (lambda f: 0)
+        self.score_fr = nn.Conv2d(final.channels, n, 1)
+        stride, origin = final.stride, final.origin
+        self.offsets: dict[str, int] = {}
+        for name in self.skips:
+            tap, f = trunk.taps[name], stride // trunk.taps[name].stride
+            setattr(self, f"score_{name}", nn.Conv2d(tap.channels, n, 1))
+            setattr(
+                self, UPSCORE[name], upsampler(n, f, padding=pad(f), learnable=learnable_upsampling)
+            )
+            stride, origin = _upsampled(stride, origin, f, pad(f))
+            self.offsets[name] = _index((origin - tap.origin) / tap.stride, f"{arch}'s {name} crop")
+            origin = max(origin, tap.origin)  # the fused map: where both maps are
+        self.final = FINAL_UPSCORE[len(self.skips)]
+        setattr(self, self.final, upsampler(n, stride, padding=pad(stride), learnable=False))
+        stride, origin = _upsampled(stride, origin, stride, pad(stride))
+        self.offsets["final"] = _index(-origin, f"{arch}'s output crop")
+        self.scales = {t: AT_ONCE_SCALES[t] if arch == "fcn8s_atonce" else 1.0 for t in self.skips}
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):  # zero-initialised scores (the paper)
+            if isinstance(m, nn.Conv2d):  # zero-initialised scores (paper, section 4.3)
                 nn.init.zeros_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def _fuse(self, up: torch.Tensor, skip: torch.Tensor, name: str) -> torch.Tensor:
-        if self.offsets is not None:
-            return up + _crop(skip, self.offsets[name], up.shape[-2], up.shape[-1])
-        return _crop(up, 0, skip.shape[-2], skip.shape[-1]) + skip
-
     def forward(self, feats: dict[str, torch.Tensor], height: int, width: int) -> torch.Tensor:
-        score = self.score_fr(feats["fc7"])
-        if self.arch == "fcn32s":
-            out = self.upscore(score)
-        else:
-            score = self._fuse(
-                self.upscore2(score), self.score_pool4(feats["pool4"] * self.pool4_scale), "pool4"
-            )
-            if self.arch == "fcn16s":
-                out = self.upscore16(score)
-            else:
-                score = self._fuse(
-                    self.upscore_pool4(score),
-                    self.score_pool3(feats["pool3"] * self.pool3_scale),
-                    "pool3",
-                )
-                out = self.upscore8(score)
-        offset = self.offsets["final"] if self.offsets is not None else 0
-        return _crop(out, offset, height, width)
+        score = self.score_fr(feats["final"])
+        for name in self.skips:
+            skip = getattr(self, f"score_{name}")(feats[name] * self.scales[name])
+            score = _fuse(getattr(self, UPSCORE[name])(score), skip, self.offsets[name])
+        o = self.offsets["final"]
+        return getattr(self, self.final)(score)[:, :, o : o + height, o : o + width]
 
 
-class FCN(nn.Module):
-    """A VGG16 trunk and one or more FCN heads sharing it."""
+class FCN(SegmentationNet):
+    """A trunk and one or more FCN heads sharing it."""
 
     def __init__(
         self,
@@ -160,16 +124,12 @@ class FCN(nn.Module):
         super().__init__()
         self.spec = spec
         self.normalization = get_normalization(normalization)
-        self.trunk = VGG16Trunk(
-            width=spec.width,
-            batch_norm=spec.backbone == "vgg16_bn",
-            geometry=spec.geometry,
-            in_channels=spec.in_channels,
-            dropout=dropout,
+        self.trunk = TRUNKS[spec.backbone](
+            width=spec.width, geometry=spec.geometry, in_channels=spec.in_channels, dropout=dropout
         )
         self.heads = nn.ModuleDict(
             {
-                name: FCNHead(spec.arch, n, self.trunk, spec.geometry, learnable_upsampling)
+                name: FCNHead(spec.arch, n, self.trunk, learnable_upsampling)
                 for name, n in spec.heads
             }
         )
@@ -203,82 +163,8 @@ class FCN(nn.Module):
     @classmethod
     def from_state_dict(cls, state: Mapping[str, torch.Tensor], **kwargs: Any) -> FCN:
         """Build the model a state dict (with its ``_extra_state``) was saved from and load it."""
-        if "_extra_state" not in state:
+        if "arch" not in state.get("_extra_state", {}):  # none, or a late-fusion net's
             raise ValueError("state dict has no '_extra_state' entry saying how the FCN was built")
         model = cls(FCNSpec.from_dict(state["_extra_state"]), **kwargs)
         model.load_state_dict(state)
         return model
-
-    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters split as the paper's solver treats them: weights and biases."""
-        groups: dict[str, list[nn.Parameter]] = {"weight": [], "bias": []}
-        for name, p in self.named_parameters():
-            if p.requires_grad:
-                groups["bias" if name.endswith("bias") else "weight"].append(p)
-        return groups
-
-
-def build_fcn(
-    arch: str = "fcn8s",
-    *,
-    num_classes: int = 21,
-    heads: Mapping[str, int] | None = None,
-    backbone: str = "vgg16",
-    geometry: str = "paper",
-    width: float = 1.0,
-    pretrained: str | Path | None = None,
-    in_channels: int = 3,
-    learnable_upsampling: bool = True,
-    dropout: float = 0.5,
-    normalization: str | Normalization | None = None,
-    streams: Mapping[str, int] | None = None,
-    progress: bool = True,
-) -> FCN:
-    """Build an FCN from plain arguments.
-
-    Args:
-        arch: ``fcn32s``, ``fcn16s``, ``fcn8s`` or ``fcn8s_atonce``.
-        num_classes: classes of the single head ``"out"`` (ignored when ``heads`` is given).
-        heads: several heads sharing the trunk, e.g. ``{"sem": 33, "geo": 3}`` (SIFT Flow).
-        backbone: ``vgg16`` or ``vgg16_bn`` (batch norm, for training from scratch).
-        geometry: ``paper`` (pad 100, the reference crops) or ``same`` (no margin, ~half the FLOPs).
-        width: multiplier on every channel count; 1.0 is the paper's VGG16.
-        pretrained: ``None`` (random trunk), ``"imagenet"`` (torchvision's weights API) or the
-            path of a local torchvision-layout VGG16 state dict.
-        in_channels: input channels; extra channels' conv1_1 filters start as the RGB mean.
-        learnable_upsampling: learn the intermediate 2x upsamplings (the final one stays fixed).
-        normalization: ``imagenet`` or ``caffe`` input normalisation the model expects; defaults
-            to ``imagenet`` (what torchvision's weights need).
-        streams: late fusion, e.g. ``{"rgb": 3, "hha": 3}``: one FCN per stream on its own input
-            channels (in that order), score maps averaged. ``in_channels`` is then ignored.
-    """
-    if streams:
-        from .fusion import LateFusionFCN
-
-        kw = dict(num_classes=num_classes, heads=heads, backbone=backbone, geometry=geometry, width=width,
-                  pretrained=pretrained, learnable_upsampling=learnable_upsampling, dropout=dropout,
-                  normalization=normalization, progress=progress)  # fmt: skip
-        return LateFusionFCN(
-            {name: build_fcn(arch, in_channels=int(c), **kw) for name, c in streams.items()}
-        )
-    spec = FCNSpec(
-        arch=arch,
-        heads=tuple((str(k), int(v)) for k, v in heads.items())
-        if heads
-        else (("out", int(num_classes)),),
-        backbone=backbone,
-        geometry=geometry,
-        width=float(width),
-        in_channels=int(in_channels),
-    )
-    model = FCN(
-        spec,
-        learnable_upsampling=learnable_upsampling,
-        dropout=dropout,
-        normalization=normalization or "imagenet",
-    )
-    if pretrained:
-        model.trunk.load_torchvision_state_dict(
-            load_trunk_state_dict(pretrained, backbone, progress=progress)
-        )
-    return model

@@ -1,4 +1,5 @@
-"""Late fusion (the paper's RGB-HHA net): one FCN stream per channel group, scores averaged."""
+"""Late fusion (the paper's RGB-HHA net, section 5): one FCN stream per channel group, scores
+averaged (docs/PAPER.md, Datasets on disk)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .base import SegmentationNet
 from .fcn import FCN
+from .state import model_state_dict
 
 
-class LateFusionFCN(nn.Module):
+class LateFusionFCN(SegmentationNet):
     """FCN streams that each see their own channels of one input (e.g. RGB = channels 0-2, HHA =
     3-5); the output is the average of the streams' score maps, per head."""
 
@@ -47,13 +50,6 @@ class LateFusionFCN(nn.Module):
         ]
         return {head: torch.stack([o[head] for o in outs]).mean(0) for head in outs[0]}
 
-    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        groups: dict[str, list[nn.Parameter]] = {"weight": [], "bias": []}
-        for stream in self.streams.values():
-            for key, params in stream.parameter_groups().items():
-                groups[key] += params
-        return groups
-
     def get_extra_state(self) -> dict[str, Any]:
         return {"fusion": "late", "streams": {n: s.spec.as_dict() for n, s in self.streams.items()}}
 
@@ -67,8 +63,6 @@ class LateFusionFCN(nn.Module):
 def compose_late_fusion(sources: Mapping[str, Any]) -> LateFusionFCN:
     """A late-fusion net from trained single-modality FCNs (models, state dicts or checkpoints),
     as the paper composed RGB-HHA from its RGB and HHA nets: ``{"rgb": ..., "hha": ...}``."""
-    from .transfer import model_state_dict
-
     return LateFusionFCN(
         {name: FCN.from_state_dict(model_state_dict(src)) for name, src in sources.items()}
     )

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..checkpoints import load_weights_only
-from .fcn import FCN, build_fcn
+from .build import build_fcn
+from .fcn import FCN
 
 _BLOCKS = (2, 2, 3, 3, 3)  # convs per VGG16 block
 # upsampling layer that tells the arch apart

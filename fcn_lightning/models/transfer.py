@@ -1,57 +1,27 @@
-"""Stage-to-stage weight transfer: FCN-32s -> FCN-16s -> FCN-8s (the paper's staged training)."""
+"""Stage-to-stage weight transfer: FCN-32s -> FCN-16s -> FCN-8s (the paper's staged training,
+section 4.2; docs/PAPER.md, Training recipes)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from pathlib import Path
-
 import torch
-from torch import nn
 
-from ..checkpoints import load_weights_only
-from .fcn import FCN, NEW_IN_STAGE, STAGE, FCNSpec
-
-StateSource = FCN | nn.Module | Mapping[str, torch.Tensor] | str | Path
-
-
-def model_state_dict(
-    source: StateSource, anchor: str = "trunk.features.0.weight"
-) -> dict[str, torch.Tensor]:
-    """The FCN state dict of a model, a state dict, or a file (a Lightning checkpoint or a
-    ``torch.save``'d state dict); any prefix before ``anchor`` (``model.`` in a
-    LightningModule's checkpoint) is stripped."""
-    if isinstance(source, nn.Module):
-        state = source.state_dict()
-    elif isinstance(source, str | Path):
-        state = load_weights_only(source)
-        if isinstance(state, Mapping) and "state_dict" in state:
-            state = state["state_dict"]
-    else:
-        state = source
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{source!r} does not hold a state dict")
-    found = next((k for k in state if k.endswith(anchor)), None)
-    if found is None:
-        where = source if isinstance(source, str | Path) else "state dict"
-        raise ValueError(f"{where} holds no FCN weights (no '...{anchor}' key)")
-    prefix = found[: -len(anchor)]
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+from .base import FCNSpec, SegmentationNet
+from .fcn import NEW_IN_STAGE, STAGE
+from .fusion import LateFusionFCN
+from .state import StateSource, model_state_dict
 
 
 @torch.no_grad()
-def transfer_stage(source: StateSource, target: FCN) -> FCN:
+def transfer_stage(source: StateSource, target: SegmentationNet) -> SegmentationNet:
     """Copy every layer ``target`` shares with ``source`` (an earlier or the same stage).
 
     Layers new in ``target`` (score_pool4, score_pool3 and their upsamplings) keep their initial
     values, zero scores and bilinear kernels, so the new stage starts from the previous stage's
     predictions. Raises ``ValueError`` naming the layer and both shapes when the two disagree.
+    A late-fusion target is filled stream by stream from a late-fusion source.
     """
-    from .fusion import LateFusionFCN
-
-    if isinstance(target, LateFusionFCN):  # stream by stream, from a fused source
-        state = model_state_dict(
-            source, f"streams.{next(iter(target.streams))}.trunk.features.0.weight"
-        )
+    state = model_state_dict(source, target.anchor)
+    if isinstance(target, LateFusionFCN):
         for name, stream in target.streams.items():
             sub = {
                 k[len(f"streams.{name}.") :]: v
@@ -64,7 +34,6 @@ def transfer_stage(source: StateSource, target: FCN) -> FCN:
                 )
             transfer_stage(sub, stream)
         return target
-    state = model_state_dict(source)
     if state.get("_extra_state"):
         src = FCNSpec.from_dict(state["_extra_state"])
         for field in ("heads", "backbone", "geometry", "width", "in_channels"):

@@ -1,4 +1,5 @@
-"""Bilinear upsampling kernels for the FCN's transposed convolutions (REFERENCE section 1)."""
+"""Bilinear upsampling kernels for the FCN's transposed convolutions (paper, section 3.3;
+docs/PAPER.md, Network geometry)."""
 
 from __future__ import annotations
 

@@ -1,18 +1,22 @@
 """VGG16 trunk for the FCN: torchvision's VGG16 feature layers, fc6/fc7 as convolutions.
 
 Keys follow torchvision (``features.N.*``) so that its ImageNet state dict loads as it is; the
-classifier's first two Linear layers are reshaped ("convolutionalized") into ``fc6`` (7x7) and
-``fc7`` (1x1).
+classifier's first two Linear layers are reshaped ("convolutionalized", paper, section 3.1) into
+``fc6`` (7x7) and ``fc7`` (1x1).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
 
-GEOMETRIES = ("paper", "same")
-BACKBONES = ("vgg16", "vgg16_bn")
+from .trunk import GEOMETRIES, Tap, Trunk, coord_map
+from .weights import load_trunk_state_dict
 
 
 def scaled(channels: int, width: float) -> int:
@@ -33,12 +37,16 @@ def expand_input_channels(weight: torch.Tensor, in_channels: int) -> torch.Tenso
     return torch.cat([weight, extra], dim=1)
 
 
-class VGG16Trunk(nn.Module):
-    """VGG16 conv1_1 .. fc7; ``forward`` returns pool3, pool4 and the fc7 output.
+class VGG16Trunk(Trunk):
+    """VGG16 conv1_1 .. fc7; ``forward`` returns the taps pool3, pool4 and final (fc7).
 
-    ``geometry="paper"``: conv1_1 padding 100, ceil-mode pooling, fc6 unpadded (the reference).
-    ``geometry="same"``: conv1_1 padding 1, ceil-mode pooling, fc6 padded by 3, so the stride-32
-    map covers the input without the 100-pixel margin.
+    ``geometry="paper"``: conv1_1 padding 100, ceil-mode pooling, fc6 unpadded (docs/PAPER.md,
+    Network geometry). ``geometry="same"``: conv1_1 padding 1, ceil-mode pooling, fc6 padded by
+    3, so the stride-32 map covers the input without the 100-pixel margin.
+
+    Tap origins follow from the layers (:func:`coord_map`): conv1_1 moves the origin by 1 - pad,
+    each pool by half the stride before it, fc6 by 32 * (3 - pad): pool3 8i - 95.5, pool4
+    16i - 91.5, final 32i + 12.5 (paper); 8i + 3.5, 16i + 7.5, 32i + 15.5 (same).
     """
 
     def __init__(
@@ -57,6 +65,7 @@ class VGG16Trunk(nn.Module):
             raise ValueError(f"width must be > 0, got {width}")
         if in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        self.geometry, self.backbone = geometry, "vgg16_bn" if batch_norm else "vgg16"
         cfg = [v if v == "M" else scaled(v, width) for v in cfgs["D"]]
         self.features = make_layers(cfg, batch_norm=batch_norm)
         first = self.features[0]
@@ -68,8 +77,6 @@ class VGG16Trunk(nn.Module):
             if isinstance(layer, nn.MaxPool2d):
                 layer.ceil_mode = True  # Caffe rounds pooling up
                 pools.append(i)
-        self.pool3_index, self.pool4_index = pools[2], pools[3]
-        self.pool3_channels, self.pool4_channels = scaled(256, width), scaled(512, width)
         c5, cfc = scaled(512, width), scaled(4096, width)
         self.fc6 = nn.Conv2d(c5, cfc, 7, padding=0 if geometry == "paper" else 3)
         self.relu6 = nn.ReLU(inplace=True)
@@ -77,7 +84,12 @@ class VGG16Trunk(nn.Module):
         self.fc7 = nn.Conv2d(cfc, cfc, 1)
         self.relu7 = nn.ReLU(inplace=True)
         self.drop7 = nn.Dropout(dropout)
-        self.out_channels = cfc
+        self.tap_at = {pools[2]: "pool3", pools[3]: "pool4"}  # feature index -> tap
+        self.taps = {
+            "pool3": Tap(scaled(256, width), *coord_map(self.features[: pools[2] + 1])),
+            "pool4": Tap(scaled(512, width), *coord_map(self.features[: pools[3] + 1])),
+            "final": Tap(cfc, *coord_map([*self.features, self.fc6, self.fc7])),
+        }
         for m in self.modules():
             if isinstance(m, nn.Conv2d):  # torchvision's VGG initialisation
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -91,13 +103,17 @@ class VGG16Trunk(nn.Module):
         out: dict[str, torch.Tensor] = {}
         for i, layer in enumerate(self.features):
             x = layer(x)
-            if i == self.pool3_index:
-                out["pool3"] = x
-            elif i == self.pool4_index:
-                out["pool4"] = x
+            if i in self.tap_at:
+                out[self.tap_at[i]] = x
         x = self.drop6(self.relu6(self.fc6(x)))
-        out["fc7"] = self.drop7(self.relu7(self.fc7(x)))
+        out["final"] = self.drop7(self.relu7(self.fc7(x)))
         return out
+
+    def load_pretrained(self, source: str | Path, *, progress: bool = True) -> None:
+        """Load ``"imagenet"`` (torchvision's weights) or a torchvision-layout VGG16 file."""
+        self.load_torchvision_state_dict(
+            load_trunk_state_dict(source, self.backbone, progress=progress)
+        )
 
     @torch.no_grad()
     def load_torchvision_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -134,3 +150,11 @@ class VGG16Trunk(nn.Module):
                     f"{tuple(own[key].shape)} (pretrained weights need width=1.0 and the matching backbone)"
                 )
         self.load_state_dict(mapped, strict=True)
+
+
+# backbone name -> trunk constructor (keyword arguments width, geometry, in_channels, dropout)
+TRUNKS: dict[str, Callable[..., Trunk]] = {
+    "vgg16": partial(VGG16Trunk, batch_norm=False),
+    "vgg16_bn": partial(VGG16Trunk, batch_norm=True),
+}
+BACKBONES = tuple(TRUNKS)

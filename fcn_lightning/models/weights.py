@@ -1,58 +1,18 @@
-"""Pretrained VGG16 trunk weights and the input normalisation that goes with them.
+"""Pretrained VGG16 trunk weights (docs/PAPER.md, Network geometry).
 
-The weights and the normalisation they expect travel together (as torchvision's weight enums
-do): ``"imagenet"`` is torchvision's ImageNet VGG16, fed RGB in 0..1 normalised by the ImageNet
-mean/std; ``"caffe"`` is the authors' Caffe VGG16 (converted to a state dict), fed BGR 0..255
-minus the Caffe mean.
+The input normalisation each set of weights expects lives in :mod:`fcn_lightning.normalization`;
+it is re-exported here for older imports.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torchvision.models import VGG16_BN_Weights, VGG16_Weights
 
 from ..checkpoints import load_weights_only
-
-
-@dataclass(frozen=True)
-class Normalization:
-    """Per-channel normalisation of an RGB 0..1 image tensor.
-
-    ``x' = (x[order] * scale - mean) / std``; ``bgr`` reverses the channel order first.
-    """
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    scale: float = 1.0
-    bgr: bool = False
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-IMAGENET = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-# The reference code's BGR mean (REFERENCE section 2), on 0..255 pixel values.
-CAFFE = Normalization(
-    mean=(104.00699, 116.66877, 122.67891), std=(1.0, 1.0, 1.0), scale=255.0, bgr=True
-)
-NORMALIZATIONS = {"imagenet": IMAGENET, "caffe": CAFFE}
-
-
-def get_normalization(name: str | Normalization | dict) -> Normalization:
-    if isinstance(name, Normalization):
-        return name
-    if isinstance(name, dict):
-        return Normalization(**{k: tuple(v) if isinstance(v, list) else v for k, v in name.items()})
-    try:
-        return NORMALIZATIONS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown normalization {name!r}; expected one of {sorted(NORMALIZATIONS)}"
-        ) from None
+from ..normalization import CAFFE, IMAGENET, Normalization, get_normalization  # noqa: F401
 
 
 class PretrainedWeightsUnavailable(RuntimeError):

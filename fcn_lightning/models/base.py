@@ -1,0 +1,97 @@
+"""What every model of this package is: a :class:`SegmentationNet` built from an :class:`FCNSpec`.
+
+Forward contract: ``model(x)`` with ``x`` of shape (N, C, H, W) returns a dict from head name
+to logits of shape (N, classes, H, W); a single-head model has the one head ``"out"``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..normalization import Normalization
+from .trunk import GEOMETRIES
+from .vgg import BACKBONES
+
+ARCHS = ("fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce")
+
+
+@dataclass(frozen=True)
+class FCNSpec:
+    """What fixes a model's layers and their shapes; saved in its state dict (``_extra_state``)."""
+
+    arch: str = "fcn8s"
+    heads: tuple[tuple[str, int], ...] = (("out", 21),)
+    backbone: str = "vgg16"
+    geometry: str = "paper"
+    width: float = 1.0
+    in_channels: int = 3
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if self.geometry not in GEOMETRIES:
+            raise ValueError(f"geometry must be one of {GEOMETRIES}, got {self.geometry!r}")
+        if not self.heads:
+            raise ValueError("a model needs at least one head")
+        for name, n in self.heads:
+            if not isinstance(n, int) or n < 1:
+                raise ValueError(f"head {name!r} needs a positive number of classes, got {n!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["heads"] = {name: n for name, n in self.heads}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FCNSpec:
+        d = dict(d)
+        d["heads"] = tuple((str(k), int(v)) for k, v in dict(d["heads"]).items())
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+class SegmentationNet(nn.Module, ABC):
+    """The interface the training code relies on, shared by ``FCN`` and ``LateFusionFCN``.
+
+    ``spec`` says how the model was built and travels in its state dict (``get_extra_state``);
+    ``normalization`` is what its input must be normalised by.
+    """
+
+    spec: FCNSpec
+    normalization: Normalization
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits (N, classes, H, W) per head, for an input (N, ``spec.in_channels``, H, W)."""
+
+    @abstractmethod
+    def get_extra_state(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def set_extra_state(self, state: Any) -> None: ...
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.spec.heads)
+
+    @property
+    def anchor(self) -> str:
+        """The key of the first parameter: marks where this model's keys start in a larger state
+        dict (``model.`` in a Lightning checkpoint)."""
+        return next(name for name, _ in self.named_parameters())
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters split as the paper's solver treats them: weights and biases
+        (docs/PAPER.md, Training recipes)."""
+        groups: dict[str, list[nn.Parameter]] = {"weight": [], "bias": []}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                groups["bias" if name.endswith("bias") else "weight"].append(p)
+        return groups
