@@ -332,3 +332,8 @@ def write_binary_masks_folder(
         )
     (root / "classes.txt").write_text("background\nobject\n")
     return root
+
+
+def one_head(sample):
+    """(image, labels of the single head "out") of a sample or batch ``(image, {"out": labels})``."""
+    return sample[0], sample[1]["out"]

@@ -13,6 +13,7 @@ from dataset_writers import (
     VARIED_FOLDER,
     VARIED_VOC,
     make_label,
+    one_head,
     save_palette_png,
     save_png16_rgb,
     save_varied_image,
@@ -67,14 +68,14 @@ def test_voc_loads_with_shapes_dtypes_and_255(voc_root):
     dm.setup("validate")
     ds = dm.datasets["val"]
     assert len(ds) == 2
-    image, label = ds[0]
+    image, label = one_head(ds[0])
     assert image.shape == (3, 30, 40) and image.dtype == torch.float32
     assert label.shape == (30, 40) and label.dtype == torch.int64
     values = set(label.unique().tolist())
     assert 255 in values and values <= set(range(21)) | {255}
     raw = np.asarray(Image.open(voc_root / "VOCdevkit/VOC2012/SegmentationClass/2012_b.png"))
     assert torch.equal(label, torch.from_numpy(raw.astype(np.int64)))
-    assert dm.num_classes == 21 and dm.class_names[15] == "person"
+    assert dm.contract.num_classes == {"out": 21} and dm.class_names[15] == "person"
 
 
 def test_sbd_mat_labels_load(voc_root):
@@ -84,7 +85,7 @@ def test_sbd_mat_labels_load(voc_root):
     mat = scipy.io.loadmat(voc_root / "benchmark_RELEASE/dataset/cls/2008_z.mat")
     expected = mat["GTcls"][0]["Segmentation"][0]
     assert expected.dtype == np.uint8
-    _, label = dm.datasets["val"][0]
+    _, label = one_head(dm.datasets["val"][0])
     assert torch.equal(label, torch.from_numpy(expected.astype(np.int64)))
 
 
@@ -116,13 +117,13 @@ def test_real_voc_mini_files():
     sizes = set()
     for image, label in (dm.datasets["val"].load(i)[:2] for i in dm.datasets["val"].ids):
         sizes.add(tuple(image.shape[-2:]))
-        label = np.asarray(label)
+        label = np.asarray(label["out"])
         assert (label == 255).any()  # the void border
         assert set(np.unique(label).tolist()) <= set(range(21)) | {255}
     assert sizes <= {(375, 500), (338, 500)}
-    images, labels = next(iter(dm.val_dataloader()))  # whole images, padded to the larger one
+    images, labels = one_head(next(iter(dm.val_dataloader())))  # whole images, padded to the larger one
     assert images.shape[0] == 2 and labels.shape == images.shape[:1] + images.shape[2:]
-    images, labels = next(iter(dm.train_dataloader()))
+    images, labels = one_head(next(iter(dm.train_dataloader())))
     assert images.shape == (2, 3, 96, 96) and labels.shape == (2, 96, 96)
     # the label check on real files, whose folder is read-only: the cache lives elsewhere
     dm = VOCDataModule(SHARED_DATA / "voc_mini", year=2012, train_split="train", val_split="val")
@@ -204,9 +205,9 @@ def test_caffe_normalization_is_bgr_minus_mean():
 
 
 def test_pad_collate_pads_labels_with_ignore():
-    a = (torch.ones(3, 4, 5), torch.zeros(4, 5, dtype=torch.long))
-    b = (torch.ones(3, 6, 3), torch.ones(6, 3, dtype=torch.long))
-    images, labels = pad_collate([a, b])
+    a = (torch.ones(3, 4, 5), {"out": torch.zeros(4, 5, dtype=torch.long)})
+    b = (torch.ones(3, 6, 3), {"out": torch.ones(6, 3, dtype=torch.long)})
+    images, labels = one_head(pad_collate([a, b]))
     assert images.shape == (2, 3, 6, 5) and labels.shape == (2, 6, 5)
     assert (
         (labels[0, 4:] == 255).all()
@@ -228,7 +229,7 @@ def test_folder_with_classes_txt_and_index_pngs(tmp_path):
     dm = eval_dm(FolderDataModule, tmp_path)
     dm.setup("fit")
     assert dm.class_names == ("bg", "cat", "dog") and len(dm.datasets["train"]) == 2
-    image, label = dm.datasets["val"][0]
+    image, label = one_head(dm.datasets["val"][0])
     assert image.shape == (3, 24, 32) and 255 in label.unique().tolist()
 
 
@@ -244,11 +245,11 @@ def test_synthetic_is_deterministic_and_has_fine_structure():
     dm = eval_dm(SyntheticDataModule, None, train_size=4, val_size=4, image_size=64)
     dm.setup("fit")
     a, b = dm.datasets["train"][2], dm.datasets["train"][2]
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert not torch.equal(dm.datasets["train"][0][1], dm.datasets["val"][0][1])
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1]["out"], b[1]["out"])
+    assert not torch.equal(dm.datasets["train"][0][1]["out"], dm.datasets["val"][0][1]["out"])
     counts = torch.zeros(5)
     for i in range(4):
-        counts += torch.bincount(dm.datasets["train"][i][1].flatten(), minlength=5)
+        counts += torch.bincount(dm.datasets["train"][i][1]["out"].flatten(), minlength=5)
     assert (counts[1:4] > 0).all()
     assert counts[3] < counts[1]  # dots are small
 
@@ -264,12 +265,12 @@ def test_synthetic_written_to_disk_reads_back_identically(tmp_path):
         assert len(folder.datasets[split]) == len(syn.datasets[split])
         for i in range(len(syn.datasets[split])):
             (x1, y1), (x2, y2) = syn.datasets[split][i], folder.datasets[split][i]
-            assert torch.equal(x1, x2) and torch.equal(y1, y2)
+            assert torch.equal(x1, x2) and torch.equal(y1["out"], y2["out"])
 
 
 def test_loader_workers_pickle_the_dataset():
     dm = SyntheticDataModule(train_size=4, val_size=2, image_size=32, batch_size=2, num_workers=2)
-    images, labels = next(iter(dm.train_dataloader()))
+    images, labels = one_head(next(iter(dm.train_dataloader())))
     assert images.shape == (2, 3, 32, 32) and labels.shape == (2, 32, 32)
 
 
@@ -517,15 +518,15 @@ def test_varied_voc_loads_every_format_and_size(tmp_path, monkeypatch):
     seen = set()
     for key in ("train", "val"):
         for k in range(len(dm.datasets[key])):
-            image, label = dm.datasets[key][k]
+            image, label = one_head(dm.datasets[key][k])
             assert image.shape[0] == 3 and image.shape[1:] == label.shape
             assert set(label.unique().tolist()) <= set(range(21)) | {255}
             seen.add(tuple(label.shape))
     assert seen == sizes
-    images, labels = next(iter(dm.val_dataloader()))  # widths differ: padded to the largest
+    images, labels = one_head(next(iter(dm.val_dataloader())))  # widths differ: padded to the largest
     assert images.shape == (4, 3, 48, 48) and (labels == 255).any()
     # the label check reads the palette and 'L' labels as training does
-    labels = [dm.datasets["val"][k][1] for k in range(len(dm.datasets["val"]))]
+    labels = [dm.datasets["val"][k][1]["out"] for k in range(len(dm.datasets["val"]))]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # classes absent from so small a split
         report = dm.check_labels(["val"])
@@ -540,7 +541,7 @@ def test_varied_folder_decodes_16bit_and_alpha_images(tmp_path):
     assert len(dm.datasets["train"]) + len(dm.datasets["val"]) == len(VARIED_FOLDER)
     for key in ("train", "val"):
         for k in range(len(dm.datasets[key])):
-            image, label = dm.datasets[key][k]
+            image, label = one_head(dm.datasets[key][k])
             assert image.shape[1:] == label.shape and image.mean() < 0.8  # not saturated
     stored = np.asarray(Image.open(tmp_path / "JPEGImages/gray16.png")) / 65535
     image, _ = dm.datasets["val"][dm.datasets["val"].ids.index("gray16")]
@@ -551,11 +552,11 @@ def test_label_map_makes_0_255_masks_train_ready(tmp_path):
     write_binary_masks_folder(tmp_path)
     plain = eval_dm(FolderDataModule, tmp_path)
     plain.setup("validate")
-    assert set(plain.datasets["val"][0][1].unique().tolist()) == {0, 255}  # objects ignored
+    assert set(plain.datasets["val"][0][1]["out"].unique().tolist()) == {0, 255}  # objects ignored
     mapped = eval_dm(FolderDataModule, tmp_path, label_map={255: 1})
     mapped.setup("validate")
     for k in range(len(mapped.datasets["val"])):
-        assert set(mapped.datasets["val"][k][1].unique().tolist()) == {0, 1}
+        assert set(mapped.datasets["val"][k][1]["out"].unique().tolist()) == {0, 1}
     bad = eval_dm(FolderDataModule, tmp_path, label_map={255: 7})  # mapped out of range
     bad.setup("validate")
     with pytest.raises(DataError, match=r"label .*img_004.png has values \[7\] outside 0..1"):

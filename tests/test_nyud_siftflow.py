@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
-from dataset_writers import SIFT_SUBDIR, write_nyud, write_siftflow
+from dataset_writers import SIFT_SUBDIR, one_head, write_nyud, write_siftflow
 from test_app import NO_DATA, cfg_of, run
 
 from fcn_lightning.data import DataError, NYUDDataModule, SiftFlowDataModule
@@ -43,19 +43,19 @@ def sift(tmp_path):
 def test_nyud_modalities(nyud, modality, channels):
     dm = NYUDDataModule(nyud, modality=modality, **WHOLE)
     dm.setup("fit")
-    assert dm.in_channels == channels and len(dm.datasets["train"]) == 3  # trainval = 2 + 1
+    assert dm.contract.in_channels == channels and len(dm.datasets["train"]) == 3  # trainval = 2 + 1
     assert len(dm.datasets["val"]) == 2  # the test split
-    image, label = dm.datasets["train"][0]
+    image, label = one_head(dm.datasets["train"][0])
     assert image.shape == (channels, 30, 40) and image.dtype == torch.float32
     assert label.shape == (30, 40) and label.dtype == torch.int64
-    assert dm.num_classes == 40 and dm.class_names[0] == "wall"
+    assert dm.contract.num_classes == {"out": 40} and dm.contract.class_names("out")[0] == "wall"
 
 
 def test_nyud_label_mapping(nyud):
     seg = scipy.io.loadmat(nyud / "segmentation" / "img_5004.mat")["segmentation"]
     dm = NYUDDataModule(nyud, **WHOLE)
     dm.setup("validate")
-    _, label = dm.datasets["val"][0]
+    _, label = one_head(dm.datasets["val"][0])
     label = label.numpy()
     assert (label[seg == 0] == 255).all()  # void
     assert (label[seg > 0] == seg[seg > 0] - 1).all()  # 1..40 -> 0..39
@@ -151,7 +151,7 @@ def test_siftflow_splits_and_label_mapping(sift):
     ):
         dm.setup("fit")
     assert len(dm.datasets["train"]) == 3 and len(dm.datasets["val"]) == 2
-    assert dm.heads == {"sem": 33, "geo": 3}
+    assert dm.contract.num_classes == {"sem": 33, "geo": 3}
     _, target = dm.datasets["val"][0]
     assert set(target) == {"sem", "geo"}
     sem = scipy.io.loadmat(sift / "SemanticLabels" / SIFT_SUBDIR / "coast_t1.mat")["S"]
@@ -185,7 +185,7 @@ def test_two_headed_module_metrics_per_head():
 
 
 def test_exclude_absent_classes_switch():
-    from fcn_lightning.module import HeadMetrics
+    from fcn_lightning.metrics import HeadMetrics
 
     full, excl = HeadMetrics(3), HeadMetrics(3, exclude_absent=True)
     pred = torch.tensor([0, 1, 2, 2])

@@ -1,21 +1,15 @@
 """Segmentation DataModules: PASCAL VOC (+ SBD), VOC-layout folders, NYUDv2, SIFT Flow,
 synthetic scenes; image and label readers; the label check run before training."""
 
-from .base import (
-    DataError,
-    SegmentationDataModule,
-    SegmentationDataset,
-    pad_collate,
-    read_image,
-    read_label_png,
-    voc_palette,
-)
+from ..contract import IGNORE_INDEX, voc_palette
+from .base import SegmentationDataModule, SegmentationDataset, pad_collate
 from .folder import FolderDataModule
 from .labelcheck import LabelReport, SplitLabels
 from .nyud import NYUD_CLASSES, NYUDDataModule
+from .readers import DataError, read_image, read_label_png
 from .siftflow import GEOMETRIC_CLASSES, SEMANTIC_CLASSES, SiftFlowDataModule
 from .synthetic import SyntheticDataModule, render_scene
-from .transforms import IGNORE_INDEX, NormalizeImage, RandomScale, eval_transforms, train_transforms
+from .transforms import NormalizeImage, RandomScale, eval_transforms, train_transforms
 from .voc import VOC_CLASSES, VOCDataModule
 
 __all__ = [

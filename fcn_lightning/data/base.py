@@ -1,240 +1,67 @@
 """Common base of the segmentation datasets and DataModules.
 
-A sample is ``(image, target)``: a float tensor (C, H, W) normalised for the model, and an int64
-label map (H, W) with 255 = ignore (a dict of label maps for multi-head datasets).
+A sample is ``(image, targets)``: a float tensor (C, H, W) normalised for the model, and a dict
+from head name to an int64 label map (H, W) with 255 = ignore (``{"out": labels}`` with one
+head). A DataModule publishes what it gives as its ``contract`` (:mod:`fcn_lightning.contract`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
-import scipy.io
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 
-from .transforms import IGNORE_INDEX, eval_transforms, train_transforms
-
-if TYPE_CHECKING:
-    from .labelcheck import LabelReport
+from ..contract import IGNORE_INDEX, SINGLE_HEAD, DataContract, Head, voc_palette
+from .labelcheck import LabelReport, run_label_check
+from .readers import (
+    DataError,
+    check_label,
+    map_labels,
+)
+from .transforms import eval_transforms, train_transforms
 
 BATCHING = ("crop", "pad", "whole")
 
 
-class DataError(ValueError):
-    """A dataset on disk does not match what the loader expects; the message names the file."""
-
-
-def voc_palette(n: int = 256) -> list[tuple[int, int, int]]:
-    """The PASCAL VOC colour map (bit-interleaved), the de facto segmentation palette."""
-    palette = []
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette.append((r, g, b))
-    return palette
-
-
-def read_image(path: Path, mode: str = "RGB", exif_transpose: bool = False) -> torch.Tensor:
-    """Decode an image file to a uint8 (C, H, W) tensor, ``mode`` 'RGB' (3 channels) or 'L' (1).
-
-    Every common PIL mode keeps its true brightness, where ``Image.convert`` would clip:
-
-    - 16-bit greyscale ('I;16', 'I;16B', ...) is scaled by the range of its type, 65535 -> 255,
-      never stretched per image: a 12-bit image stored in 16 bits comes out dark but faithful,
-      and one scene looks the same in every file. 'I' (32-bit) is read as 16-bit when its values
-      fit 0..65535 (older Pillow opens 16-bit PNGs so), else by the int32 range; 'F' as 0..1
-      when its values fit, else as 0..255 (clipped). Pillow opens 16-bit RGB PNGs as 8-bit RGB
-      (their high byte), the same scaling.
-    - Alpha ('RGBA', 'LA', 'PA', palette transparency) is dropped, not composited: the stored
-      colours stay, as the labels were drawn on them.
-    - 'P' gives its palette colours, 'CMYK' (JPEG) Pillow's CMYK -> RGB, '1' black and white.
-
-    ``exif_transpose`` turns the image as its EXIF orientation says (photos from phones, for
-    prediction); training leaves it off, since labels are drawn on the stored pixels. A missing,
-    corrupt or truncated file raises DataError naming it.
-    """
-    if mode not in ("RGB", "L"):
-        raise ValueError(f"read_image: mode must be 'RGB' or 'L', got {mode!r}")
-    try:
-        with Image.open(path) as img:
-            array = _decode(ImageOps.exif_transpose(img) if exif_transpose else img)
-    except FileNotFoundError:
-        raise DataError(f"image file not found: {path}") from None
-    except (
-        UnidentifiedImageError,
-        OSError,
-        SyntaxError,
-        ValueError,
-        Image.DecompressionBombError,
-    ) as err:
-        raise DataError(f"cannot decode image {path}: {err}") from err
-    if mode == "L" and array.ndim == 3:
-        array = np.array(Image.fromarray(array).convert("L"))
-    elif mode == "RGB" and array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=2)
-    tensor = torch.from_numpy(array)
-    return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1).contiguous()
-
-
-def _decode(img: Image.Image) -> np.ndarray:
-    """uint8 pixels of any PIL mode: (H, W) for greyscale sources, (H, W, 3) for colour."""
-    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-        values = np.asarray(img)
-        top = float(values.max(initial=0))
-        if img.mode == "F":
-            top = 1.0 if top <= 1.0 else 255.0
-        elif img.mode == "I":
-            top = 65535.0 if top <= 65535 else float(np.iinfo(np.int32).max)
-        else:
-            top = 65535.0
-        return np.clip(np.rint(values.astype(np.float32) * (255 / top)), 0, 255).astype(np.uint8)
-    if img.mode in ("1", "L", "LA", "La"):
-        return np.array(img.convert("L"))  # '1' -> 0 / 255; alpha dropped
-    if img.mode in ("P", "PA"):
-        return np.array(img.convert("RGBA"))[..., :3]  # palette colours; transparency dropped
-    return np.array(img.convert("RGB"))  # RGB, RGBA/RGBX (alpha dropped), CMYK, YCbCr
-
-
-LABEL_MODES = ("P", "L", "1", "I", "I;16", "I;16B", "I;16L", "I;16N")
-
-
-def read_label_png(path: Path) -> np.ndarray:
-    """uint8 class indices of a label PNG: palette ('P'), 8-bit ('L'), 1-bit ('1': 0 / 1) or
-    16-bit ('I;16', 'I') whose values stay within 0..255. A larger 16-bit value is refused, never
-    wrapped modulo 256 into some other class; colour (RGB) labels are refused too: their pixels
-    are colours, not class indices."""
-    try:
-        with Image.open(path) as img:
-            if img.mode not in LABEL_MODES:
-                raise DataError(_colour_label_message(path, img))
-            label = np.asarray(img)
-            mode = img.mode
-    except FileNotFoundError:
-        raise DataError(f"label file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise DataError(f"cannot read label {path}: {err}") from err
-    if label.dtype != np.uint8:
-        wide = (label < 0) | (label > 255)
-        if wide.any():
-            found = np.unique(label[wide])[:8].tolist()
-            raise DataError(
-                f"label {path} is a {mode} image with values {found} above 255: class indices "
-                "must be 0..254 (255 = ignore); with more classes than that, split the labels"
-            )
-        label = label.astype(np.uint8)
-    return label
-
-
-def _colour_label_message(path: Path, img: Image.Image) -> str:
-    message = (
-        f"label {path} is a {img.mode} image; labels must be palette (P) or single-channel index "
-        "PNGs whose pixel values are class indices (255 = ignore). "
-    )
-    rgb = np.asarray(img.convert("RGB"))
-    if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
-        return message + "Its channels are equal: Image.open(p).convert('L').save(p) converts it"
-    return message + (
-        "To convert a colour-coded mask, give each colour its class: "
-        "index[(rgb == colour).all(-1)] = class, then Image.fromarray(index).save(p) "
-        "with index a uint8 array"
-    )
-
-
-def read_mat(path: Path, key: str, what: str) -> np.ndarray:
-    """``scipy.io.loadmat(path)[key]``; a missing file, unreadable file or missing key names itself."""
-    try:
-        mat = scipy.io.loadmat(path)
-    except FileNotFoundError:
-        raise DataError(f"{what} not found: {path}") from None
-    except Exception as err:
-        raise DataError(f"cannot read {what} {path}: {err}") from err
-    if key not in mat:
-        found = sorted(k for k in mat if not k.startswith("__"))
-        raise DataError(f"{path} has no '{key}' key (found {found})")
-    return mat[key]
-
-
-def map_labels(label: np.ndarray, label_map: dict[int, int] | None) -> np.ndarray:
-    """``label`` with each value ``k`` of ``label_map`` replaced by ``label_map[k]``, all at once
-    (so ``{1: 2, 2: 1}`` swaps); run before the range check, so a bad target still fails it."""
-    arr = np.asarray(label)
-    if not label_map:
-        return arr
-    if arr.dtype == np.uint8 and all(0 <= v <= 255 for v in label_map.values()):
-        lut = np.arange(256, dtype=np.uint8)
-        for src, dst in label_map.items():
-            if 0 <= src <= 255:
-                lut[src] = dst
-        return lut[arr]
-    out = arr.astype(np.int64)
-    for src, dst in label_map.items():
-        out[arr == src] = dst
-    return out
-
-
-def check_label(
-    label: np.ndarray | torch.Tensor, num_classes: int, path: Path | str
-) -> torch.Tensor:
-    """A uint8 label tensor after checking every value is in 0..num_classes-1 or 255."""
-    arr = np.asarray(label)
-    valid = (arr == IGNORE_INDEX) | ((arr >= 0) & (arr < num_classes))
-    if not valid.all():
-        found = sorted(set(np.unique(arr[~valid]).tolist()))[:8]
-        raise DataError(
-            f"label {path} has values {found} outside 0..{num_classes - 1} and {IGNORE_INDEX} "
-            f"(num_classes={num_classes}: does the class count match the labels? "
-            "data.label_map can map values, e.g. to 255 to ignore them)"
-        )
-    # uint8 through the transforms: nearest resizing and cropping stay cheap
-    return torch.from_numpy(np.array(arr, dtype=np.uint8))
-
-
 class SegmentationDataset(Dataset):
     """Samples from a list of ids and a loader for one id; maps label values by ``label_map``
-    (every head alike), then checks sizes and label ranges."""
+    (every head alike), then checks sizes and label ranges.
+
+    ``load(id)`` gives ``(image, {head: labels}, where)``; ``num_classes`` is ``{head: classes}``
+    (the contract's). A sample is ``(image, {head: int64 labels})``.
+    """
 
     def __init__(
         self,
         ids: Sequence[str],
-        load: Callable[[str], tuple[torch.Tensor, Any, str]],
-        num_classes: int | dict[str, int],
+        load: Callable[[str], tuple[torch.Tensor, dict[str, Any], str]],
+        num_classes: dict[str, int],
         transforms: Callable | None = None,
         name: str = "dataset",
         label_map: dict[int, int] | None = None,
     ) -> None:
         if not ids:
             raise DataError(f"{name} is empty: its split lists no images")
-        self.ids, self.load, self.num_classes, self.transforms = (
-            list(ids),
-            load,
-            num_classes,
-            transforms,
-        )
+        self.ids, self.load, self.transforms = list(ids), load, transforms
+        self.num_classes = dict(num_classes)
         self.label_map = label_map or None
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int):
-        image, label, where = self.load(self.ids[index])
-        labels = label if isinstance(label, dict) else {"out": label}
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        image, labels, where = self.load(self.ids[index])
         checked = {}
         for head, lab in labels.items():
-            n = self.num_classes[head] if isinstance(self.num_classes, dict) else self.num_classes
-            lab = check_label(map_labels(lab, self.label_map), n, where)
+            lab = check_label(map_labels(lab, self.label_map), self.num_classes[head], where)
             if tuple(lab.shape) != tuple(image.shape[-2:]):
                 turned = tuple(lab.shape) == tuple(image.shape[-2:])[::-1]
                 raise DataError(
@@ -252,14 +79,9 @@ class SegmentationDataset(Dataset):
         image = tv_tensors.Image(image)
         if self.transforms is not None:
             image, checked = self.transforms(image, checked)
-        target = checked if isinstance(label, dict) else checked["out"]
-        return image.as_subclass(torch.Tensor), _plain(target)
-
-
-def _plain(target):
-    if isinstance(target, dict):
-        return {k: v.as_subclass(torch.Tensor).long() for k, v in target.items()}
-    return target.as_subclass(torch.Tensor).long()
+        return image.as_subclass(torch.Tensor), {
+            k: v.as_subclass(torch.Tensor).long() for k, v in checked.items()
+        }
 
 
 class ResumableSampler(Sampler):
@@ -314,20 +136,21 @@ class SeededDataset(Dataset):
             return self.dataset[index]
 
 
-def pad_collate(batch: list[tuple[torch.Tensor, Any]]) -> tuple[torch.Tensor, Any]:
+def pad_collate(
+    batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Pad every sample to the largest in the batch: image with 0, labels with 255 (ignored)."""
     h = max(img.shape[-2] for img, _ in batch)
     w = max(img.shape[-1] for img, _ in batch)
     images = torch.zeros(len(batch), batch[0][0].shape[0], h, w, dtype=batch[0][0].dtype)
-    first = batch[0][1]
-    heads = list(first) if isinstance(first, dict) else [None]
-    labels = {k: torch.full((len(batch), h, w), IGNORE_INDEX, dtype=torch.long) for k in heads}
-    for i, (img, tgt) in enumerate(batch):
+    labels = {
+        k: torch.full((len(batch), h, w), IGNORE_INDEX, dtype=torch.long) for k in batch[0][1]
+    }
+    for i, (img, targets) in enumerate(batch):
         images[i, :, : img.shape[-2], : img.shape[-1]] = img
-        for k in heads:
-            lab = tgt[k] if k is not None else tgt
+        for k, lab in targets.items():
             labels[k][i, : lab.shape[-2], : lab.shape[-1]] = lab
-    return images, labels if isinstance(first, dict) else labels[None]
+    return images, labels
 
 
 class SegmentationDataModule(pl.LightningDataModule):
@@ -419,26 +242,14 @@ class SegmentationDataModule(pl.LightningDataModule):
         self._resume = dict(state) if state and fitting else None
 
     # --- what subclasses provide
-    class_names: tuple[str, ...] = ()
+    class_names: tuple[str, ...] = ()  # a one-head dataset's classes, index 0 first
 
     @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def palette(self) -> list[tuple[int, int, int]]:
-        return voc_palette()
-
-    @property
-    def in_channels(self) -> int:
-        return 3
-
-    @property
-    def image_groups(self) -> int:
-        """Leading groups of 3 channels that are images and get normalised (depth is not)."""
-        return 1
-
-    heads: dict[str, int] | None = None  # several label maps per sample: {head: classes}
+    def contract(self) -> DataContract:
+        """What this DataModule gives: heads with class names and palettes, input channels,
+        streams. One head ``out`` of ``class_names`` in the VOC palette unless a subclass says
+        otherwise; the model, the LightningModule and the reports read only this."""
+        return DataContract({SINGLE_HEAD: Head(tuple(self.class_names), tuple(voc_palette()))})
 
     def make_dataset(self, split: str, transforms: Callable) -> Dataset:
         raise NotImplementedError
@@ -461,8 +272,6 @@ class SegmentationDataModule(pl.LightningDataModule):
         in ``workers`` processes (default ``os.cpu_count()``), with a per-file cache: class
         histograms, ignored share, empty labels, absent classes. Out-of-range values raise
         DataError naming the files; likely mistakes warn. See :mod:`.labelcheck`."""
-        from .labelcheck import run_label_check  # labelcheck imports this module
-
         return run_label_check(self, splits, workers=workers)
 
     # --- Lightning hooks
@@ -472,11 +281,13 @@ class SegmentationDataModule(pl.LightningDataModule):
             scale_range=self.scale_range,
             hflip=self.hflip,
             normalization=self.normalization,
-            image_groups=self.image_groups,
+            image_groups=self.contract.image_groups,
         )
 
     def eval_transforms(self) -> Callable:
-        return eval_transforms(normalization=self.normalization, image_groups=self.image_groups)
+        return eval_transforms(
+            normalization=self.normalization, image_groups=self.contract.image_groups
+        )
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {

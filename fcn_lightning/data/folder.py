@@ -11,16 +11,9 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .base import (
-    DataError,
-    SegmentationDataModule,
-    SegmentationDataset,
-    check_files_exist,
-    read_image,
-    read_label_png,
-    read_split_file,
-    voc_palette,
-)
+from ..contract import SINGLE_HEAD, DataContract, Head, voc_palette
+from .base import SegmentationDataModule, SegmentationDataset, check_files_exist, read_split_file
+from .readers import DataError, read_image, read_label_png
 
 LAYOUT = """Expected layout under data.root (VOC layout):
   JPEGImages/<id>.jpg or <id>.png       (RGB images)
@@ -82,7 +75,13 @@ class FolderDataModule(SegmentationDataModule):
         return self._names
 
     @property
+    def contract(self) -> DataContract:
+        """One head of the folder's classes, drawn in its label PNGs' own palette."""
+        return DataContract({SINGLE_HEAD: Head(self.class_names, tuple(self.palette))})
+
+    @property
     def palette(self) -> list[tuple[int, int, int]]:
+        """The palette of the first palette-PNG label (the VOC palette if there is none)."""
         if self._palette is None:
             self._palette = voc_palette()
             labels = sorted((self.root / "SegmentationClass").glob("*.png")) if self.root else []
@@ -143,7 +142,7 @@ class FolderDataModule(SegmentationDataModule):
         return SegmentationDataset(
             ids,
             self._load,
-            self.num_classes,
+            self.contract.num_classes,
             transforms,
             name=f"split {split!r} of {self.root}",
             label_map=self.label_map,
@@ -159,4 +158,4 @@ class FolderDataModule(SegmentationDataModule):
 
     def _load(self, i: str):
         label_path = self.label_path(i)
-        return read_image(self.image_path(i)), self.read_label(label_path), label_path
+        return read_image(self.image_path(i)), {"out": self.read_label(label_path)}, label_path

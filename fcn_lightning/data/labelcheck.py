@@ -25,16 +25,30 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from ..atomic import write_json_atomic
-from .base import DataError, map_labels
-from .transforms import IGNORE_INDEX
+from ..contract import IGNORE_INDEX, DataContract
+from .readers import DataError, map_labels
 
-if TYPE_CHECKING:
-    from .base import SegmentationDataModule
+
+class LabelSource(Protocol):
+    """What the label check reads of a DataModule (``SegmentationDataModule`` gives it)."""
+
+    root: Path | None
+    train_split: str
+    val_split: str
+    test_split: str
+    label_map: dict[int, int]
+    contract: DataContract
+
+    def label_files(self, split: str) -> list[dict[str, Path]]: ...
+
+    @staticmethod
+    def read_label(path: Path, head: str = "out") -> np.ndarray: ...
+
 
 CACHE_VERSION = 1
 IGNORED_WARN = 0.5  # warn when more than this share of a split's pixels is ignored
@@ -220,7 +234,7 @@ class LabelCache:
             warnings.warn(f"label check: cache not written to {self.path}: {err}", stacklevel=3)
 
 
-def cache_file(dm: SegmentationDataModule) -> Path:
+def cache_file(dm: LabelSource) -> Path:
     """One cache file per DataModule class and data root."""
     kind = f"{type(dm).__module__}.{type(dm).__qualname__}|{os.path.abspath(dm.root or '')}"
     return cache_dir() / f"labels-{hashlib.sha1(kind.encode()).hexdigest()[:16]}.json"
@@ -240,13 +254,13 @@ def _collector_paused() -> Iterator[None]:
 
 
 def run_label_check(
-    dm: SegmentationDataModule, splits: Sequence[str] | None = None, *, workers: int | None = None
+    dm: LabelSource, splits: Sequence[str] | None = None, *, workers: int | None = None
 ) -> LabelReport:
     """Check the labels of ``splits`` (default: the train, val and test splits of ``dm``)."""
     start = time.perf_counter()
     names = list(dict.fromkeys(splits or (dm.train_split, dm.val_split, dm.test_split)))
-    heads = dict(dm.heads) if dm.heads else {"out": dm.num_classes}
-    class_names = getattr(dm, "head_class_names", None) or {"out": tuple(dm.class_names)}
+    contract = dm.contract
+    heads = contract.num_classes
     cache = LabelCache(cache_file(dm))
     report = LabelReport(cache_file=cache.path)
     problems = Problems()
@@ -257,9 +271,16 @@ def run_label_check(
             results, fresh = _results(dm, files, heads, cache, pool)
             seconds = time.perf_counter() - t0
             for head, n in heads.items():
-                key = split if len(heads) == 1 else f"{split}/{head}"
+                key = split if contract.single else f"{split}/{head}"
                 report.splits[key] = _summary(
-                    split, head, tuple(class_names[head]), n, files, results, fresh, problems
+                    split,
+                    head,
+                    tuple(contract.class_names(head)),
+                    n,
+                    files,
+                    results,
+                    fresh,
+                    problems,
                 )
                 report.splits[key].seconds = seconds  # the split's, shared by its heads
         cache.save()
@@ -273,7 +294,7 @@ def run_label_check(
 
 
 def _results(
-    dm: SegmentationDataModule,
+    dm: LabelSource,
     files: list[dict[str, Path]],
     heads: dict[str, int],
     cache: LabelCache,

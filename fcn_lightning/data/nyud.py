@@ -1,4 +1,4 @@
-"""NYUDv2 as prepared for FCN (REFERENCE section 3): RGB, HHA, depth and their fusions."""
+"""NYUDv2 as prepared for FCN (docs/PAPER.md, "Datasets on disk"): RGB, HHA, depth and their fusions."""
 
 from __future__ import annotations
 
@@ -11,15 +11,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from .base import (
-    DataError,
-    SegmentationDataModule,
-    SegmentationDataset,
-    check_files_exist,
-    read_image,
-    read_mat,
-    read_split_file,
-)
+from ..contract import SINGLE_HEAD, DataContract, Head
+from .base import SegmentationDataModule, SegmentationDataset, check_files_exist, read_split_file
+from .readers import DataError, read_image, read_mat
 
 NYUD_CLASSES = (
     "wall",
@@ -123,17 +117,15 @@ class NYUDDataModule(SegmentationDataModule):
                 raise ValueError(f"unknown NYUDv2 split {split!r}; expected one of {SPLITS}")
 
     @property
-    def in_channels(self) -> int:
-        return {"rgb": 3, "hha": 3, "depth": 1, "rgbd": 4, "rgb+hha": 6}[self.modality]
-
-    @property
-    def image_groups(self) -> int:
-        return {"rgb": 1, "hha": 1, "depth": 0, "rgbd": 1, "rgb+hha": 2}[self.modality]
-
-    @property
-    def streams(self) -> dict[str, int] | None:
-        """Late fusion: one network per stream, with its input channels."""
-        return {"rgb": 3, "hha": 3} if self.modality == "rgb+hha" else None
+    def contract(self) -> DataContract:
+        """40 classes; the modality decides the input channels, how many of them are images
+        (normalised) and, for late fusion, one network per stream with its channels."""
+        return DataContract(
+            {SINGLE_HEAD: Head(NYUD_CLASSES)},
+            in_channels={"rgb": 3, "hha": 3, "depth": 1, "rgbd": 4, "rgb+hha": 6}[self.modality],
+            image_groups={"rgb": 1, "hha": 1, "depth": 0, "rgbd": 1, "rgb+hha": 2}[self.modality],
+            streams={"rgb": 3, "hha": 3} if self.modality == "rgb+hha" else None,
+        )
 
     def _paths(self, i: str) -> list[Path]:
         folders = MODALITIES[self.modality]
@@ -163,7 +155,7 @@ class NYUDDataModule(SegmentationDataModule):
         return SegmentationDataset(
             ids,
             self._load,
-            self.num_classes,
+            self.contract.num_classes,
             transforms,
             name=f"NYUDv2 split {split!r}",
             label_map=self.label_map,
@@ -189,4 +181,4 @@ class NYUDDataModule(SegmentationDataModule):
             raise DataError(
                 f"NYUDv2 id {i}: the {'/'.join(MODALITIES[self.modality])} images differ in size: {sorted(sizes)}"
             )
-        return torch.cat(parts, dim=0), self.read_label(label_path), label_path
+        return torch.cat(parts, dim=0), {"out": self.read_label(label_path)}, label_path

@@ -1,16 +1,18 @@
-"""SIFT Flow (REFERENCE section 3): 33 semantic and 3 geometric classes, learned by two heads."""
+"""SIFT Flow (docs/PAPER.md, "Datasets on disk"): 33 semantic and 3 geometric classes, learned by two heads."""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
 
-from .base import DataError, SegmentationDataModule, SegmentationDataset, read_image, read_mat
+from ..contract import DataContract, Head
+from .base import SegmentationDataModule, SegmentationDataset
+from .readers import DataError, read_image, read_mat
 
 SEMANTIC_CLASSES = (
     "awning", "balcony", "bird", "boat", "bridge", "building", "bus", "car", "cow", "crosswalk",
@@ -45,12 +47,7 @@ class SiftFlowDataModule(SegmentationDataModule):
     acts on both heads, on their 0-based classes.
     """
 
-    class_names = SEMANTIC_CLASSES
-    heads: ClassVar[dict[str, int]] = {"sem": len(SEMANTIC_CLASSES), "geo": len(GEOMETRIC_CLASSES)}
-    head_class_names: ClassVar[dict[str, tuple[str, ...]]] = {
-        "sem": SEMANTIC_CLASSES,
-        "geo": GEOMETRIC_CLASSES,
-    }
+    contract = DataContract({"sem": Head(SEMANTIC_CLASSES), "geo": Head(GEOMETRIC_CLASSES)})
 
     def __init__(self, root: str | Path, **kwargs: Any) -> None:
         kwargs.setdefault("val_split", "test")
@@ -108,7 +105,7 @@ class SiftFlowDataModule(SegmentationDataModule):
         return SegmentationDataset(
             self.split_ids(split),
             self._load,
-            dict(self.heads),
+            self.contract.num_classes,
             transforms,
             name=f"SIFT Flow {split}",
             label_map=self.label_map,

@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .base import SegmentationDataModule, SegmentationDataset, voc_palette
+from ..contract import voc_palette
+from .base import SegmentationDataModule, SegmentationDataset
 from .labelcheck import LabelReport
 
 CLASSES = ("background", "blob", "bar", "dot", "ring")
@@ -108,7 +109,7 @@ class SyntheticDataModule(SegmentationDataModule):
         return SegmentationDataset(
             ids,
             partial(_load_scene, self.seed, split, self.image_size, self.thickness),
-            self.num_classes,
+            self.contract.num_classes,
             transforms,
             name=f"synthetic {split}",
             label_map=self.label_map,
@@ -151,4 +152,5 @@ class SyntheticDataModule(SegmentationDataModule):
 
 def _load_scene(seed: int, split: str, size: int, thickness: float, i: str):
     image, label = render_scene(seed, split, int(i), size, thickness)
-    return torch.from_numpy(image).permute(2, 0, 1).contiguous(), label, f"synthetic {split} #{i}"
+    image = torch.from_numpy(image).permute(2, 0, 1).contiguous()
+    return image, {"out": label}, f"synthetic {split} #{i}"

@@ -15,9 +15,9 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from torchvision.transforms.v2._utils import query_size
 
-from ..models.weights import Normalization, get_normalization
+from ..contract import IGNORE_INDEX
+from ..normalization import Normalization, get_normalization
 
-IGNORE_INDEX = 255
 FILL = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
 
 
@@ -55,10 +55,7 @@ class NormalizeImage(v2.Transform):
         super().__init__()
         self.norm = get_normalization(normalization)
         self.image_groups = image_groups
-        n = self.norm
-        # (x * scale - mean) / std == (x - mean / scale) / (std / scale)
-        self.mean = [m / n.scale for m in n.mean]
-        self.std = [s / n.scale for s in n.std]
+        self.mean, self.std = self.norm.unit_mean, self.norm.unit_std
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         x = inpt.as_subclass(torch.Tensor)

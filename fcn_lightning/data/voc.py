@@ -1,4 +1,4 @@
-"""PASCAL VOC 2011/2012 segmentation and the SBD extra annotations (REFERENCE section 3)."""
+"""PASCAL VOC 2011/2012 segmentation and the SBD extra annotations (docs/PAPER.md, "Datasets on disk")."""
 
 from __future__ import annotations
 
@@ -10,16 +10,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import ConcatDataset, Dataset
 
-from .base import (
-    DataError,
-    SegmentationDataModule,
-    SegmentationDataset,
-    check_files_exist,
-    read_image,
-    read_label_png,
-    read_mat,
-    read_split_file,
-)
+from .base import SegmentationDataModule, SegmentationDataset, check_files_exist, read_split_file
+from .readers import DataError, read_image, read_label_png, read_mat
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -139,7 +131,7 @@ class VOCDataModule(SegmentationDataModule):
             SegmentationDataset(
                 ids,
                 partial(self._load, source),
-                self.num_classes,
+                self.contract.num_classes,
                 transforms,
                 name=f"VOC split {split!r}",
                 label_map=self.label_map,
@@ -160,4 +152,4 @@ class VOCDataModule(SegmentationDataModule):
 
     def _load(self, source: str, i: str):
         image_path, label_path = self._paths(source, i)
-        return read_image(image_path), self.read_label(label_path), label_path
+        return read_image(image_path), {"out": self.read_label(label_path)}, label_path

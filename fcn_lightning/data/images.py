@@ -1,0 +1,104 @@
+"""Image files to predict: each decoded as a photo viewer shows it (EXIF orientation applied) and
+normalised for the model, batched only with images of its own size.
+
+Sizes are read from the files' headers up front. A file that cannot be decoded never stops the
+loader: its sample carries the error message in place of the image, and :func:`collate` leaves
+it out of the batch's images (a batch whose every file failed has none: shape (0, 3, H, W)).
+A file whose decoded size is not the one its header gave (orientation metadata found only past
+the pixel data, or a file replaced meanwhile) is returned with its true size and no image, to be
+read again in a batch of that size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+from torchvision import tv_tensors
+
+from .readers import DataError, read_image
+
+Size = tuple[int, int]
+
+
+def displayed_size(path: Path) -> Size | None:
+    """(H, W) of an image as shown (EXIF orientation applied), from the metadata before its
+    pixel data; None where it does not open as an image (reading it then says why)."""
+    try:
+        with Image.open(path) as img:
+            exif = Image.Image.getexif(img)  # the base method: a PNG's would decode the pixels
+            turned = exif.get(0x0112) in (5, 6, 7, 8)  # a quarter turn: W and H swap
+            return (img.width, img.height) if turned else (img.height, img.width)
+    except Exception:  # any failure: reading the file will name it
+        return None
+
+
+class ImageFiles(Dataset):
+    """Sample ``i``: ``{"index", "path", "size"}`` with ``"image"`` (the normalised (C, H, W)
+    float tensor) and ``"rgb"`` (the decoded (H, W, 3) uint8 array, for overlays); or with
+    ``"error"`` (a message naming the file) where it cannot be decoded; or with ``"resized":
+    True`` and its decoded size where that is not ``sizes[i]``."""
+
+    def __init__(self, files: Sequence[Path], transform: Callable[[Any], Any]) -> None:
+        self.files = list(files)
+        self.transform = transform
+        self.sizes = [displayed_size(p) for p in self.files]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.files[index]
+        sample: dict[str, Any] = {"index": index, "path": str(path), "size": self.sizes[index]}
+        try:
+            image = read_image(path, exif_transpose=True)  # as a photo viewer shows it
+        except DataError as err:
+            return {**sample, "error": str(err) if str(path) in str(err) else f"{path}: {err}"}
+        if (size := tuple(image.shape[-2:])) != self.sizes[index]:
+            return {**sample, "size": size, "resized": True}
+        x = self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor)
+        return {**sample, "image": x, "rgb": image[:3].permute(1, 2, 0).numpy()}
+
+    def read_unopened(self) -> dict[int, str]:
+        """Read the files whose header did not open now: their error messages, by index (one
+        that opens after all gets its size)."""
+        errors = {}
+        for i in [i for i, size in enumerate(self.sizes) if size is None]:
+            sample = self[i]
+            if "error" in sample:
+                errors[i] = sample["error"]
+            self.sizes[i] = sample["size"]
+        return errors
+
+
+class SizeBatches(Sampler[list[int]]):
+    """Batches of up to ``size`` indices of one image size, in order of first appearance; files
+    of unknown size (None) are left out."""
+
+    def __init__(self, sizes: Sequence[Size | None], size: int) -> None:
+        if size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {size}")
+        groups: dict[Size, list[int]] = {}
+        for i, s in enumerate(sizes):
+            if s is not None:
+                groups.setdefault(s, []).append(i)
+        self.batches = [g[k : k + size] for g in groups.values() for k in range(0, len(g), size)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def collate(samples: list[dict[str, Any]]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """(images (N, C, H, W) of the decoded samples, every sample without its tensor); the
+    images come first, where ``predict_step`` looks for them."""
+    good = [s.pop("image") for s in samples if "image" in s]
+    if good:
+        return torch.stack(good), samples
+    return torch.empty(0, 3, *samples[0]["size"]), samples

@@ -1,0 +1,172 @@
+"""Reading dataset files: images of every common mode, label PNGs and .mat files, label maps
+and range checks. Every failure is a :class:`DataError` that names the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..contract import IGNORE_INDEX
+
+
+class DataError(ValueError):
+    """A dataset on disk does not match what the loader expects; the message names the file."""
+
+
+def read_image(path: Path, mode: str = "RGB", exif_transpose: bool = False) -> torch.Tensor:
+    """Decode an image file to a uint8 (C, H, W) tensor, ``mode`` 'RGB' (3 channels) or 'L' (1).
+
+    Every common PIL mode keeps its true brightness, where ``Image.convert`` would clip:
+
+    - 16-bit greyscale ('I;16', 'I;16B', ...) is scaled by the range of its type, 65535 -> 255,
+      never stretched per image: a 12-bit image stored in 16 bits comes out dark but faithful,
+      and one scene looks the same in every file. 'I' (32-bit) is read as 16-bit when its values
+      fit 0..65535 (older Pillow opens 16-bit PNGs so), else by the int32 range; 'F' as 0..1
+      when its values fit, else as 0..255 (clipped). Pillow opens 16-bit RGB PNGs as 8-bit RGB
+      (their high byte), the same scaling.
+    - Alpha ('RGBA', 'LA', 'PA', palette transparency) is dropped, not composited: the stored
+      colours stay, as the labels were drawn on them.
+    - 'P' gives its palette colours, 'CMYK' (JPEG) Pillow's CMYK -> RGB, '1' black and white.
+
+    ``exif_transpose`` turns the image as its EXIF orientation says (photos from phones, for
+    prediction); training leaves it off, since labels are drawn on the stored pixels. A missing,
+    corrupt or truncated file raises DataError naming it.
+    """
+    if mode not in ("RGB", "L"):
+        raise ValueError(f"read_image: mode must be 'RGB' or 'L', got {mode!r}")
+    try:
+        with Image.open(path) as img:
+            array = _decode(ImageOps.exif_transpose(img) if exif_transpose else img)
+    except FileNotFoundError:
+        raise DataError(f"image file not found: {path}") from None
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+    ) as err:
+        raise DataError(f"cannot decode image {path}: {err}") from err
+    if mode == "L" and array.ndim == 3:
+        array = np.array(Image.fromarray(array).convert("L"))
+    elif mode == "RGB" and array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    tensor = torch.from_numpy(array)
+    return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1).contiguous()
+
+
+def _decode(img: Image.Image) -> np.ndarray:
+    """uint8 pixels of any PIL mode: (H, W) for greyscale sources, (H, W, 3) for colour."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        values = np.asarray(img)
+        top = float(values.max(initial=0))
+        if img.mode == "F":
+            top = 1.0 if top <= 1.0 else 255.0
+        elif img.mode == "I":
+            top = 65535.0 if top <= 65535 else float(np.iinfo(np.int32).max)
+        else:
+            top = 65535.0
+        return np.clip(np.rint(values.astype(np.float32) * (255 / top)), 0, 255).astype(np.uint8)
+    if img.mode in ("1", "L", "LA", "La"):
+        return np.array(img.convert("L"))  # '1' -> 0 / 255; alpha dropped
+    if img.mode in ("P", "PA"):
+        return np.array(img.convert("RGBA"))[..., :3]  # palette colours; transparency dropped
+    return np.array(img.convert("RGB"))  # RGB, RGBA/RGBX (alpha dropped), CMYK, YCbCr
+
+
+LABEL_MODES = ("P", "L", "1", "I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def read_label_png(path: Path) -> np.ndarray:
+    """uint8 class indices of a label PNG: palette ('P'), 8-bit ('L'), 1-bit ('1': 0 / 1) or
+    16-bit ('I;16', 'I') whose values stay within 0..255. A larger 16-bit value is refused, never
+    wrapped modulo 256 into some other class; colour (RGB) labels are refused too: their pixels
+    are colours, not class indices."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in LABEL_MODES:
+                raise DataError(_colour_label_message(path, img))
+            label = np.asarray(img)
+            mode = img.mode
+    except FileNotFoundError:
+        raise DataError(f"label file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DataError(f"cannot read label {path}: {err}") from err
+    if label.dtype != np.uint8:
+        wide = (label < 0) | (label > 255)
+        if wide.any():
+            found = np.unique(label[wide])[:8].tolist()
+            raise DataError(
+                f"label {path} is a {mode} image with values {found} above 255: class indices "
+                "must be 0..254 (255 = ignore); with more classes than that, split the labels"
+            )
+        label = label.astype(np.uint8)
+    return label
+
+
+def _colour_label_message(path: Path, img: Image.Image) -> str:
+    message = (
+        f"label {path} is a {img.mode} image; labels must be palette (P) or single-channel index "
+        "PNGs whose pixel values are class indices (255 = ignore). "
+    )
+    rgb = np.asarray(img.convert("RGB"))
+    if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+        return message + "Its channels are equal: Image.open(p).convert('L').save(p) converts it"
+    return message + (
+        "To convert a colour-coded mask, give each colour its class: "
+        "index[(rgb == colour).all(-1)] = class, then Image.fromarray(index).save(p) "
+        "with index a uint8 array"
+    )
+
+
+def read_mat(path: Path, key: str, what: str) -> np.ndarray:
+    """``scipy.io.loadmat(path)[key]``; a missing file, unreadable file or missing key names itself."""
+    try:
+        mat = scipy.io.loadmat(path)
+    except FileNotFoundError:
+        raise DataError(f"{what} not found: {path}") from None
+    except Exception as err:
+        raise DataError(f"cannot read {what} {path}: {err}") from err
+    if key not in mat:
+        found = sorted(k for k in mat if not k.startswith("__"))
+        raise DataError(f"{path} has no '{key}' key (found {found})")
+    return mat[key]
+
+
+def map_labels(label: np.ndarray, label_map: dict[int, int] | None) -> np.ndarray:
+    """``label`` with each value ``k`` of ``label_map`` replaced by ``label_map[k]``, all at once
+    (so ``{1: 2, 2: 1}`` swaps); run before the range check, so a bad target still fails it."""
+    arr = np.asarray(label)
+    if not label_map:
+        return arr
+    if arr.dtype == np.uint8 and all(0 <= v <= 255 for v in label_map.values()):
+        lut = np.arange(256, dtype=np.uint8)
+        for src, dst in label_map.items():
+            if 0 <= src <= 255:
+                lut[src] = dst
+        return lut[arr]
+    out = arr.astype(np.int64)
+    for src, dst in label_map.items():
+        out[arr == src] = dst
+    return out
+
+
+def check_label(
+    label: np.ndarray | torch.Tensor, num_classes: int, path: Path | str
+) -> torch.Tensor:
+    """A uint8 label tensor after checking every value is in 0..num_classes-1 or 255."""
+    arr = np.asarray(label)
+    valid = (arr == IGNORE_INDEX) | ((arr >= 0) & (arr < num_classes))
+    if not valid.all():
+        found = sorted(set(np.unique(arr[~valid]).tolist()))[:8]
+        raise DataError(
+            f"label {path} has values {found} outside 0..{num_classes - 1} and {IGNORE_INDEX} "
+            f"(num_classes={num_classes}: does the class count match the labels? "
+            "data.label_map can map values, e.g. to 255 to ignore them)"
+        )
+    # uint8 through the transforms: nearest resizing and cropping stay cheap
+    return torch.from_numpy(np.array(arr, dtype=np.uint8))
