@@ -8,11 +8,15 @@ foreign file gets an error that names it and says what to do.
 from __future__ import annotations
 
 import pickle
+import random
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .contract import DataContract
 
 
 class CheckpointError(ValueError):
@@ -60,3 +64,38 @@ def load_weights_only(
     if not isinstance(obj, dict):
         raise CheckpointError(f"{what}: {path} holds a {type(obj).__name__}, not a checkpoint")
     return obj
+
+
+def upgrade_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """Hyper-parameters of a checkpoint written before the data contract (class names and
+    palette beside the model's heads) in today's form."""
+    h = dict(hparams)
+    if "contract" in h:
+        return h
+    for key in ("panel_size", "log_images_every_n_epochs"):  # now the image callback's settings
+        h.pop(key, None)
+    names, palette = h.pop("class_names", None), h.pop("palette", None)
+    contract = DataContract.from_model_settings(h["model"], names, palette)
+    model = {
+        k: v
+        for k, v in h["model"].items()
+        if k not in ("heads", "num_classes", "in_channels", "streams")
+    }
+    return {**h, "model": model, "contract": contract.as_dict()}
+
+
+def random_state() -> dict[str, Any]:
+    """torch's and Python's random states as plain values, for a checkpoint."""
+    version, state, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "state": list(state), "gauss": gauss},
+    }
+
+
+def set_random_state(states: Mapping[str, Any] | None) -> None:
+    """Restore what :func:`random_state` saved (nothing when ``states`` is empty)."""
+    if states:
+        torch.set_rng_state(states["torch"])
+        py = states["python"]
+        random.setstate((py["version"], tuple(py["state"]), py["gauss"]))

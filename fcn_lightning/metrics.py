@@ -1,4 +1,4 @@
-"""The paper's four metrics (REFERENCE section 4, score.py) on torchmetrics.
+"""The paper's four metrics (section 5; docs/PAPER.md "Metrics") on torchmetrics.
 
 ``hist`` is the confusion matrix over labelled pixels (rows = ground truth):
 pixel acc = diag.sum / hist.sum; mean acc = nanmean(diag / hist.sum(1));
@@ -9,11 +9,16 @@ A class absent from both prediction and ground truth is NaN and left out of the 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from typing import Any
+
 import torch
+from torch import nn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassJaccardIndex
 
-IGNORE_INDEX = 255
+from .contract import IGNORE_INDEX, METRIC_NAMES
 
 
 def _labels(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -92,3 +97,51 @@ def scores_from_confmat(
             "fwIoU": (freq[present] * iou[present]).sum(),
             "per_class_IoU": iou,
         }
+
+
+class HeadMetrics(nn.Module):
+    """Mean IoU (torchmetrics) and pixel accuracy (our Metric) of one head and split; ``compute``
+    gives all four numbers, the per-class IoU and the confusion matrix (summed over processes)."""
+
+    def __init__(self, num_classes: int, exclude_absent: bool = False) -> None:
+        super().__init__()
+        self.exclude_absent = exclude_absent
+        self.jaccard = ConfusionJaccardIndex(num_classes)
+        self.pixel_acc = PixelAccuracy()
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        self.jaccard.update(preds, target)
+        self.pixel_acc.update(preds, target)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        with (
+            self.jaccard.sync_context()
+        ):  # under DDP: the confusion matrices of all processes summed
+            confmat = self.jaccard.confmat.clone()
+        scores = scores_from_confmat(confmat, self.exclude_absent)
+        if not self.exclude_absent:
+            scores["mIoU"] = self.jaccard.compute()  # torchmetrics' macro IoU (== nanmean of IU)
+        scores["pixel_acc"] = self.pixel_acc.compute()
+        scores["confmat"] = confmat
+        return scores
+
+    def reset(self) -> None:
+        self.jaccard.reset()
+        self.pixel_acc.reset()
+
+
+def summarize(
+    scores: dict[str, torch.Tensor], class_names: Sequence[str], exclude_absent: bool = False
+) -> dict[str, Any]:
+    """One head's scores as plain values, as metrics.json and eval.json hold them: the four
+    numbers, ``per_class_IoU`` by class name (None where the class is absent) and, with
+    ``exclude_absent``, the classes left out of the means."""
+    per_class = scores["per_class_IoU"].tolist()
+    block: dict[str, Any] = {k: float(scores[k]) for k in METRIC_NAMES}
+    block["per_class_IoU"] = {
+        c: (None if math.isnan(v) else v) for c, v in zip(class_names, per_class, strict=False)
+    }
+    if exclude_absent:
+        absent = (scores["confmat"].sum(1) == 0).tolist()
+        block["excluded_classes"] = [c for c, a in zip(class_names, absent, strict=False) if a]
+    return block

@@ -43,7 +43,7 @@ def main() -> None:
     trainer.validate(module, data, verbose=False)
     if trainer.is_global_zero:
         with open(out, "w") as f:
-            json.dump(module.final_metrics["val"], f)
+            json.dump(module.results["val"]["out"], f)
 
 
 if __name__ == "__main__":

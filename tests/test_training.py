@@ -14,7 +14,10 @@ from torchmetrics.classification import MulticlassJaccardIndex
 from fcn_lightning.callbacks import best_checkpoint, last_checkpoint
 from fcn_lightning.data import SyntheticDataModule
 from fcn_lightning.metrics import ConfusionJaccardIndex, PixelAccuracy
-from fcn_lightning.module import FCNModule, HeadMetrics, load_checkpoint
+from fcn_lightning.board import HParamsTab, ValidationImages
+from fcn_lightning.contract import DataContract
+from fcn_lightning.metrics import HeadMetrics
+from fcn_lightning.module import FCNModule, load_checkpoint
 
 
 # --------------------------------------------------------------------------- metrics vs score.py
@@ -98,7 +101,8 @@ def tiny_module(**kw) -> FCNModule:
     }
     model |= kw.pop("model", {})
     kw.setdefault("optimizer", {"name": "adamw", "lr": 3e-3, "weight_decay": 0.0})
-    return FCNModule(model, class_names=["background", "blob", "bar", "dot", "ring"], **kw)
+    names = ["background", "blob", "bar", "dot", "ring"][: model.pop("num_classes")]
+    return FCNModule(model, contract=DataContract.for_classes({"out": names}), **kw)
 
 
 def tiny_data(**kw) -> SyntheticDataModule:
@@ -112,12 +116,14 @@ def tiny_data(**kw) -> SyntheticDataModule:
     return SyntheticDataModule(**kw)
 
 
-def trainer(tmp_path, **kw) -> pl.Trainer:
+def trainer(tmp_path, panels: ValidationImages | None = None, **kw) -> pl.Trainer:
     kw = {
         "max_epochs": 2,
         "logger": TensorBoardLogger(tmp_path / "tb", name="", default_hp_metric=False),
         "callbacks": [
             LearningRateMonitor(),
+            panels or ValidationImages(),
+            HParamsTab(),
             best_checkpoint(tmp_path / "ckpt"),
             last_checkpoint(tmp_path / "ckpt"),
         ],
@@ -147,6 +153,7 @@ def test_tiny_fit_writes_every_tensorboard_tag(tmp_path):
     assert {"train/loss", "val/IoU/background", "hp/mIoU"} <= scalars
     assert len(events.Scalars("train/loss")) == 4  # every step
     assert any(tag.startswith("lr-AdamW") for tag in scalars)
+    assert {"lr-AdamW/weights", "lr-AdamW/biases"} <= scalars  # the groups say what they are
     assert len(events.Scalars("val/mIoU")) == 2  # one per epoch
     images = set(events.Tags()["images"])
     assert {"val/predictions", "val/confusion_matrix"} <= images
@@ -156,7 +163,7 @@ def test_tiny_fit_writes_every_tensorboard_tag(tmp_path):
         p for p in events.summary_metadata.values() if p.plugin_data.plugin_name == "hparams"
     ]
     assert hparams or "_hparams_/session_start_info" in events.Tags()["tensors"]
-    assert set(module.final_metrics["val"]) >= {
+    assert set(module.results["val"]["out"]) >= {
         "mIoU",
         "pixel_acc",
         "mean_acc",
@@ -218,7 +225,7 @@ def test_overfit_handful_of_synthetic_images():
     )
     t.fit(module, data)
     t.validate(module, data, verbose=False)
-    assert module.final_metrics["val"]["mIoU"] > 0.9, module.final_metrics["val"]
+    assert module.results["val"]["out"]["mIoU"] > 0.9, module.results["val"]
 
 
 # --------------------------------------------------------------------------- loss and solver
@@ -349,8 +356,8 @@ def test_panel_takes_validation_images_of_different_sizes(tmp_path):
     data = FolderDataModule(
         root, batching="whole", batch_size=1, val_batch_size=1, scale_range=None
     )
-    module = tiny_module(model={"num_classes": 3}, panel_size=3)
-    t = trainer(tmp_path, max_epochs=1)
+    module = tiny_module(model={"num_classes": 3})
+    t = trainer(tmp_path, max_epochs=1, panels=ValidationImages(panel_size=3))
     t.fit(module, data)
     (panel,) = _panels(t)
     # rows padded on the right to the widest (3 x 40), stacked: 24 + 40 + 20 rows
@@ -365,8 +372,9 @@ def test_panels_follow_validation_runs_not_epoch_indices(
     tmp_path, every_val, every_images, epochs, expected
 ):
     # validation after epochs every_val-1, 2*every_val-1, ...: panels on runs 0, n, 2n, ...
-    module = tiny_module(log_images_every_n_epochs=every_images, panel_size=1)
-    t = trainer(tmp_path, max_epochs=epochs, check_val_every_n_epoch=every_val)
+    module = tiny_module()
+    panels = ValidationImages(panel_size=1, every_n_validations=every_images)
+    t = trainer(tmp_path, max_epochs=epochs, check_val_every_n_epoch=every_val, panels=panels)
     t.fit(module, tiny_data(train_size=4, image_size=32))
     assert len(_panels(t)) == expected
     assert len(_panels(t, "val/confusion_matrix")) == expected

@@ -1,0 +1,174 @@
+"""What TensorBoard shows beyond the logged scalars, as Lightning callbacks: image panels of
+validation predictions, confusion matrices, and the HParams tab.
+
+Both read what the LightningModule publishes (its data contract, each validation batch's
+predictions, ``results`` and ``confmats`` after each validation) and draw nothing themselves
+into the module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import Callback
+
+from .contract import METRIC_NAMES
+
+
+def stack_rows(rows: Sequence[torch.Tensor], fill: int = 0) -> torch.Tensor:
+    """Panel rows of any widths and heights, one under the other: each row is padded on the
+    right with ``fill`` to the widest row (padded, not resized, so every pixel stays the image's
+    own and the label colours stay exact). Validation images come whole and of their own size
+    (PASCAL VOC mixes 500x375 and 375x500)."""
+    width = max(r.shape[-1] for r in rows)
+    return torch.cat([F.pad(r, (0, width - r.shape[-1]), value=fill) for r in rows], dim=1)
+
+
+def confusion_image(confmat: torch.Tensor, cell: int = 12) -> torch.Tensor:
+    """Row-normalised confusion matrix as a uint8 (3, n*cell, n*cell) heat map (rows = truth)."""
+    hist = confmat.double().cpu()
+    rows = hist / hist.sum(1, keepdim=True).clamp(min=1)
+    v = (rows * 255).round().to(torch.uint8)
+    heat = torch.stack([v, (v.float() * 0.6).to(torch.uint8), 255 - v])  # blue (0) -> red (1)
+    return heat.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
+
+
+def colour(
+    label: torch.Tensor, palette: Sequence[Sequence[int]], ignore_index: int
+) -> torch.Tensor:
+    """Class indices -> uint8 (3, H, W) in ``palette``; ignored pixels white."""
+    lut = torch.full((256, 3), 255, dtype=torch.uint8)
+    lut[: min(len(palette), 256)] = torch.tensor(list(palette)[:256], dtype=torch.uint8)
+    lut[ignore_index] = 255
+    return lut[label.long().clamp(0, 255)].permute(2, 0, 1)
+
+
+def _log_image(trainer: pl.Trainer, tag: str, image: torch.Tensor) -> None:
+    experiment = getattr(trainer.logger, "experiment", None)
+    if experiment is not None and hasattr(experiment, "add_image") and trainer.is_global_zero:
+        experiment.add_image(tag, image, trainer.global_step, dataformats="CHW")
+
+
+class ValidationImages(Callback):
+    """Per head, a panel of the first ``panel_size`` validation images (input | ground truth |
+    prediction, in the dataset's palette) and the confusion matrix, on the 1st, (n+1)th,
+    (2n+1)th... validation run (``every_n_validations``; 0 = never). Runs are counted, not epoch
+    indices: with ``check_val_every_n_epoch=4`` validation follows epochs 3, 7, 11, and an
+    epoch-index rule would never draw. The count is saved in checkpoints."""
+
+    def __init__(self, panel_size: int = 4, every_n_validations: int = 1) -> None:
+        self.panel_size, self.every = int(panel_size), int(every_n_validations)
+        self.validation_runs = 0
+        self._drawing = False
+        self._rows: list[tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"validation_runs": self.validation_runs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.validation_runs = int(state.get("validation_runs", 0))
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._rows = []
+        self._drawing = (
+            self.every > 0
+            and self.validation_runs % self.every == 0
+            and not trainer.sanity_checking
+        )
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if (
+            not self._drawing
+            or len(self._rows) >= self.panel_size
+            or not isinstance(outputs, Mapping)
+        ):
+            return
+        images, targets = batch
+        for i in range(min(images.shape[0], self.panel_size - len(self._rows))):
+            self._rows.append(
+                (
+                    images[i].detach().cpu(),
+                    {k: v[i].cpu() for k, v in targets.items()},
+                    {k: v[i].cpu() for k, v in outputs.items()},
+                )
+            )
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.validation_runs += 1
+        if not self._drawing:
+            return
+        contract = pl_module.contract
+        for head in contract:
+            confmat = pl_module.confmats.get("val", {}).get(head)
+            if confmat is not None:
+                _log_image(
+                    trainer,
+                    pl_module.tag("val", head, "confusion_matrix"),
+                    confusion_image(confmat),
+                )
+            if self._rows:
+                palette, ignore = contract.heads[head].palette, contract.ignore_index
+                rows = [
+                    torch.cat(
+                        [
+                            self._input(pl_module, image),
+                            colour(gt[head], palette, ignore),
+                            colour(pred[head], palette, ignore),
+                        ],
+                        dim=2,
+                    )
+                    for image, gt, pred in self._rows
+                ]
+                _log_image(trainer, pl_module.tag("val", head, "predictions"), stack_rows(rows))
+        self._rows = []
+
+    @staticmethod
+    def _input(pl_module: pl.LightningModule, image: torch.Tensor) -> torch.Tensor:
+        """The model input as uint8 RGB: the normalisation undone; depth alone as grey levels."""
+        if pl_module.contract.image_groups == 0:
+            d = image[:1].float()
+            d = (d - d.min()) / (d.max() - d.min()).clamp(min=1e-6)
+            return d.expand(3, -1, -1).mul(255).to(torch.uint8)
+        return pl_module.model.normalization.to_rgb(image)
+
+
+def flat_hparams(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested hparams as flat ``a/b`` keys of scalars, as TensorBoard's HParams tab wants them."""
+    out: dict[str, Any] = {}
+    for key, value in hparams.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flat_hparams(value, f"{name}/"))
+        elif isinstance(value, list | tuple):
+            if len(value) <= 8:
+                out[name] = str(value)
+        else:
+            out[name] = value if isinstance(value, int | float | str | bool) else str(value)
+    return out
+
+
+class HParamsTab(Callback):
+    """TensorBoard's HParams tab: the module's hyper-parameters (not the data contract's class
+    lists) against ``hp/<metric>`` of the first head, written after each validation."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.logger is not None:
+            hparams = {k: v for k, v in pl_module.hparams.items() if k != "contract"}
+            metrics = {f"hp/{k}": 0.0 for k in METRIC_NAMES}
+            trainer.logger.log_hyperparams(flat_hparams(hparams), metrics)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        results = pl_module.results.get("val")
+        if trainer.sanity_checking or trainer.logger is None or not results:
+            return
+        first = results[pl_module.contract.first_head]
+        metrics = {f"hp/{k}": first[k] for k in METRIC_NAMES}
+        trainer.logger.log_metrics(metrics, step=trainer.global_step)
