@@ -26,6 +26,8 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from .contract import long_form
+
 log = logging.getLogger("fcn_lightning")
 
 NO_METRICS = "no metrics.json: the job died before finishing a stage"
@@ -136,7 +138,7 @@ def format_summary(jobs: list[dict[str, Any]]) -> list[str]:
         varied = " ".join(o for o in job["overrides"] if o not in common)
         for stage, block in job["metrics"].items():
             try:
-                m = block if "mIoU" in block else next(iter(block.values()))
+                m = next(iter(long_form(block).values()))
                 row = f"{100 * m['mIoU']:>8.1f}{100 * m['pixel_acc']:>9.1f}"
             except (TypeError, KeyError, AttributeError, StopIteration):
                 row = f"{'?':>8}{'?':>9}"

@@ -33,16 +33,17 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from . import rundir
 from .atomic import write_json_atomic
+from .board import HParamsTab, ValidationImages
 from .callbacks import AtomicCheckpointIO, InterruptCheckpoint, best_checkpoint, last_checkpoint
 from .checkpoints import CheckpointError, check_readable, load_weights_only
+from .contract import METRIC_NAMES, METRIC_TITLES, headline, long_form, short_form
 from .data.base import DataError, SegmentationDataModule
-from .models import transfer_stage
+from .models import LateFusionFCN, transfer_stage
 from .module import FCNModule, NonFiniteLossError, load_checkpoint
 
 log = logging.getLogger("fcn_lightning")
 
 CHAIN = ("fcn32s", "fcn16s", "fcn8s")
-METRIC_KEYS = ("mIoU", "pixel_acc", "mean_acc", "fwIoU")
 
 
 class ConfigError(ValueError):
@@ -93,30 +94,19 @@ def make_datamodule(data_cfg: DictConfig, **override: Any) -> SegmentationDataMo
     return instantiate(cfg, _convert_="all")
 
 
-def model_kwargs(
-    cfg: DictConfig, dm: SegmentationDataModule, stage: str, pretrained: Any
-) -> dict[str, Any]:
+def model_settings(cfg: DictConfig, stage: str, pretrained: Any) -> dict[str, Any]:
+    """The model's settings that the arch group decides (the data contract gives the rest)."""
     arch = cfg.arch
-    heads = getattr(dm, "heads", None)
-    kw = {
+    return {
         "arch": stage,
         "backbone": arch.backbone,
         "geometry": arch.geometry,
         "width": float(arch.width),
         "pretrained": pretrained,
-        "in_channels": dm.in_channels,
         "learnable_upsampling": bool(arch.learnable_upsampling),
         "dropout": float(arch.dropout),
         "normalization": arch.normalization,
     }
-    if heads:
-        kw["heads"] = dict(heads)
-    else:
-        kw["num_classes"] = dm.num_classes
-    streams = getattr(dm, "streams", None)
-    if streams:
-        kw["streams"] = dict(streams)
-    return kw
 
 
 def make_module(
@@ -124,10 +114,9 @@ def make_module(
 ) -> FCNModule:
     optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
     optimizer["lr"] = lr
-    heads = getattr(dm, "heads", None)
-    names = {h: list(dm.head_class_names[h]) for h in heads} if heads else list(dm.class_names)
     return FCNModule(
-        model_kwargs(cfg, dm, stage, pretrained),
+        model_settings(cfg, stage, pretrained),
+        contract=dm.contract,
         loss_reduction=cfg.loss.reduction,
         class_weights=OmegaConf.to_container(cfg.loss.class_weights)
         if cfg.loss.class_weights is not None
@@ -135,10 +124,6 @@ def make_module(
         loss_sample_prob=float(cfg.loss.sample_prob),
         optimizer=optimizer,
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
-        class_names=names,
-        palette=[list(c) for c in dm.palette[:256]],
-        panel_size=int(cfg.images.panel_size),
-        log_images_every_n_epochs=int(cfg.images.every_n_epochs),
         exclude_absent_classes=bool(cfg.get("exclude_absent_classes", False)),
         channels_last=bool(cfg.perf.channels_last),
         compile=cfg.perf.compile,
@@ -206,6 +191,8 @@ def make_trainer(cfg: DictConfig, stage: str, out: Path, monitor: str) -> pl.Tra
     if not trainer_cfg.get("enable_progress_bar", True):  # Lightning refuses a bar it may not show
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks += [
+        ValidationImages(int(cfg.images.panel_size), int(cfg.images.every_n_epochs)),
+        HParamsTab(),
         best_checkpoint(ckpt_dir, monitor),
         last_checkpoint(ckpt_dir),
         InterruptCheckpoint(ckpt_dir),
@@ -220,34 +207,24 @@ def make_trainer(cfg: DictConfig, stage: str, out: Path, monitor: str) -> pl.Tra
     )
 
 
-def _val_metrics(module: FCNModule) -> dict[str, Any]:
-    return module.final_metrics.get("val", {})
-
-
 def format_table(metrics: Mapping[str, Any]) -> str:
-    """One row per stage (and head) with the four metrics, in percent."""
+    """One row per stage (and head, named when there are several) with the four metrics, in
+    percent; ``metrics`` maps a stage to its results in either form (see ``contract.short_form``)."""
     rows = []
     for stage, block in metrics.items():
-        heads = {"": block} if "mIoU" in block else block
+        heads = long_form(block)
         for head, m in heads.items():
-            name = f"{stage}/{head}" if head else stage
-            rows.append(f"{name:<18}" + "".join(f"{100 * m[k]:>11.1f}" for k in METRIC_KEYS))
-    header = f"{'stage':<18}" + "".join(
-        f"{k:>11}" for k in ("mIoU %", "pixel acc", "mean acc", "fwIoU")
-    )
+            name = stage if list(heads) == ["out"] else f"{stage}/{head}"
+            rows.append(f"{name:<18}" + "".join(f"{100 * m[k]:>11.1f}" for k in METRIC_NAMES))
+    header = f"{'stage':<18}" + "".join(f"{METRIC_TITLES[k]:>11}" for k in METRIC_NAMES)
     return "\n".join([header, "-" * len(header), *rows])
-
-
-def headline(block: Mapping[str, Any]) -> float:
-    """The number sweepers optimise: val mIoU (the first head's with several)."""
-    return float(block["mIoU"] if "mIoU" in block else next(iter(block.values()))["mIoU"])
 
 
 def init_streams(model: Any, sources: Mapping[str, str]) -> None:
     """Start each late-fusion stream from its own trained checkpoint (the paper's RGB-HHA)."""
-    streams = getattr(model, "streams", None)
-    if streams is None:
+    if not isinstance(model, LateFusionFCN):
         raise ConfigError("arch.init_streams needs a late-fusion model (data.modality=rgb+hha)")
+    streams = model.streams
     if set(sources) != set(streams):
         raise ConfigError(
             f"arch.init_streams names {sorted(sources)}, the model's streams are {sorted(streams)}"
@@ -479,7 +456,7 @@ def _train(cfg: DictConfig, out: Path, resume: bool) -> float:
         if not best.is_file():
             trainer.save_checkpoint(best, weights_only=False)  # e.g. no validation ran
         trainer.validate(module, dm, ckpt_path=str(best), verbose=False)
-        metrics[stage] = _val_metrics(module)
+        metrics[stage] = short_form(module.results.get("val", {}))
         if trainer.is_global_zero:
             write_json_atomic(metrics_path, metrics)
         previous_best = str(best)
@@ -534,10 +511,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     with open_dict(data_cfg):
         split = data_cfg.pop("split", None) or data_cfg.get("val_split")
         # the checkpoint decides the normalisation its weights expect
-        data_cfg.normalization = module.hparams.model.get("normalization", "imagenet")
+        data_cfg.normalization = module.model.normalization.as_dict()
     dm = make_datamodule(data_cfg, val_split=split, test_split=split)  # eval reads this split alone
-    heads = {name: n for name, n in module.model.spec.heads}
-    expected = dict(getattr(dm, "heads", None) or {"out": dm.num_classes})
+    heads, expected = module.contract.num_classes, dm.contract.num_classes
     if expected != heads:
         raise ConfigError(
             f"checkpoint {cfg.ckpt_path} predicts {heads} classes but data={cfg.data._target_} has {expected}"
@@ -545,23 +521,25 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     print(label_report(dm, [split]))
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     trainer.test(module, dm, verbose=False)
-    results = module.final_metrics["test"]
+    results = module.results["test"]
     out.mkdir(parents=True, exist_ok=True)
     report = {
         "checkpoint": str(cfg.ckpt_path),
         "split": split,
         "data_root": cfg.data.get("root"),
-        "metrics": results,
+        "metrics": short_form(results),
     }
     write_json_atomic(out / "eval.json", report)
     print(format_table({f"{module.model.spec.arch} {split}": results}))
-    for head, block in ({"out": results} if "mIoU" in results else results).items():
+    named = {h: "" if module.contract.single else f" ({h})" for h in results}
+    for head, block in results.items():
         if block.get("excluded_classes"):
             print(
-                f"classes absent from this split, left out of the means{'' if head == 'out' else f' ({head})'}: {', '.join(block['excluded_classes'])}"
+                f"classes absent from this split, left out of the means{named[head]}: "
+                + ", ".join(block["excluded_classes"])
             )
-    for head, block in ({"out": results} if "mIoU" in results else results).items():
-        print(f"\nIoU per class{'' if head == 'out' else f' ({head})'}:")
+    for head, block in results.items():
+        print(f"\nIoU per class{named[head]}:")
         for name, value in block["per_class_IoU"].items():
             print(f"  {name:<20}{'absent' if value is None else f'{100 * value:.1f}'}")
     print(f"\nwritten: {out / 'eval.json'}")
