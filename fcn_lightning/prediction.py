@@ -23,29 +23,52 @@ Safety rules, all checked before anything is written:
 An input folder is read non-recursively: files with an image suffix (any case), not hidden,
 and not listed in a ``predictions.json`` there. An image that cannot be decoded is skipped and
 the others are predicted; the run then ends with SystemExit naming every skipped file.
+
+The images go through Lightning's predict loop (``FCNModule.predict_step``), ``batch_size`` of
+one size at a time (``data.images``), read by ``num_workers`` loader processes, on the GPU if
+there is one (``device=cpu``: never); one callback writes each batch's files as it ends.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
+import warnings
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 from PIL import Image
-from torchvision import tv_tensors
+from pytorch_lightning.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader
 
 from .atomic import write_atomically
-from .data.base import DataError, read_image, voc_palette
+from .data.images import ImageFiles, SizeBatches, collate
 from .data.transforms import eval_transforms
 from .pipeline import ConfigError, load_module
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 MANIFEST = "predictions.json"
 WRITTEN_BY = "fcn-lightning predict"
+
+
+# what the checkpoint says about its heads, colours and input: read here only
+def head_names(module: Any) -> list[str]:
+    return list(module.contract)
+
+
+def head_palette(module: Any, head: str) -> list[tuple[int, int, int]]:
+    return list(module.contract.heads[head].palette)
+
+
+def input_normalization(module: Any) -> Any:
+    return module.model.normalization
 
 
 def head_suffix(head: str) -> str:
@@ -185,18 +208,83 @@ def check_output(out: Path, source: Path, planned: dict[str, Path]) -> dict[str,
     return earlier
 
 
+class PredictionFiles(BasePredictionWriter):
+    """Writes each image's label maps and overlays (atomically) as its batch ends; keeps, by
+    input index, the label maps written, unreadable images' messages and true sizes found."""
+
+    def __init__(self, out: Path, files: list[Path], stems: dict[Path, str], palettes: dict):
+        super().__init__(write_interval="batch")
+        self.out, self.files, self.stems, self.palettes = out, files, stems, palettes
+        self.written: dict[int, list[Path]] = {}
+        self.skipped: dict[int, str] = {}
+        self.resized: dict[int, tuple[int, int]] = {}
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, indices, batch, *_) -> None:
+        self.skipped.update((s["index"], s["error"]) for s in batch[1] if "error" in s)
+        self.resized.update((s["index"], s["size"]) for s in batch[1] if "resized" in s)
+        labels = {k: v.to(torch.uint8).cpu().numpy() for k, v in prediction.items()}
+        for i, sample in enumerate(s for s in batch[1] if "rgb" in s):
+            rgb = sample["rgb"].astype(np.float32)
+            for head, label in labels.items():
+                lab = Image.fromarray(label[i], mode="P")
+                lab.putpalette(self.palettes[head])
+                overlay = 0.5 * rgb + 0.5 * np.asarray(lab.convert("RGB"), dtype=np.float32)
+                blend = Image.fromarray(overlay.round().astype(np.uint8))
+                name = f"{self.stems[self.files[sample['index']]]}{head_suffix(head)}"
+                write_atomically(self.out / f"{name}.png", lambda f, im=lab: im.save(f, "PNG"))
+                write_atomically(
+                    self.out / f"{name}_overlay.jpg",
+                    lambda f, im=blend: im.save(f, format="JPEG", quality=92),
+                )
+                self.written.setdefault(sample["index"], []).append(self.out / f"{name}.png")
+
+
+def run_batches(module: Any, dataset: ImageFiles, writer: PredictionFiles, cfg: DictConfig) -> None:
+    """``Trainer.predict`` over ``dataset`` in batches of one size; images whose header told
+    another size are predicted in a second pass, at their true size."""
+    accelerator = "cpu" if cfg.get("device", "auto") == "cpu" else "auto"
+    workers, log = int(cfg.get("num_workers", 0)), logging.getLogger("pytorch_lightning")
+    for again in (False, True):
+        batches = SizeBatches(dataset.sizes, int(cfg.get("batch_size", 8)))
+        if not len(batches):
+            return
+        loader = DataLoader(
+            dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
+            pin_memory=accelerator != "cpu" and torch.cuda.is_available(),
+        )  # fmt: skip
+        with warnings.catch_warnings():  # the console keeps to predict's own lines
+            warnings.filterwarnings("ignore", ".*(many workers|custom batch sampler|LeafSpec)")
+            level = log.level
+            log.setLevel(logging.WARNING)
+            try:
+                pl.Trainer(
+                    accelerator=accelerator, devices=1, logger=False, callbacks=[writer],
+                    enable_checkpointing=False, enable_model_summary=False,
+                    enable_progress_bar=sys.stdout.isatty(),
+                ).predict(module, dataloaders=loader, return_predictions=False)  # fmt: skip
+            finally:
+                log.setLevel(level)
+        dataset.sizes = [writer.resized.get(i) for i in range(len(dataset))]
+        for i in writer.resized if again else ():  # its size changed again: being rewritten
+            writer.skipped[i] = f"{dataset.files[i]}: changed while it was read"
+        writer.resized = {}
+
+
 def predict(cfg: DictConfig) -> list[Path]:
-    """Write a palette label PNG and a colour overlay per input image, at its own size.
+    """Write a palette label PNG and a colour overlay per input image, at its own size, through
+    Lightning's predict loop (``FCNModule.predict_step``) on batches of same-sized images.
 
     Returns the label maps written. The rules on names and on what may be replaced are in the
     module docstring; an undecodable image is skipped and reported by SystemExit at the end.
     """
     if not cfg.get("input"):
         raise ConfigError("input is not set: pass input=<image or folder>")
+    if int(cfg.get("batch_size", 8)) < 1 or int(cfg.get("num_workers", 0)) < 0:
+        raise ConfigError("batch_size must be 1 or more, num_workers 0 or more")
     source = Path(cfg.input).expanduser()
     files = list_inputs(source)
     module = load_module(cfg.ckpt_path)
-    heads = [name for name, _ in module.model.spec.heads]
+    heads = head_names(module)
     stems = output_stems(files, heads)
     renamed = [
         f"{p.name} -> {output_files(stems[p], heads)[0]}" for p in files if stems[p] != p.stem
@@ -210,40 +298,21 @@ def predict(cfg: DictConfig) -> list[Path]:
     # claim the planned names first, so that an interrupted run can be rerun into this folder
     write_manifest(out, {**earlier, **{n: str(p.resolve()) for n, p in planned.items()}})
 
-    transform = eval_transforms(normalization=module.hparams.model.get("normalization", "imagenet"))
-    palette = module.hparams.palette or voc_palette()
-    flat = [v for c in (list(palette) + [[0, 0, 0]] * 256)[:256] for v in c]
-    device = torch.device(
-        "cuda" if torch.cuda.is_available() and cfg.get("device", "auto") != "cpu" else "cpu"
-    )
-    module.to(device)
-    written: list[Path] = []
-    done: dict[str, str] = {}
-    skipped: list[str] = []
-    for path in files:
-        try:
-            image = read_image(path, exif_transpose=True)  # as a photo viewer shows it
-        except DataError as err:
-            skipped.append(str(err) if str(path) in str(err) else f"{path}: {err}")
-            continue
-        x = transform(tv_tensors.Image(image)).as_subclass(torch.Tensor).unsqueeze(0).to(device)
-        with torch.no_grad():
-            preds = {k: v[0].argmax(0).to(torch.uint8).cpu().numpy() for k, v in module(x).items()}
-        rgb = image[:3].permute(1, 2, 0).numpy().astype(np.float32)
-        for head, label in preds.items():
-            lab = Image.fromarray(label, mode="P")
-            lab.putpalette(flat)
-            overlay = 0.5 * rgb + 0.5 * np.asarray(lab.convert("RGB"), dtype=np.float32)
-            blend = Image.fromarray(overlay.round().astype(np.uint8))
-            name = f"{stems[path]}{head_suffix(head)}"
-            write_atomically(out / f"{name}.png", lambda f, lab=lab: lab.save(f, format="PNG"))
-            write_atomically(
-                out / f"{name}_overlay.jpg",
-                lambda f, im=blend: im.save(f, format="JPEG", quality=92),
-            )
-            done.update(dict.fromkeys((f"{name}.png", f"{name}_overlay.jpg"), str(path.resolve())))
-            written.append(out / f"{name}.png")
+    palettes = [(h, head_palette(module, h) + [(0, 0, 0)] * 256) for h in heads]
+    flat = {h: [v for c in palette[:256] for v in c] for h, palette in palettes}
+    writer = PredictionFiles(out, files, stems, flat)
+    dataset = ImageFiles(files, eval_transforms(normalization=input_normalization(module)))
+    writer.skipped.update(dataset.read_unopened())  # files that do not even open, named now
+    run_batches(module, dataset, writer, cfg)
+    written = [p for i in sorted(writer.written) for p in writer.written[i]]
+    done = {
+        name: str(files[i].resolve())
+        for i, labels in writer.written.items()
+        for p in labels
+        for name in (p.name, f"{p.stem}_overlay.jpg")
+    }
     write_manifest(out, {**earlier, **done})
+    skipped = [writer.skipped[i] for i in sorted(writer.skipped)]
     n = len(written)
     print(
         f"wrote {n} label maps and {n} overlays for {len(files) - len(skipped)} of {len(files)} "

@@ -9,11 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_app import TINY, cfg_of, run
+from torchvision import tv_tensors
 
-from fcn_lightning.pipeline import train
-from fcn_lightning.prediction import MANIFEST, output_stems, predict
+from fcn_lightning.data import eval_transforms, read_image
+from fcn_lightning.module import FCNModule
+from fcn_lightning.pipeline import load_module, train
+from fcn_lightning.prediction import MANIFEST, input_normalization, output_stems, predict
 
 
 @pytest.fixture(scope="module")
@@ -342,3 +346,107 @@ def test_cli_exits_non_zero_naming_unreadable_images(ckpt, tmp_path):
     assert str(photos / "broken.png") in result.stderr
     assert f"wrote 1 label maps and 1 overlays for 1 of 2 images to {out}" in result.stdout
     assert (out / "good.png").is_file() and not (out / "broken.png").exists()
+
+
+# --------------------------------------------------------------------------- through predict_step
+def noise(path: Path, h: int, w: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def single_image_labels(ckpt: Path, path: Path) -> dict[str, np.ndarray]:
+    """The module run directly on one image, as the loop before Lightning's did."""
+    module = load_module(ckpt)
+    x = eval_transforms(normalization=input_normalization(module))(
+        tv_tensors.Image(read_image(path, exif_transpose=True))
+    ).as_subclass(torch.Tensor)
+    with torch.no_grad():
+        return {k: v[0].argmax(0).numpy() for k, v in module(x[None]).items()}
+
+
+def count_predict_steps(monkeypatch) -> list[tuple[int, ...]]:
+    """The shape of the images of every batch FCNModule.predict_step is given."""
+    shapes: list[tuple[int, ...]] = []
+    step = FCNModule.predict_step
+
+    def counted(self, batch, batch_idx, dataloader_idx=0):
+        shapes.append(tuple(batch[0].shape))
+        return step(self, batch, batch_idx, dataloader_idx)
+
+    monkeypatch.setattr(FCNModule, "predict_step", counted)
+    return shapes
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_batches_of_one_size_predict_as_single_images(ckpt, tmp_path, monkeypatch, workers):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    sizes = {"a.png": (20, 30), "b.png": (17, 13), "c.png": (20, 30)}
+    for seed, (name, (h, w)) in enumerate(sizes.items()):
+        noise(photos / name, h, w, seed)
+    shapes = count_predict_steps(monkeypatch)
+    out = tmp_path / "pred"
+    overrides = [f"ckpt_path={ckpt}", f"input={photos}", f"output={out}", "device=cpu"]
+    overrides += ["++batch_size=2", f"++num_workers={workers}"]
+    written = predict(cfg_of("predict", overrides, tmp_path / "run"))
+    assert written == [out / "a.png", out / "b.png", out / "c.png"]
+    assert shapes == [(2, 3, 20, 30), (1, 3, 17, 13)]  # a and c together, b alone
+    for name in sizes:
+        expected = single_image_labels(ckpt, photos / name)["out"]
+        with Image.open(out / name) as label:
+            assert label.mode == "P" and np.array_equal(np.asarray(label), expected), name
+
+
+def test_an_undecodable_image_leaves_its_batch(ckpt, tmp_path, monkeypatch):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    noise(photos / "a.png", 20, 30, 0)
+    data = noise(tmp_path / "b.png", 20, 30, 1).read_bytes()
+    (photos / "b.png").write_bytes(data[: len(data) // 2])  # opens (20 x 30), fails to decode
+    noise(photos / "c.png", 20, 30, 2)
+    shapes = count_predict_steps(monkeypatch)
+    out = tmp_path / "pred"
+    overrides = [f"ckpt_path={ckpt}", f"input={photos}", f"output={out}", "device=cpu"]
+    with pytest.raises(SystemExit, match=r"1 of 3 input images could not be read") as exit_:
+        predict(cfg_of("predict", [*overrides, "++batch_size=3"], tmp_path / "run"))
+    assert "cannot decode image" in str(exit_.value.code) and str(photos / "b.png") in str(
+        exit_.value.code
+    )
+    assert shapes == [(2, 3, 20, 30)]
+    assert sorted(json.loads((out / MANIFEST).read_text())["outputs"]) == [
+        "a.png", "a_overlay.jpg", "c.png", "c_overlay.jpg",
+    ]  # fmt: skip
+    for name in ("a.png", "c.png"):
+        with Image.open(out / name) as label:
+            assert np.array_equal(
+                np.asarray(label), single_image_labels(ckpt, photos / name)["out"]
+            )
+
+
+def test_a_png_turned_by_metadata_past_its_pixels_is_predicted_as_shown(
+    ckpt, tmp_path, monkeypatch
+):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned: 20 wide x 30 high
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(gradient(20, 30)).save(photos / "turned.png", exif=exif)
+    noise(photos / "plain.png", 30, 20, 0)
+    data = (photos / "turned.png").read_bytes()  # move the eXIf chunk past the pixel data
+    start = data.index(b"eXIf") - 4
+    end = start + 12 + int.from_bytes(data[start : start + 4], "big")
+    chunk, rest = data[start:end], data[:start] + data[end:]
+    iend = rest.index(b"IEND") - 4
+    (photos / "turned.png").write_bytes(rest[:iend] + chunk + rest[iend:])
+    shapes = count_predict_steps(monkeypatch)
+    out = tmp_path / "pred"
+    overrides = [f"ckpt_path={ckpt}", f"input={photos}", f"output={out}", "device=cpu"]
+    predict(cfg_of("predict", [*overrides, "++batch_size=2"], tmp_path / "run"))
+    # its header said 20 x 30: read again, at its true size, in a second pass
+    assert shapes == [(1, 3, 30, 20), (0, 3, 30, 20), (1, 3, 30, 20)]
+    for name in ("turned.png", "plain.png"):
+        with Image.open(out / name) as label:
+            assert np.array_equal(
+                np.asarray(label), single_image_labels(ckpt, photos / name)["out"]
+            )
