@@ -1,13 +1,16 @@
-"""The benchmarks run (quick CPU mode), so they never rot; they measure nothing here."""
+"""The benchmarks run (quick CPU mode, small sizes), so they never rot; they measure nothing here."""
 
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from fcn_lightning import bench
+import torch
+
+from fcn_lightning import bench  # light: each benchmark module imports what it measures
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,20 +25,38 @@ def test_speed_benchmark_quick_mode_prints_every_row(capsys):
     assert "device: CPU" in out and "matmul ceiling" in out and "x (a)" in out
 
 
-def test_model_cost_and_data_loader_benchmarks_run(tmp_path):
-    cost = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks/model_cost.py"), "--size", "64", "64"],
+def test_model_cost_and_data_loader_benchmarks_run(capsys):
+    from fcn_lightning.bench import data_loader, model_cost
+
+    model_cost.main(["--size", "64", "64"])
+    out = capsys.readouterr().out
+    assert "fcn8s_atonce" in out and "GFLOP" in out
+    threads = torch.get_num_threads()
+    data_loader.main(["--images", "4", "--repeat", "1"])
+    assert torch.get_num_threads() == threads  # its one-thread setting does not leak
+    out = capsys.readouterr().out
+    assert "img/s" in out and "decode + check + train transforms" in out
+
+
+def test_label_check_benchmark_runs_on_a_small_corpus(capsys, tmp_path):
+    from fcn_lightning.bench import label_check
+
+    before = os.environ.get("FCN_LIGHTNING_CACHE")
+    label_check.main(["--n", "40", "--workers", "1", "--root", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "40 label files" in out and "written in" in out and "cached check" in out
+    label_check.main(["--n", "40", "--workers", "1", "--root", str(tmp_path)])
+    assert f"reused from {tmp_path}" in capsys.readouterr().out
+    assert os.environ.get("FCN_LIGHTNING_CACHE") == before  # its cold cache does not leak
+
+
+def test_benchmarks_run_with_python_dash_m():
+    done = subprocess.run(
+        [sys.executable, "-m", "fcn_lightning.bench.model_cost", "--size", "32", "32"],
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=ROOT,
     )
-    assert cost.returncode == 0, cost.stderr
-    assert "fcn8s_atonce" in cost.stdout and "GFLOP" in cost.stdout
-    loader = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks/data_loader.py"), "--images", "4", "--repeat", "1"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert loader.returncode == 0, loader.stderr
-    assert "img/s" in loader.stdout
+    assert done.returncode == 0, done.stderr
+    assert "fcn32s" in done.stdout and "GFLOP" in done.stdout

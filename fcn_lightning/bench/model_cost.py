@@ -1,8 +1,9 @@
-"""Print parameters and forward FLOPs of every arch in both geometries (default 500x500).
+"""Model cost: parameters and forward FLOPs of every arch in both geometries (default 500x500).
 
-    python benchmarks/model_cost.py [--size 500 500] [--classes 21] [--width 1.0]
+    python -m fcn_lightning.bench.model_cost [--size 500 500] [--classes 21] [--width 1.0]
 
-Counted with torch's FlopCounterMode on the meta device: no memory, no compute.
+Counted with torch's FlopCounterMode on the meta device: no memory, no compute, any machine.
+The paper geometry's FCN-8s costs 363 GFLOP at 500x500 (docs/PAPER.md, Network geometry).
 """
 
 from __future__ import annotations
@@ -12,15 +13,17 @@ import argparse
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fcn_lightning.models import ARCHS, build_fcn
+from ..models import ARCHS, build_fcn
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m fcn_lightning.bench.model_cost", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--size", type=int, nargs=2, default=(500, 500), metavar=("H", "W"))
     parser.add_argument("--classes", type=int, default=21)
     parser.add_argument("--width", type=float, default=1.0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(f"input {args.size[0]}x{args.size[1]}, {args.classes} classes, width {args.width}")
     print(f"{'arch':<14}{'geometry':<10}{'params (M)':>12}{'GFLOP/fwd':>12}")
     for arch in ARCHS:

@@ -1,4 +1,4 @@
-"""Time the label check on a VOC + SBD sized corpus: the first check and the cached re-check.
+"""Label check: its time on a VOC + SBD sized corpus, the first check and the cached re-check.
 
 The corpus is made in a temporary folder with the real files' sizes and formats: VOC2012 train
 (1,464) and val (1,449) palette PNGs with 255 borders, and SBD train (8,498) cls/<id>.mat files
@@ -6,7 +6,7 @@ holding the GTcls struct (segmentation, sparse boundaries, categories present), 
 some portrait. The check reads labels only, so no JPEG is written. ``--n`` shrinks the corpus
 in the same proportions.
 
-    python benchmarks/label_check.py [--n 11411] [--workers N] [--root DIR]
+    python -m fcn_lightning.bench.label_check [--n 11411] [--workers N] [--root DIR]
 
 ``--root`` keeps the corpus in DIR (made there once, reused when its lists are there).
 """
@@ -14,10 +14,12 @@ in the same proportions.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -26,7 +28,7 @@ import scipy.io
 import scipy.sparse
 from PIL import Image
 
-from fcn_lightning.data import VOCDataModule, voc_palette
+from ..data import VOCDataModule, voc_palette
 
 SPLITS = {"voc_train": 1464, "voc_val": 1449, "sbd_train": 8498}
 SIZES = [(375, 500)] * 7 + [(500, 375)] * 2 + [(333, 500)]  # (H, W), as VOC's mix
@@ -106,18 +108,34 @@ def build(root: Path, n: int, workers: int) -> dict[str, int]:
     return counts
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+@contextlib.contextmanager
+def _cache_in(cache: Path) -> Iterator[Path]:
+    """``$FCN_LIGHTNING_CACHE`` set to ``cache`` (a cold cache each run), restored afterwards."""
+    before = os.environ.get("FCN_LIGHTNING_CACHE")
+    os.environ["FCN_LIGHTNING_CACHE"] = str(cache)
+    try:
+        yield cache
+    finally:
+        if before is None:
+            os.environ.pop("FCN_LIGHTNING_CACHE", None)
+        else:
+            os.environ["FCN_LIGHTNING_CACHE"] = before
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m fcn_lightning.bench.label_check", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--n", type=int, default=sum(SPLITS.values()), help="label files")
     parser.add_argument("--workers", type=int, default=None, help="default: os.cpu_count()")
     parser.add_argument("--root", type=Path, default=None, help="keep the corpus there")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     workers = args.workers or os.cpu_count() or 1
-    with tempfile.TemporaryDirectory() as tmp:
-        root, cache = args.root or Path(tmp) / "data", Path(tmp) / "cache"
-        os.environ["FCN_LIGHTNING_CACHE"] = str(cache)  # a cold cache each run
+    with tempfile.TemporaryDirectory() as tmp, _cache_in(Path(tmp) / "cache") as cache:
+        root = args.root or Path(tmp) / "data"
         t0 = time.perf_counter()
-        if (root / "benchmark_RELEASE" / "dataset" / "train.txt").is_file():
+        reused = (root / "benchmark_RELEASE" / "dataset" / "train.txt").is_file()
+        if reused:
             counts = {k: len(v.read_text().split()) for k, v in lists(root).items()}
         else:
             counts = build(root, args.n, workers)
@@ -138,7 +156,7 @@ def main() -> None:
         print(
             f"corpus: {files} label files ({counts['voc_train'] + counts['voc_val']} VOC PNGs, "
             f"{counts['sbd_train']} SBD .mat), {size / 2**20:.0f} MiB, "
-            + (f"written in {built:.1f} s" if built > 0.5 else f"reused from {root}")
+            + (f"reused from {root}" if reused else f"written in {built:.1f} s")
         )
         print(f"first check:  {cold:6.2f} s  ({files / cold:.0f} files/s, {workers} workers)")
         print(

@@ -1,0 +1,297 @@
+"""Speed: training and inference of FCN-8s, in one process, with the card's name.
+
+    python -m fcn_lightning.bench            # on a GPU: the settings of docs/PERFORMANCE.md
+    python -m fcn_lightning.bench --quick    # tiny sizes on any device (what the tests run)
+
+Rows: (a) a plain PyTorch loop, fp32, batch 1, 500x500 (the paper's setting): the baseline;
+(b) our training step at that setting, and at batch 8, 512x512, bf16 with the speed switches,
+in both geometries; (c) the whole Lightning loop (synthetic data in memory, metrics and logging
+on) at (b)'s second setting; (d) inference latency, batch 1, 500x500, fp32 and bf16. For each:
+img/s or ms, achieved TFLOP/s and its share of the matrix-product ceiling measured in the same
+run, peak GPU memory, and the ratio to (a). The figures to compare with: docs/PAPER.md, Speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import Callback
+from torch.utils.data import DataLoader, TensorDataset, default_collate
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..models import build_fcn
+from ..module import FCNModule
+
+
+@dataclass
+class Setting:
+    batch: int
+    size: int
+    width: float
+    bf16: bool
+    fast: bool  # channels_last + torch.compile + fused optimizer (GPU only)
+    geometry: str = "paper"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
+    """Seconds per call, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: int) -> float:
+    """Achieved TFLOP/s of an n x n matrix product: the ceiling the model's rate is compared to."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = _timed(lambda: a @ b, device, 3, 10)
+    return 2 * n**3 / seconds / 1e12
+
+
+def forward_flops(setting: Setting, classes: int = 21) -> float:
+    with torch.device("meta"):
+        model = build_fcn(
+            "fcn8s", num_classes=classes, width=setting.width, geometry=setting.geometry
+        ).eval()
+        x = torch.empty(setting.batch, 3, setting.size, setting.size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return float(counter.get_total_flops())
+
+
+def _autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def _model(setting: Setting, device: torch.device, module: FCNModule | None = None):
+    """FCN-8s (21 classes) on ``device`` in train mode, its score layers made non-zero so that
+    every layer gets gradients; ``module``'s own model when given."""
+    model = (
+        module.model
+        if module is not None
+        else build_fcn("fcn8s", num_classes=21, width=setting.width, geometry=setting.geometry)
+    )
+    model = model.to(device).train()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.split(".")[2].startswith("score"):  # score_fr, score_pool4, score_pool3
+                p.normal_(std=0.01)
+    return model
+
+
+def _module(setting: Setting, **kwargs) -> FCNModule:
+    return FCNModule(
+        {"arch": "fcn8s", "num_classes": 21, "width": setting.width, "geometry": setting.geometry},
+        **kwargs,
+    )
+
+
+def train_step_fn(setting: Setting, device: torch.device, plain: bool) -> Callable[[], object]:
+    """One SGD step. ``plain``: the textbook loop (no switches); else our module's loss and the
+    speed switches that apply on this device."""
+    gpu = device.type == "cuda"
+    x = torch.randn(setting.batch, 3, setting.size, setting.size, device=device)
+    y = torch.randint(0, 21, (setting.batch, setting.size, setting.size), device=device)
+    if plain:
+        model = _model(setting, device)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-10, momentum=0.99)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x)["out"], y, ignore_index=255)
+            loss.backward()
+            opt.step()
+
+        return step
+    module = _module(setting)
+    model = _model(setting, device, module)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-10, momentum=0.99, fused=(gpu and setting.fast) or None)
+    if setting.fast and gpu:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+        model.compile()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with _autocast(device, setting.bf16):
+            loss = module.loss(model(x), {"out": y})
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def lightning_loop_rate(setting: Setting, device: torch.device, steps: int) -> float:
+    """Images per second of a whole Lightning fit: in-memory synthetic batches, metrics and
+    TensorBoard logging on, validation excluded."""
+    n = setting.batch * (steps + 3)
+    images = torch.randn(n, 3, setting.size, setting.size)
+    labels = torch.randint(0, 21, (n, setting.size, setting.size))
+    loader = DataLoader(
+        TensorDataset(images, labels),
+        batch_size=setting.batch,
+        collate_fn=_head_batch,
+        pin_memory=device.type == "cuda",
+    )
+    module = _module(
+        setting,
+        optimizer={
+            "name": "sgd",
+            "lr": 1e-10,
+            "momentum": 0.99,
+            "fused": (device.type == "cuda" and setting.fast) or None,
+        },
+        channels_last=setting.fast,
+        compile="default" if setting.fast else None,
+    )
+    timer = _StepTimer(warmup=3)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = pl.Trainer(
+            accelerator=device.type, devices=1, max_steps=steps + 3,
+            precision="bf16-mixed" if setting.bf16 else "32-true",
+            logger=pl.loggers.TensorBoardLogger(tmp, name="bench"), log_every_n_steps=10,
+            callbacks=[timer], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            limit_val_batches=0, benchmark=device.type == "cuda",
+        )  # fmt: skip
+        trainer.fit(module, train_dataloaders=loader)
+    return timer.images_per_second(setting.batch)
+
+
+def _head_batch(samples: list[tuple[torch.Tensor, torch.Tensor]]):
+    """(images, {"out": labels}): a batch as the project's DataModules give it."""
+    images, labels = default_collate(samples)
+    return images, {"out": labels}
+
+
+class _StepTimer(Callback):
+    """Wall time of training steps after a warm-up."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.steps, self.end = warmup, 0.0, 0, 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.warmup:
+            _sync(pl_module.device)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx >= self.warmup:
+            _sync(pl_module.device)
+            self.steps, self.end = self.steps + 1, time.perf_counter()
+
+    def images_per_second(self, batch: int) -> float:
+        return self.steps * batch / max(self.end - self.start, 1e-9)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, object]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m fcn_lightning.bench", description="FCN-8s training and inference speed"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes: checks the script, measures nothing"
+    )
+    parser.add_argument("--iters", type=int, default=None)
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    quick = args.quick
+    iters = args.iters or (2 if quick else 30)
+    card = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    w = 1 / 16 if quick else 1.0
+    paper = Setting(1, 64 if quick else 500, w, bf16=False, fast=False)
+    big = Setting(2 if quick else 8, 64 if quick else 512, w, bf16=True, fast=True)
+    big_same = Setting(big.batch, big.size, w, bf16=True, fast=True, geometry="same")
+    n = 256 if quick else 8192
+    ceiling = {
+        "fp32": matmul_ceiling(device, torch.float32, n),
+        "bf16": matmul_ceiling(device, torch.bfloat16, n),
+    }
+    rows: list[dict[str, object]] = []
+
+    def add(
+        name: str, setting: Setting, seconds: float, flops: float, per_image: bool = True
+    ) -> None:
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if gpu else float("nan")
+        tflops = flops / seconds / 1e12
+        ceil = ceiling["bf16" if setting.bf16 else "fp32"]
+        rows.append({
+            "row": name, "img_s": setting.batch / seconds if per_image else None, "ms": seconds * 1e3,
+            "tflops": tflops, "ceiling_share": tflops / ceil, "peak_gib": peak,
+        })  # fmt: skip
+        if gpu:
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def label(prefix: str, st: Setting) -> str:
+        mode = "bf16+fast" if st.bf16 and st.fast else ("bf16" if st.bf16 else "fp32")
+        return f"{prefix} {mode}, b{st.batch}, {st.size}px, {st.geometry}"
+
+    for prefix, setting, plain in (
+        ("a  plain loop,", paper, True),
+        ("b1 our step,", paper, False),
+        ("b2 our step,", big, False),
+        ("b3 our step,", big_same, False),
+    ):
+        step = train_step_fn(setting, device, plain)
+        add(
+            label(prefix, setting),
+            setting,
+            _timed(step, device, 2 if quick else 5, iters),
+            3 * forward_flops(setting),
+        )
+    rate = lightning_loop_rate(big, device, iters)
+    add(label("c  Lightning,", big), big, big.batch / rate, 3 * forward_flops(big))
+    for bf16 in (False, True):
+        setting = Setting(1, paper.size, w, bf16=bf16, fast=bf16)
+        model = _model(setting, device).eval()
+        x = torch.randn(1, 3, setting.size, setting.size, device=device)
+        if bf16 and gpu:
+            model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+
+        def infer(model=model, x=x, bf16=bf16):
+            with torch.no_grad(), _autocast(device, bf16):
+                return model(x)
+
+        seconds = _timed(infer, device, 2 if quick else 10, iters * 2)
+        add(label("d  inference,", setting), setting, seconds, forward_flops(setting))
+    base = rows[0]["img_s"]
+    print(
+        f"device: {card}; matmul ceiling fp32/tf32 {ceiling['fp32']:.1f}, bf16 {ceiling['bf16']:.1f} TFLOP/s"
+        + ("; --quick: sizes are tiny, numbers mean nothing" if quick else "")
+    )
+    print(
+        f"{'row':<46}{'img/s':>9}{'ms':>9}{'TFLOP/s':>9}{'ceiling':>9}{'peak GiB':>10}{'x (a)':>8}"
+    )
+    for r in rows:
+        img = f"{r['img_s']:.1f}" if r["img_s"] else "-"
+        ratio = f"{r['img_s'] / base:.2f}" if r["img_s"] and base else "-"
+        print(
+            f"{r['row']:<46}{img:>9}{r['ms']:>9.2f}{r['tflops']:>9.2f}{100 * r['ceiling_share']:>8.1f}%{r['peak_gib']:>10.2f}{ratio:>8}"
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
