@@ -8,9 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 from test_app import CONF, cfg_of
 
-from fcn_lightning.pipeline import check_settings, make_datamodule, make_module, stages_for
+from fcn_lightning.checks import check_settings, stages_for
+from fcn_lightning.pipeline import make_datamodule, make_module
 
 DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
 OPTIMIZERS = sorted(p.stem for p in (CONF / "optimizer").glob("*.yaml"))
@@ -79,3 +83,85 @@ def test_a_summed_loss_with_a_mean_loss_lr_warns(caplog):
     with caplog.at_level("WARNING", logger="fcn_lightning"):
         check_settings(cfg)
     assert "loss.reduction=sum" in caplog.text and "loss.reduction=mean" in caplog.text
+
+
+# command-line keys that each set a value some recipe sets
+RECIPE_KEYS = ["optimizer.lr=0.5", "trainer.max_steps=7", "trainer.max_epochs=3"]
+RECIPE_KEYS += ["stage_lr_factor=0.3", "loss.reduction=mean", "arch.width=0.5"]
+
+
+def leaves(node, prefix=""):
+    """(dotted key, value) of every value in a plain dict, nested keys joined with dots."""
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def recipe_of(data):
+    """The recipe file's optimizer choice and its values."""
+    recipe = OmegaConf.to_container(OmegaConf.load(CONF / "recipe" / f"{data}.yaml"))
+    (choice,) = [d["/optimizer"] for d in recipe.pop("defaults")]
+    return choice, recipe
+
+
+def test_each_data_set_has_one_recipe_and_none_switches_it_off():
+    assert {p.stem for p in (CONF / "recipe").glob("*.yaml")} == {*DATA, "none"}
+    plain = cfg_of("config", ["recipe=none"])
+    assert plain.optimizer == OmegaConf.load(CONF / "optimizer" / "sgd.yaml")
+    assert plain.trainer == OmegaConf.load(CONF / "trainer" / "default.yaml")
+
+
+@pytest.mark.parametrize("data", DATA)
+def test_a_data_config_alone_sets_no_key_outside_data(data):
+    plain = cfg_of("config", ["recipe=none"])
+    cfg = cfg_of("config", [f"data={data}", "data.root=/d", "recipe=none"])
+    assert set(cfg) == set(plain)
+    for key in set(cfg) - {"data"}:
+        assert cfg[key] == plain[key], (data, key)
+    assert cfg.data.normalization == cfg.arch.normalization  # the link lives in config.yaml
+    evaluation = cfg_of("eval", ["ckpt_path=x", f"data={data}", "data.root=/d"])
+    assert "optimizer" not in evaluation and "arch" not in evaluation  # the checkpoint has them
+
+
+@pytest.mark.parametrize("data", DATA)
+def test_data_applies_its_recipe(data):
+    choice, recipe = recipe_of(data)
+    cfg = cfg_of("config", [f"data={data}", "data.root=/d"])
+    expected = cfg_of("config", ["recipe=none", f"optimizer={choice}"]).optimizer
+    expected.merge_with(recipe.get("optimizer", {}))
+    assert cfg.optimizer == expected, data
+    for key, value in leaves(recipe):
+        assert OmegaConf.select(cfg, key) == value, (data, key)
+
+
+@pytest.mark.parametrize("data", DATA)
+def test_the_command_line_beats_the_recipe(data):
+    choice, _ = recipe_of(data)
+    for optimizer in set(OPTIMIZERS) - {choice}:
+        cfg = cfg_of("config", [f"data={data}", "data.root=/d", f"optimizer={optimizer}"])
+        alone = cfg_of("config", ["recipe=none", f"optimizer={optimizer}"]).optimizer
+        assert set(cfg.optimizer) == set(alone), (data, optimizer)  # the whole group, no leftovers
+    cfg = cfg_of("config", [f"data={data}", "data.root=/d", *RECIPE_KEYS])
+    for override in RECIPE_KEYS:
+        key, value = override.split("=")
+        assert str(OmegaConf.select(cfg, key)) == value, (data, key)
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_an_experiment_brings_the_recipe_of_its_data(experiment):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "config", [f"experiment={experiment}", "data.root=/d"], return_hydra_config=True
+        )
+    assert cfg.hydra.runtime.choices.recipe == cfg.hydra.runtime.choices.data
+
+
+def test_the_archs_share_all_but_their_name():
+    archs = [
+        OmegaConf.to_container(cfg_of("config", [f"arch={a}", "recipe=none"]).arch) for a in ARCHS
+    ]
+    assert {a.pop("name") for a in archs} == set(ARCHS)
+    assert all(a == archs[0] for a in archs)
