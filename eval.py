@@ -4,7 +4,8 @@ prints mean IoU, pixel accuracy, mean accuracy, f.w. IoU and IoU per class, and 
 import hydra
 from omegaconf import DictConfig
 
-from fcn_lightning.pipeline import as_command, evaluate
+from fcn_lightning.checks import as_command
+from fcn_lightning.evaluation import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")

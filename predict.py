@@ -4,7 +4,7 @@ palette label PNG and a colour overlay per image, at the image's own size."""
 import hydra
 from omegaconf import DictConfig
 
-from fcn_lightning.pipeline import as_command
+from fcn_lightning.checks import as_command
 from fcn_lightning.prediction import predict
 
 

@@ -222,3 +222,16 @@ def plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [plain(v) for v in value]
     return value
+
+
+def format_table(metrics: Mapping[str, Any]) -> str:
+    """One row per stage (and head, named when there are several) with the four metrics, in
+    percent; ``metrics`` maps a stage to its results in either form (see ``contract.short_form``)."""
+    rows = []
+    for stage, block in metrics.items():
+        heads = long_form(block)
+        for head, m in heads.items():
+            name = stage if list(heads) == ["out"] else f"{stage}/{head}"
+            rows.append(f"{name:<18}" + "".join(f"{100 * m[k]:>11.1f}" for k in METRIC_NAMES))
+    header = f"{'stage':<18}" + "".join(f"{METRIC_TITLES[k]:>11}" for k in METRIC_NAMES)
+    return "\n".join([header, "-" * len(header), *rows])

@@ -49,9 +49,10 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
 from .atomic import write_atomically
+from .checks import ConfigError
 from .data.images import ImageFiles, SizeBatches, collate
 from .data.transforms import eval_transforms
-from .pipeline import ConfigError, load_module
+from .evaluation import load_module
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 MANIFEST = "predictions.json"

@@ -16,7 +16,9 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 from PIL import Image
 
-from fcn_lightning.pipeline import evaluate, stages_for, train
+from fcn_lightning.checks import stages_for
+from fcn_lightning.evaluation import evaluate
+from fcn_lightning.pipeline import train
 from fcn_lightning.prediction import predict
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -121,7 +121,9 @@ def test_real_voc_mini_files():
         assert (label == 255).any()  # the void border
         assert set(np.unique(label).tolist()) <= set(range(21)) | {255}
     assert sizes <= {(375, 500), (338, 500)}
-    images, labels = one_head(next(iter(dm.val_dataloader())))  # whole images, padded to the larger one
+    images, labels = one_head(
+        next(iter(dm.val_dataloader()))
+    )  # whole images, padded to the larger one
     assert images.shape[0] == 2 and labels.shape == images.shape[:1] + images.shape[2:]
     images, labels = one_head(next(iter(dm.train_dataloader())))
     assert images.shape == (2, 3, 96, 96) and labels.shape == (2, 96, 96)
@@ -523,7 +525,9 @@ def test_varied_voc_loads_every_format_and_size(tmp_path, monkeypatch):
             assert set(label.unique().tolist()) <= set(range(21)) | {255}
             seen.add(tuple(label.shape))
     assert seen == sizes
-    images, labels = one_head(next(iter(dm.val_dataloader())))  # widths differ: padded to the largest
+    images, labels = one_head(
+        next(iter(dm.val_dataloader()))
+    )  # widths differ: padded to the largest
     assert images.shape == (4, 3, 48, 48) and (labels == 255).any()
     # the label check reads the palette and 'L' labels as training does
     labels = [dm.datasets["val"][k][1]["out"] for k in range(len(dm.datasets["val"]))]

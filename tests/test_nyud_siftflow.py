@@ -43,7 +43,9 @@ def sift(tmp_path):
 def test_nyud_modalities(nyud, modality, channels):
     dm = NYUDDataModule(nyud, modality=modality, **WHOLE)
     dm.setup("fit")
-    assert dm.contract.in_channels == channels and len(dm.datasets["train"]) == 3  # trainval = 2 + 1
+    assert (
+        dm.contract.in_channels == channels and len(dm.datasets["train"]) == 3
+    )  # trainval = 2 + 1
     assert len(dm.datasets["val"]) == 2  # the test split
     image, label = one_head(dm.datasets["train"][0])
     assert image.shape == (channels, 30, 40) and image.dtype == torch.float32

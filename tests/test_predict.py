@@ -15,8 +15,9 @@ from test_app import TINY, cfg_of, run
 from torchvision import tv_tensors
 
 from fcn_lightning.data import eval_transforms, read_image
+from fcn_lightning.evaluation import load_module
 from fcn_lightning.module import FCNModule
-from fcn_lightning.pipeline import load_module, train
+from fcn_lightning.pipeline import train
 from fcn_lightning.prediction import MANIFEST, input_normalization, output_stems, predict
 
 

@@ -15,7 +15,8 @@ from PIL import Image
 from test_app import NO_DATA, ROOT, TINY, cfg_of, run
 
 from fcn_lightning.callbacks import AtomicCheckpointIO
-from fcn_lightning.pipeline import evaluate, train
+from fcn_lightning.evaluation import evaluate
+from fcn_lightning.pipeline import train
 from fcn_lightning.prediction import predict
 
 # 16 images of 32 px, batch 4: 4 steps an epoch, 2 epochs; dropout on so the random state matters

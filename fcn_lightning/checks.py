@@ -1,0 +1,192 @@
+"""Checks made before any work, and the errors that are the user's to fix.
+
+A run is refused with a message that names the setting or the file while nothing has been
+written: the settings (:func:`check_settings`), the files it will read (:func:`check_inputs`),
+the room its checkpoints need (:func:`check_free_space`) and its labels (:func:`label_report`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import rundir
+from .checkpoints import CheckpointError, check_readable
+from .data.base import DataError, SegmentationDataModule
+from .module import FCNModule
+
+log = logging.getLogger("fcn_lightning")
+
+CHAIN = ("fcn32s", "fcn16s", "fcn8s")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names it."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix: printed as their message, without a traceback."""
+    return (ConfigError, DataError, rundir.RunFolderError, CheckpointError)
+
+
+def as_command(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """``fn(cfg)`` for a command-line entry point: a user error ends the process with its
+    message (exit status 1), not with a traceback through the project's code."""
+    try:
+        return fn(cfg)
+    except user_errors() as err:
+        raise SystemExit(f"Error: {err}") from None
+
+
+def stages_for(cfg: DictConfig) -> list[str]:
+    """The stages to train: the chain up to ``arch.name`` when staged, else the arch alone."""
+    arch = cfg.arch.name
+    if (
+        cfg.arch.get("init_from")
+        or cfg.arch.get("init_streams")
+        or not cfg.staged
+        or arch not in CHAIN
+    ):
+        return [arch]
+    return list(CHAIN[: CHAIN.index(arch) + 1])
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def trainer_settings(cfg: DictConfig, stage: str, warn: bool = False) -> DictConfig:
+    """``cfg.trainer`` with the stage's ``stage_overrides``, made workable: sync batch norm only
+    where it works (GPUs); ``warn`` says so when it turns it off."""
+    merged = OmegaConf.merge(cfg.trainer, (cfg.get("stage_overrides") or {}).get(stage) or {})
+    accelerator = str(merged.get("accelerator", "auto"))
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if merged.get("sync_batchnorm") and on_cpu:
+        if warn:
+            log.warning(
+                "trainer.sync_batchnorm=true works on GPUs only; on the CPU each process keeps "
+                "its own batch-norm statistics (sync_batchnorm set to false)"
+            )
+        merged.sync_batchnorm = False
+    return merged
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Settings that would fail only after the data was read or a stage was trained."""
+    lr = float(cfg.optimizer.lr)
+    if cfg.loss.reduction == "sum" and lr > 1e-6:
+        log.warning(
+            "loss.reduction=sum (the loss summed over every pixel, this recipe's choice) with "
+            "optimizer.lr=%g: a summed loss needs an lr near 1e-10 (optimizer=sgd_heavy); with "
+            "optimizer=%s set loss.reduction=mean",
+            lr,
+            cfg.optimizer.name,
+        )
+    stages = stages_for(cfg)
+    trainer_args = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+    for stage, settings in (cfg.get("stage_overrides") or {}).items():
+        if stage not in (*CHAIN, "fcn8s_atonce"):
+            raise ConfigError(
+                f"stage_overrides.{stage}: no stage is called {stage!r} (stages: "
+                f"{', '.join((*CHAIN, 'fcn8s_atonce'))})"
+            )
+        unknown = sorted(set(settings or {}) - trainer_args)
+        if unknown:
+            raise ConfigError(
+                f"stage_overrides.{stage}.{unknown[0]} is not a Lightning Trainer argument"
+            )
+        if stage not in stages:
+            log.warning("stage_overrides.%s: this run does not train %s", stage, stage)
+    scheduler = (cfg.get("scheduler") or {}).get("name", "fixed")
+    for i, stage in enumerate(stages):
+        t = trainer_settings(cfg, stage, warn=i == 0)  # said once, before any work
+        steps, epochs = t.get("max_steps"), t.get("max_epochs")
+        unlimited = (steps is None or steps < 0) and (epochs is None or epochs < 0)
+        if scheduler in ("poly", "cosine") and unlimited and not t.get("fast_dev_run"):
+            raise ConfigError(
+                f"scheduler={scheduler} decays the lr over the run's length, but {stage} has no "
+                "limit: set trainer.max_steps=N or trainer.max_epochs=N, or use scheduler=fixed"
+            )
+
+
+def read_metrics(path: Path) -> dict[str, Any]:
+    """A run's metrics.json (empty if there is none); a damaged one stops with what to do."""
+    try:
+        metrics = read_json(path)
+    except ValueError as err:
+        raise ConfigError(
+            f"{path} is damaged ({err}); it records which stages finished. Delete it and resume "
+            "again: each stage then continues from its last.ckpt (a finished stage only "
+            "re-validates its best.ckpt)"
+        ) from None
+    if not isinstance(metrics, dict):
+        raise ConfigError(f"{path} is damaged: it holds a {type(metrics).__name__}, not stages")
+    return metrics
+
+
+def check_free_space(out: Path, stage: str, module: FCNModule) -> None:
+    """Refuse to start a stage when the run folder's disk cannot hold its checkpoints: best and
+    last (weights and optimizer state), and a temporary copy while one is written. Checkpoints
+    the stage already has (a resume) will be replaced, so their room counts as free."""
+    weights = sum(p.numel() * p.element_size() for p in module.parameters())
+    ckpt = weights * (3 if module.hparams.optimizer.get("name") == "adamw" else 2)
+    have = sum(p.stat().st_size for p in (out / stage / "checkpoints").glob("*.ckpt"))
+    need = max(0, 2 * ckpt - have) + ckpt
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise ConfigError(
+            f"{out} has {free / 2**20:.0f} MiB free; {stage}'s checkpoints need about "
+            f"{need / 2**20:.0f} MiB more. Free some space or train into a folder on a larger "
+            "disk (hydra.run.dir=...)"
+        )
+
+
+def label_report(dm: SegmentationDataModule, splits: list[str] | None = None) -> str:
+    """The label check's block; its warnings are printed in it, not again as Python warnings.
+    Training labels with a single class (the rest ignored) are refused: nothing to learn, and
+    the scores would read 100%."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="label check: ")
+        report = dm.check_labels(splits)
+    for key, split in report.splits.items():
+        present = [n for n, c in zip(split.class_names, split.histogram, strict=True) if c > 0]
+        if split.split == dm.train_split and splits is None and len(present) <= 1:
+            hint = (
+                " Masks saved as 0/255 (object = 255 = ignore)? set data.label_map={255: 1}."
+                if split.ignored
+                else ""
+            )
+            raise DataError(
+                f"the training split '{key}' holds only class {present or 'none'} "
+                f"({100 * split.ignored_share:.1f}% of its pixels ignored): there is nothing to "
+                f"learn, and every score would read 100%.{hint}\n{report.format()}"
+            )
+    return report.format()
+
+
+def check_inputs(cfg: DictConfig, out: Path, resume: bool) -> None:
+    """The files a run will read, named now if they are missing or damaged (reads nothing
+    but their size and index)."""
+    init_from = cfg.arch.get("init_from")
+    if init_from:
+        if not Path(init_from).expanduser().is_file():
+            raise ConfigError(f"arch.init_from: checkpoint not found: {init_from}")
+        check_readable(init_from, "arch.init_from")
+    for name, path in (cfg.arch.get("init_streams") or {}).items():
+        if Path(path).expanduser().is_file():
+            check_readable(path, f"arch.init_streams.{name}")
+    if resume:
+        read_metrics(out / "metrics.json")
+        for stage in stages_for(cfg):
+            for ckpt in sorted((out / stage / "checkpoints").glob("*.ckpt")):
+                check_readable(ckpt, f"resume=true: {stage}")

@@ -1,0 +1,93 @@
+"""``eval.py``: a checkpoint scored on one split of a dataset, written to eval.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+from .atomic import write_json_atomic
+from .checks import ConfigError, label_report
+from .contract import format_table, short_form
+from .module import FCNModule, load_checkpoint
+from .pipeline import make_datamodule
+
+
+def load_module(path: Any, **overrides: Any) -> FCNModule:
+    if not path:
+        raise ConfigError("ckpt_path is not set: pass ckpt_path=/path/to/best.ckpt")
+    try:
+        return load_checkpoint(path, **overrides).eval()
+    except FileNotFoundError as err:
+        raise ConfigError(f"ckpt_path: {err}") from None
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.ckpt_path`` on ``cfg.data`` (its ``split``, else its val split)."""
+    out = Path(cfg.output).expanduser() if cfg.get("output") else Path(cfg.paths.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(
+            f"output={out} is a file; output names the folder that will hold eval.json "
+            f"(e.g. output={out.parent / 'eval'})"
+        )
+    report_path = out / "eval.json"
+    split_wanted = cfg.data.get("split") or cfg.data.get("val_split")
+    if report_path.is_file():  # replace an earlier report of this evaluation only
+        try:
+            earlier = json.loads(report_path.read_text())
+            earlier = (earlier.get("checkpoint"), earlier.get("split"), earlier.get("data_root"))
+        except (ValueError, AttributeError):
+            earlier = None
+        if earlier != (str(cfg.ckpt_path), split_wanted, cfg.data.get("root")):
+            raise ConfigError(
+                f"{report_path} holds another evaluation "
+                + (
+                    f"({earlier[0]}, split {earlier[1]} of {earlier[2]})"
+                    if earlier
+                    else "(unreadable)"
+                )
+                + ": choose another output= folder, or move that file away"
+            )
+    module = load_module(
+        cfg.ckpt_path, exclude_absent_classes=bool(cfg.get("exclude_absent_classes", False))
+    )
+    data_cfg = cfg.data.copy()
+    with open_dict(data_cfg):
+        split = data_cfg.pop("split", None) or data_cfg.get("val_split")
+        # the checkpoint decides the normalisation its weights expect
+        data_cfg.normalization = module.model.normalization.as_dict()
+    dm = make_datamodule(data_cfg, val_split=split, test_split=split)  # eval reads this split alone
+    heads, expected = module.contract.num_classes, dm.contract.num_classes
+    if expected != heads:
+        raise ConfigError(
+            f"checkpoint {cfg.ckpt_path} predicts {heads} classes but data={cfg.data._target_} has {expected}"
+        )
+    print(label_report(dm, [split]))
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    trainer.test(module, dm, verbose=False)
+    results = module.results["test"]
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "checkpoint": str(cfg.ckpt_path),
+        "split": split,
+        "data_root": cfg.data.get("root"),
+        "metrics": short_form(results),
+    }
+    write_json_atomic(out / "eval.json", report)
+    print(format_table({f"{module.model.spec.arch} {split}": results}))
+    named = {h: "" if module.contract.single else f" ({h})" for h in results}
+    for head, block in results.items():
+        if block.get("excluded_classes"):
+            print(
+                f"classes absent from this split, left out of the means{named[head]}: "
+                + ", ".join(block["excluded_classes"])
+            )
+    for head, block in results.items():
+        print(f"\nIoU per class{named[head]}:")
+        for name, value in block["per_class_IoU"].items():
+            print(f"  {name:<20}{'absent' if value is None else f'{100 * value:.1f}'}")
+    print(f"\nwritten: {out / 'eval.json'}")
+    return report
