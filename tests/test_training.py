@@ -171,6 +171,27 @@ def test_tiny_fit_writes_every_tensorboard_tag(tmp_path):
     }
 
 
+def test_checkpoint_from_before_the_data_contract_still_loads(tmp_path):
+    # hyper-parameters as the previous version wrote them: classes and palette beside the
+    # model's heads, panel settings in the module
+    module = tiny_module()
+    old = {
+        "model": {**module.hparams.model, "num_classes": 5, "in_channels": 3},
+        "class_names": ["background", "blob", "bar", "dot", "ring"],
+        "palette": [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128]],
+        "panel_size": 4,
+        "log_images_every_n_epochs": 1,
+        **{k: v for k, v in module.hparams.items() if k not in ("model", "contract")},
+    }
+    path = tmp_path / "old.ckpt"
+    torch.save({"hyper_parameters": old, "state_dict": module.state_dict()}, path)
+    again = load_checkpoint(path)
+    assert again.contract.class_names("out") == old["class_names"]
+    assert again.contract.heads["out"].palette[1] == (128, 0, 0)
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(again.eval()(x)["out"], module.eval()(x)["out"])
+
+
 def test_resume_from_last_checkpoint_restores_epoch_step_and_optimizer(tmp_path):
     pl.seed_everything(0)
     t = trainer(tmp_path)
@@ -377,3 +398,25 @@ def test_panels_follow_validation_runs_not_epoch_indices(
     t.fit(module, tiny_data(train_size=4, image_size=32))
     assert len(_panels(t)) == expected
     assert len(_panels(t, "val/confusion_matrix")) == expected
+
+
+def test_poly_schedule_is_torch_polynomial_lr_with_the_paper_formula():
+    from fcn_lightning.optim import build_optimizer, build_scheduler
+
+    params = {
+        "weight": [torch.nn.Parameter(torch.zeros(2, 2))],
+        "bias": [torch.nn.Parameter(torch.zeros(2))],
+    }
+    opt = build_optimizer({"name": "sgd", "lr": 0.1}, params)
+    assert [g["name"] for g in opt.param_groups] == ["weights", "biases"]
+    sched = build_scheduler({"name": "poly", "power": 0.9}, opt, 10)
+    assert isinstance(sched, torch.optim.lr_scheduler.PolynomialLR)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.1 * (1 - t / 10) ** 0.9 for t in range(10)])
+    assert build_scheduler({"name": "fixed"}, opt, lambda: 1 / 0) is None  # no length needed
+    with pytest.raises(ValueError, match="scheduler.gamma is not a setting of scheduler=poly"):
+        build_scheduler({"name": "poly", "gamma": 0.5}, opt, 10)
