@@ -97,6 +97,15 @@ class InterruptCheckpoint(Callback):
         if not all(torch.isfinite(p).all() for p in pl_module.parameters()):
             log.warning("interrupted with non-finite weights: %s left as it was", self.path)
             return
+        # Stopped between two epochs (after the last step of one): the finished epoch's batch
+        # count is still in the loop's state, and a resume would take it for the next epoch's
+        # and skip that epoch. The next epoch starts from its first batch.
+        epochs, batches = (
+            trainer.fit_loop.epoch_progress.current,
+            trainer.fit_loop.epoch_loop.batch_progress,
+        )
+        if epochs.completed == epochs.started and batches.current.ready:
+            batches.reset_on_run()
         trainer.save_checkpoint(self.path, weights_only=False)
         log.warning(
             "interrupted at epoch %d, step %d: wrote %s",

@@ -59,6 +59,29 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
     )
 
 
+@pytest.mark.parametrize("signal_callback", ["SigtermAtStep", "CtrlCAtStep"])
+def test_interrupt_at_an_epoch_end_then_resume_equals_uninterrupted_run(tmp_path, signal_callback):
+    # step 4 is the last of epoch 0 (4 steps per epoch): the stop lands on the epoch boundary
+    straight = tmp_path / "straight"
+    train(cfg_of("config", RESUMABLE, straight))
+    killed = tmp_path / "killed"
+    kill = [f"+callbacks.kill._target_=interrupts.{signal_callback}", "+callbacks.kill.step=4"]
+    with pytest.raises(SystemExit, match=r"step 4;[\s\S]*resume=true"):
+        train(cfg_of("config", [*RESUMABLE, *kill], killed))
+    train(cfg_of("config", [*RESUMABLE, "resume=true"], killed))
+    a, b = final_state(straight), final_state(killed)
+    for key in a:
+        assert torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key], key
+    ends = [
+        torch.load(f / "fcn32s/checkpoints/last.ckpt", weights_only=True)
+        for f in (straight, killed)
+    ]
+    assert [c["epoch"] for c in ends] == [ends[0]["epoch"]] * 2 and ends[1]["global_step"] == 8
+    assert json.loads((straight / "metrics.json").read_text()) == json.loads(
+        (killed / "metrics.json").read_text()
+    )
+
+
 def test_staged_run_killed_in_16s_resumes_16s_without_retraining_32s(tmp_path, caplog):
     overrides = [*RESUMABLE, "arch=fcn16s"]
     with pytest.raises(SystemExit, match="fcn16s stopped by SIGTERM"):
@@ -418,10 +441,10 @@ BAD = {
     ),
     "unknown scheduler": (_train([*TINY, "scheduler.name=step"]), r"scheduler.name must be one of"),
     "loss reduction typo": (
-        _train([*TINY, "loss.reduction=median"]), r"loss_reduction must be 'mean' or 'sum'"
+        _train([*TINY, "loss.reduction=median"]), r"loss.reduction must be one of \('mean', 'sum'\)"
     ),
     "loss sampling zero": (
-        _train([*TINY, "loss.sample_prob=0"]), r"loss_sample_prob must be in \(0, 1\]"
+        _train([*TINY, "loss.sample_prob=0"]), r"loss.sample_prob must be in \(0, 1\]"
     ),
     "class weights of the wrong length": (
         _train([*TINY, "loss.class_weights=[1,2]"]),
