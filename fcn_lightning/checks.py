@@ -12,7 +12,7 @@ import json
 import logging
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from . import rundir
 from .checkpoints import CheckpointError, check_readable
 from .data.base import DataError, SegmentationDataModule
+from .models import ARCHS, BACKBONES, GEOMETRIES
 from .module import FCNModule
+from .optim import check_optimizer, check_scheduler
 
 log = logging.getLogger("fcn_lightning")
 
@@ -81,16 +83,31 @@ def trainer_settings(cfg: DictConfig, stage: str, warn: bool = False) -> DictCon
     return merged
 
 
+def _one_of(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
 def check_settings(cfg: DictConfig) -> None:
     """Settings that would fail only after the data was read or a stage was trained."""
+    _one_of("arch.name", cfg.arch.name, ARCHS)
+    _one_of("arch.backbone", cfg.arch.backbone, BACKBONES)
+    _one_of("arch.geometry", cfg.arch.geometry, GEOMETRIES)
+    _one_of("loss.reduction", cfg.loss.reduction, ("mean", "sum"))
+    if not 0 < float(cfg.loss.sample_prob) <= 1:
+        raise ConfigError(f"loss.sample_prob must be in (0, 1], got {cfg.loss.sample_prob}")
+    try:  # the solver's settings, named as the config names them
+        check_optimizer(OmegaConf.to_container(cfg.optimizer, resolve=True))
+        check_scheduler(OmegaConf.to_container(cfg.scheduler, resolve=True))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     lr = float(cfg.optimizer.lr)
     if cfg.loss.reduction == "sum" and lr > 1e-6:
         log.warning(
             "loss.reduction=sum (the loss summed over every pixel, this recipe's choice) with "
-            "optimizer.lr=%g: a summed loss needs an lr near 1e-10 (optimizer=sgd_heavy); with "
-            "optimizer=%s set loss.reduction=mean",
+            "optimizer.lr=%g: a summed loss needs an lr near 1e-10 (optimizer=sgd_heavy); to "
+            "keep this lr set loss.reduction=mean",
             lr,
-            cfg.optimizer.name,
         )
     stages = stages_for(cfg)
     trainer_args = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}

@@ -45,7 +45,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             raise ConfigError(
                 f"{report_path} holds another evaluation "
                 + (
-                    f"({earlier[0]}, split {earlier[1]} of {earlier[2]})"
+                    f"({earlier[0]}, split {earlier[1]}"
+                    + (f" of {earlier[2]})" if earlier[2] else ")")
                     if earlier
                     else "(unreadable)"
                 )

@@ -174,8 +174,12 @@ def train(cfg: DictConfig) -> float:
     The run owns its folder (``fcn_lightning.rundir``): a folder that holds another run is
     refused unless ``resume=true``, and ``run.json`` records how the run ended."""
     out = Path(cfg.paths.output_dir)
-    check_settings(cfg)
-    check_inputs(cfg, out, bool(cfg.resume))  # read-only: a refused run changes nothing
+    try:
+        check_settings(cfg)
+        check_inputs(cfg, out, bool(cfg.resume))  # read-only: a refused run starts nothing
+    except Exception as err:
+        rundir.refused(out, f"{type(err).__name__}: {err}")
+        raise
     resume = rundir.claim(
         out, bool(cfg.resume), fresh_if_empty=is_multirun(), config=rundir.comparable(cfg)
     )
@@ -234,11 +238,20 @@ def _train(cfg: DictConfig, out: Path, resume: bool) -> float:
             previous_best = str(best)
             continue
         first = i == 0 and not previous_best
-        module = make_module(cfg, dm, stage, stage_lr, cfg.arch.pretrained if first else None)
+        try:
+            module = make_module(cfg, dm, stage, stage_lr, cfg.arch.pretrained if first else None)
+        except ValueError as err:  # e.g. class weights that do not fit the data's classes
+            raise ConfigError(
+                f"loss.{err}" if str(err).startswith("class_weights") else str(err)
+            ) from None
         check_free_space(out, stage, module)
         resume_from = str(last) if resume and last.is_file() else None
         if previous_best and not resume_from:
-            transfer_stage(previous_best, module.model)
+            try:
+                transfer_stage(previous_best, module.model)
+            except ValueError as err:
+                where = "arch.init_from" if previous_best == init_from else previous_best
+                raise ConfigError(f"{where}: {err}") from None
         elif i == 0 and cfg.arch.get("init_streams") and not resume_from:
             init_streams(module.model, cfg.arch.init_streams)
             previous_best = "the checkpoints of arch.init_streams"

@@ -305,6 +305,19 @@ def mark(out: str | Path, status: str, reason: str | None = None, **extra: Any) 
         log.warning("could not update %s: %s", out / RECORD, err)
 
 
+def refused(out: str | Path, reason: str) -> None:
+    """A run refused before any work (a bad setting or input): if this launch has claimed
+    ``out`` already (the Hydra callback does, before Hydra writes ``.hydra/``), its record
+    says ``failed`` with the reason, not ``running``."""
+    try:
+        record = read_record(Path(out))
+    except RunFolderError:
+        return
+    me = launch_id()
+    if record is not None and me is not None and record.get("run_id") == me:
+        mark(out, "failed", reason)
+
+
 def is_rank_zero() -> bool:
     return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
 

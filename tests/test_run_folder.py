@@ -66,8 +66,9 @@ def test_resume_with_nothing_to_resume_says_where_it_looked(tmp_path, finished, 
 
 
 def test_a_run_that_saved_nothing_leaves_its_folder_usable(tmp_path):
-    with pytest.raises(ValueError, match="geometry"):
-        train(cfg_of("config", [*TINY, "arch=fcn32s", "arch.geometry=sideways"], tmp_path))
+    # a setting found wrong once the data is known (a bad one is refused before the claim)
+    with pytest.raises(ValueError, match="class_weights"):
+        train(cfg_of("config", [*TINY, "arch=fcn32s", "loss.class_weights=[1.0,2.0]"], tmp_path))
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "failed"
     train(cfg_of("config", [*TINY, "arch=fcn32s"], tmp_path))  # fixed and run again: fine
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "finished"
@@ -145,6 +146,22 @@ def test_cli_refusals_keep_the_runs_hydra_record(tmp_path):
     assert (out / ".hydra" / "overrides.yaml").read_text() == record  # how the run was made
     assert "resume=true" in (out / ".hydra" / "resume-1" / "overrides.yaml").read_text()
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
+def test_cli_run_refused_by_a_setting_records_why(tmp_path):
+    out = tmp_path / "run"
+    result = run(
+        "train.py",
+        "arch=fcn32s",
+        *TINY,
+        "arch.init_from=/nowhere/x.ckpt",
+        f"hydra.run.dir={out}",
+        cwd=tmp_path,
+    )
+    assert result.returncode != 0 and "Error: arch.init_from: checkpoint not found" in result.stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "failed" and "arch.init_from" in record["reason"]  # not "running"
+    assert not (out / "fcn32s").exists()
 
 
 def test_cli_runs_started_together_get_their_own_folders(tmp_path):

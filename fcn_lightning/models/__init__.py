@@ -11,15 +11,17 @@ from .fusion import LateFusionFCN, compose_late_fusion
 from .state import model_state_dict
 from .torchfcn import export_torchfcn, import_torchfcn
 from .transfer import transfer_stage
-from .trunk import Tap, Trunk
+from .trunk import GEOMETRIES, Tap, Trunk
 from .upsample import bilinear_kernel, upsampler
-from .vgg import VGG16Trunk, expand_input_channels
+from .vgg import BACKBONES, VGG16Trunk, expand_input_channels
 from .weights import PretrainedWeightsUnavailable
 
 __all__ = [
     "ARCHS",
+    "BACKBONES",
     "CAFFE",
     "FCN",
+    "GEOMETRIES",
     "IMAGENET",
     "FCNHead",
     "FCNSpec",
