@@ -389,7 +389,7 @@ def test_batches_of_one_size_predict_as_single_images(ckpt, tmp_path, monkeypatc
     shapes = count_predict_steps(monkeypatch)
     out = tmp_path / "pred"
     overrides = [f"ckpt_path={ckpt}", f"input={photos}", f"output={out}", "device=cpu"]
-    overrides += ["++batch_size=2", f"++num_workers={workers}"]
+    overrides += ["batch_size=2", f"num_workers={workers}"]
     written = predict(cfg_of("predict", overrides, tmp_path / "run"))
     assert written == [out / "a.png", out / "b.png", out / "c.png"]
     assert shapes == [(2, 3, 20, 30), (1, 3, 17, 13)]  # a and c together, b alone
@@ -410,7 +410,7 @@ def test_an_undecodable_image_leaves_its_batch(ckpt, tmp_path, monkeypatch):
     out = tmp_path / "pred"
     overrides = [f"ckpt_path={ckpt}", f"input={photos}", f"output={out}", "device=cpu"]
     with pytest.raises(SystemExit, match=r"1 of 3 input images could not be read") as exit_:
-        predict(cfg_of("predict", [*overrides, "++batch_size=3"], tmp_path / "run"))
+        predict(cfg_of("predict", [*overrides, "batch_size=3"], tmp_path / "run"))
     assert "cannot decode image" in str(exit_.value.code) and str(photos / "b.png") in str(
         exit_.value.code
     )
@@ -443,7 +443,7 @@ def test_a_png_turned_by_metadata_past_its_pixels_is_predicted_as_shown(
     shapes = count_predict_steps(monkeypatch)
     out = tmp_path / "pred"
     overrides = [f"ckpt_path={ckpt}", f"input={photos}", f"output={out}", "device=cpu"]
-    predict(cfg_of("predict", [*overrides, "++batch_size=2"], tmp_path / "run"))
+    predict(cfg_of("predict", [*overrides, "batch_size=2"], tmp_path / "run"))
     # its header said 20 x 30: read again, at its true size, in a second pass
     assert shapes == [(1, 3, 30, 20), (0, 3, 30, 20), (1, 3, 30, 20)]
     for name in ("turned.png", "plain.png"):

@@ -34,7 +34,7 @@ def build_fcn(
         num_classes: classes of the single head ``"out"`` (ignored when ``heads`` is given).
         heads: several heads sharing the trunk, e.g. ``{"sem": 33, "geo": 3}`` (SIFT Flow).
         backbone: ``vgg16`` or ``vgg16_bn`` (batch norm, for training from scratch).
-        geometry: ``paper`` (pad 100, the reference crops) or ``same`` (no margin, ~half the FLOPs).
+        geometry: ``paper`` (pad 100, the reference crops) or ``same`` (no margin, ~0.6x the FLOPs).
         width: multiplier on every channel count; 1.0 is the paper's VGG16.
         pretrained: ``None`` (random trunk), ``"imagenet"`` (torchvision's weights API) or the
             path of a local torchvision-layout VGG16 state dict.
