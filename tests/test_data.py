@@ -241,6 +241,11 @@ def test_folder_without_lists_uses_every_image(tmp_path):
     with pytest.warns(UserWarning, match="uses all 3 labelled images"):
         dm.setup("validate")
     assert len(dm.datasets["val"]) == 3 and dm.class_names == ("class_0", "class_1", "class_2")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        dm.setup("fit"), dm.label_files("train"), dm.label_files("val")
+    told = [str(w.message) for w in said if "uses all" in str(w.message)]
+    assert len(told) == 1 and "split 'train'" in told[0]  # each split's warning said once
 
 
 def test_synthetic_is_deterministic_and_has_fine_structure():

@@ -7,6 +7,7 @@ head). A DataModule publishes what it gives as its ``contract`` (:mod:`fcn_light
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,14 @@ class SegmentationDataModule(pl.LightningDataModule):
             int(loader_seed) if loader_seed is not None else torch.initial_seed() % 2**31
         )
         self._resume: dict[str, int] | None = None
+
+    def warn_once(self, message: str) -> None:
+        """A warning about the data, said once per DataModule (its splits are listed again by
+        setup, the label check and each stage)."""
+        said = self.__dict__.setdefault("_said", set())
+        if message not in said:
+            said.add(message)
+            warnings.warn(message, stacklevel=3)
 
     # --- where training stopped, saved in every checkpoint, for an exact mid-epoch resume
     def state_dict(self) -> dict[str, Any]:

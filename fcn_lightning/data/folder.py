@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -120,7 +119,7 @@ class FolderDataModule(SegmentationDataModule):
             raise DataError(f"no label PNGs in {self.root / 'SegmentationClass'}.\n{LAYOUT}")
         images = {p.stem for p in (self.root / "JPEGImages").iterdir() if p.is_file()}
         unlabelled = sorted(images - set(ids))
-        warnings.warn(
+        self.warn_once(
             f"{lists} not found: split '{split}' uses all {len(ids)} labelled images (so "
             "validation scores the training images: write ImageSets/Segmentation/train.txt and "
             "val.txt for a held-out score)"
@@ -128,8 +127,7 @@ class FolderDataModule(SegmentationDataModule):
                 f"; {len(unlabelled)} image(s) without a label left out: {', '.join(unlabelled[:5])}"
                 if unlabelled
                 else ""
-            ),
-            stacklevel=2,
+            )
         )
         return ids
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -92,9 +91,9 @@ class SiftFlowDataModule(SegmentationDataModule):
             i for i in ids if not (self._paths(i)[1].is_file() and self._paths(i)[2].is_file())
         ]
         if unlabelled:
-            warnings.warn(
-                f"SIFT Flow {split}: {len(unlabelled)} image(s) without annotation left out: {', '.join(unlabelled[:5])}",
-                stacklevel=2,
+            self.warn_once(
+                f"SIFT Flow {split}: {len(unlabelled)} image(s) without annotation left out: "
+                + ", ".join(unlabelled[:5])
             )
             ids = [i for i in ids if i not in set(unlabelled)]
         if not ids:
