@@ -157,11 +157,16 @@ def flat_hparams(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any]
 
 class HParamsTab(Callback):
     """TensorBoard's HParams tab: the module's hyper-parameters (not the data contract's class
-    lists) against ``hp/<metric>`` of the first head, written after each validation."""
+    lists) and ``run`` settings from outside the module (seed, data, stage lr factor: what a
+    sweep may vary) against ``hp/<metric>`` of the first head, written after each validation."""
+
+    def __init__(self, run: Mapping[str, Any] | None = None) -> None:
+        self.run = dict(run or {})
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.logger is not None:
             hparams = {k: v for k, v in pl_module.hparams.items() if k != "contract"}
+            hparams |= {"run": self.run} if self.run else {}
             metrics = {f"hp/{k}": 0.0 for k in METRIC_NAMES}
             trainer.logger.log_hyperparams(flat_hparams(hparams), metrics)
 

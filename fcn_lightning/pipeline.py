@@ -99,6 +99,14 @@ def make_module(
     )
 
 
+def run_settings(cfg: DictConfig) -> dict[str, Any]:
+    """What the HParams tab shows beside the module's own settings: seed, the stage lr factor
+    and the data settings (those of the loader and the splits; not the root, not the class)."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    data = {k: v for k, v in data.items() if k not in ("_target_", "root")}
+    return {"seed": cfg.seed, "stage_lr_factor": cfg.stage_lr_factor, "data": data}
+
+
 def make_trainer(cfg: DictConfig, stage: str, out: Path, monitor: str) -> pl.Trainer:
     ckpt_dir = out / stage / "checkpoints"
     trainer_cfg = trainer_settings(cfg, stage)
@@ -107,7 +115,7 @@ def make_trainer(cfg: DictConfig, stage: str, out: Path, monitor: str) -> pl.Tra
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks += [
         ValidationImages(int(cfg.images.panel_size), int(cfg.images.every_n_epochs)),
-        HParamsTab(),
+        HParamsTab(run_settings(cfg)),
         best_checkpoint(ckpt_dir, monitor),
         last_checkpoint(ckpt_dir),
         InterruptCheckpoint(ckpt_dir),

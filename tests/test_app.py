@@ -15,6 +15,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from fcn_lightning.checks import stages_for
 from fcn_lightning.evaluation import evaluate
@@ -151,6 +153,12 @@ def test_train_writes_run_folder(trained):
         assert (out / stage / "checkpoints" / "best.ckpt").is_file()
         assert (out / stage / "checkpoints" / "last.ckpt").is_file()
         assert list((out / "tensorboard" / stage).glob("events.out.tfevents.*"))
+    # the HParams tab: the module's settings and the run's (what a sweep over data.* varies)
+    events = EventAccumulator(str(out / "tensorboard" / "fcn16s"), size_guidance={"tensors": 0})
+    events.Reload()
+    content = events.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
+    shown = set(plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams)
+    assert {"optimizer/lr", "model/arch", "run/seed", "run/data/batch_size"} <= shown
 
 
 def test_resume_skips_finished_stages(trained, caplog):
