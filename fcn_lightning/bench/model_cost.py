@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classes", type=int, default=21)
     parser.add_argument("--width", type=float, default=1.0)
     args = parser.parse_args(argv)
+    if min(args.size) < 1 or args.classes < 1 or args.width <= 0:
+        parser.error("--size needs two sizes of 1 pixel or more, --classes 1 or more, --width > 0")
     print(f"input {args.size[0]}x{args.size[1]}, {args.classes} classes, width {args.width}")
     print(f"{'arch':<14}{'geometry':<10}{'params (M)':>12}{'GFLOP/fwd':>12}")
     for arch in ARCHS:
