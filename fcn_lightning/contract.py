@@ -192,6 +192,13 @@ class DataContract:
 
 
 # --------------------------------------------------------------------------- edges
+def inputs_of(contract: DataContract) -> str:
+    """The input a contract describes, in words: ``6 channels (streams rgb 3, hha 3)``."""
+    streams = contract.streams
+    named = f" (streams {', '.join(f'{k} {v}' for k, v in streams.items())})" if streams else ""
+    return f"{contract.in_channels} input channels{named}"
+
+
 def tag(split: str, head: str, name: str, single: bool) -> str:
     """A TensorBoard / logged metric name: ``val/mIoU`` with one head, ``val/sem/mIoU`` with several."""
     return f"{split}/{name}" if single else f"{split}/{head}/{name}"

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, open_dict
 
 from .atomic import write_json_atomic
 from .checks import ConfigError, label_report
-from .contract import format_table, short_form
+from .contract import format_table, inputs_of, short_form
 from .module import FCNModule, load_checkpoint
 from .pipeline import make_datamodule
 
@@ -65,6 +65,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if expected != heads:
         raise ConfigError(
             f"checkpoint {cfg.ckpt_path} predicts {heads} classes but data={cfg.data._target_} has {expected}"
+        )
+    wants, gives = module.contract, dm.contract
+    if (wants.in_channels, wants.streams) != (gives.in_channels, gives.streams):
+        raise ConfigError(
+            f"checkpoint {cfg.ckpt_path} takes {inputs_of(wants)} but the data gives "
+            f"{inputs_of(gives)}: set the data's input to match (NYUDv2: data.modality=...)"
         )
     print(label_report(dm, [split]))
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)

@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader
 
 from .atomic import write_atomically
 from .checks import ConfigError
+from .contract import inputs_of
 from .data.images import ImageFiles, SizeBatches, collate
 from .data.transforms import eval_transforms
 from .evaluation import load_module
@@ -285,6 +286,12 @@ def predict(cfg: DictConfig) -> list[Path]:
     source = Path(cfg.input).expanduser()
     files = list_inputs(source)
     module = load_module(cfg.ckpt_path)
+    if module.contract.in_channels != 3 or module.contract.streams:
+        raise ConfigError(
+            f"predict.py reads photos (3 RGB channels); {cfg.ckpt_path} takes "
+            f"{inputs_of(module.contract)} (depth or HHA beside RGB): score it on its dataset "
+            "with eval.py, which reads every input the data set has"
+        )
     heads = head_names(module)
     stems = output_stems(files, heads)
     renamed = [

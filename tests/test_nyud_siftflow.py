@@ -9,12 +9,16 @@ import pytest
 import scipy.io
 import torch
 from dataset_writers import SIFT_SUBDIR, one_head, write_nyud, write_siftflow
+from PIL import Image
 from test_app import NO_DATA, cfg_of, run
 
+from fcn_lightning.checks import ConfigError
 from fcn_lightning.data import DataError, NYUDDataModule, SiftFlowDataModule
+from fcn_lightning.evaluation import evaluate
 from fcn_lightning.models import LateFusionFCN, build_fcn, compose_late_fusion, transfer_stage
 from fcn_lightning.module import FCNModule
 from fcn_lightning.pipeline import train
+from fcn_lightning.prediction import predict
 
 WHOLE = {"batching": "pad", "crop_size": None, "scale_range": None, "hflip": False}
 
@@ -212,6 +216,25 @@ def test_train_nyud_rgbd_16s(nyud, tmp_path):
     train(cfg)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert list(metrics) == ["fcn32s", "fcn16s"] and len(metrics["fcn16s"]["per_class_IoU"]) == 40
+    # the 4-channel checkpoint on 3-channel data, or on photos: refused, naming the inputs
+    ckpt = tmp_path / "run" / "fcn16s" / "checkpoints" / "best.ckpt"
+    evaluation = ["data=nyud", f"data.root={nyud}", f"ckpt_path={ckpt}", "trainer.accelerator=cpu"]
+    with pytest.raises(
+        ConfigError, match=r"takes 4 input channels but the data gives 3[\s\S]*data.modality"
+    ):
+        evaluate(cfg_of("eval", evaluation, tmp_path / "eval"))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (20, 16)).save(photos / "a.jpg")
+    with pytest.raises(ConfigError, match="predict.py reads photos .* takes 4 input channels"):
+        predict(
+            cfg_of(
+                "predict",
+                [f"ckpt_path={ckpt}", f"input={photos}", f"output={tmp_path / 'out'}"],
+                tmp_path / "p",
+            )
+        )
+    assert not (tmp_path / "out").exists()  # refused before any work
 
 
 def test_train_nyud_late_fusion_from_two_checkpoints(nyud, tmp_path):
