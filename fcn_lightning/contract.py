@@ -10,7 +10,7 @@ metrics.json / eval.json and the printed table (:func:`tag`, :func:`short_form`)
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -52,10 +52,9 @@ class Head:
     def __post_init__(self) -> None:
         if not self.class_names:
             raise ValueError("a head needs at least one class")
-        if not self.palette:
-            object.__setattr__(self, "palette", tuple(voc_palette()))
+        palette = self.palette or voc_palette()
         object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
-        object.__setattr__(self, "palette", tuple(tuple(int(v) for v in c) for c in self.palette))
+        object.__setattr__(self, "palette", tuple(tuple(int(v) for v in c) for c in palette))
 
     @property
     def num_classes(self) -> int:
@@ -81,7 +80,6 @@ class DataContract:
     streams: Mapping[str, int] | None = None
     image_groups: int = 1
     ignore_index: int = IGNORE_INDEX
-    _order: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.heads:
@@ -90,7 +88,6 @@ class DataContract:
             raise ValueError(
                 f"streams {dict(self.streams)} do not add up to in_channels={self.in_channels}"
             )
-        object.__setattr__(self, "_order", tuple(self.heads))
 
     # --- reading
     @property
@@ -100,12 +97,12 @@ class DataContract:
 
     @property
     def first_head(self) -> str:
-        return self._order[0]
+        return next(iter(self.heads))
 
     @property
     def single(self) -> bool:
         """One head called ``out``: reports use the short form."""
-        return self._order == (SINGLE_HEAD,)
+        return list(self.heads) == [SINGLE_HEAD]
 
     def class_names(self, head: str) -> list[str]:
         return list(self.heads[head].class_names)
@@ -118,7 +115,7 @@ class DataContract:
         return kw
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._order)
+        return iter(self.heads)
 
     # --- plain values (checkpoint hyper-parameters)
     def as_dict(self) -> dict[str, Any]:

@@ -222,13 +222,13 @@ class SegmentationDataModule(pl.LightningDataModule):
             int(loader_seed) if loader_seed is not None else torch.initial_seed() % 2**31
         )
         self._resume: dict[str, int] | None = None
+        self._said: set[str] = set()  # data warnings given (warn_once)
 
     def warn_once(self, message: str) -> None:
         """A warning about the data, said once per DataModule (its splits are listed again by
         setup, the label check and each stage)."""
-        said = self.__dict__.setdefault("_said", set())
-        if message not in said:
-            said.add(message)
+        if message not in self._said:
+            self._said.add(message)
             warnings.warn(message, stacklevel=3)
 
     # --- where training stopped, saved in every checkpoint, for an exact mid-epoch resume
@@ -262,6 +262,15 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     def make_dataset(self, split: str, transforms: Callable) -> Dataset:
         raise NotImplementedError
+
+    def dataset(
+        self, ids: Sequence[Any], load: Callable, transforms: Callable, name: str
+    ) -> SegmentationDataset:
+        """The samples of ``ids``, each read by ``load(id)``, its labels mapped by ``label_map``
+        and checked against the contract's classes: what ``make_dataset`` returns."""
+        return SegmentationDataset(
+            ids, load, self.contract.num_classes, transforms, name=name, label_map=self.label_map
+        )
 
     def label_files(self, split: str) -> list[dict[str, Path]]:
         """The label file of each sample of a split, per head (``{"out": path}`` with one head)."""

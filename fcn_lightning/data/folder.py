@@ -11,7 +11,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..contract import SINGLE_HEAD, DataContract, Head, voc_palette
-from .base import SegmentationDataModule, SegmentationDataset, check_files_exist, read_split_file
+from .base import SegmentationDataModule, check_files_exist, read_split_file
 from .readers import DataError, read_image, read_label_png
 
 LAYOUT = """Expected layout under data.root (VOC layout):
@@ -137,13 +137,11 @@ class FolderDataModule(SegmentationDataModule):
     def make_dataset(self, split: str, transforms: Callable) -> Dataset:
         ids = self.split_ids(split)
         check_files_exist(ids, lambda i: (self.image_path(i), self.label_path(i)), split)
-        return SegmentationDataset(
+        return self.dataset(
             ids,
             self._load,
-            self.contract.num_classes,
             transforms,
             name=f"split {split!r} of {self.root}",
-            label_map=self.label_map,
         )
 
     def label_files(self, split: str) -> list[dict[str, Path]]:

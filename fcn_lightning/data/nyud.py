@@ -12,7 +12,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..contract import SINGLE_HEAD, DataContract, Head
-from .base import SegmentationDataModule, SegmentationDataset, check_files_exist, read_split_file
+from .base import SegmentationDataModule, check_files_exist, read_split_file
 from .readers import DataError, read_image, read_mat
 
 NYUD_CLASSES = (
@@ -152,13 +152,11 @@ class NYUDDataModule(SegmentationDataModule):
     def make_dataset(self, split: str, transforms: Callable) -> Dataset:
         ids = self.split_ids(split)
         check_files_exist(ids, self._paths, split)
-        return SegmentationDataset(
+        return self.dataset(
             ids,
             self._load,
-            self.contract.num_classes,
             transforms,
             name=f"NYUDv2 split {split!r}",
-            label_map=self.label_map,
         )
 
     def label_files(self, split: str) -> list[dict[str, Path]]:

@@ -10,7 +10,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..contract import DataContract, Head
-from .base import SegmentationDataModule, SegmentationDataset
+from .base import SegmentationDataModule
 from .readers import DataError, read_image, read_mat
 
 SEMANTIC_CLASSES = (
@@ -101,13 +101,11 @@ class SiftFlowDataModule(SegmentationDataModule):
         return ids
 
     def make_dataset(self, split: str, transforms: Callable) -> Dataset:
-        return SegmentationDataset(
+        return self.dataset(
             self.split_ids(split),
             self._load,
-            self.contract.num_classes,
             transforms,
             name=f"SIFT Flow {split}",
-            label_map=self.label_map,
         )
 
     def label_files(self, split: str) -> list[dict[str, Path]]:

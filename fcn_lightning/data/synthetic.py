@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..contract import voc_palette
-from .base import SegmentationDataModule, SegmentationDataset
+from .base import SegmentationDataModule
 from .labelcheck import LabelReport
 
 CLASSES = ("background", "blob", "bar", "dot", "ring")
@@ -106,13 +106,11 @@ class SyntheticDataModule(SegmentationDataModule):
         if split not in self.sizes:
             raise ValueError(f"synthetic data has splits {sorted(self.sizes)}, got {split!r}")
         ids = [str(i) for i in range(self.sizes[split])]
-        return SegmentationDataset(
+        return self.dataset(
             ids,
             partial(_load_scene, self.seed, split, self.image_size, self.thickness),
-            self.contract.num_classes,
             transforms,
             name=f"synthetic {split}",
-            label_map=self.label_map,
         )
 
     def check_labels(

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import ConcatDataset, Dataset
 
-from .base import SegmentationDataModule, SegmentationDataset, check_files_exist, read_split_file
+from .base import SegmentationDataModule, check_files_exist, read_split_file
 from .readers import DataError, read_image, read_label_png, read_mat
 
 VOC_CLASSES = (
@@ -128,13 +128,11 @@ class VOCDataModule(SegmentationDataModule):
         for source, i in pairs:
             by_source.setdefault(source, []).append(i)
         parts = [
-            SegmentationDataset(
+            self.dataset(
                 ids,
                 partial(self._load, source),
-                self.contract.num_classes,
                 transforms,
                 name=f"VOC split {split!r}",
-                label_map=self.label_map,
             )
             for source, ids in by_source.items()
         ]
