@@ -1,7 +1,7 @@
 """FCN models on a trunk with named feature taps (VGG16 here; docs/PAPER.md, Network geometry).
 
-Import order, no module importing a later one: state, upsample, trunk, weights, vgg, base, fcn,
-fusion, transfer, build, torchfcn."""
+Import order, no module importing a later one: state, upsample, trunk, weights, vgg, trunks, base,
+fcn, fusion, transfer, build, torchfcn."""
 
 from ..normalization import CAFFE, IMAGENET, Normalization, get_normalization
 from .base import ARCHS, FCNSpec, SegmentationNet
@@ -12,8 +12,9 @@ from .state import model_state_dict
 from .torchfcn import export_torchfcn, import_torchfcn
 from .transfer import transfer_stage
 from .trunk import GEOMETRIES, Tap, Trunk
+from .trunks import BACKBONES, TRUNKS
 from .upsample import bilinear_kernel, upsampler
-from .vgg import BACKBONES, VGG16Trunk, expand_input_channels
+from .vgg import VGG16Trunk, expand_input_channels
 from .weights import PretrainedWeightsUnavailable
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "FCN",
     "GEOMETRIES",
     "IMAGENET",
+    "TRUNKS",
     "FCNHead",
     "FCNSpec",
     "LateFusionFCN",

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..normalization import Normalization
 from .trunk import GEOMETRIES
-from .vgg import BACKBONES
+from .trunks import BACKBONES
 
 ARCHS = ("fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce")
 

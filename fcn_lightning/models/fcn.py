@@ -17,8 +17,8 @@ from torch import nn
 from ..normalization import Normalization, get_normalization
 from .base import FCNSpec, SegmentationNet
 from .trunk import Trunk
+from .trunks import TRUNKS
 from .upsample import upsampler
-from .vgg import TRUNKS
 
 # The taps each arch fuses after ``final``, coarse to fine; their count is the arch's stage in
 # the staged pipeline (32s -> 16s -> 8s).

@@ -7,8 +7,6 @@ classifier's first two Linear layers are reshaped ("convolutionalized", paper, s
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -150,11 +148,3 @@ class VGG16Trunk(Trunk):
                     f"{tuple(own[key].shape)} (pretrained weights need width=1.0 and the matching backbone)"
                 )
         self.load_state_dict(mapped, strict=True)
-
-
-# backbone name -> trunk constructor (keyword arguments width, geometry, in_channels, dropout)
-TRUNKS: dict[str, Callable[..., Trunk]] = {
-    "vgg16": partial(VGG16Trunk, batch_norm=False),
-    "vgg16_bn": partial(VGG16Trunk, batch_norm=True),
-}
-BACKBONES = tuple(TRUNKS)
