@@ -55,7 +55,8 @@ def _log_image(trainer: pl.Trainer, tag: str, image: torch.Tensor) -> None:
 
 class ValidationImages(Callback):
     """Per head, a panel of the first ``panel_size`` validation images (input | ground truth |
-    prediction, in the dataset's palette) and the confusion matrix, on the 1st, (n+1)th,
+    prediction, in the dataset's palette; a late-fusion input shows each image group: colour |
+    HHA) and the confusion matrix, on the 1st, (n+1)th,
     (2n+1)th... validation run (``every_n_validations``; 0 = never). Runs are counted, not epoch
     indices: with ``check_val_every_n_epoch=4`` validation follows epochs 3, 7, 11, and an
     epoch-index rule would never draw. The count is saved in checkpoints."""
@@ -132,12 +133,18 @@ class ValidationImages(Callback):
 
     @staticmethod
     def _input(pl_module: pl.LightningModule, image: torch.Tensor) -> torch.Tensor:
-        """The model input as uint8 RGB: the normalisation undone; depth alone as grey levels."""
-        if pl_module.contract.image_groups == 0:
+        """The model input for display, uint8: each image group with its own normalisation
+        undone, side by side (a photo in true colours; an HHA image as its file stores it, its
+        three channels shown as red, green, blue); depth alone as grey levels."""
+        norms = getattr(pl_module, "input_normalizations", None)
+        if norms is None:  # a module that records one normalisation for its input
+            norms = (pl_module.model.normalization,) * pl_module.contract.image_groups
+        if not norms:
             d = image[:1].float()
             d = (d - d.min()) / (d.max() - d.min()).clamp(min=1e-6)
             return d.expand(3, -1, -1).mul(255).to(torch.uint8)
-        return pl_module.model.normalization.to_rgb(image)
+        groups = [n.to_rgb(image[3 * g : 3 * g + 3]) for g, n in enumerate(norms)]
+        return torch.cat(groups, dim=2)
 
 
 def flat_hparams(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -157,7 +164,7 @@ def flat_hparams(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any]
 
 class HParamsTab(Callback):
     """TensorBoard's HParams tab: the module's hyper-parameters (not the data contract's class
-    lists) and ``run`` settings from outside the module (seed, data, stage lr factor: what a
+    lists nor the resolved input statistics: ``model/normalization`` names the scheme) and ``run`` settings from outside the module (seed, data, stage lr factor: what a
     sweep may vary) against ``hp/<metric>`` of the first head, written after each validation."""
 
     def __init__(self, run: Mapping[str, Any] | None = None) -> None:
@@ -165,7 +172,8 @@ class HParamsTab(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.logger is not None:
-            hparams = {k: v for k, v in pl_module.hparams.items() if k != "contract"}
+            hidden = ("contract", "input_normalization")  # lists of names and numbers
+            hparams = {k: v for k, v in pl_module.hparams.items() if k not in hidden}
             hparams |= {"run": self.run} if self.run else {}
             metrics = {f"hp/{k}": 0.0 for k in METRIC_NAMES}
             trainer.logger.log_hyperparams(flat_hparams(hparams), metrics)

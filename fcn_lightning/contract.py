@@ -17,6 +17,15 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 IGNORE_INDEX = 255
 SINGLE_HEAD = "out"
+# Input kinds and their channels; rgb and hha are images (normalised, shown in the panels),
+# depth is one channel that its reader normalises (docs/PAPER.md, "Input statistics").
+INPUT_KINDS = {"rgb": 3, "hha": 3, "depth": 1}
+IMAGE_KINDS = ("rgb", "hha")
+# Whose statistics an input is normalised with, in words (a user's folder and the synthetic
+# scenes use VOC's).
+STATS_NAMES = {"voc": "PASCAL VOC", "nyud": "NYUDv2", "siftflow": "SIFT Flow"}
+# One network's modality by the kinds of its inputs, in order (late fusion: joined by "+").
+MODALITIES = {("rgb",): "rgb", ("hha",): "hha", ("depth",): "depth", ("rgb", "depth"): "rgbd"}
 # The paper's four numbers (section 5, docs/PAPER.md "Metrics"), in the order every report uses.
 METRIC_NAMES = ("mIoU", "pixel_acc", "mean_acc", "fwIoU")
 METRIC_TITLES = {
@@ -62,6 +71,41 @@ class Head:
 
 
 @dataclass(frozen=True)
+class InputGroup:
+    """One group of input channels, in input order: its ``kind`` (``rgb`` a photo, 3 channels;
+    ``hha`` an HHA image, 3; ``depth``, 1) and ``stats``, the data set whose statistics normalise
+    it (``voc``, ``nyud``, ``siftflow``; see :mod:`fcn_lightning.normalization`)."""
+
+    kind: str
+    stats: str = "voc"
+
+    def __post_init__(self) -> None:
+        if self.kind not in INPUT_KINDS:
+            raise ValueError(f"input kind must be one of {sorted(INPUT_KINDS)}, got {self.kind!r}")
+        object.__setattr__(self, "stats", str(self.stats))
+
+    @property
+    def channels(self) -> int:
+        return INPUT_KINDS[self.kind]
+
+    @property
+    def image(self) -> bool:
+        """Normalised as an image (and drawn in the panels)."""
+        return self.kind in IMAGE_KINDS
+
+    def as_dict(self) -> dict[str, str]:
+        return {"kind": self.kind, "stats": self.stats}
+
+    @classmethod
+    def coerce(cls, group: InputGroup | Mapping[str, Any] | Sequence[str]) -> InputGroup:
+        if isinstance(group, InputGroup):
+            return group
+        if isinstance(group, Mapping):
+            return cls(str(group["kind"]), str(group.get("stats", "voc")))
+        return cls(*group)
+
+
+@dataclass(frozen=True)
 class DataContract:
     """What a DataModule gives and a model must match.
 
@@ -73,6 +117,10 @@ class DataContract:
         image_groups: leading groups of 3 channels that are images (normalised, shown in the
             panels); further channels (depth) pass as they are.
         ignore_index: label value that no loss or metric counts.
+        inputs: what the channels are, one :class:`InputGroup` per group in input order (e.g.
+            rgb and hha of NYUDv2); ``None`` where it is not known (checkpoints written before
+            it was recorded): each image group is then normalised as a VOC photo, as then.
+            :meth:`of_inputs` derives ``in_channels`` and ``image_groups`` from it.
     """
 
     heads: Mapping[str, Head]
@@ -80,6 +128,7 @@ class DataContract:
     streams: Mapping[str, int] | None = None
     image_groups: int = 1
     ignore_index: int = IGNORE_INDEX
+    inputs: tuple[InputGroup, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.heads:
@@ -88,6 +137,22 @@ class DataContract:
             raise ValueError(
                 f"streams {dict(self.streams)} do not add up to in_channels={self.in_channels}"
             )
+        if self.inputs is None:
+            return
+        inputs = tuple(InputGroup.coerce(g) for g in self.inputs)
+        object.__setattr__(self, "inputs", inputs)
+        kinds = [g.kind for g in inputs]
+        if sum(g.channels for g in inputs) != self.in_channels:
+            raise ValueError(f"inputs {kinds} do not add up to in_channels={self.in_channels}")
+        images = [g.image for g in inputs]
+        if images != sorted(images, reverse=True) or sum(images) != self.image_groups:
+            raise ValueError(
+                f"inputs {kinds}: the {self.image_groups} image group(s) must be the leading ones"
+            )
+        bounds = {sum(g.channels for g in inputs[:i]) for i in range(len(inputs) + 1)}
+        for name, (start, stop) in self.stream_channels().items():
+            if start not in bounds or stop not in bounds:
+                raise ValueError(f"stream {name!r} splits an input group of {kinds}")
 
     # --- reading
     @property
@@ -117,6 +182,61 @@ class DataContract:
     def __iter__(self) -> Iterator[str]:
         return iter(self.heads)
 
+    # --- inputs
+    @property
+    def modality(self) -> str | None:
+        """``rgb``, ``hha``, ``depth``, ``rgbd``, ``rgb+hha`` (late fusion: the streams'
+        modalities joined by "+"); ``None`` where the inputs are not recorded."""
+        if self.inputs is None:
+            return None
+        if self.streams:
+            return "+".join(
+                _modality(self.inputs_in(a, b)) for a, b in self.stream_channels().values()
+            )
+        return _modality(self.inputs)
+
+    @property
+    def image_inputs(self) -> list[tuple[str, str]]:
+        """(kind, stats) of each image group, in input order: what its normalisation is resolved
+        from. Not recorded: each image group a VOC photo (how every input was normalised
+        before the inputs were recorded)."""
+        if self.inputs is None:
+            return [("rgb", "voc")] * self.image_groups
+        return [(g.kind, g.stats) for g in self.inputs if g.image]
+
+    def stream_channels(self) -> dict[str, tuple[int, int]]:
+        """Late fusion: each stream's channels of the input, (start, stop); {} for one net."""
+        spans, start = {}, 0
+        for name, channels in (self.streams or {}).items():
+            spans[name] = (start, start + int(channels))
+            start += int(channels)
+        return spans
+
+    def inputs_in(self, start: int, stop: int) -> tuple[InputGroup, ...]:
+        """The input groups within channels ``start:stop`` (e.g. one stream's)."""
+        found, at = [], 0
+        for g in self.inputs or ():
+            if start <= at and at + g.channels <= stop:
+                found.append(g)
+            at += g.channels
+        return tuple(found)
+
+    def stream_contract(self, name: str) -> DataContract:
+        """The contract of one late-fusion stream alone: its channels, image groups and inputs
+        (what a single-modality checkpoint for that stream was trained on)."""
+        start, stop = self.stream_channels()[name]
+        return DataContract(
+            heads=self.heads,
+            in_channels=stop - start,
+            image_groups=len(self.image_groups_in(start, stop)),
+            ignore_index=self.ignore_index,
+            inputs=self.inputs_in(start, stop) if self.inputs is not None else None,
+        )
+
+    def image_groups_in(self, start: int, stop: int) -> list[int]:
+        """The indices of the image groups within channels ``start:stop``."""
+        return [g for g in range(self.image_groups) if start <= 3 * g and 3 * g + 3 <= stop]
+
     # --- plain values (checkpoint hyper-parameters)
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -128,6 +248,7 @@ class DataContract:
             "streams": dict(self.streams) if self.streams else None,
             "image_groups": self.image_groups,
             "ignore_index": self.ignore_index,
+            "inputs": [g.as_dict() for g in self.inputs] if self.inputs is not None else None,
         }
 
     @classmethod
@@ -144,6 +265,28 @@ class DataContract:
             streams=dict(d["streams"]) if d.get("streams") else None,
             image_groups=int(d.get("image_groups", 1)),
             ignore_index=int(d.get("ignore_index", IGNORE_INDEX)),
+            inputs=tuple(d["inputs"]) if d.get("inputs") is not None else None,
+        )
+
+    @classmethod
+    def of_inputs(
+        cls,
+        heads: Mapping[str, Head],
+        inputs: Sequence[InputGroup | Mapping[str, Any] | Sequence[str]],
+        *,
+        streams: Mapping[str, int] | None = None,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> DataContract:
+        """A contract whose input channels and image groups follow from its inputs, e.g.
+        ``of_inputs(heads, [("rgb", "nyud"), ("depth", "nyud")])``."""
+        groups = tuple(InputGroup.coerce(g) for g in inputs)
+        return cls(
+            heads=heads,
+            in_channels=sum(g.channels for g in groups),
+            streams=streams,
+            image_groups=sum(g.image for g in groups),
+            ignore_index=ignore_index,
+            inputs=groups,
         )
 
     @classmethod
@@ -178,14 +321,23 @@ class DataContract:
         palette: Sequence[Sequence[int]] | None = None,
         in_channels: int = 3,
         streams: Mapping[str, int] | None = None,
+        inputs: Sequence[InputGroup | Mapping[str, Any] | Sequence[str]] | None = None,
     ) -> DataContract:
         """A contract from class counts or class-name lists per head (numbered names when only
-        counts are known); one palette for every head."""
+        counts are known); one palette for every head. With ``inputs`` the input channels and
+        image groups follow from them (``in_channels`` is then not used)."""
         built = {}
         for name, classes in heads.items():
             names = [str(i) for i in range(classes)] if isinstance(classes, int) else list(classes)
             built[str(name)] = Head(tuple(names), tuple(tuple(c) for c in palette or ()))
+        if inputs is not None:
+            return cls.of_inputs(built, inputs, streams=streams)
         return cls(heads=built, in_channels=in_channels, streams=streams)
+
+
+def _modality(groups: Sequence[InputGroup]) -> str:
+    kinds = tuple(g.kind for g in groups)
+    return MODALITIES.get(kinds, "+".join(kinds))
 
 
 # --------------------------------------------------------------------------- edges
@@ -194,6 +346,33 @@ def inputs_of(contract: DataContract) -> str:
     streams = contract.streams
     named = f" (streams {', '.join(f'{k} {v}' for k, v in streams.items())})" if streams else ""
     return f"{contract.in_channels} input channels{named}"
+
+
+def modality_of(contract: DataContract) -> str:
+    """What a contract's input is, in words: ``hha input (NYUDv2 statistics)``, ``rgb+hha input
+    (NYUDv2 statistics)``; the channel count where the inputs are not recorded."""
+    if contract.inputs is None:
+        return f"{contract.in_channels} input channels of an unrecorded kind"
+    stats = list(dict.fromkeys(g.stats for g in contract.inputs))
+    named = (
+        f"{STATS_NAMES.get(stats[0], stats[0])} statistics"
+        if len(stats) == 1
+        else ", ".join(f"{g.kind}: {STATS_NAMES.get(g.stats, g.stats)}" for g in contract.inputs)
+    )
+    return f"{contract.modality} input ({named})"
+
+
+def input_mismatch(wants: DataContract, gives: DataContract) -> str | None:
+    """Why data of contract ``gives`` cannot feed a model trained on ``wants`` (the kinds of
+    their inputs, stream by stream, differ: an RGB net on HHA images), or None. Inputs that one
+    side does not record cannot be compared: None. Channel counts are compared elsewhere."""
+    if wants.inputs is None or gives.inputs is None:
+        return None
+    if [g.kind for g in wants.inputs] == [g.kind for g in gives.inputs] and dict(
+        wants.streams or {}
+    ) == dict(gives.streams or {}):
+        return None
+    return f"takes {modality_of(wants)} but the data gives {modality_of(gives)}"
 
 
 def tag(split: str, head: str, name: str, single: bool) -> str:

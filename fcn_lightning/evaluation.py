@@ -11,7 +11,7 @@ from omegaconf import DictConfig, open_dict
 
 from .atomic import write_json_atomic
 from .checks import ConfigError, label_report
-from .contract import format_table, inputs_of, short_form
+from .contract import format_table, input_mismatch, inputs_of, short_form
 from .module import FCNModule, load_checkpoint
 from .pipeline import make_datamodule
 
@@ -58,8 +58,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     data_cfg = cfg.data.copy()
     with open_dict(data_cfg):
         split = data_cfg.pop("split", None) or data_cfg.get("val_split")
-        # the checkpoint decides the normalisation its weights expect
-        data_cfg.normalization = module.model.normalization.as_dict()
+        # the checkpoint decides the normalisation its weights expect, image group by image
+        # group (an RGB-HHA net: its colour stream's and its HHA stream's own)
+        data_cfg.normalization = [n.as_dict() for n in module.input_normalizations]
     dm = make_datamodule(data_cfg, val_split=split, test_split=split)  # eval reads this split alone
     heads, expected = module.contract.num_classes, dm.contract.num_classes
     if expected != heads:
@@ -71,6 +72,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(
             f"checkpoint {cfg.ckpt_path} takes {inputs_of(wants)} but the data gives "
             f"{inputs_of(gives)}: set the data's input to match (NYUDv2: data.modality=...)"
+        )
+    why = input_mismatch(wants, gives)  # same channels, other kind: an RGB net on HHA images
+    if why:
+        raise ConfigError(
+            f"checkpoint {cfg.ckpt_path} {why}: set the data's input to match"
+            + (f" (NYUDv2: data.modality={wants.modality})" if wants.modality else "")
         )
     print(label_report(dm, [split]))
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)

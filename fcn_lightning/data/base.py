@@ -20,7 +20,8 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 
-from ..contract import IGNORE_INDEX, SINGLE_HEAD, DataContract, Head, voc_palette
+from ..contract import IGNORE_INDEX, SINGLE_HEAD, DataContract, Head, InputGroup, voc_palette
+from ..normalization import Normalization, group_normalizations
 from .labelcheck import LabelReport, run_label_check
 from .readers import (
     DataError,
@@ -161,6 +162,11 @@ class SegmentationDataModule(pl.LightningDataModule):
     each batch to its largest image; ``whole`` feeds whole images one at a time (the paper).
     Validation and test always see whole images, padded per batch when ``val_batch_size > 1``.
 
+    ``normalization``: a scheme (``imagenet`` | ``caffe``), resolved for each image group of the
+    input with the statistics its contract names (``input_normalizations``); or one
+    normalisation's fields for every group; or a list of them, one per group (what eval.py
+    passes: the checkpoint's own).
+
     ``label_map`` replaces label values before the range check, e.g. ``{255: 1}`` for binary
     masks saved as 0/255, or ``{3: 255}`` to ignore class 3. It acts on the values the dataset
     gives after its own conversion (NYUDv2 and SIFT Flow: 0-based classes, void = 255), on every
@@ -185,7 +191,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         crop_size: int | Sequence[int] | None = 320,
         scale_range: Sequence[float] | None = (0.5, 2.0),
         hflip: bool = True,
-        normalization: str | dict = "imagenet",
+        normalization: str | dict | list = "imagenet",
         loader_seed: int | None = 0,
         label_map: dict[int, int] | None = None,
     ) -> None:
@@ -255,10 +261,20 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     @property
     def contract(self) -> DataContract:
-        """What this DataModule gives: heads with class names and palettes, input channels,
-        streams. One head ``out`` of ``class_names`` in the VOC palette unless a subclass says
-        otherwise; the model, the LightningModule and the reports read only this."""
-        return DataContract({SINGLE_HEAD: Head(tuple(self.class_names), tuple(voc_palette()))})
+        """What this DataModule gives: heads with class names and palettes, its inputs (kind and
+        whose statistics), input channels, streams. One head ``out`` of ``class_names`` in the
+        VOC palette, a photo normalised with VOC's statistics, unless a subclass says otherwise;
+        the model, the LightningModule and the reports read only this."""
+        return DataContract.of_inputs(
+            {SINGLE_HEAD: Head(tuple(self.class_names), tuple(voc_palette()))},
+            [InputGroup("rgb", "voc")],
+        )
+
+    @property
+    def input_normalizations(self) -> tuple[Normalization, ...]:
+        """The normalisation each image group of a sample gets (``normalization`` resolved for
+        the contract's inputs): what a model trained on these samples records."""
+        return group_normalizations(self.normalization, self.contract.image_inputs)
 
     def make_dataset(self, split: str, transforms: Callable) -> Dataset:
         raise NotImplementedError
@@ -298,13 +314,13 @@ class SegmentationDataModule(pl.LightningDataModule):
             crop_size=self.crop_size if self.batching == "crop" else None,
             scale_range=self.scale_range,
             hflip=self.hflip,
-            normalization=self.normalization,
+            normalization=list(self.input_normalizations),
             image_groups=self.contract.image_groups,
         )
 
     def eval_transforms(self) -> Callable:
         return eval_transforms(
-            normalization=self.normalization, image_groups=self.contract.image_groups
+            normalization=list(self.input_normalizations), image_groups=self.contract.image_groups
         )
 
     def setup(self, stage: str | None = None) -> None:

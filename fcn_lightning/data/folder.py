@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..contract import SINGLE_HEAD, DataContract, Head, voc_palette
+from ..contract import SINGLE_HEAD, DataContract, Head, InputGroup, voc_palette
 from .base import SegmentationDataModule, check_files_exist, read_split_file
 from .readers import DataError, read_image, read_label_png
 
@@ -75,8 +75,11 @@ class FolderDataModule(SegmentationDataModule):
 
     @property
     def contract(self) -> DataContract:
-        """One head of the folder's classes, drawn in its label PNGs' own palette."""
-        return DataContract({SINGLE_HEAD: Head(self.class_names, tuple(self.palette))})
+        """One head of the folder's classes, drawn in its label PNGs' own palette; photos,
+        normalised with VOC's statistics (a folder has none of its own)."""
+        return DataContract.of_inputs(
+            {SINGLE_HEAD: Head(self.class_names, tuple(self.palette))}, [InputGroup("rgb", "voc")]
+        )
 
     @property
     def palette(self) -> list[tuple[int, int, int]]:

@@ -11,7 +11,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from ..contract import SINGLE_HEAD, DataContract, Head
+from ..contract import SINGLE_HEAD, DataContract, Head, InputGroup
+from ..normalization import LOG_DEPTH_MEANS
 from .base import SegmentationDataModule, check_files_exist, read_split_file
 from .readers import DataError, read_image, read_mat
 
@@ -65,8 +66,16 @@ MODALITIES = {
     "rgbd": ("images", "depth"),
     "rgb+hha": ("images", "hha"),
 }
+# what each modality's input is, group by group, all with NYUDv2's statistics
+INPUTS = {
+    "rgb": ("rgb",),
+    "hha": ("hha",),
+    "depth": ("depth",),
+    "rgbd": ("rgb", "depth"),
+    "rgb+hha": ("rgb", "hha"),
+}
 SPLITS = ("train", "val", "test", "trainval")
-MEAN_LOG_DEPTH = 7.844  # mean log(depth in mm) of NYUDv2, as the reference subtracts it
+MEAN_LOG_DEPTH = LOG_DEPTH_MEANS["nyud"]  # mean log(depth in mm), as the reference subtracts it
 
 LAYOUT = """Expected layout under data.root (NYUDv2 as prepared for FCN):
   train.txt, val.txt, test.txt            (one id per line, e.g. 5001)
@@ -118,12 +127,12 @@ class NYUDDataModule(SegmentationDataModule):
 
     @property
     def contract(self) -> DataContract:
-        """40 classes; the modality decides the input channels, how many of them are images
-        (normalised) and, for late fusion, one network per stream with its channels."""
-        return DataContract(
+        """40 classes; the modality decides the inputs (colour, HHA, depth: each with NYUDv2's
+        statistics), hence the input channels and how many of them are images (normalised) and,
+        for late fusion, one network per stream with its channels."""
+        return DataContract.of_inputs(
             {SINGLE_HEAD: Head(NYUD_CLASSES)},
-            in_channels={"rgb": 3, "hha": 3, "depth": 1, "rgbd": 4, "rgb+hha": 6}[self.modality],
-            image_groups={"rgb": 1, "hha": 1, "depth": 0, "rgbd": 1, "rgb+hha": 2}[self.modality],
+            [InputGroup(kind, "nyud") for kind in INPUTS[self.modality]],
             streams={"rgb": 3, "hha": 3} if self.modality == "rgb+hha" else None,
         )
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from ..contract import DataContract, Head
+from ..contract import DataContract, Head, InputGroup
 from .base import SegmentationDataModule
 from .readers import DataError, read_image, read_mat
 
@@ -46,7 +46,10 @@ class SiftFlowDataModule(SegmentationDataModule):
     acts on both heads, on their 0-based classes.
     """
 
-    contract = DataContract({"sem": Head(SEMANTIC_CLASSES), "geo": Head(GEOMETRIC_CLASSES)})
+    contract = DataContract.of_inputs(
+        {"sem": Head(SEMANTIC_CLASSES), "geo": Head(GEOMETRIC_CLASSES)},
+        [InputGroup("rgb", "siftflow")],  # photos, normalised with SIFT Flow's statistics
+    )
 
     def __init__(self, root: str | Path, **kwargs: Any) -> None:
         kwargs.setdefault("val_split", "test")

@@ -6,7 +6,7 @@ masks with nearest interpolation, and every padding fills labels with the ignore
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -19,6 +19,8 @@ from ..contract import IGNORE_INDEX
 from ..normalization import Normalization, get_normalization
 
 FILL = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
+# a normalisation: a scheme name, a Normalization or its fields; or one of them per image group
+NormalizationSetting = str | Normalization | Mapping[str, Any] | Sequence[Any]
 
 
 class RandomScale(v2.Transform):
@@ -41,30 +43,38 @@ class RandomScale(v2.Transform):
 
 
 class NormalizeImage(v2.Transform):
-    """Float image in 0..1 -> the normalisation the model's weights expect (RGB or BGR).
+    """Float image in 0..1 -> the normalisation the model's weights expect.
 
     The first ``image_groups`` groups of 3 channels are images (RGB, or HHA encoded as an image)
-    and are normalised; any further channels (depth) pass unchanged.
+    and are normalised, each by its own normalisation when ``normalization`` is a list of them
+    (one per group: an RGB-HHA input's colour and HHA groups differ under ``caffe``), else all
+    by the one given; any further channels (depth) pass unchanged.
     """
 
     _transformed_types = (tv_tensors.Image,)
 
     def __init__(
-        self, normalization: str | Normalization | dict = "imagenet", image_groups: int = 1
+        self, normalization: NormalizationSetting = "imagenet", image_groups: int = 1
     ) -> None:
         super().__init__()
-        self.norm = get_normalization(normalization)
+        if isinstance(normalization, list | tuple):
+            if len(normalization) != image_groups:
+                raise ValueError(
+                    f"{len(normalization)} normalisations for {image_groups} image group(s)"
+                )
+            self.norms = tuple(get_normalization(n) for n in normalization)
+        else:
+            self.norms = (get_normalization(normalization),) * image_groups
         self.image_groups = image_groups
-        self.mean, self.std = self.norm.unit_mean, self.norm.unit_std
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         x = inpt.as_subclass(torch.Tensor)
         parts = []
-        for g in range(self.image_groups):
+        for g, norm in enumerate(self.norms):
             image = x[..., 3 * g : 3 * g + 3, :, :]
-            if self.norm.bgr:
+            if norm.bgr:
                 image = image.flip(-3)
-            parts.append(TF.normalize(image, mean=self.mean, std=self.std))
+            parts.append(TF.normalize(image, mean=norm.unit_mean, std=norm.unit_std))
         parts.append(x[..., 3 * self.image_groups :, :, :])
         return tv_tensors.wrap(torch.cat(parts, dim=-3), like=inpt)
 
@@ -74,7 +84,7 @@ def train_transforms(
     crop_size: int | Sequence[int] | None,
     scale_range: Sequence[float] | None = (0.5, 2.0),
     hflip: bool = True,
-    normalization: str | Normalization | dict = "imagenet",
+    normalization: NormalizationSetting = "imagenet",
     image_groups: int = 1,
 ) -> v2.Compose:
     """Random scale, random crop (padded with 0 / 255 when the image is smaller) and flip."""
@@ -91,9 +101,10 @@ def train_transforms(
 
 
 def eval_transforms(
-    *, normalization: str | Normalization | dict = "imagenet", image_groups: int = 1
+    *, normalization: NormalizationSetting = "imagenet", image_groups: int = 1
 ) -> v2.Compose:
-    """Whole images: only the dtype conversion (uint8 -> 0..1; float passes) and normalisation."""
+    """Whole images: only the dtype conversion (uint8 -> 0..1; float passes) and normalisation
+    (one for every image group, or a list of them, one per group)."""
     return v2.Compose(
         [
             v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
