@@ -16,12 +16,14 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 
 from .checkpoints import load_weights_only, random_state, set_random_state, upgrade_hparams
-from .contract import METRIC_NAMES, DataContract, plain, tag
+from .contract import METRIC_NAMES, DataContract, input_mismatch, plain, tag
 from .metrics import HeadMetrics, summarize
 from .models import build_fcn
+from .normalization import Normalization, get_normalization, group_normalizations
 from .optim import build_optimizer, build_scheduler, check_optimizer, check_scheduler
 
 SPLITS = ("val", "test")
@@ -39,9 +41,16 @@ class FCNModule(pl.LightningModule):
     Args:
         model: keyword arguments of :func:`fcn_lightning.models.build_fcn` (arch, backbone,
             geometry, width, pretrained, normalization, ...). Without ``contract`` they may give
-            ``num_classes`` or ``heads`` (and ``in_channels``, ``streams``) themselves.
+            ``num_classes`` or ``heads`` (and ``in_channels``, ``streams``) themselves. Their
+            ``normalization`` is a scheme (``imagenet`` | ``caffe``), resolved for each image
+            group of the contract's inputs (docs/PAPER.md, "Input statistics").
         contract: the data contract (:class:`~fcn_lightning.contract.DataContract` as a dict):
-            heads with their class names and palettes, input channels, streams.
+            heads with their class names and palettes, inputs, input channels, streams.
+        input_normalization: the normalisation of each image group, as plain fields (what a
+            checkpoint records, so that a reloaded model keeps what it was trained with); by
+            default resolved from ``model["normalization"]`` and the contract. The model (each
+            late-fusion stream) gets its own group's; the data must apply the same
+            (``input_normalizations``; checked when a Trainer runs the module on a DataModule).
         loss_reduction: ``mean`` over labelled pixels (lr ~1e-4) or ``sum`` (the reference's
             "heavy" recipe: lr 1e-10 / 1e-12 / 1e-14, momentum 0.99, batch 1).
         class_weights: optional per-class loss weights (a dict of lists for several heads).
@@ -59,6 +68,7 @@ class FCNModule(pl.LightningModule):
         model: Mapping[str, Any],
         *,
         contract: DataContract | Mapping[str, Any] | None = None,
+        input_normalization: Sequence[Mapping[str, Any]] | None = None,
         loss_reduction: str = "mean",
         class_weights: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
         loss_sample_prob: float = 1.0,
@@ -76,12 +86,25 @@ class FCNModule(pl.LightningModule):
             raise ValueError(f"model settings {DATA_DECIDES} come from the data contract")
         contract = DataContract.coerce(contract)
         model = {k: v for k, v in model.items() if k not in DATA_DECIDES}
-        self.model = build_fcn(**model, **contract.model_inputs())
+        scheme = model.get("normalization") or "imagenet"
+        norms = group_normalizations(
+            plain(input_normalization) if input_normalization is not None else scheme,
+            contract.image_inputs,
+        )
+        built = {k: v for k, v in model.items() if k != "normalization"}
+        self.model = build_fcn(
+            **built,
+            normalization=norms[0] if norms else get_normalization(scheme),
+            **contract.model_inputs(),
+        )
+        _give_streams_their_normalization(self.model, contract, norms)
         self.contract = contract
+        self.input_normalizations: tuple[Normalization, ...] = norms
         self.save_hyperparameters(
             {
                 "model": model,
                 "contract": contract.as_dict(),
+                "input_normalization": [plain(n.as_dict()) for n in norms],
                 "loss_reduction": loss_reduction,
                 "class_weights": plain(class_weights),
                 "loss_sample_prob": loss_sample_prob,
@@ -116,6 +139,40 @@ class FCNModule(pl.LightningModule):
         # per split, per head: the last epoch's numbers (plain) and confusion matrix
         self.results: dict[str, dict[str, dict[str, Any]]] = {}
         self.confmats: dict[str, dict[str, torch.Tensor]] = {}
+
+    @property
+    def stream_normalizations(self) -> dict[str, Normalization]:
+        """Late fusion: the normalisation each stream's input gets; {} for one network."""
+        streams = getattr(self.model, "streams", None)
+        if not self.contract.streams or streams is None:
+            return {}
+        return {name: streams[name].normalization for name in self.contract.streams}
+
+    def setup(self, stage: str) -> None:
+        """Run on a DataModule: its inputs and normalisation must be the ones this model was
+        built for (and that its checkpoints record), else its scores would be meaningless."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "input_normalizations"):
+            return
+        given = datamodule.contract
+        why = input_mismatch(self.contract, given)
+        if why:
+            raise ValueError(f"the model {why}")
+        applied, wanted = tuple(datamodule.input_normalizations), self.input_normalizations
+        if applied != wanted:
+            kinds = [k for k, _ in given.image_inputs]
+            if len(applied) != len(wanted):
+                differ = f"{len(applied)} image group(s) in the data, {len(wanted)} in the model"
+            else:
+                differ = "; ".join(
+                    f"{kind}: data {a.describe()}, model {b.describe()}"
+                    for kind, a, b in zip(kinds, applied, wanted, strict=True)
+                    if a != b
+                )
+            raise ValueError(
+                f"the data normalises its inputs otherwise than the model expects: {differ} "
+                "(data.normalization must be the model's arch.normalization)"
+            )
 
     # --------------------------------------------------------------------- naming
     def tag(self, split: str, head: str, name: str) -> str:
@@ -223,17 +280,22 @@ class FCNModule(pl.LightningModule):
     # --------------------------------------------------------------------- epoch ends
     def _end_epoch(self, split: str) -> None:
         results, confmats = {}, {}
+        # a validation outside fit (the pipeline's final one, of the chosen checkpoint) is not a
+        # point of the training curves: Lightning would log it at step 0
+        curve = self.trainer.state.fn != TrainerFn.VALIDATING
         for head, metric in self.metrics[split].items():
             scores = metric.compute()
             metric.reset()
             for key in METRIC_NAMES:
                 prog_bar = key == "mIoU" and split == "val"
-                self.log(self.tag(split, head, key), scores[key].float(), prog_bar=prog_bar)
+                self.log(
+                    self.tag(split, head, key), scores[key].float(), prog_bar=prog_bar, logger=curve
+                )
             names = self.contract.class_names(head)
             results[head] = summarize(scores, names, self.hparams.exclude_absent_classes)
             for cls, value in results[head]["per_class_IoU"].items():
                 if value is not None:
-                    self.log(self.tag(split, head, f"IoU/{cls}"), value)
+                    self.log(self.tag(split, head, f"IoU/{cls}"), value, logger=curve)
             confmats[head] = scores["confmat"]
         if not self.trainer.sanity_checking:
             self.results[split], self.confmats[split] = results, confmats
@@ -264,6 +326,22 @@ class FCNModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         set_random_state(checkpoint.get("rng_states"))
+
+
+def _give_streams_their_normalization(
+    model: nn.Module, contract: DataContract, norms: Sequence[Normalization]
+) -> None:
+    """Late fusion: each stream (an FCN on its own channels) records the normalisation of its
+    own image group (RGB-HHA under ``caffe``: the colour mean on one, the HHA mean on the
+    other); the fused net's own ``normalization`` stays its first stream's."""
+    streams = getattr(model, "streams", None)
+    if not contract.streams or streams is None:
+        return
+    for name, (start, stop) in contract.stream_channels().items():
+        groups = contract.image_groups_in(start, stop)
+        if groups:
+            streams[name].normalization = norms[groups[0]]
+    model.normalization = streams[next(iter(contract.streams))].normalization
 
 
 def load_checkpoint(
