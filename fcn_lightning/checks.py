@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import rundir
@@ -26,10 +25,9 @@ from .data.base import DataError, SegmentationDataModule
 from .models import ARCHS, BACKBONES, GEOMETRIES
 from .module import FCNModule
 from .optim import check_optimizer, check_scheduler
+from .stages import STAGES, check_protocol, stages_for, trainer_settings
 
 log = logging.getLogger("fcn_lightning")
-
-CHAIN = ("fcn32s", "fcn16s", "fcn8s")
 
 
 class ConfigError(ValueError):
@@ -50,37 +48,8 @@ def as_command(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         raise SystemExit(f"Error: {err}") from None
 
 
-def stages_for(cfg: DictConfig) -> list[str]:
-    """The stages to train: the chain up to ``arch.name`` when staged, else the arch alone."""
-    arch = cfg.arch.name
-    if (
-        cfg.arch.get("init_from")
-        or cfg.arch.get("init_streams")
-        or not cfg.staged
-        or arch not in CHAIN
-    ):
-        return [arch]
-    return list(CHAIN[: CHAIN.index(arch) + 1])
-
-
 def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def trainer_settings(cfg: DictConfig, stage: str, warn: bool = False) -> DictConfig:
-    """``cfg.trainer`` with the stage's ``stage_overrides``, made workable: sync batch norm only
-    where it works (GPUs); ``warn`` says so when it turns it off."""
-    merged = OmegaConf.merge(cfg.trainer, (cfg.get("stage_overrides") or {}).get(stage) or {})
-    accelerator = str(merged.get("accelerator", "auto"))
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    if merged.get("sync_batchnorm") and on_cpu:
-        if warn:
-            log.warning(
-                "trainer.sync_batchnorm=true works on GPUs only; on the CPU each process keeps "
-                "its own batch-norm statistics (sync_batchnorm set to false)"
-            )
-        merged.sync_batchnorm = False
-    return merged
 
 
 def _one_of(name: str, value: Any, allowed: Sequence[Any]) -> None:
@@ -99,6 +68,7 @@ def check_settings(cfg: DictConfig) -> None:
     try:  # the solver's settings, named as the config names them
         check_optimizer(OmegaConf.to_container(cfg.optimizer, resolve=True))
         check_scheduler(OmegaConf.to_container(cfg.scheduler, resolve=True))
+        check_protocol(cfg)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     lr = float(cfg.optimizer.lr)
@@ -112,10 +82,10 @@ def check_settings(cfg: DictConfig) -> None:
     stages = stages_for(cfg)
     trainer_args = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
     for stage, settings in (cfg.get("stage_overrides") or {}).items():
-        if stage not in (*CHAIN, "fcn8s_atonce"):
+        if stage not in STAGES:
             raise ConfigError(
                 f"stage_overrides.{stage}: no stage is called {stage!r} (stages: "
-                f"{', '.join((*CHAIN, 'fcn8s_atonce'))})"
+                f"{', '.join(STAGES)})"
             )
         unknown = sorted(set(settings or {}) - trainer_args)
         if unknown:
@@ -129,10 +99,16 @@ def check_settings(cfg: DictConfig) -> None:
         t = trainer_settings(cfg, stage, warn=i == 0)  # said once, before any work
         steps, epochs = t.get("max_steps"), t.get("max_epochs")
         unlimited = (steps is None or steps < 0) and (epochs is None or epochs < 0)
-        if scheduler in ("poly", "cosine") and unlimited and not t.get("fast_dev_run"):
+        if unlimited and not t.get("fast_dev_run"):
+            decays = (
+                f"scheduler={scheduler} decays the lr over the stage's length, and "
+                if scheduler in ("poly", "cosine")
+                else ""
+            )
             raise ConfigError(
-                f"scheduler={scheduler} decays the lr over the run's length, but {stage} has no "
-                "limit: set trainer.max_steps=N or trainer.max_epochs=N, or use scheduler=fixed"
+                f"{decays}{stage} has no step or epoch limit (it would train until stopped): set "
+                f"trainer.max_steps=N or trainer.max_epochs=N (every stage), or "
+                f"++stage_budget.{stage}.max_steps=N"
             )
 
 

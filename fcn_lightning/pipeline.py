@@ -31,7 +31,7 @@ from . import rundir
 from .atomic import write_json_atomic
 from .board import HParamsTab, ValidationImages
 from .callbacks import AtomicCheckpointIO, InterruptCheckpoint, best_checkpoint, last_checkpoint
-from .checkpoints import load_weights_only
+from .checkpoints import CheckpointError, check_stream_checkpoints, load_weights_only
 from .checks import (
     ConfigError,
     check_free_space,
@@ -39,13 +39,12 @@ from .checks import (
     check_settings,
     label_report,
     read_metrics,
-    stages_for,
-    trainer_settings,
 )
 from .contract import format_table, headline, short_form
 from .data.base import SegmentationDataModule
 from .models import LateFusionFCN, transfer_stage
 from .module import FCNModule, NonFiniteLossError
+from .stages import budget, entry_of, selection, stage_lr, stages_for, trainer_settings
 
 log = logging.getLogger("fcn_lightning")
 
@@ -99,24 +98,53 @@ def make_module(
     )
 
 
-def run_settings(cfg: DictConfig) -> dict[str, Any]:
-    """What the HParams tab shows beside the module's own settings: seed, the stage lr factor
-    and the data settings (those of the loader and the splits; not the root, not the class)."""
+def run_settings(cfg: DictConfig, plan: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What the HParams tab shows beside the module's own settings: seed, the stage lr factor,
+    the stage's plan (where its lr and budget come from, how its checkpoint is chosen) and the
+    data settings (those of the loader and the splits; not the root, not the class)."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
     data = {k: v for k, v in data.items() if k not in ("_target_", "root")}
-    return {"seed": cfg.seed, "stage_lr_factor": cfg.stage_lr_factor, "data": data}
+    factor = cfg.stage_lr_factor
+    factor = OmegaConf.to_container(factor) if isinstance(factor, DictConfig) else factor
+    settings = {"seed": cfg.seed, "stage_lr_factor": factor, "data": data}
+    if plan:
+        settings["stage"] = {k: plan[k] for k in ("lr_from", "budget_from", "selection")}
+    return settings
 
 
-def make_trainer(cfg: DictConfig, stage: str, out: Path, monitor: str) -> pl.Trainer:
+def stage_plan(cfg: DictConfig, stage: str, index: int, select: tuple[str, str]) -> dict[str, Any]:
+    """What a stage will do and why: its lr, its step / epoch limits, its checkpoint selection."""
+    lr, lr_from = stage_lr(cfg, stage, entry_of(cfg, index))
+    limits, budget_from = budget(cfg, stage)
+    return {"lr": lr, "lr_from": lr_from, **limits, "budget_from": budget_from,
+            "selection": select[0], "selection_from": select[1]}  # fmt: skip
+
+
+def held_out(dm: SegmentationDataModule) -> tuple[bool, str]:
+    """Whether the val split may choose checkpoints: only when the run reports another split
+    (``data.test_split``); else choosing the best of many validations would report the
+    maximum over checkpoints of the very score being reported."""
+    if dm.test_split != dm.val_split:
+        return True, ""
+    return False, (
+        f"the val split '{dm.val_split}' is the split this run reports; to choose checkpoints "
+        "on a held-out split set data.val_split=<it> data.test_split=<the reported split>"
+    )
+
+
+def make_trainer(
+    cfg: DictConfig, stage: str, out: Path, monitor: str, plan: Mapping[str, Any] | None = None
+) -> pl.Trainer:
     ckpt_dir = out / stage / "checkpoints"
     trainer_cfg = trainer_settings(cfg, stage)
+    choose = [best_checkpoint(ckpt_dir, monitor)] if (plan or {}).get("selection") != "last" else []
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if not trainer_cfg.get("enable_progress_bar", True):  # Lightning refuses a bar it may not show
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks += [
         ValidationImages(int(cfg.images.panel_size), int(cfg.images.every_n_epochs)),
-        HParamsTab(run_settings(cfg)),
-        best_checkpoint(ckpt_dir, monitor),
+        HParamsTab(run_settings(cfg, plan)),
+        *choose,
         last_checkpoint(ckpt_dir),
         InterruptCheckpoint(ckpt_dir),
     ]
@@ -130,8 +158,10 @@ def make_trainer(cfg: DictConfig, stage: str, out: Path, monitor: str) -> pl.Tra
     )
 
 
-def init_streams(model: Any, sources: Mapping[str, str]) -> None:
-    """Start each late-fusion stream from its own trained checkpoint (the paper's RGB-HHA)."""
+def init_streams(module: FCNModule, sources: Mapping[str, str]) -> None:
+    """Start each late-fusion stream from its own trained checkpoint (the paper's RGB-HHA); a
+    checkpoint trained on another input than its stream's (the two swapped) is refused."""
+    model = module.model
     if not isinstance(model, LateFusionFCN):
         raise ConfigError("arch.init_streams needs a late-fusion model (data.modality=rgb+hha)")
     streams = model.streams
@@ -142,6 +172,11 @@ def init_streams(model: Any, sources: Mapping[str, str]) -> None:
     for name, path in sources.items():
         if not Path(path).is_file():
             raise ConfigError(f"arch.init_streams.{name}: checkpoint not found: {path}")
+    try:
+        check_stream_checkpoints(sources, module.contract, module.input_normalizations)
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from None
+    for name, path in sources.items():
         transfer_stage(path, streams[name])
 
 
@@ -167,6 +202,11 @@ def _on_sigterm(signum: int, frame: Any) -> None:
             "stopped by SIGTERM outside training (while loading data or validating); "
             "resume=true with the same hydra.run.dir continues the run"
         )
+
+
+def _data_name(cfg: DictConfig) -> str:
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    return str(choices.get("data", "<the data group>"))
 
 
 def _step_of(path: Path) -> Any:
@@ -233,10 +273,14 @@ def _train(cfg: DictConfig, out: Path, resume: bool) -> float:
     if rundir.is_rank_zero():  # every label of train / val / test, once (cached), before training
         print(label_report(dm))
     previous_best: str | None = init_from
-    lr = float(cfg.optimizer.lr)
+    select = selection(cfg, *held_out(dm))
+    plans = {stage: stage_plan(cfg, stage, i, select) for i, stage in enumerate(stages)}
+    if rundir.is_rank_zero():
+        rundir.annotate(out, stages=plans)
     log.info("stages: %s; run folder: %s", " -> ".join(stages), out)
+    log.info("best.ckpt of each stage: %s", select[1])
     for i, stage in enumerate(stages):
-        stage_lr = lr * float(cfg.stage_lr_factor) ** i
+        plan = plans[stage]
         ckpt_dir = out / stage / "checkpoints"
         best, last = ckpt_dir / "best.ckpt", ckpt_dir / "last.ckpt"
         if resume and stage in metrics and best.is_file():
@@ -247,7 +291,7 @@ def _train(cfg: DictConfig, out: Path, resume: bool) -> float:
             continue
         first = i == 0 and not previous_best
         try:
-            module = make_module(cfg, dm, stage, stage_lr, cfg.arch.pretrained if first else None)
+            module = make_module(cfg, dm, stage, plan["lr"], cfg.arch.pretrained if first else None)
         except ValueError as err:  # e.g. class weights that do not fit the data's classes
             raise ConfigError(
                 f"loss.{err}" if str(err).startswith("class_weights") else str(err)
@@ -261,18 +305,19 @@ def _train(cfg: DictConfig, out: Path, resume: bool) -> float:
                 where = "arch.init_from" if previous_best == init_from else previous_best
                 raise ConfigError(f"{where}: {err}") from None
         elif i == 0 and cfg.arch.get("init_streams") and not resume_from:
-            init_streams(module.model, cfg.arch.init_streams)
+            init_streams(module, cfg.arch.init_streams)
             previous_best = "the checkpoints of arch.init_streams"
         source = (
             f"from {previous_best}"
             if previous_best
-            else ("from ImageNet VGG16" if cfg.arch.pretrained else "from scratch")
+            else (f"from {cfg.arch.backbone} weights" if cfg.arch.pretrained else "from scratch")
         )
         log.info(
-            "[%d/%d] %s: lr %.3g, %s%s", i + 1, len(stages), stage, stage_lr, source,
-            f", resuming {resume_from}" if resume_from else "",
+            "[%d/%d] %s: %s%s; lr %.3g = %s; %s", i + 1, len(stages), stage, source,
+            f", resuming {resume_from}" if resume_from else "", plan["lr"], plan["lr_from"],
+            plan["budget_from"],
         )  # fmt: skip
-        trainer = make_trainer(cfg, stage, out, module.monitor)
+        trainer = make_trainer(cfg, stage, out, module.monitor, plan)
         resume_hint = (
             f"Continue with: python train.py <the same overrides> resume=true hydra.run.dir={out}"
         )
@@ -303,16 +348,32 @@ def _train(cfg: DictConfig, out: Path, resume: bool) -> float:
         # the stage's final state, also when no epoch ended since the last save (a short
         # max_steps, or a resume that finished mid-epoch): last.ckpt is where the stage ended
         trainer.save_checkpoint(last, weights_only=False)
-        if not best.is_file():
-            trainer.save_checkpoint(best, weights_only=False)  # e.g. no validation ran
+        if plan["selection"] == "last" or not best.is_file():  # (best: no validation ran)
+            trainer.save_checkpoint(best, weights_only=False)
         trainer.validate(module, dm, ckpt_path=str(best), verbose=False)
-        metrics[stage] = short_form(module.results.get("val", {}))
+        chosen = {
+            "selected": plan["selection"],
+            "step": _step_of(best),
+            "why": plan["selection_from"],
+        }
+        results = {h: {**b, "checkpoint": chosen} for h, b in module.results.get("val", {}).items()}
+        metrics[stage] = short_form(results)
         if trainer.is_global_zero:
             write_json_atomic(metrics_path, metrics)
         previous_best = str(best)
         log.info("%s done: val mIoU %.4f", stage, headline(metrics[stage]))
     table = format_table({s: metrics[s] for s in stages if s in metrics})
+    which = "best" if select[0] == "best" else "last"
     print(
-        "\nValidation metrics of each stage (best checkpoint):\n" + table + f"\n\nrun folder: {out}"
+        f"\nValidation metrics of each stage ({which} checkpoint, best.ckpt):\n"
+        + table
+        + f"\n\nrun folder: {out}"
     )
+    if select[0] == "best" and dm.test_split != dm.val_split:
+        best = out / stages[-1] / "checkpoints" / "best.ckpt"
+        print(
+            f"checkpoints were chosen on '{dm.val_split}'; score the reported split with:\n"
+            f"  python eval.py ckpt_path={best} data={_data_name(cfg)} data.split={dm.test_split}"
+            + (f" data.root={cfg.data.root}" if cfg.data.get("root") else "")
+        )
     return headline(metrics[stages[-1]])

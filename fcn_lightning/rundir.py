@@ -305,6 +305,20 @@ def mark(out: str | Path, status: str, reason: str | None = None, **extra: Any) 
         log.warning("could not update %s: %s", out / RECORD, err)
 
 
+def annotate(out: str | Path, **entries: Any) -> None:
+    """Add ``entries`` to the run's record (e.g. each stage's plan), leaving its status."""
+    out = Path(out)
+    try:
+        record = read_record(out) or {}
+    except RunFolderError:
+        return
+    record.update(entries)
+    try:
+        _write_record(out, record)
+    except OSError as err:
+        log.warning("could not update %s: %s", out / RECORD, err)
+
+
 def refused(out: str | Path, reason: str) -> None:
     """A run refused before any work (a bad setting or input): if this launch has claimed
     ``out`` already (the Hydra callback does, before Hydra writes ``.hydra/``), its record

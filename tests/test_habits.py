@@ -90,7 +90,8 @@ def test_training_without_a_progress_bar(tmp_path):
 
 
 def test_ddp_preset_on_cpu_keeps_batch_norm_per_process(tmp_path, caplog):
-    from fcn_lightning.checks import check_settings, trainer_settings
+    from fcn_lightning.checks import check_settings
+    from fcn_lightning.stages import trainer_settings
 
     cfg = cfg_of("config", ["trainer=ddp", "trainer.accelerator=cpu"])
     assert cfg.trainer.sync_batchnorm and cfg.arch.backbone == "vgg16_bn"

@@ -257,6 +257,15 @@ def test_train_nyud_late_fusion_from_two_checkpoints(nyud, tmp_path):
                               f"+arch.init_streams={{rgb: {runs['rgb']}, hha: {runs['hha']}}}", *TINY_NOSYN], tmp_path / "fused")  # fmt: skip
     train(fused)
     assert "fcn32s" in json.loads((tmp_path / "fused" / "metrics.json").read_text())
+    assert json.loads((tmp_path / "fused" / "run.json").read_text())["stages"]["fcn32s"]["lr"] == (
+        pytest.approx(1e-5)  # optimizer.lr 1e-3 x the fusion cut 0.01: one stage further
+    )
+    # the two checkpoints swapped: refused before training, naming both inputs
+    swapped = cfg_of("config", ["arch=fcn32s", "data=nyud", f"data.root={nyud}", "data.modality=rgb+hha",
+                                f"+arch.init_streams={{rgb: {runs['hha']}, hha: {runs['rgb']}}}", *TINY_NOSYN], tmp_path / "swapped")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"arch.init_streams.rgb: .*hha input.*swapped"):
+        train(swapped)
+    assert not (tmp_path / "swapped" / "fcn32s" / "checkpoints").exists()
 
 
 def test_cli_train_nyud_fcn16s(nyud, tmp_path):

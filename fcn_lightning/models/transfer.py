@@ -4,11 +4,13 @@ section 4.2; docs/PAPER.md, Training recipes)."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .base import FCNSpec, SegmentationNet
 from .fcn import NEW_IN_STAGE, STAGE
 from .fusion import LateFusionFCN
 from .state import StateSource, model_state_dict
+from .upsample import reset_bilinear_
 
 
 @torch.no_grad()
@@ -17,7 +19,9 @@ def transfer_stage(source: StateSource, target: SegmentationNet) -> Segmentation
 
     Layers new in ``target`` (score_pool4, score_pool3 and their upsamplings) keep their initial
     values, zero scores and bilinear kernels, so the new stage starts from the previous stage's
-    predictions. Raises ``ValueError`` naming the layer and both shapes when the two disagree.
+    predictions. A target whose upsamplings are fixed (``learnable_upsampling=False``, the
+    reference code's nets) gets bilinear kernels in all of them again, whatever the source
+    learned. Raises ``ValueError`` naming the layer and both shapes when the two disagree.
     A late-fusion target is filled stream by stream from a late-fusion source.
     """
     state = model_state_dict(source, target.anchor)
@@ -66,4 +70,7 @@ def transfer_stage(source: StateSource, target: SegmentationNet) -> Segmentation
         copied += 1
     if copied == 0:
         raise ValueError("no layer was copied: source and target share nothing")
+    for m in target.modules():
+        if isinstance(m, nn.ConvTranspose2d) and not m.weight.requires_grad:
+            reset_bilinear_(m)
     return target
