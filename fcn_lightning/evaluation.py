@@ -52,8 +52,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 )
                 + ": choose another output= folder, or move that file away"
             )
+    exclude = cfg.get("exclude_absent_classes")  # None: as the checkpoint was scored in training
     module = load_module(
-        cfg.ckpt_path, exclude_absent_classes=bool(cfg.get("exclude_absent_classes", False))
+        cfg.ckpt_path, **({} if exclude is None else {"exclude_absent_classes": bool(exclude)})
     )
     data_cfg = cfg.data.copy()
     with open_dict(data_cfg):
