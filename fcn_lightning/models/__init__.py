@@ -1,17 +1,20 @@
-"""FCN models on a trunk with named feature taps (VGG16 here; docs/PAPER.md, Network geometry).
+"""FCN models on a trunk with named feature taps (VGG16, AlexNet, GoogLeNet; docs/PAPER.md,
+Network geometry; docs/TRUNKS.md).
 
-Import order, no module importing a later one: state, upsample, trunk, weights, vgg, trunks, base,
-fcn, fusion, transfer, build, torchfcn."""
+Import order, no module importing a later one: state, upsample, trunk, weights, vgg, alexnet,
+googlenet, trunks, base, fcn, fusion, transfer, build, torchfcn."""
 
 from ..normalization import CAFFE, IMAGENET, Normalization, get_normalization
+from .alexnet import AlexNetTrunk, alexnet_fc8_as_conv
 from .base import ARCHS, FCNSpec, SegmentationNet
 from .build import build_fcn
 from .fcn import FCN, FCNHead
 from .fusion import LateFusionFCN, compose_late_fusion
+from .googlenet import GoogLeNetTrunk, googlenet_fc_as_conv
 from .state import model_state_dict
 from .torchfcn import export_torchfcn, import_torchfcn
 from .transfer import transfer_stage
-from .trunk import GEOMETRIES, Tap, Trunk
+from .trunk import GEOMETRIES, HALF_PIXEL, Tap, Trunk, coord_map, receptive_field
 from .trunks import BACKBONES, TRUNKS
 from .upsample import bilinear_kernel, upsampler
 from .vgg import VGG16Trunk, expand_input_channels
@@ -23,10 +26,13 @@ __all__ = [
     "CAFFE",
     "FCN",
     "GEOMETRIES",
+    "HALF_PIXEL",
     "IMAGENET",
     "TRUNKS",
+    "AlexNetTrunk",
     "FCNHead",
     "FCNSpec",
+    "GoogLeNetTrunk",
     "LateFusionFCN",
     "Normalization",
     "PretrainedWeightsUnavailable",
@@ -34,14 +40,18 @@ __all__ = [
     "Tap",
     "Trunk",
     "VGG16Trunk",
+    "alexnet_fc8_as_conv",
     "bilinear_kernel",
     "build_fcn",
     "compose_late_fusion",
+    "coord_map",
     "expand_input_channels",
     "export_torchfcn",
     "get_normalization",
+    "googlenet_fc_as_conv",
     "import_torchfcn",
     "model_state_dict",
+    "receptive_field",
     "transfer_stage",
     "upsampler",
 ]

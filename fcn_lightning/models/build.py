@@ -33,11 +33,12 @@ def build_fcn(
         arch: ``fcn32s``, ``fcn16s``, ``fcn8s`` or ``fcn8s_atonce``.
         num_classes: classes of the single head ``"out"`` (ignored when ``heads`` is given).
         heads: several heads sharing the trunk, e.g. ``{"sem": 33, "geo": 3}`` (SIFT Flow).
-        backbone: ``vgg16`` or ``vgg16_bn`` (batch norm, for training from scratch).
+        backbone: ``vgg16``, ``vgg16_bn`` (batch norm, for training from scratch), ``alexnet`` or
+            ``googlenet`` (the paper's Table 1; docs/TRUNKS.md).
         geometry: ``paper`` (pad 100, the reference crops) or ``same`` (no margin, ~0.6x the FLOPs).
-        width: multiplier on every channel count; 1.0 is the paper's VGG16.
+        width: multiplier on every channel count; 1.0 is the paper's (torchvision's) network.
         pretrained: ``None`` (random trunk), ``"imagenet"`` (torchvision's weights API) or the
-            path of a local torchvision-layout VGG16 state dict.
+            path of a local torchvision-layout state dict of the backbone.
         in_channels: input channels; extra channels' conv1_1 filters start as the RGB mean.
         learnable_upsampling: learn the intermediate 2x upsamplings (the final one stays fixed).
         normalization: ``imagenet`` or ``caffe`` input normalisation the model expects; defaults

@@ -13,26 +13,18 @@ import torch
 from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
 
-from .trunk import GEOMETRIES, Tap, Trunk, coord_map
+from .trunk import (
+    Trunk,
+    check_trunk_args,
+    expand_input_channels,
+    load_mapped_state_dict,
+    scaled,
+    tap_of,
+)
 from .weights import load_trunk_state_dict
 
-
-def scaled(channels: int, width: float) -> int:
-    """A channel count times the width multiplier, at least 1."""
-    return max(1, round(channels * width))
-
-
-def expand_input_channels(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
-    """Adapt RGB conv1_1 filters (out, 3, k, k) to ``in_channels`` inputs.
-
-    The RGB filters are kept; every extra channel starts as the mean of the RGB filters (the
-    paper's RGB-D early fusion). With fewer than 3 channels every channel is that mean.
-    """
-    mean = weight.mean(dim=1, keepdim=True)
-    if in_channels < weight.shape[1]:
-        return mean.expand(-1, in_channels, -1, -1).clone()
-    extra = mean.expand(-1, in_channels - weight.shape[1], -1, -1)
-    return torch.cat([weight, extra], dim=1)
+# expand_input_channels and scaled live in trunk.py since other trunks share them
+__all__ = ["VGG16Trunk", "expand_input_channels", "scaled"]
 
 
 class VGG16Trunk(Trunk):
@@ -57,12 +49,7 @@ class VGG16Trunk(Trunk):
         dropout: float = 0.5,
     ) -> None:
         super().__init__()
-        if geometry not in GEOMETRIES:
-            raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
-        if width <= 0:
-            raise ValueError(f"width must be > 0, got {width}")
-        if in_channels < 1:
-            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        check_trunk_args(geometry, width, in_channels)
         self.geometry, self.backbone = geometry, "vgg16_bn" if batch_norm else "vgg16"
         cfg = [v if v == "M" else scaled(v, width) for v in cfgs["D"]]
         self.features = make_layers(cfg, batch_norm=batch_norm)
@@ -84,9 +71,9 @@ class VGG16Trunk(Trunk):
         self.drop7 = nn.Dropout(dropout)
         self.tap_at = {pools[2]: "pool3", pools[3]: "pool4"}  # feature index -> tap
         self.taps = {
-            "pool3": Tap(scaled(256, width), *coord_map(self.features[: pools[2] + 1])),
-            "pool4": Tap(scaled(512, width), *coord_map(self.features[: pools[3] + 1])),
-            "final": Tap(cfc, *coord_map([*self.features, self.fc6, self.fc7])),
+            "pool3": tap_of(scaled(256, width), self.features[: pools[2] + 1]),
+            "pool4": tap_of(scaled(512, width), self.features[: pools[3] + 1]),
+            "final": tap_of(cfc, [*self.features, self.fc6, self.fc7]),
         }
         for m in self.modules():
             if isinstance(m, nn.Conv2d):  # torchvision's VGG initialisation
@@ -116,7 +103,6 @@ class VGG16Trunk(Trunk):
     @torch.no_grad()
     def load_torchvision_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load a torchvision VGG16 state dict, convolutionalizing classifier.0/3 into fc6/fc7."""
-        own = self.state_dict()
         mapped: dict[str, torch.Tensor] = {}
         for key, value in state.items():
             if key.startswith("features."):
@@ -131,20 +117,4 @@ class VGG16Trunk(Trunk):
             )
         if "fc7.weight" in mapped:
             mapped["fc7.weight"] = mapped["fc7.weight"].reshape(*mapped["fc7.weight"].shape, 1, 1)
-        w = mapped.get("features.0.weight")
-        if w is not None and w.shape[1] != own["features.0.weight"].shape[1]:
-            mapped["features.0.weight"] = expand_input_channels(
-                w, own["features.0.weight"].shape[1]
-            )
-        missing = sorted(set(own) - set(mapped))
-        if missing:
-            raise ValueError(
-                f"pretrained VGG16 state dict lacks {missing[:6]}{' ...' if len(missing) > 6 else ''}"
-            )
-        for key, value in mapped.items():
-            if own[key].shape != value.shape:
-                raise ValueError(
-                    f"pretrained weight {key!r} has shape {tuple(value.shape)} but the trunk expects "
-                    f"{tuple(own[key].shape)} (pretrained weights need width=1.0 and the matching backbone)"
-                )
-        self.load_state_dict(mapped, strict=True)
+        load_mapped_state_dict(self, mapped, what="VGG16", first_conv="features.0.weight")
