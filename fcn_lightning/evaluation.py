@@ -12,6 +12,7 @@ from omegaconf import DictConfig, open_dict
 from .atomic import write_json_atomic
 from .checks import ConfigError, label_report
 from .contract import format_table, input_mismatch, inputs_of, short_form
+from .models.stitch import SETTING, check_factor, with_shift_and_stitch
 from .module import FCNModule, load_checkpoint
 from .pipeline import make_datamodule
 
@@ -38,15 +39,21 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if report_path.is_file():  # replace an earlier report of this evaluation only
         try:
             earlier = json.loads(report_path.read_text())
-            earlier = (earlier.get("checkpoint"), earlier.get("split"), earlier.get("data_root"))
+            earlier = (
+                earlier.get("checkpoint"),
+                earlier.get("split"),
+                earlier.get("data_root"),
+                earlier.get(SETTING, 1),
+            )
         except (ValueError, AttributeError):
             earlier = None
-        if earlier != (str(cfg.ckpt_path), split_wanted, cfg.data.get("root")):
+        if earlier != (str(cfg.ckpt_path), split_wanted, cfg.data.get("root"), cfg.get(SETTING, 1)):
             raise ConfigError(
                 f"{report_path} holds another evaluation "
                 + (
                     f"({earlier[0]}, split {earlier[1]}"
-                    + (f" of {earlier[2]})" if earlier[2] else ")")
+                    + (f" of {earlier[2]}" if earlier[2] else "")
+                    + (f", {SETTING}={earlier[3]})" if earlier[3] != 1 else ")")
                     if earlier
                     else "(unreadable)"
                 )
@@ -56,6 +63,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     module = load_module(
         cfg.ckpt_path, **({} if exclude is None else {"exclude_absent_classes": bool(exclude)})
     )
+    try:  # shift-and-stitch in place of the plain forward (1: off)
+        shifts = check_factor(cfg.get(SETTING, 1), module.model)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    module.model = with_shift_and_stitch(module.model, shifts)
+    if shifts > 1:
+        print(f"{SETTING}={shifts}: shift-and-stitch, {shifts * shifts} forwards per image")
     data_cfg = cfg.data.copy()
     with open_dict(data_cfg):
         split = data_cfg.pop("split", None) or data_cfg.get("val_split")
@@ -89,6 +103,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": str(cfg.ckpt_path),
         "split": split,
         "data_root": cfg.data.get("root"),
+        SETTING: shifts,
         "metrics": short_form(results),
     }
     write_json_atomic(out / "eval.json", report)

@@ -5,7 +5,8 @@ folder::
 
     <name>.png             palette label map (<name>_<head>.png per head of a multi-head model)
     <name>_overlay.jpg     the image blended half and half with the label colours
-    predictions.json       manifest: every file predict wrote there -> the input it came from
+    predictions.json       manifest: every file predict wrote there -> the input it came from,
+                           and -> the shift_stitch it was made with (1: the plain forward)
 
 ``<name>`` is the input's stem; inputs whose outputs would share a name (``img.jpg`` and
 ``img.png``, or ``IMG.JPG`` and ``img.jpg``: names are compared case-insensitively) are named
@@ -27,6 +28,8 @@ the others are predicted; the run then ends with SystemExit naming every skipped
 The images go through Lightning's predict loop (``FCNModule.predict_step``), ``batch_size`` of
 one size at a time (``data.images``), read by ``num_workers`` loader processes, on the GPU if
 there is one (``device=cpu``: never); one callback writes each batch's files as it ends.
+``shift_stitch=f`` (f > 1) puts shift-and-stitch (paper, section 3.2; ``models.stitch``) in
+place of the model's forward: f * f shifted forwards per image.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from .contract import inputs_of
 from .data.images import ImageFiles, SizeBatches, collate
 from .data.transforms import eval_transforms
 from .evaluation import load_module
+from .models.stitch import SETTING, check_factor, with_shift_and_stitch
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 MANIFEST = "predictions.json"
@@ -121,9 +125,25 @@ def read_manifest(folder: Path) -> dict[str, str] | None:
     }
 
 
-def write_manifest(folder: Path, outputs: dict[str, str]) -> None:
+def read_settings(folder: Path, names: dict[str, str]) -> dict[str, int]:
+    """The ``shift_stitch`` each of ``names`` (outputs a manifest there lists) was made with; 1
+    where the manifest does not say (predict wrote nothing else before the option existed)."""
+    try:
+        made = json.loads((folder / MANIFEST).read_text()).get(SETTING)
+    except (OSError, ValueError, AttributeError):
+        made = None
+    made = made if isinstance(made, dict) else {}
+    return {n: made[n] if isinstance(made.get(n), int) else 1 for n in names}
+
+
+def write_manifest(folder: Path, outputs: dict[str, str], settings: dict[str, int]) -> None:
     text = json.dumps(
-        {"written_by": WRITTEN_BY, "outputs": dict(sorted(outputs.items()))}, indent=2
+        {
+            "written_by": WRITTEN_BY,
+            "outputs": dict(sorted(outputs.items())),
+            SETTING: {n: settings[n] for n in sorted(outputs)},
+        },
+        indent=2,
     )
     write_atomically(folder / MANIFEST, lambda f: f.write((text + "\n").encode()))
 
@@ -292,6 +312,13 @@ def predict(cfg: DictConfig) -> list[Path]:
             f"{inputs_of(module.contract)} (depth or HHA beside RGB): score it on its dataset "
             "with eval.py, which reads every input the data set has"
         )
+    try:  # shift-and-stitch in place of the plain forward (1: off)
+        shifts = check_factor(cfg.get(SETTING, 1), module.model)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    module.model = with_shift_and_stitch(module.model, shifts)
+    if shifts > 1:
+        print(f"{SETTING}={shifts}: shift-and-stitch, {shifts * shifts} forwards per image")
     heads = head_names(module)
     stems = output_stems(files, heads)
     renamed = [
@@ -302,9 +329,11 @@ def predict(cfg: DictConfig) -> list[Path]:
     planned = {name: p for p in files for name in output_files(stems[p], heads)}
     out = Path(cfg.output).expanduser() if cfg.get("output") else Path(cfg.paths.output_dir)
     earlier = check_output(out, source, planned)
+    made = read_settings(out, earlier)
     out.mkdir(parents=True, exist_ok=True)
     # claim the planned names first, so that an interrupted run can be rerun into this folder
-    write_manifest(out, {**earlier, **{n: str(p.resolve()) for n, p in planned.items()}})
+    claimed = {**earlier, **{n: str(p.resolve()) for n, p in planned.items()}}
+    write_manifest(out, claimed, {**dict.fromkeys(claimed, shifts), **made})
 
     palettes = [(h, head_palette(module, h) + [(0, 0, 0)] * 256) for h in heads]
     flat = {h: [v for c in palette[:256] for v in c] for h, palette in palettes}
@@ -319,7 +348,7 @@ def predict(cfg: DictConfig) -> list[Path]:
         for p in labels
         for name in (p.name, f"{p.stem}_overlay.jpg")
     }
-    write_manifest(out, {**earlier, **done})
+    write_manifest(out, {**earlier, **done}, {**made, **dict.fromkeys(done, shifts)})
     skipped = [writer.skipped[i] for i in sorted(writer.skipped)]
     n = len(written)
     print(

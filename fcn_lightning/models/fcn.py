@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import fields
+from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..normalization import Normalization, get_normalization
@@ -49,6 +51,28 @@ def _upsampled(stride: int, origin: float, factor: int, padding: int) -> tuple[i
     return stride, origin - stride * ((2 * factor - 1) / 2 - padding)
 
 
+def upsampling_padding(geometry: str, factor: int) -> int:
+    """The padding of an upsampling of ``factor``: none in the paper geometry (the reference's
+    crops take its margins off), f // 2 in the same geometry."""
+    return factor // 2 if geometry == "same" else 0
+
+
+def output_offset(stride: int, origin: float, padding: int, what: str) -> int:
+    """The crop offset of the final upsampling (factor ``stride``, ``padding``) of a map whose
+    pixel i sits at input coordinate ``origin + stride * i``: the output pixel over input pixel 0."""
+    _, origin = _upsampled(stride, origin, stride, padding)
+    return _index(-origin, what)
+
+
+def crop(t: torch.Tensor, offset: int, height: int, width: int) -> torch.Tensor:
+    """Rows and columns ``offset`` .. ``offset + height`` / ``+ width`` of ``t``; where they pass
+    its edges, zeros (what a transposed convolution gives beyond its inputs' reach)."""
+    h, w = t.shape[-2], t.shape[-1]
+    if 0 <= offset and offset + height <= h and offset + width <= w:
+        return t[:, :, offset : offset + height, offset : offset + width]
+    return F.pad(t, (-offset, offset + width - w, -offset, offset + height - h))
+
+
 def _fuse(up: torch.Tensor, skip: torch.Tensor, offset: int) -> torch.Tensor:
     """The sum over the region both maps cover; ``offset``: the skip pixel under up's pixel 0."""
     a, b = max(0, -offset), max(0, offset)
@@ -78,7 +102,8 @@ class FCNHead(nn.Module):
                     f"{list(trunk.taps)}"
                 )
         n, final = num_classes, trunk.taps["final"]
-        pad = (lambda f: f // 2) if trunk.geometry == "same" else (lambda f: 0)
+        self.geometry = trunk.geometry
+        pad = partial(upsampling_padding, trunk.geometry)
         self.score_fr = nn.Conv2d(final.channels, n, 1)
         stride, origin = final.stride, final.origin
         self.offsets: dict[str, int] = {}
@@ -91,23 +116,32 @@ class FCNHead(nn.Module):
             stride, origin = _upsampled(stride, origin, f, pad(f))
             self.offsets[name] = _index((origin - tap.origin) / tap.stride, f"{arch}'s {name} crop")
             origin = max(origin, tap.origin)  # the fused map: where both maps are
+        # the fused scores before the final upsampling: pixel i at input coordinate
+        # origin + stride * i (shift-and-stitch interlaces these maps, models/stitch.py)
+        self.grid: tuple[int, float] = (stride, origin)
         self.final = FINAL_UPSCORE[len(self.skips)]
         setattr(self, self.final, upsampler(n, stride, padding=pad(stride), learnable=False))
-        stride, origin = _upsampled(stride, origin, stride, pad(stride))
-        self.offsets["final"] = _index(-origin, f"{arch}'s output crop")
+        self.offsets["final"] = output_offset(stride, origin, pad(stride), f"{arch}'s output crop")
         self.scales = {t: AT_ONCE_SCALES[t] if arch == "fcn8s_atonce" else 1.0 for t in self.skips}
         for m in self.modules():
             if isinstance(m, nn.Conv2d):  # zero-initialised scores (paper, section 4.3)
                 nn.init.zeros_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, feats: dict[str, torch.Tensor], height: int, width: int) -> torch.Tensor:
+    def coarse(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The fused scores before the final upsampling, on the grid ``self.grid``."""
         score = self.score_fr(feats["final"])
         for name in self.skips:
             skip = getattr(self, f"score_{name}")(feats[name] * self.scales[name])
             score = _fuse(getattr(self, UPSCORE[name])(score), skip, self.offsets[name])
-        o = self.offsets["final"]
-        return getattr(self, self.final)(score)[:, :, o : o + height, o : o + width]
+        return score
+
+    def upsample(self, score: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The final upsampling of ``coarse``'s scores, cropped to the input's size."""
+        return crop(getattr(self, self.final)(score), self.offsets["final"], height, width)
+
+    def forward(self, feats: dict[str, torch.Tensor], height: int, width: int) -> torch.Tensor:
+        return self.upsample(self.coarse(feats), height, width)
 
 
 class FCN(SegmentationNet):
@@ -134,14 +168,19 @@ class FCN(SegmentationNet):
             }
         )
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def coarse(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per head, the fused scores before the final upsampling (on the head's ``grid``)."""
         if x.dim() != 4 or x.shape[1] != self.spec.in_channels:
             raise ValueError(
                 f"expected input of shape (N, {self.spec.in_channels}, H, W), got {tuple(x.shape)}"
             )
-        height, width = x.shape[-2], x.shape[-1]
         feats = self.trunk(x)
-        return {name: head(feats, height, width) for name, head in self.heads.items()}
+        return {name: head.coarse(feats) for name, head in self.heads.items()}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        scores = self.coarse(x)  # checks the input first
+        height, width = x.shape[-2], x.shape[-1]
+        return {name: self.heads[name].upsample(s, height, width) for name, s in scores.items()}
 
     # The spec travels in the state dict, so a checkpoint says what it was built as, and loading
     # it into a differently built model fails with both sides named.

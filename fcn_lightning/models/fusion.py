@@ -36,19 +36,25 @@ class LateFusionFCN(SegmentationNet):
         self.spec = replace(first.spec, in_channels=sum(self.channels))
         self.normalization = first.normalization
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def split(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each stream's channels of ``x``, in the streams' order."""
         if x.dim() != 4 or x.shape[1] != sum(self.channels):
             names = ", ".join(f"{n}: {c}" for n, c in zip(self.streams, self.channels, strict=True))
             raise ValueError(
                 f"expected input (N, {sum(self.channels)}, H, W) ({names}), got {tuple(x.shape)}"
             )
-        outs = [
-            stream(part)
-            for stream, part in zip(
-                self.streams.values(), torch.split(x, self.channels, dim=1), strict=True
-            )
-        ]
+        return list(torch.split(x, self.channels, dim=1))
+
+    @staticmethod
+    def average(outs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The streams' score maps averaged, per head."""
         return {head: torch.stack([o[head] for o in outs]).mean(0) for head in outs[0]}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        parts = self.split(x)
+        return self.average(
+            [stream(part) for stream, part in zip(self.streams.values(), parts, strict=True)]
+        )
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"fusion": "late", "streams": {n: s.spec.as_dict() for n, s in self.streams.items()}}

@@ -22,6 +22,15 @@ def bilinear_kernel(size: int, dtype: torch.dtype = torch.float32) -> torch.Tens
     return torch.outer(filt, filt).to(dtype)
 
 
+def bilinear_weight(
+    channels: int, size: int, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+) -> torch.Tensor:
+    """The weight of a bilinear ``ConvTranspose2d`` (channels, channels, size, size): the
+    :func:`bilinear_kernel` on the channel diagonal, zeros elsewhere (as the reference fills it)."""
+    eye = torch.eye(channels, dtype=dtype, device=device)
+    return eye[:, :, None, None] * bilinear_kernel(size, dtype).to(device)[None, None]
+
+
 def upsampler(
     channels: int, factor: int, *, padding: int = 0, learnable: bool
 ) -> nn.ConvTranspose2d:
@@ -43,8 +52,5 @@ def reset_bilinear_(up: nn.ConvTranspose2d) -> nn.ConvTranspose2d:
         raise ValueError(
             f"bilinear init needs a square kernel and in == out channels, got {tuple(up.weight.shape)}"
         )
-    up.weight.zero_()
-    kernel = bilinear_kernel(kh, up.weight.dtype)
-    for c in range(cin):
-        up.weight[c, c] = kernel
+    up.weight.copy_(bilinear_weight(cin, kh, up.weight.dtype, up.weight.device))
     return up

@@ -1,0 +1,363 @@
+"""Shift-and-stitch (paper, section 3.2): f = 1 is the plain forward, f = 2 the interlace of four
+shifted forwards, any batch and input size, the refusals, and predict.py's shift_stitch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from test_app import TINY, cfg_of, run
+from torchvision import tv_tensors
+
+from fcn_lightning.checks import ConfigError
+from fcn_lightning.data import eval_transforms, read_image
+from fcn_lightning.evaluation import evaluate, load_module
+from fcn_lightning.models import FCNHead, Tap, Trunk, build_fcn, upsampler
+from fcn_lightning.models.stitch import (
+    ShiftAndStitch,
+    allowed_factors,
+    shift_and_stitch,
+    with_shift_and_stitch,
+)
+from fcn_lightning.module import FCNModule
+from fcn_lightning.pipeline import train
+from fcn_lightning.prediction import MANIFEST, predict
+
+ARCHS = ("fcn32s", "fcn16s", "fcn8s")
+GEOMETRIES = ("paper", "same")
+HEADS = {"sem": 3, "geo": 2}
+
+
+def net(arch: str, geometry: str, **kw):
+    """A tiny FCN in eval mode whose score layers are not the zeros they start as (else every
+    output would be zero and equal to every other)."""
+    kw.setdefault("heads", HEADS)
+    model = build_fcn(arch, width=1 / 16, geometry=geometry, **kw).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".score_" in name:
+                p.normal_(std=0.5)
+    return model
+
+
+def moved(x: torch.Tensor, down: int, right: int) -> torch.Tensor:
+    """x with its content moved down and right, zeros entering on the top and left."""
+    out = torch.zeros_like(x)
+    h, w = x.shape[-2:]
+    out[:, :, down:, right:] = x[:, :, : h - down, : w - right]
+    return out
+
+
+# --------------------------------------------------------------------------- f = 1
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_shift_is_the_plain_forward(arch, geometry):
+    model = net(arch, geometry)
+    x = torch.randn(2, 3, 37, 50)
+    with torch.no_grad():
+        plain, stitched = model(x), shift_and_stitch(model, x, 1)
+        wrapped = ShiftAndStitch(model, 1)(x)
+    assert list(stitched) == list(plain) == ["sem", "geo"]
+    for head in HEADS:
+        assert plain[head].abs().max() > 0
+        assert torch.equal(stitched[head], plain[head]), head
+        assert torch.equal(wrapped[head], plain[head]), head
+
+
+# --------------------------------------------------------------------------- f = 2, written out
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_two_shifts_upsample_the_interlace_of_four_shifted_forwards(arch, geometry):
+    model = net(arch, geometry)
+    x = torch.randn(2, 3, 45, 38)
+    h, w = x.shape[-2:]
+    with torch.no_grad():
+        out = shift_and_stitch(model, x, 2)
+        plain = model(x)
+        for name, head in model.heads.items():
+            stride, origin = head.grid
+            u = stride // 2
+            # coarse maps of the input moved down by y and right by x, for y, x in {0, u}
+            coarse = {(y, x_): model.coarse(moved(x, y, x_))[name] for y in (0, u) for x_ in (0, u)}
+            n, c, ch, cw = coarse[0, 0].shape
+            fine = torch.zeros(n, c, 2 * ch, 2 * cw)
+            # moved by u: its samples sit u pixels up / left, between the unmoved ones
+            fine[:, :, 1::2, 1::2] = coarse[0, 0]
+            fine[:, :, 1::2, 0::2] = coarse[0, u]
+            fine[:, :, 0::2, 1::2] = coarse[u, 0]
+            fine[:, :, 0::2, 0::2] = coarse[u, u]
+            # fine pixel m at input coordinate origin - u + u * m; a transposed convolution of
+            # kernel 2u, stride u, no padding puts input pixel i at output u * i + u - 0.5
+            up = upsampler(c, u, padding=0, learnable=False)(fine)
+            start = u - 0.5 - (origin - u)
+            assert start == int(start) and start >= 0
+            start = int(start)
+            expected = torch.zeros(n, c, h, w)
+            rows, cols = min(h, up.shape[2] - start), min(w, up.shape[3] - start)
+            expected[:, :, :rows, :cols] = up[:, :, start : start + rows, start : start + cols]
+            torch.testing.assert_close(out[name], expected, atol=1e-6, rtol=1e-5)
+            assert not torch.allclose(out[name], plain[name], atol=1e-3)  # not the plain one
+
+
+# --------------------------------------------------------------------------- sizes and batches
+@pytest.mark.parametrize(
+    "arch, geometry, f, size",
+    [
+        ("fcn32s", "same", 2, (1, 1)),
+        ("fcn32s", "paper", 4, (5, 7)),  # smaller than the stride
+        ("fcn32s", "same", 32, (9, 6)),  # the fully dense version
+        ("fcn16s", "paper", 2, (31, 33)),  # odd
+        ("fcn16s", "same", 16, (12, 20)),
+        ("fcn8s", "same", 4, (70, 33)),  # portrait
+        ("fcn8s", "paper", 8, (17, 61)),  # landscape
+    ],
+)
+def test_any_input_size_gives_scores_at_that_size(arch, geometry, f, size):
+    model = net(arch, geometry)
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        out = shift_and_stitch(model, x, f)
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "sem": (2, 3, *size),
+        "geo": (2, 2, *size),
+    }
+    assert all(torch.isfinite(v).all() for v in out.values())
+
+
+@pytest.mark.parametrize("arch, geometry", [("fcn32s", "same"), ("fcn8s", "paper")])
+def test_a_batch_is_stitched_as_its_images_alone(arch, geometry):
+    model = net(arch, geometry)
+    x = torch.randn(3, 3, 29, 41)
+    with torch.no_grad():
+        batch = shift_and_stitch(model, x, 4)
+        for i in range(3):
+            alone = shift_and_stitch(model, x[i : i + 1], 4)
+            for head in HEADS:
+                torch.testing.assert_close(
+                    batch[head][i : i + 1], alone[head], atol=1e-6, rtol=1e-5
+                )
+
+
+class BoxTrunk(Trunk):
+    """A stride-32 trunk that is a 32 x 32 mean of the first channel: pixel i covers input
+    pixels 32i .. 32i + 31, its centre 32i + 15.5 (as VGG16's same geometry)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.geometry, self.taps = "same", {"final": Tap(channels=1, stride=32, origin=15.5)}
+
+    def forward(self, x):
+        return {"final": F.avg_pool2d(x[:, :1], 32)}
+
+    def load_pretrained(self, source, *, progress=True):
+        raise NotImplementedError
+
+
+def test_the_fully_dense_version_removes_the_subsampling():
+    """f = s: every sample of the box trunk at every pixel, as the box filter without the
+    subsampling (zeros entering on the top and left) at its centre, then the 2 x 2 bilinear step
+    from pixel corners to centres."""
+    model = build_fcn("fcn32s", width=1 / 16, geometry="same", num_classes=1).eval()
+    model.trunk = BoxTrunk()
+    model.heads["out"] = FCNHead("fcn32s", 1, model.trunk)
+    with torch.no_grad():
+        model.heads["out"].score_fr.weight.fill_(1.0)
+        x = torch.randn(2, 1, 64, 96)
+        out = shift_and_stitch(model, x.expand(-1, 3, -1, -1), 32)["out"]
+        # box[m, n]: the mean of input rows m - 31 .. m, columns n - 31 .. n (zeros before 0)
+        box = F.avg_pool2d(F.pad(x, (31, 0, 31, 0)), 32, stride=1)
+    # sample m sits at coordinate m - 15.5: pixel k is the mean of samples k + 15 and k + 16
+    dense = (box[..., :-1, :-1] + box[..., 1:, :-1] + box[..., :-1, 1:] + box[..., 1:, 1:]) / 4
+    torch.testing.assert_close(out[..., :48, :80], dense[..., 15:63, 15:95])
+    # past the last sample (k + 16 > 63) only its side of the kernel is left
+    edge = (box[..., 63, 15:95] + box[..., 63, 16:96]) / 4
+    torch.testing.assert_close(out[..., 48, :80], edge)
+
+
+# --------------------------------------------------------------------------- late fusion
+def test_late_fusion_stitches_each_stream_and_averages():
+    model = build_fcn(
+        "fcn16s", width=1 / 16, geometry="same", heads=HEADS, streams={"rgb": 3, "d": 1}
+    ).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".score_" in name:
+                p.normal_(std=0.5)
+        x = torch.randn(2, 4, 30, 26)
+        plain, one = model(x), shift_and_stitch(model, x, 1)
+        two = shift_and_stitch(model, x, 2)
+        rgb = shift_and_stitch(model.streams["rgb"], x[:, :3], 2)
+        depth = shift_and_stitch(model.streams["d"], x[:, 3:], 2)
+    for head in HEADS:
+        assert torch.equal(one[head], plain[head])
+        torch.testing.assert_close(two[head], (rgb[head] + depth[head]) / 2)
+        assert not torch.allclose(two[head], plain[head], atol=1e-3)
+
+
+# --------------------------------------------------------------------------- refusals
+@pytest.mark.parametrize(
+    "arch, f, allowed",
+    [
+        ("fcn32s", 3, "1, 2, 4, 8, 16, 32"),
+        ("fcn32s", 0, "1, 2, 4, 8, 16, 32"),
+        ("fcn16s", -2, "1, 2, 4, 8, 16"),
+        ("fcn16s", 32, "1, 2, 4, 8, 16"),
+        ("fcn8s", 16, "1, 2, 4, 8"),
+        ("fcn8s", 2.5, "1, 2, 4, 8"),
+        ("fcn8s", "2", "1, 2, 4, 8"),
+        ("fcn8s", True, "1, 2, 4, 8"),
+        ("fcn8s", None, "1, 2, 4, 8"),
+    ],
+)
+def test_a_factor_that_does_not_divide_the_stride_is_refused(arch, f, allowed):
+    model = net(arch, "same")
+    pattern = (
+        rf"shift_stitch={f!r}: .*divides the output stride of {arch}.*allowed values: {allowed} "
+    )
+    for attempt in (
+        lambda: ShiftAndStitch(model, f),
+        lambda: with_shift_and_stitch(model, f),
+        lambda: shift_and_stitch(model, torch.randn(1, 3, 8, 8), f),
+    ):
+        with pytest.raises(ValueError, match=pattern):
+            attempt()
+    assert ", ".join(map(str, allowed_factors(model))) == allowed
+
+
+def test_a_net_without_coarse_maps_is_refused():
+    class Plain(torch.nn.Module):
+        def forward(self, x):
+            return {"out": x}
+
+    with pytest.raises(TypeError, match="needs an FCN or a late-fusion FCN.*got Plain"):
+        shift_and_stitch(Plain(), torch.randn(1, 3, 8, 8), 2)
+
+
+# --------------------------------------------------------------------------- in place of a model
+def test_wrapper_keeps_what_module_and_panels_read():
+    settings = {"arch": "fcn16s", "width": 1 / 16, "geometry": "same", "pretrained": None}
+    module = FCNModule({**settings, "heads": HEADS}).eval()
+    model = module.model
+    assert with_shift_and_stitch(model, 1) is model
+    wrapped = with_shift_and_stitch(model, 4)
+    assert isinstance(wrapped, ShiftAndStitch) and wrapped.f == 4 and wrapped.net is model
+    assert wrapped.spec == model.spec and wrapped.normalization is model.normalization
+    assert wrapped.head_names == ("sem", "geo") and not wrapped.training
+    with pytest.raises(ValueError, match="already shift-and-stitched"):
+        ShiftAndStitch(wrapped, 2)
+    x = torch.randn(2, 3, 24, 40)
+    with torch.no_grad():
+        expected = shift_and_stitch(model, x, 4)
+        module.model = wrapped
+        labels = module.predict_step((x, []), 0)
+    assert set(labels) == {"sem", "geo"}
+    for head in labels:
+        assert torch.equal(labels[head], expected[head].argmax(1))
+
+
+# --------------------------------------------------------------------------- predict.py
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """A tiny FCN-16s checkpoint whose score layers are random (not a step away from zero)."""
+    out = tmp_path_factory.mktemp("run")
+    train(cfg_of("config", ["arch=fcn16s", *TINY], out))
+    state = torch.load(out / "fcn16s" / "checkpoints" / "best.ckpt", weights_only=True)
+    generator = torch.Generator().manual_seed(0)
+    for key, value in state["state_dict"].items():
+        if ".score_" in key:
+            value.copy_(torch.randn(value.shape, generator=generator))
+    path = out / "random_scores.ckpt"
+    torch.save(state, path)
+    return path
+
+
+def labels_of(ckpt: Path, image: Path, f: int) -> np.ndarray:
+    module = load_module(ckpt)
+    x = eval_transforms(normalization=module.model.normalization)(
+        tv_tensors.Image(read_image(image, exif_transpose=True))
+    ).as_subclass(torch.Tensor)
+    with torch.no_grad():
+        return shift_and_stitch(module.model, x[None], f)["out"][0].argmax(0).numpy()
+
+
+def test_predict_cli_with_shift_stitch(ckpt, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for name, (h, w) in {"wide.png": (23, 41), "tall.png": (41, 23)}.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(photos / name)
+    out = tmp_path / "pred"
+    args = [f"ckpt_path={ckpt}", f"input={photos}", f"output={out}", "device=cpu"]
+    result = run(
+        "predict.py", *args, "shift_stitch=2", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "shift_stitch=2: shift-and-stitch, 4 forwards per image" in result.stdout
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["shift_stitch"] == dict.fromkeys(manifest["outputs"], 2)
+    assert len(manifest["outputs"]) == 4
+    differs = False
+    for name in ("wide.png", "tall.png"):
+        expected = labels_of(ckpt, photos / name, 2)
+        with Image.open(out / name) as label:
+            assert label.mode == "P" and np.array_equal(np.asarray(label), expected), name
+        differs |= not np.array_equal(expected, labels_of(ckpt, photos / name, 1))
+    assert differs  # the stitched labels are not the plain ones
+
+    # a factor the net cannot take: refused before any work, with the values it can
+    refused = tmp_path / "refused"
+    result = run(
+        "predict.py", *args[:2], f"output={refused}", "device=cpu", "shift_stitch=3",
+        f"hydra.run.dir={tmp_path / 'run2'}", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "shift_stitch=3" in result.stderr and "allowed values: 1, 2, 4, 8, 16 " in result.stderr
+    assert not refused.exists()
+
+
+def test_manifest_records_each_outputs_setting_across_runs(ckpt, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.full((20, 30, 3), 90, np.uint8)).save(photos / name)
+    out = tmp_path / "pred"
+
+    def predict_one(name: str, f: int) -> dict:
+        args = [f"ckpt_path={ckpt}", f"input={photos / name}", f"output={out}", "device=cpu"]
+        predict(cfg_of("predict", [*args, f"shift_stitch={f}"], tmp_path / "run"))
+        return json.loads((out / MANIFEST).read_text())
+
+    predict_one("a.png", 4)
+    manifest = predict_one("b.png", 1)  # a's outputs stay, made with 4
+    assert manifest["shift_stitch"] == {
+        "a.png": 4, "a_overlay.jpg": 4, "b.png": 1, "b_overlay.jpg": 1,
+    }  # fmt: skip
+    # a manifest written before the option existed: its outputs were plain forwards
+    del manifest["shift_stitch"]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    assert predict_one("a.png", 2)["shift_stitch"] == {
+        "a.png": 2, "a_overlay.jpg": 2, "b.png": 1, "b_overlay.jpg": 1,
+    }  # fmt: skip
+
+
+def test_eval_with_shift_stitch_records_it_and_keeps_another_evaluation(ckpt, tmp_path):
+    data = [o for o in TINY if o.startswith("data.")]
+    out = tmp_path / "eval"
+    args = [f"ckpt_path={ckpt}", *data, "trainer.accelerator=cpu", f"output={out}"]
+    plain = evaluate(cfg_of("eval", args, tmp_path / "h1"))
+    stitched_cfg = cfg_of("eval", [*args, "shift_stitch=2"], tmp_path / "h2")
+    with pytest.raises(ConfigError, match=r"holds another evaluation .*\)"):
+        evaluate(stitched_cfg)  # the f=1 report stays
+    assert json.loads((out / "eval.json").read_text())["shift_stitch"] == 1
+    stitched_cfg.output = str(tmp_path / "eval2")
+    stitched = evaluate(stitched_cfg)
+    report = json.loads((tmp_path / "eval2" / "eval.json").read_text())
+    assert report["shift_stitch"] == 2 and stitched["metrics"] == report["metrics"]
+    assert plain["metrics"] != stitched["metrics"]  # random score layers: other labels
+    with pytest.raises(ConfigError, match=r"shift_stitch=3: .*allowed values: 1, 2, 4, 8, 16"):
+        evaluate(cfg_of("eval", [*args[:-1], "shift_stitch=3", f"output={tmp_path / 'e3'}"]))
