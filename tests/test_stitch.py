@@ -97,9 +97,10 @@ def test_two_shifts_upsample_the_interlace_of_four_shifted_forwards(arch, geomet
             start = u - 0.5 - (origin - u)
             assert start == int(start) and start >= 0
             start = int(start)
-            expected = torch.zeros(n, c, h, w)
             rows, cols = min(h, up.shape[2] - start), min(w, up.shape[3] - start)
-            expected[:, :, :rows, :cols] = up[:, :, start : start + rows, start : start + cols]
+            # rows / columns the stitched map does not reach repeat the nearest one
+            inside = up[:, :, start : start + rows, start : start + cols]
+            expected = F.pad(inside, (0, w - cols, 0, h - rows), mode="replicate")
             torch.testing.assert_close(out[name], expected, atol=1e-6, rtol=1e-5)
             assert not torch.allclose(out[name], plain[name], atol=1e-3)  # not the plain one
 
@@ -361,3 +362,15 @@ def test_eval_with_shift_stitch_records_it_and_keeps_another_evaluation(ckpt, tm
     assert plain["metrics"] != stitched["metrics"]  # random score layers: other labels
     with pytest.raises(ConfigError, match=r"shift_stitch=3: .*allowed values: 1, 2, 4, 8, 16"):
         evaluate(cfg_of("eval", [*args[:-1], "shift_stitch=3", f"output={tmp_path / 'e3'}"]))
+
+
+@pytest.mark.parametrize("geometry", ["same", "paper"])
+def test_every_pixel_gets_a_stitched_prediction_up_to_the_edges(geometry):
+    # with f = 4 the stitched samples stop up to stride / 4 short of the bottom / right edge
+    # ("same" geometry): those pixels repeat the nearest prediction, never all-zero scores
+    model = net("fcn32s", geometry)
+    with torch.no_grad():
+        outs = shift_and_stitch(model, torch.randn(1, 3, 64, 67), 4)
+    for out in outs.values():
+        assert out.shape[-2:] == (64, 67)
+        assert (out.abs().sum(1) > 0).all()

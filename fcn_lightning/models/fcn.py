@@ -65,12 +65,20 @@ def output_offset(stride: int, origin: float, padding: int, what: str) -> int:
 
 
 def crop(t: torch.Tensor, offset: int, height: int, width: int) -> torch.Tensor:
-    """Rows and columns ``offset`` .. ``offset + height`` / ``+ width`` of ``t``; where they pass
-    its edges, zeros (what a transposed convolution gives beyond its inputs' reach)."""
+    """Rows and columns ``offset`` .. ``offset + height`` / ``+ width`` of ``t``. Where they pass
+    its edges (never in a plain forward; a stitched map can stop short of the image's bottom /
+    right edge) the nearest row or column is repeated, so those pixels take the nearest
+    prediction rather than all-zero scores (which argmax would read as class 0)."""
     h, w = t.shape[-2], t.shape[-1]
     if 0 <= offset and offset + height <= h and offset + width <= w:
         return t[:, :, offset : offset + height, offset : offset + width]
-    return F.pad(t, (-offset, offset + width - w, -offset, offset + height - h))
+    top, bottom = max(0, offset), min(h, offset + height)
+    left, right = max(0, offset), min(w, offset + width)
+    if bottom <= top or right <= left:  # nothing of t inside: no prediction to repeat
+        return F.pad(t, (-offset, offset + width - w, -offset, offset + height - h))
+    inside = t[:, :, top:bottom, left:right]
+    pads = (left - offset, offset + width - right, top - offset, offset + height - bottom)
+    return F.pad(inside, pads, mode="replicate")
 
 
 def _fuse(up: torch.Tensor, skip: torch.Tensor, offset: int) -> torch.Tensor:
