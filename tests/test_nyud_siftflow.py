@@ -289,6 +289,7 @@ def test_cli_train_siftflow_fcn16s_two_heads(sift, tmp_path):
         "data=siftflow",
         f"data.root={sift}",
         *TINY_NOSYN,
+        "trainer.max_steps=2",  # a whole epoch: a validation during training draws the curves
         "exclude_absent_classes=true",
         f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,

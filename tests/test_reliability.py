@@ -424,11 +424,13 @@ BAD = {
         _train([*TINY, "optimizer.weight_decay=-1"]), r"optimizer.weight_decay must be >= 0"
     ),
     "poly without a limit": (
-        _train([*TINY, "scheduler=poly", "trainer.max_steps=-1", "trainer.max_epochs=-1"]),
-        r"scheduler=poly decays the lr over the run's length[\s\S]*trainer.max_steps",
+        _train([*TINY, "scheduler=poly", "trainer.max_steps=-1", "trainer.max_epochs=-1",
+                "stage_budget=null"]),
+        r"scheduler=poly decays the lr over the stage's length[\s\S]*trainer.max_steps",
     ),
     "cosine without a limit": (
-        _train([*TINY, "scheduler=cosine", "trainer.max_steps=-1", "trainer.max_epochs=-1"]),
+        _train([*TINY, "scheduler=cosine", "trainer.max_steps=-1", "trainer.max_epochs=-1",
+                "stage_budget=null"]),
         r"scheduler=cosine decays",
     ),
     "stage_overrides typo in the stage": (

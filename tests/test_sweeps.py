@@ -159,13 +159,14 @@ def test_a_job_failing_before_it_claims_its_folder_is_recorded_there(tmp_path):
     (tmp_path / "1").mkdir()
     (tmp_path / "1" / "metrics.json").write_text(json.dumps(METRICS))
     result = cli("-m", "arch=fcn32s", "scheduler=poly", *TINY, "trainer.max_steps=-1",
-                 "optimizer.lr=1,2", f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)  # fmt: skip
+                 "stage_budget=null", "optimizer.lr=1,2", f"hydra.sweep.dir={tmp_path}",
+                 cwd=tmp_path)  # fmt: skip
     assert result.returncode == 1, (result.stdout + result.stderr)[-3000:]
     record = json.loads((tmp_path / "0" / "run.json").read_text())
-    assert record["status"] == "failed" and "has no limit" in record["reason"]
+    assert record["status"] == "failed" and "has no step or epoch limit" in record["reason"]
     assert not (tmp_path / "1" / "run.json").exists()
     first, second = summary_of(tmp_path)
-    assert first["status"] == "failed" and "has no limit" in first["reason"]
+    assert first["status"] == "failed" and "has no step or epoch limit" in first["reason"]
     assert second["status"] == "failed" and second["reason"] == STALE_METRICS
 
 
