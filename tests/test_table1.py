@@ -18,6 +18,7 @@ import torch
 import torchvision
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from test_app import TINY as TINY_RUN
 from torch import nn
 from torchvision.models.googlenet import GoogLeNet
 
@@ -375,19 +376,7 @@ def test_tiny_staged_run_through_the_command_line(backbone, tmp_path):
     result = _run(
         "arch=fcn8s",
         f"arch.backbone={backbone}",
-        "arch.width=0.0625",
-        "data.image_size=32",
-        "data.train_size=4",
-        "data.val_size=2",
-        "data.batch_size=4",
-        "data.val_batch_size=2",
-        "trainer.max_steps=1",
-        "trainer.max_epochs=-1",
-        "trainer.val_check_interval=null",
-        "trainer.check_val_every_n_epoch=1",
-        "trainer.accelerator=cpu",
-        "callbacks=none",
-        "images.panel_size=1",
+        *TINY_RUN,
         f"hydra.run.dir={tmp_path}",
         cwd=tmp_path,
     )
