@@ -204,9 +204,18 @@ def _on_sigterm(signum: int, frame: Any) -> None:
         )
 
 
-def _data_name(cfg: DictConfig) -> str:
-    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
-    return str(choices.get("data", "<the data group>"))
+def _data_overrides(cfg: DictConfig) -> str:
+    """The command line's data settings (the data group and every ``data.*`` key but the
+    splits), for the eval.py command printed at the end: the data must be read the same way."""
+    if not HydraConfig.initialized():
+        return f"data.root={cfg.data.root}" if cfg.data.get("root") else ""
+    splits = ("data.train_split=", "data.val_split=", "data.test_split=")
+    keep = [
+        o
+        for o in HydraConfig.get().overrides.task
+        if o.lstrip("+").startswith(("data=", "data.")) and not o.lstrip("+").startswith(splits)
+    ]
+    return " ".join(f"'{o}'" if any(c in o for c in " {}[],") else o for o in keep)
 
 
 def _step_of(path: Path) -> Any:
@@ -373,7 +382,6 @@ def _train(cfg: DictConfig, out: Path, resume: bool) -> float:
         best = out / stages[-1] / "checkpoints" / "best.ckpt"
         print(
             f"checkpoints were chosen on '{dm.val_split}'; score the reported split with:\n"
-            f"  python eval.py ckpt_path={best} data={_data_name(cfg)} data.split={dm.test_split}"
-            + (f" data.root={cfg.data.root}" if cfg.data.get("root") else "")
+            f"  python eval.py ckpt_path={best} {_data_overrides(cfg)} data.split={dm.test_split}"
         )
     return headline(metrics[stages[-1]])
