@@ -116,8 +116,9 @@ class ResumableSampler(Sampler):
         return iter([(self.epoch, i) for i in order])
 
     def __len__(self) -> int:
-        if self._skip is not None and self._skip[0] == self.epoch:
-            return max(0, self.size - self._skip[1])
+        # always a whole epoch: Lightning counts an epoch's batches once, from the first
+        # loader, so a shorter length while resuming in epoch 0 would shorten every epoch (the
+        # resumed epoch itself ends when its iterator does; Lightning knows where it stopped)
         return self.size
 
 
