@@ -26,6 +26,19 @@ def load_module(path: Any, **overrides: Any) -> FCNModule:
         raise ConfigError(f"ckpt_path: {err}") from None
 
 
+def use_shift_and_stitch(module: FCNModule, cfg: DictConfig) -> int:
+    """Put shift-and-stitch (``cfg.shift_stitch``, 1: off) in place of the module's plain
+    forward; return the factor. A factor the net cannot take names the allowed values."""
+    try:
+        shifts = check_factor(cfg.get(SETTING, 1), module.model)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    module.model = with_shift_and_stitch(module.model, shifts)
+    if shifts > 1:
+        print(f"{SETTING}={shifts}: shift-and-stitch, {shifts * shifts} forwards per image")
+    return shifts
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.data`` (its ``split``, else its val split)."""
     out = Path(cfg.output).expanduser() if cfg.get("output") else Path(cfg.paths.output_dir)
@@ -63,13 +76,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     module = load_module(
         cfg.ckpt_path, **({} if exclude is None else {"exclude_absent_classes": bool(exclude)})
     )
-    try:  # shift-and-stitch in place of the plain forward (1: off)
-        shifts = check_factor(cfg.get(SETTING, 1), module.model)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    module.model = with_shift_and_stitch(module.model, shifts)
-    if shifts > 1:
-        print(f"{SETTING}={shifts}: shift-and-stitch, {shifts * shifts} forwards per image")
+    shifts = use_shift_and_stitch(module, cfg)
     data_cfg = cfg.data.copy()
     with open_dict(data_cfg):
         split = data_cfg.pop("split", None) or data_cfg.get("val_split")

@@ -56,8 +56,8 @@ from .checks import ConfigError
 from .contract import inputs_of
 from .data.images import ImageFiles, SizeBatches, collate
 from .data.transforms import eval_transforms
-from .evaluation import load_module
-from .models.stitch import SETTING, check_factor, with_shift_and_stitch
+from .evaluation import load_module, use_shift_and_stitch
+from .models.stitch import SETTING
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 MANIFEST = "predictions.json"
@@ -312,13 +312,7 @@ def predict(cfg: DictConfig) -> list[Path]:
             f"{inputs_of(module.contract)} (depth or HHA beside RGB): score it on its dataset "
             "with eval.py, which reads every input the data set has"
         )
-    try:  # shift-and-stitch in place of the plain forward (1: off)
-        shifts = check_factor(cfg.get(SETTING, 1), module.model)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    module.model = with_shift_and_stitch(module.model, shifts)
-    if shifts > 1:
-        print(f"{SETTING}={shifts}: shift-and-stitch, {shifts * shifts} forwards per image")
+    shifts = use_shift_and_stitch(module, cfg)
     heads = head_names(module)
     stems = output_stems(files, heads)
     renamed = [
