@@ -14,6 +14,7 @@ LAYERS = {
     "data": 2,
     "metrics": 3, "optim": 3, "module": 3, "board": 3, "callbacks": 3,
     "rundir": 4, "stages": 4, "checks": 4, "evaluation": 4, "pipeline": 4, "prediction": 4, "sweeps": 4, "hydra_callbacks": 4,
+    "prepare": 4, "export": 4,
     "bench": 5,
 }  # fmt: skip
 
