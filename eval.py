@@ -5,11 +5,13 @@ import hydra
 from omegaconf import DictConfig
 
 from fcn_lightning.checks import as_command
+from fcn_lightning.console import route_third_party_logs
 from fcn_lightning.evaluation import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    route_third_party_logs()  # Lightning's messages and warnings: the log file, filtered console
     as_command(evaluate, cfg)
 
 

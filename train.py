@@ -5,11 +5,13 @@ In a sweep (`-m`) a failed job is recorded and the sweep goes on (fcn_lightning/
 import hydra
 from omegaconf import DictConfig
 
+from fcn_lightning.console import route_third_party_logs
 from fcn_lightning.sweeps import run_with_sweep_status, train_job
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    route_third_party_logs()  # Lightning's messages and warnings: the log file, filtered console
     return train_job(cfg)
 
 

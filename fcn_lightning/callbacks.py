@@ -15,8 +15,9 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins import TorchCheckpointIO
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ModelSummary
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.model_summary import get_human_readable_count
 
 from .checkpoints import load_weights_only
 
@@ -160,3 +161,37 @@ def _disk_full(err: BaseException, path: Path) -> bool:
         return shutil.disk_usage(path.parent).free < 1 << 20
     except OSError:
         return False
+
+
+class ParameterSummary(ModelSummary):
+    """The model summary as one line of the run's log: the model's parameters, trained and
+    fixed (e.g. the frozen bilinear upsampling), and their size. It replaces Lightning's table,
+    whose FLOPs column reads 0 unless the module carries an example input (a forward at a size
+    the data does not fix): ``python -m fcn_lightning.bench.model_cost`` counts FLOPs per input
+    size instead."""
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int,
+        **summarize_kwargs: Any,
+    ) -> None:
+        columns = dict(summary_data)
+        models = [
+            f"{t}"
+            for n, t in zip(columns.get("Name", []), columns.get("Type", []), strict=False)
+            if n == "model"
+        ]
+        fixed = total_parameters - trainable_parameters
+        log.info(
+            "model: %s, %s parameters (%s trained, %s fixed), %.1f MB",
+            models[0] if models else "?",
+            get_human_readable_count(total_parameters),
+            get_human_readable_count(trainable_parameters),
+            get_human_readable_count(fixed),
+            model_size,
+        )

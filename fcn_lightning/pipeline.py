@@ -30,7 +30,13 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from . import rundir
 from .atomic import write_json_atomic
 from .board import HParamsTab, ValidationImages
-from .callbacks import AtomicCheckpointIO, InterruptCheckpoint, best_checkpoint, last_checkpoint
+from .callbacks import (
+    AtomicCheckpointIO,
+    InterruptCheckpoint,
+    ParameterSummary,
+    best_checkpoint,
+    last_checkpoint,
+)
 from .checkpoints import CheckpointError, check_stream_checkpoints, load_weights_only
 from .checks import (
     ConfigError,
@@ -148,6 +154,8 @@ def make_trainer(
         last_checkpoint(ckpt_dir),
         InterruptCheckpoint(ckpt_dir),
     ]
+    if trainer_cfg.get("enable_model_summary", True) is not False:
+        callbacks.append(ParameterSummary())  # one line, in place of Lightning's table
     logger = instantiate(cfg.logger, name=stage, version="") if cfg.get("logger") else False
     return instantiate(
         trainer_cfg,

@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "fcn_lightning"
 # the first part of a module's name after "fcn_lightning." -> its layer
 LAYERS = {
-    "contract": 0, "normalization": 0, "atomic": 0, "checkpoints": 0,
+    "contract": 0, "normalization": 0, "atomic": 0, "checkpoints": 0, "console": 0,
     "models": 1,
     "data": 2,
     "metrics": 3, "optim": 3, "module": 3, "board": 3, "callbacks": 3,

@@ -172,7 +172,9 @@ def lightning_loop_rate(setting: Setting, device: torch.device, steps: int) -> f
             callbacks=[timer], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             limit_val_batches=0, benchmark=device.type == "cuda",
         )  # fmt: skip
-        trainer.fit(module, train_dataloaders=loader)
+        # the val loader is given and skipped (limit_val_batches=0): the module has a
+        # validation_step, and Lightning warns about one without a loader
+        trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
     return timer.images_per_second(setting.batch)
 
 

@@ -1,0 +1,77 @@
+"""What the console shows: the project's own messages, progress bars and real warnings.
+
+The commands (train, eval, predict, export) run under Hydra, whose job logging
+(``conf/hydra/job_logging/quiet.yaml``) has two handlers: the console, filtered by
+:class:`ConsoleFilter`, and the run folder's ``<command>.log``, which keeps every record.
+:func:`route_third_party_logs` sends Lightning's messages and Python's warnings through those
+handlers (Lightning otherwise prints on a handler of its own, and warnings go straight to
+stderr), so that nothing is lost: what the console leaves out is in the log file, and
+``hydra/job_logging=verbose`` prints it all.
+
+Left out of the console:
+
+- Lightning's informational lines (accelerator found, "Restoring states from...", the seed):
+  the project says what it runs in its own words; its tips advertising its cloud services are
+  dropped from the log file too;
+- third-party warnings that do not apply to this project (:data:`NOT_APPLICABLE`), each with
+  the reason. A warning the project's own code triggers is fixed at its cause instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+# Loggers of Lightning: their records below WARNING stay off the console.
+LIGHTNING = ("pytorch_lightning", "lightning", "lightning_fabric")
+
+# Warnings raised inside third-party code that a user of this project cannot act on.
+NOT_APPLICABLE = {
+    # Lightning's own pytree helper calls torch's deprecated LeafSpec check on every batch
+    # transfer; nothing the project (or its user) calls.
+    "LeafSpec": re.compile(r"isinstance\(treespec, LeafSpec\)` is deprecated"),
+}
+
+
+class NoAdvertisements(logging.Filter):
+    """Drops Lightning's tips that advertise its cloud services (litlogger, litmodels), from the
+    console and the log file alike: they say nothing about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def _is_lightning(name: str) -> bool:
+    return any(name == n or name.startswith(n + ".") for n in LIGHTNING)
+
+
+class ConsoleFilter(logging.Filter):
+    """Keeps a record off the console when it is Lightning's information or a warning of
+    :data:`NOT_APPLICABLE`; every record still reaches the log file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _is_lightning(record.name) and record.levelno < logging.WARNING:
+            return False
+        if record.name == "py.warnings":
+            message = record.getMessage()
+            return not any(p.search(message) for p in NOT_APPLICABLE.values())
+        return True
+
+
+def route_third_party_logs() -> None:
+    """Send Lightning's log records and Python's warnings to the root logger's handlers (the
+    console, filtered, and the run's log file). Lightning installs a console handler of its
+    own when it is imported before logging is configured; that one is removed. Does nothing
+    when the root logger has no handlers (outside a command, e.g. in a notebook)."""
+    if not logging.getLogger().handlers:
+        return
+    for name in LIGHTNING:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                logger.removeHandler(handler)
+        logger.propagate = True
+    rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if not any(isinstance(f, NoAdvertisements) for f in rank_zero.filters):
+        rank_zero.addFilter(NoAdvertisements())
+    logging.captureWarnings(True)
