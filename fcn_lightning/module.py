@@ -281,8 +281,9 @@ class FCNModule(pl.LightningModule):
     def _end_epoch(self, split: str) -> None:
         results, confmats = {}, {}
         # a validation outside fit (the pipeline's final one, of the chosen checkpoint) is not a
-        # point of the training curves: Lightning would log it at step 0
-        curve = self.trainer.state.fn != TrainerFn.VALIDATING
+        # point of the training curves: Lightning would log it at step 0; eval.py's test has no
+        # logger at all (its numbers go to eval.json)
+        curve = self.trainer.state.fn != TrainerFn.VALIDATING and bool(self.trainer.loggers)
         for head, metric in self.metrics[split].items():
             scores = metric.compute()
             metric.reset()

@@ -86,6 +86,26 @@ def test_the_log_file_keeps_every_record_but_the_advertisements(quiet_run):
     assert "LitLogger" not in log and "💡" not in log
 
 
+def test_eval_console_has_its_table_and_no_warning_of_the_projects_making(quiet_run, tmp_path):
+    _, out = quiet_run
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    done = subprocess.run(
+        [
+            sys.executable, str(ROOT / "eval.py"), f"ckpt_path={out / 'fcn16s/checkpoints/best.ckpt'}",
+            "data.image_size=32", "data.val_size=2", "trainer.accelerator=cpu",
+            f"output={tmp_path / 'eval'}", f"hydra.run.dir={tmp_path / 'eval_run'}",
+        ],
+        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    console = done.stdout + done.stderr
+    assert done.returncode == 0, console[-3000:]
+    assert "fcn16s val" in console and "IoU per class" in console
+    # eval's Trainer has no logger: the module must not ask Lightning to log to one
+    assert "but have no logger configured" not in console
+    found = [n for n in NOISE if n in console]
+    assert not found, (found, console)
+
+
 def test_verbose_logging_prints_everything_on_the_console(tmp_path):
     console, out = train(tmp_path, "arch=fcn32s", "hydra/job_logging=verbose")
     assert "GPU available" in console and "[fcn_lightning][INFO] - [1/1] fcn32s" in console
