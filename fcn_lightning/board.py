@@ -165,7 +165,8 @@ def flat_hparams(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any]
 class HParamsTab(Callback):
     """TensorBoard's HParams tab: the module's hyper-parameters (not the data contract's class
     lists nor the resolved input statistics: ``model/normalization`` names the scheme) and ``run`` settings from outside the module (seed, data, stage lr factor: what a
-    sweep may vary) against ``hp/<metric>`` of the first head, written after each validation."""
+    sweep may vary) against ``hp/<metric>`` (``hp/<head>/<metric>`` for each head of a
+    several-headed net, as its ``val/<head>/<metric>`` curves), written after each validation."""
 
     def __init__(self, run: Mapping[str, Any] | None = None) -> None:
         self.run = dict(run or {})
@@ -175,13 +176,14 @@ class HParamsTab(Callback):
             hidden = ("contract", "input_normalization")  # lists of names and numbers
             hparams = {k: v for k, v in pl_module.hparams.items() if k not in hidden}
             hparams |= {"run": self.run} if self.run else {}
-            metrics = {f"hp/{k}": 0.0 for k in METRIC_NAMES}
+            metrics = {
+                pl_module.tag("hp", h, k): 0.0 for h in pl_module.contract for k in METRIC_NAMES
+            }
             trainer.logger.log_hyperparams(flat_hparams(hparams), metrics)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         results = pl_module.results.get("val")
         if trainer.sanity_checking or trainer.logger is None or not results:
             return
-        first = results[pl_module.contract.first_head]
-        metrics = {f"hp/{k}": first[k] for k in METRIC_NAMES}
+        metrics = {pl_module.tag("hp", h, k): results[h][k] for h in results for k in METRIC_NAMES}
         trainer.logger.log_metrics(metrics, step=trainer.global_step)

@@ -1,10 +1,13 @@
 """Segmentation DataModules: PASCAL VOC (+ SBD), VOC-layout folders, NYUDv2, SIFT Flow,
-synthetic scenes; image and label readers; the label check run before training."""
+synthetic scenes; image and label readers; the label check run before training; the
+datasets' archives and layout check (docs/DATA.md)."""
 
 from ..contract import IGNORE_INDEX, voc_palette
+from .archives import ARCHIVES, PrepareError
 from .base import SegmentationDataModule, SegmentationDataset, pad_collate
 from .folder import FolderDataModule
 from .labelcheck import LabelReport, SplitLabels
+from .layout import LayoutReport
 from .nyud import NYUD_CLASSES, NYUDDataModule
 from .readers import DataError, read_image, read_label_png
 from .siftflow import GEOMETRIC_CLASSES, SEMANTIC_CLASSES, SiftFlowDataModule
@@ -13,6 +16,7 @@ from .transforms import NormalizeImage, RandomScale, eval_transforms, train_tran
 from .voc import VOC_CLASSES, VOCDataModule
 
 __all__ = [
+    "ARCHIVES",
     "GEOMETRIC_CLASSES",
     "IGNORE_INDEX",
     "NYUD_CLASSES",
@@ -21,8 +25,10 @@ __all__ = [
     "DataError",
     "FolderDataModule",
     "LabelReport",
+    "LayoutReport",
     "NYUDDataModule",
     "NormalizeImage",
+    "PrepareError",
     "RandomScale",
     "SegmentationDataModule",
     "SegmentationDataset",

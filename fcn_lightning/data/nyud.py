@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,10 @@ from torch.utils.data import Dataset
 
 from ..contract import SINGLE_HEAD, DataContract, Head, InputGroup
 from ..normalization import LOG_DEPTH_MEANS
+from . import archives
+from .archives import PrepareError, already_prepared, fetch, install, locked
 from .base import SegmentationDataModule, check_files_exist, read_split_file
+from .layout import LayoutReport, Listing, count_split
 from .readers import DataError, read_image, read_mat
 
 NYUD_CLASSES = (
@@ -75,6 +79,11 @@ INPUTS = {
     "rgb+hha": ("rgb", "hha"),
 }
 SPLITS = ("train", "val", "test", "trainval")
+OFFICIAL_COUNTS = {"train": 381, "val": 414, "test": 654, "trainval": 795}
+LISTS = ("train.txt", "val.txt", "test.txt")
+FOLDERS = {"images": "data/images", "hha": "data/hha", "depth": "data/depth"}
+# where the reference keeps the split lists: in its repository, beside the extracted archive
+LISTS_SOURCE = "https://github.com/shelhamer/fcn.berkeleyvision.org/tree/master/data/nyud"
 MEAN_LOG_DEPTH = LOG_DEPTH_MEANS["nyud"]  # mean log(depth in mm), as the reference subtracts it
 
 LAYOUT = """Expected layout under data.root (NYUDv2 as prepared for FCN):
@@ -83,7 +92,8 @@ LAYOUT = """Expected layout under data.root (NYUDv2 as prepared for FCN):
   data/hha/img_<id>.png                   (HHA: disparity, height, angle as 3 channels)
   data/depth/img_<id>.png                 (depth in millimetres, 16-bit)
   segmentation/img_<id>.mat               (key 'segmentation': uint8, 0 = void, 1..40 = classes)
-Prepared data: http://dl.caffe.berkeleyvision.org/nyud.tar.gz (fcn.berkeleyvision.org, data/nyud)"""
+Prepared data: http://dl.caffe.berkeleyvision.org/nyud.tar.gz (fcn.berkeleyvision.org, data/nyud)
+or: python -m fcn_lightning.prepare nyud --root <data.root> (docs/DATA.md)"""
 
 
 def load_nyud_label(path: Path) -> np.ndarray:
@@ -158,6 +168,46 @@ class NYUDDataModule(SegmentationDataModule):
             return self.split_ids("train") + self.split_ids("val")
         return read_split_file(self.root / f"{split}.txt", f"NYUDv2 {split}")
 
+    def check_layout(self) -> LayoutReport:
+        """Per split (ids from :meth:`split_ids`), the RGB, HHA and depth images and the labels
+        found, against the official counts; a missing modality folder or split list is named
+        with where to get it."""
+        present = {c: f for c, f in FOLDERS.items() if (self.root / f).is_dir()}
+        columns = (*present, "labels")
+        report = LayoutReport(f"NYUDv2 under {self.root}:", columns)
+        for column, folder in FOLDERS.items():
+            if column not in present:
+                needed = [m for m, folders in MODALITIES.items() if column in folders]
+                line = (
+                    f"{self.root / folder} not found: data.modality={'/'.join(needed)} needs "
+                    f"it; the reference's nyud.tar.gz ({archives.ARCHIVES['nyud'].url}) is "
+                    f"where it should come from: put its {folder}/ at {self.root / folder}"
+                )
+                (report.problems if column == "images" else report.cautions).append(line)
+        absent = [n for n in LISTS if not (self.root / n).is_file()]
+        if absent:
+            report.problems.append(
+                f"split list(s) {', '.join(absent)} not found in {self.root}: the reference "
+                f"keeps them in its repository ({LISTS_SOURCE}); put them there, or pass "
+                "--lists FOLDER to python -m fcn_lightning.prepare nyud"
+            )
+        if "images" not in present or absent:
+            return report
+        listing = Listing()
+
+        def files(i: str) -> dict[str, Path]:
+            out = {c: self.root / f / f"img_{i}.png" for c, f in present.items()}
+            return {**out, "labels": self.label_folder / f"img_{i}.mat"}
+
+        for split in ("train", "val", "trainval", "test"):
+            try:
+                ids = self.split_ids(split)
+            except DataError as err:
+                report.problems.append(f"{split}: {str(err).splitlines()[0]}")
+                continue
+            report.splits.append(count_split(split, ids, files, OFFICIAL_COUNTS[split], listing))
+        return report
+
     def make_dataset(self, split: str, transforms: Callable) -> Dataset:
         ids = self.split_ids(split)
         check_files_exist(ids, self._paths, split)
@@ -189,3 +239,75 @@ class NYUDDataModule(SegmentationDataModule):
                 f"NYUDv2 id {i}: the {'/'.join(MODALITIES[self.modality])} images differ in size: {sorted(sizes)}"
             )
         return torch.cat(parts, dim=0), {"out": self.read_label(label_path)}, label_path
+
+
+def _copy_lists(lists: Path | None, into: Path, say: Callable[[str], None]) -> None:
+    """Copy the split lists from ``lists`` into ``into`` where they are absent there."""
+    if lists is None:
+        return
+    lists = Path(lists).expanduser()
+    for name in LISTS:
+        if not (lists / name).is_file():
+            raise PrepareError(
+                f"--lists {lists}: {name} not found there (the reference's lists: {LISTS_SOURCE})"
+            )
+    for name in LISTS:
+        if not (into / name).exists():
+            shutil.copyfile(lists / name, into / name)
+            say(f"{name} copied from {lists}")
+
+
+def prepare_nyud(
+    root: str | Path,
+    *,
+    archive: str | Path | None = None,
+    md5: str | None = None,
+    lists: str | Path | None = None,
+    say: Callable[[str], None] = print,
+) -> LayoutReport:
+    """``root`` as NYUDv2's data.root (data/{images,hha,depth}/, segmentation/, the split lists)
+    from the reference's nyud.tar.gz (``archive``, or downloaded into ``root``): the folder in
+    it that holds ``segmentation/img_<id>.mat`` and ``data/``. No checksum is published: the tar
+    must read to its end, and the finished layout is checked (``md5`` if you have one). The
+    split lists come from the archive if it has them, else from ``lists`` (a folder holding
+    train.txt, val.txt, test.txt), else the check names what to fetch."""
+    root = Path(root).expanduser()
+    dm = NYUDDataModule(root)
+    with locked(root, say):
+        targets = [root / "data", root / "segmentation"]
+        present = any(t.exists() for t in targets)
+        if present:
+            _copy_lists(lists, root, say)  # lists added to an extracted copy: never replaced
+        if not already_prepared(targets, dm.check_layout, "NYUDv2", say):
+            info = archives.ARCHIVES["nyud"].with_md5(md5)
+            command = (
+                f"python -m fcn_lightning.prepare nyud --root {root} "
+                f"--archive {root / info.filename}"
+            )
+            path = fetch(info, root, path=archive, command=command, say=say)
+
+            def verify_staged(staged: Path) -> None:
+                _copy_lists(lists, staged, say)
+                report = NYUDDataModule(staged).check_layout()
+                if all((staged / n).is_file() for n in LISTS):
+                    report.raise_for_errors()
+                elif not any((staged / "segmentation").glob("img_*.mat")):
+                    raise PrepareError(f"{path} holds no segmentation/img_<id>.mat labels")
+                elif not (staged / FOLDERS["images"]).is_dir():
+                    raise PrepareError(f"{path} holds no {FOLDERS['images']}/ folder")
+
+            install(
+                path,
+                root,
+                pattern=r"^(?P<prefix>(?:.*/)?)segmentation/img_[^/]+\.mat$",
+                what="NYUDv2 (the folder of segmentation/ and data/)",
+                moves=[
+                    ("data", "data"),
+                    *((n, n) for n in LISTS),
+                    ("segmentation", "segmentation"),
+                ],
+                verify_staged=verify_staged,
+                say=say,
+            )
+            say(f"NYUDv2 is in {root}")
+    return dm.check_layout()

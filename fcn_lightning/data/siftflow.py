@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,10 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..contract import DataContract, Head, InputGroup
+from . import archives
+from .archives import already_prepared, fetch, install, locked
 from .base import SegmentationDataModule
+from .layout import LayoutReport, Listing, SplitCount, count_split
 from .readers import DataError, read_image, read_mat
 
 SEMANTIC_CLASSES = (
@@ -21,13 +25,19 @@ SEMANTIC_CLASSES = (
 )  # fmt: skip
 GEOMETRIC_CLASSES = ("sky", "horizontal", "vertical")
 SUBDIR = "spatial_envelope_256x256_static_8outdoorcategories"
+# docs/PAPER.md: 2,688 images, the 200 of TestSet1.txt for test, the other 2,488 for training,
+# two of which (highway_bost181, street_urb506) have no annotation and are left out
+OFFICIAL_COUNTS = {"all": 2688, "train": 2486, "test": 200}
+UNANNOTATED = ("highway_bost181", "street_urb506")
+ENTRIES = ("Images", "SemanticLabels", "GeoLabels", "TestSet1.txt")  # TestSet1.txt last
 
 LAYOUT = f"""Expected layout under data.root (the SIFT Flow dataset):
   Images/{SUBDIR}/<id>.jpg
   SemanticLabels/{SUBDIR}/<id>.mat     (key 'S': 0 = unlabeled, 1..33 = classes)
   GeoLabels/{SUBDIR}/<id>.mat          (key 'S': -1 = unlabeled, 1..3 = sky, horizontal, vertical)
   TestSet1.txt                         (the 200 test images, one '{SUBDIR}\\<id>.jpg' a line)
-Download: http://people.csail.mit.edu/celiu/LabelTransfer/SiftFlowDataset.zip"""
+Download: http://people.csail.mit.edu/celiu/LabelTransfer/SiftFlowDataset.zip
+or: python -m fcn_lightning.prepare siftflow --root <data.root> (docs/DATA.md)"""
 
 
 def load_siftflow_label(path: Path, geometric: bool) -> np.ndarray:
@@ -103,6 +113,38 @@ class SiftFlowDataModule(SegmentationDataModule):
             raise DataError(f"SIFT Flow split '{split}' is empty under {self.root}")
         return ids
 
+    def check_layout(self) -> LayoutReport:
+        """Every image with its two labels, then the train and test splits as
+        :meth:`split_ids` makes them, against the official counts."""
+        columns = ("images", "sem", "geo")
+        report = LayoutReport(f"SIFT Flow under {self.root}:", columns)
+        listing = Listing()
+
+        def files(i: str) -> dict[str, Path]:
+            return dict(zip(columns, self._paths(i), strict=True))
+
+        images = self.root / "Images" / SUBDIR
+        every = sorted(p.stem for p in images.glob("*.jpg")) if images.is_dir() else []
+        counted = count_split("all", every, files, OFFICIAL_COUNTS["all"], listing)
+        report.splits.append(SplitCount("all", len(every), counted.found, counted.official))
+        bare = sorted({p.stem for p in counted.missing})  # no annotation: left out, not an error
+        if bare:
+            known = " (as in the official release)" if tuple(bare) == UNANNOTATED else ""
+            report.notes.append(
+                f"{len(bare)} image(s) without annotation, left out of training{known}: "
+                + ", ".join(bare[:5])
+            )
+        for split in ("train", "test"):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # the unannotated images: in the note
+                    ids = self.split_ids(split)
+            except DataError as err:
+                report.problems.append(f"{split}: {str(err).splitlines()[0]}")
+                continue
+            report.splits.append(count_split(split, ids, files, OFFICIAL_COUNTS[split], listing))
+        return report
+
     def make_dataset(self, split: str, transforms: Callable) -> Dataset:
         return self.dataset(
             self.split_ids(split),
@@ -122,3 +164,39 @@ class SiftFlowDataModule(SegmentationDataModule):
         image, sem, geo = self._paths(i)
         labels = {"sem": self.read_label(sem, "sem"), "geo": self.read_label(geo, "geo")}
         return read_image(image), labels, sem
+
+
+def prepare_siftflow(
+    root: str | Path,
+    *,
+    archive: str | Path | None = None,
+    md5: str | None = None,
+    say: Callable[[str], None] = print,
+) -> LayoutReport:
+    """``root`` as SIFT Flow's data.root (Images/, SemanticLabels/, GeoLabels/, TestSet1.txt)
+    from SiftFlowDataset.zip (``archive``, or downloaded into ``root``). No checksum is
+    published: the zip's CRCs and the finished layout are checked (``md5`` if you have one)."""
+    root = Path(root).expanduser()
+    dm = SiftFlowDataModule(root)
+    with locked(root, say):
+        targets = [root / e for e in ENTRIES]
+        if not already_prepared(targets, dm.check_layout, "SIFT Flow", say):
+            info = archives.ARCHIVES["siftflow"].with_md5(md5)
+            command = (
+                f"python -m fcn_lightning.prepare siftflow --root {root} "
+                f"--archive {root / info.filename}"
+            )
+            path = fetch(info, root, path=archive, command=command, say=say)
+            install(
+                path,
+                root,
+                pattern=r"^(?P<prefix>(?:.*/)?)TestSet1\.txt$",
+                what="the SIFT Flow dataset (the folder of TestSet1.txt)",
+                moves=[(e, e) for e in ENTRIES],
+                verify_staged=lambda staged: (
+                    SiftFlowDataModule(staged).check_layout().raise_for_errors()
+                ),
+                say=say,
+            )
+            say(f"SIFT Flow is in {root}")
+    return dm.check_layout()

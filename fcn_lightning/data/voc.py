@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import warnings
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -10,8 +12,13 @@ from typing import Any
 import numpy as np
 from torch.utils.data import ConcatDataset, Dataset
 
+from . import archives
+from .archives import already_prepared, fetch, install, locked
 from .base import SegmentationDataModule, check_files_exist, read_split_file
+from .layout import LayoutReport, Listing, count_split
 from .readers import DataError, read_image, read_label_png, read_mat
+
+log = logging.getLogger("fcn_lightning")
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -22,6 +29,14 @@ VOC_CLASSES = (
 VOC_SPLITS = ("train", "val", "trainval")
 SBD_SPLITS = ("sbd_train", "sbd_val")
 SPLITS = (*VOC_SPLITS, *SBD_SPLITS, "seg11valid", "sbd_train+voc_train")
+NEEDS_SBD = (*SBD_SPLITS, "seg11valid", "sbd_train+voc_train")
+NEEDS_VOC = (*VOC_SPLITS, "seg11valid", "sbd_train+voc_train")
+# The official size of each split (docs/PAPER.md, docs/DATA.md): what the layout check compares
+OFFICIAL_COUNTS = {
+    "2012": {"train": 1464, "val": 1449, "trainval": 2913},
+    "2011": {"train": 1112, "val": 1111, "trainval": 2223, "seg11valid": 736},
+    "sbd": {"sbd_train": 8498, "sbd_val": 2857},
+}
 
 LAYOUT = """Expected layout under data.root:
   VOCdevkit/VOC{year}/JPEGImages/<id>.jpg
@@ -31,7 +46,9 @@ and, for the SBD splits (sbd_train, sbd_val, seg11valid):
   benchmark_RELEASE/dataset/{{img/<id>.jpg, cls/<id>.mat, train.txt, val.txt}}
 VOC2012: http://host.robots.ox.ac.uk/pascal/VOC/voc2012/ (VOCtrainval_11-May-2012.tar)
 VOC2011: http://host.robots.ox.ac.uk/pascal/VOC/voc2011/ (VOCtrainval_25-May-2011.tar)
-SBD: http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz"""
+SBD: http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz
+To fetch, check and extract them: python -m fcn_lightning.prepare voc --year {year} --root <data.root>
+(and ... prepare sbd --root <data.root>), or data.download=true; see docs/DATA.md."""
 
 
 def load_sbd_label(path: Path) -> Any:
@@ -55,9 +72,13 @@ class VOCDataModule(SegmentationDataModule):
 
     class_names = VOC_CLASSES
 
-    def __init__(self, root: str | Path, *, year: int | str = 2012, **kwargs: Any) -> None:
+    def __init__(
+        self, root: str | Path, *, year: int | str = 2012, download: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(root, **kwargs)
         self.year = str(year)
+        self.download = bool(download)
+        self._prepared = False
         if self.year not in ("2011", "2012"):
             raise ValueError(f"data.year must be 2011 or 2012, got {year!r}")
         for split in (self.train_split, self.val_split, self.test_split):
@@ -91,6 +112,65 @@ class VOCDataModule(SegmentationDataModule):
     def _sbd_ids(self, split: str) -> list[str]:
         self._require(self.sbd_dir, "SBD (benchmark_RELEASE/dataset)")
         return read_split_file(self.sbd_dir / f"{split}.txt", f"SBD {split}")
+
+    # --- download and layout check
+    def needed(self) -> tuple[bool, bool]:
+        """Whether the configured splits read VOC of ``year``, and whether they read SBD."""
+        splits = {self.train_split, self.val_split, self.test_split}
+        return bool(splits & set(NEEDS_VOC)), bool(splits & set(NEEDS_SBD))
+
+    def prepare_data(self) -> None:
+        """With ``download=True``: fetch and extract what the configured splits read (VOC of
+        ``year``; SBD for the sbd splits and seg11valid) into ``root`` where it is missing, with
+        the same code as ``python -m fcn_lightning.prepare`` (docs/DATA.md)."""
+        if not self.download or self._prepared:
+            return
+        if self.root is None:
+            raise DataError("data.download=true needs data.root: the folder to download into")
+        voc, sbd = self.needed()
+        say = log.info
+        if voc:
+            prepare_voc(self.root, self.year, say=say)
+        if sbd:
+            prepare_sbd(self.root, say=say)
+        self._prepared = True
+
+    def setup(self, stage: str | None = None) -> None:
+        # the run's checks call setup before Lightning calls prepare_data: download first
+        self.prepare_data()
+        super().setup(stage)
+
+    def available_splits(self) -> list[str]:
+        """The splits whose files are on disk (their folders at least)."""
+        voc, sbd = self.voc_dir.is_dir(), self.sbd_dir.is_dir()
+        splits = [*(VOC_SPLITS if voc else ()), *(SBD_SPLITS if sbd else ())]
+        return [*splits, "seg11valid"] if voc and sbd and self.year == "2011" else splits
+
+    def check_layout(self, splits: Sequence[str] | None = None) -> LayoutReport:
+        """Per split (default: every split on disk), the ids its list names, the images and
+        labels found and the official count, from :meth:`split_ids` itself."""
+        splits = list(splits) if splits is not None else self.available_splits()
+        parts = [f"VOC{self.year}"] * self.voc_dir.is_dir() + ["SBD"] * self.sbd_dir.is_dir()
+        report = LayoutReport(
+            f"{' + '.join(parts) or 'PASCAL VOC'} under {self.root}:", ("images", "labels")
+        )
+        official = {**OFFICIAL_COUNTS[self.year], **OFFICIAL_COUNTS["sbd"]}
+        listing = Listing()
+
+        def files(pair: tuple[str, str]) -> dict[str, Path]:
+            image, label = self._paths(*pair)
+            return {"images": image, "labels": label}
+
+        for split in splits:
+            try:
+                ids = self.split_ids(split)
+            except DataError as err:
+                report.problems.append(f"{split}: {str(err).splitlines()[0]}")
+                continue
+            report.splits.append(count_split(split, ids, files, official.get(split), listing))
+        if not splits:
+            report.problems.append(f"neither {self.voc_dir} nor {self.sbd_dir} exists")
+        return report
 
     def split_ids(self, split: str) -> list[tuple[str, str]]:
         """(source, id) pairs of a split; source is ``voc`` or ``sbd``."""
@@ -151,3 +231,85 @@ class VOCDataModule(SegmentationDataModule):
     def _load(self, source: str, i: str):
         image_path, label_path = self._paths(source, i)
         return read_image(image_path), {"out": self.read_label(label_path)}, label_path
+
+
+# --------------------------------------------------------------------------- preparation
+def _command(kind: str, root: Path, archive: archives.Archive, year: str = "") -> str:
+    extra = f" --year {year}" if year else ""
+    return (
+        f"python -m fcn_lightning.prepare {kind}{extra} --root {root} "
+        f"--archive {root / archive.filename}"
+    )
+
+
+def _quiet_check(dm: VOCDataModule, splits: Sequence[str]) -> LayoutReport:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dm.check_layout(splits)
+
+
+def prepare_voc(
+    root: str | Path,
+    year: int | str = 2012,
+    *,
+    archive: str | Path | None = None,
+    md5: str | None = None,
+    say: Callable[[str], None] = print,
+) -> LayoutReport:
+    """``root/VOCdevkit/VOC<year>`` from the official trainval archive (``archive``: a copy on
+    disk; else downloaded into ``root``), its md5 checked (torchvision's table, or ``md5``).
+    Returns the layout check of ``root``."""
+    root, year = Path(root).expanduser(), str(year)
+    dm = VOCDataModule(root, year=year)
+    with locked(root, say):
+        if not already_prepared(
+            [dm.voc_dir], lambda: _quiet_check(dm, VOC_SPLITS), f"VOC{year}", say
+        ):
+            info = archives.ARCHIVES[f"voc{year}"].with_md5(md5)
+            path = fetch(
+                info, root, path=archive, command=_command("voc", root, info, year), say=say
+            )
+            install(
+                path,
+                root,
+                pattern=rf"^(?P<prefix>(?:.*/)?VOCdevkit/VOC{year})/ImageSets/Segmentation/",
+                what=f"VOCdevkit/VOC{year}",
+                moves=[(".", f"VOCdevkit/VOC{year}")],
+                verify_staged=lambda staged: _quiet_check(
+                    VOCDataModule(staged.parent.parent, year=year), VOC_SPLITS
+                ).raise_for_errors(),
+                say=say,
+            )
+            say(f"VOC{year} is in {dm.voc_dir}")
+    return dm.check_layout()
+
+
+def prepare_sbd(
+    root: str | Path,
+    *,
+    archive: str | Path | None = None,
+    md5: str | None = None,
+    year: int | str = 2011,
+    say: Callable[[str], None] = print,
+) -> LayoutReport:
+    """``root/benchmark_RELEASE/dataset`` from SBD's benchmark.tgz (``archive`` or downloaded),
+    its md5 checked. Returns the layout check of ``root`` (with VOC of ``year`` if present)."""
+    root = Path(root).expanduser()
+    dm = VOCDataModule(root, year=year)
+    with locked(root, say):
+        if not already_prepared([dm.sbd_dir], lambda: _quiet_check(dm, SBD_SPLITS), "SBD", say):
+            info = archives.ARCHIVES["sbd"].with_md5(md5)
+            path = fetch(info, root, path=archive, command=_command("sbd", root, info), say=say)
+            install(
+                path,
+                root,
+                pattern=r"^(?P<prefix>(?:.*/)?benchmark_RELEASE/dataset)/(train|val)\.txt$",
+                what="benchmark_RELEASE/dataset",
+                moves=[(".", "benchmark_RELEASE/dataset")],
+                verify_staged=lambda staged: _quiet_check(
+                    VOCDataModule(staged.parent.parent), SBD_SPLITS
+                ).raise_for_errors(),
+                say=say,
+            )
+            say(f"SBD is in {dm.sbd_dir}")
+    return dm.check_layout()
