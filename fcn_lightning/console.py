@@ -1,8 +1,9 @@
 """What the console shows: the project's own messages, progress bars and real warnings.
 
 The commands (train, eval, predict, export) run under Hydra, whose job logging
-(``conf/hydra/job_logging/quiet.yaml``) has two handlers: the console, filtered by
-:class:`ConsoleFilter`, and the run folder's ``<command>.log``, which keeps every record.
+(``conf/hydra/job_logging/quiet.yaml``) writes to the console, filtered by
+:class:`ConsoleFilter` (information on stdout, warnings and errors on stderr), and to the run
+folder's ``<command>.log``, which keeps every record.
 :func:`route_third_party_logs` sends Lightning's messages and Python's warnings through those
 handlers (Lightning otherwise prints on a handler of its own, and warnings go straight to
 stderr), so that nothing is lost: what the console leaves out is in the log file, and
@@ -56,6 +57,13 @@ class ConsoleFilter(logging.Filter):
             message = record.getMessage()
             return not any(p.search(message) for p in NOT_APPLICABLE.values())
         return True
+
+
+class BelowWarning(logging.Filter):
+    """Information only: the console's stdout handler; warnings and errors go to stderr."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
 
 
 def route_third_party_logs() -> None:
