@@ -14,8 +14,7 @@ from torch.utils.data import Dataset
 
 from ..contract import SINGLE_HEAD, DataContract, Head, InputGroup
 from ..normalization import LOG_DEPTH_MEANS
-from . import archives
-from .archives import PrepareError, already_prepared, fetch, install, locked
+from .archives import ARCHIVES, PrepareError, already_prepared, fetch, install, locked
 from .base import SegmentationDataModule, check_files_exist, read_split_file
 from .layout import LayoutReport, Listing, count_split
 from .readers import DataError, read_image, read_mat
@@ -180,7 +179,7 @@ class NYUDDataModule(SegmentationDataModule):
                 needed = [m for m, folders in MODALITIES.items() if column in folders]
                 line = (
                     f"{self.root / folder} not found: data.modality={'/'.join(needed)} needs "
-                    f"it; the reference's nyud.tar.gz ({archives.ARCHIVES['nyud'].url}) is "
+                    f"it; the reference's nyud.tar.gz ({ARCHIVES['nyud'].url}) is "
                     f"where it should come from: put its {folder}/ at {self.root / folder}"
                 )
                 (report.problems if column == "images" else report.cautions).append(line)
@@ -279,7 +278,7 @@ def prepare_nyud(
         if present:
             _copy_lists(lists, root, say)  # lists added to an extracted copy: never replaced
         if not already_prepared(targets, dm.check_layout, "NYUDv2", say):
-            info = archives.ARCHIVES["nyud"].with_md5(md5)
+            info = ARCHIVES["nyud"].with_md5(md5)
             command = (
                 f"python -m fcn_lightning.prepare nyud --root {root} "
                 f"--archive {root / info.filename}"

@@ -11,8 +11,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..contract import DataContract, Head, InputGroup
-from . import archives
-from .archives import already_prepared, fetch, install, locked
+from .archives import ARCHIVES, already_prepared, fetch, install, locked
 from .base import SegmentationDataModule
 from .layout import LayoutReport, Listing, SplitCount, count_split
 from .readers import DataError, read_image, read_mat
@@ -181,7 +180,7 @@ def prepare_siftflow(
     with locked(root, say):
         targets = [root / e for e in ENTRIES]
         if not already_prepared(targets, dm.check_layout, "SIFT Flow", say):
-            info = archives.ARCHIVES["siftflow"].with_md5(md5)
+            info = ARCHIVES["siftflow"].with_md5(md5)
             command = (
                 f"python -m fcn_lightning.prepare siftflow --root {root} "
                 f"--archive {root / info.filename}"

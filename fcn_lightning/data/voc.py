@@ -12,8 +12,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import ConcatDataset, Dataset
 
-from . import archives
-from .archives import already_prepared, fetch, install, locked
+from .archives import ARCHIVES, Archive, already_prepared, fetch, install, locked
 from .base import SegmentationDataModule, check_files_exist, read_split_file
 from .layout import LayoutReport, Listing, count_split
 from .readers import DataError, read_image, read_label_png, read_mat
@@ -234,7 +233,7 @@ class VOCDataModule(SegmentationDataModule):
 
 
 # --------------------------------------------------------------------------- preparation
-def _command(kind: str, root: Path, archive: archives.Archive, year: str = "") -> str:
+def _command(kind: str, root: Path, archive: Archive, year: str = "") -> str:
     extra = f" --year {year}" if year else ""
     return (
         f"python -m fcn_lightning.prepare {kind}{extra} --root {root} "
@@ -265,7 +264,7 @@ def prepare_voc(
         if not already_prepared(
             [dm.voc_dir], lambda: _quiet_check(dm, VOC_SPLITS), f"VOC{year}", say
         ):
-            info = archives.ARCHIVES[f"voc{year}"].with_md5(md5)
+            info = ARCHIVES[f"voc{year}"].with_md5(md5)
             path = fetch(
                 info, root, path=archive, command=_command("voc", root, info, year), say=say
             )
@@ -298,7 +297,7 @@ def prepare_sbd(
     dm = VOCDataModule(root, year=year)
     with locked(root, say):
         if not already_prepared([dm.sbd_dir], lambda: _quiet_check(dm, SBD_SPLITS), "SBD", say):
-            info = archives.ARCHIVES["sbd"].with_md5(md5)
+            info = ARCHIVES["sbd"].with_md5(md5)
             path = fetch(info, root, path=archive, command=_command("sbd", root, info), say=say)
             install(
                 path,
