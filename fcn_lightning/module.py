@@ -259,6 +259,7 @@ class FCNModule(pl.LightningModule):
             on_epoch=True,
             batch_size=images.shape[0],
             sync_dist=True,
+            logger=self._on_curves,
         )
         preds = {name: out.argmax(1) for name, out in logits.items()}
         for name, pred in preds.items():
@@ -278,12 +279,17 @@ class FCNModule(pl.LightningModule):
         return {k: v.argmax(1) for k, v in self(images).items()}
 
     # --------------------------------------------------------------------- epoch ends
+    @property
+    def _on_curves(self) -> bool:
+        """Whether evaluation numbers are points of the TensorBoard curves. A validation
+        outside fit (the pipeline's final one, of the chosen checkpoint) is not: Lightning
+        would add a point at that checkpoint's step; eval.py's test has no logger at all (its
+        numbers go to eval.json)."""
+        return self.trainer.state.fn != TrainerFn.VALIDATING and bool(self.trainer.loggers)
+
     def _end_epoch(self, split: str) -> None:
         results, confmats = {}, {}
-        # a validation outside fit (the pipeline's final one, of the chosen checkpoint) is not a
-        # point of the training curves: Lightning would log it at step 0; eval.py's test has no
-        # logger at all (its numbers go to eval.json)
-        curve = self.trainer.state.fn != TrainerFn.VALIDATING and bool(self.trainer.loggers)
+        curve = self._on_curves
         for head, metric in self.metrics[split].items():
             scores = metric.compute()
             metric.reset()

@@ -1,0 +1,299 @@
+"""TensorBoard as users open it: a real ``tensorboard`` server on finished tiny runs, read back
+through its HTTP API (the calls its web page makes), every value against the run's own files
+(metrics.json, run.json, the checkpoints).
+
+Two runs, each trained once: the default staged FCN-32s -> 16s -> 8s on the synthetic data (one
+TensorBoard run per stage, side by side) and a two-headed FCN-16s on a tiny SIFT Flow (``sem``
+and ``geo``: curves, panels, confusion matrices and HParams metrics per head).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dataset_writers import write_siftflow
+from PIL import Image
+from test_app import NO_DATA, TINY, cfg_of
+
+from fcn_lightning.contract import METRIC_NAMES, tag
+from fcn_lightning.module import load_checkpoint
+from fcn_lightning.pipeline import train
+
+# the callbacks users get (the learning-rate monitor among them), not TINY's callbacks=none
+USERS = ["callbacks=default"]
+STAGED = [*TINY, *USERS]
+SIFT = [
+    *NO_DATA,
+    *USERS,
+    "arch=fcn16s",
+    "data=siftflow",
+    "data.num_workers=0",
+    "data.batch_size=2",
+    "data.val_batch_size=2",
+    "data.batching=pad",
+    "arch.pretrained=null",
+    "arch.geometry=same",
+    "loss.reduction=mean",
+    "optimizer.lr=1e-3",
+]
+PANEL = 1  # TINY's images.panel_size
+SIZE = 32  # the image side of both data sets here
+CELL = 12  # board.confusion_image's cell
+START_TIMEOUT = 90.0
+ALL_STATUSES = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]
+
+
+# --------------------------------------------------------------------------- the server
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Board:
+    """A running ``tensorboard`` and the calls its web page makes."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def raw(self, path: str, params: dict | None = None, body: dict | None = None) -> bytes:
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        request = urllib.request.Request(self.url + path + query, data=data, headers=headers)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.read()
+
+    def get(self, path: str, params: dict | None = None, body: dict | None = None):
+        return json.loads(self.raw(path, params, body))
+
+    def scalars(self, run: str, name: str) -> list[tuple[int, float]]:
+        points = self.get("/data/plugin/scalars/scalars", {"run": run, "tag": name})
+        return [(step, value) for _, step, value in points]
+
+    def last_image(self, run: str, name: str) -> Image.Image:
+        entries = self.get("/data/plugin/images/images", {"run": run, "tag": name, "sample": 0})
+        assert entries, (run, name)
+        png = self.raw(f"/data/plugin/images/individualImage?{entries[-1]['query']}")
+        image = Image.open(io.BytesIO(png))
+        image.load()  # decodes the whole image: a truncated one fails here
+        return image.convert("RGB")
+
+    def experiment(self) -> dict:
+        body = {"experimentName": "", "includeMetrics": True}
+        return self.get("/data/plugin/hparams/experiment", body=body)
+
+    def session_groups(self) -> list[dict]:
+        body = {
+            "experimentName": "",
+            "allowedStatuses": ALL_STATUSES,
+            "colParams": [],
+            "startIndex": 0,
+            "sliceSize": 100,
+        }
+        return self.get("/data/plugin/hparams/session_groups", body=body)["sessionGroups"]
+
+
+@contextlib.contextmanager
+def serve(logdir: Path, log: Path):
+    """Start ``tensorboard`` on ``logdir`` (yield a :class:`Board` once it answers with every
+    event file loaded) and stop it whatever happens."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir),
+        "--host", "127.0.0.1", "--port", str(port), "--load_fast=false",
+        # load everything once, before serving: what it answers is the runs' whole content
+        "--reload_interval", "0", "--reload_task", "blocking",
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        board = Board(f"http://127.0.0.1:{port}")
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"tensorboard exited ({server.returncode}):\n{log.read_text()}")
+            try:
+                board.get("/data/runs")
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"tensorboard did not answer in {START_TIMEOUT:.0f} s:\n"
+                                f"{log.read_text()}")  # fmt: skip
+                time.sleep(0.25)
+        yield board
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=10)
+
+
+# --------------------------------------------------------------------------- the runs
+class Run:
+    """A finished run folder and what its own files say."""
+
+    def __init__(self, out: Path, stages: list[str]) -> None:
+        self.out, self.stages = out, stages
+        self.metrics = json.loads((out / "metrics.json").read_text())
+        self.plans = json.loads((out / "run.json").read_text())["stages"]
+        block = self.metrics[stages[0]]
+        self.single = "mIoU" in block
+        self.heads = ["out"] if self.single else list(block)
+        self.board: Board | None = None
+
+    def run_name(self, stage: str) -> str:  # the TensorBoard run of a stage
+        return f"tensorboard/{stage}"
+
+    def results(self, stage: str, head: str) -> dict:
+        return self.metrics[stage] if self.single else self.metrics[stage][head]
+
+    def tag(self, split: str, head: str, name: str) -> str:
+        return tag(split, head, name, self.single)
+
+
+@pytest.fixture(scope="module", params=["staged", "two_heads"])
+def run(request, tmp_path_factory):
+    base = tmp_path_factory.mktemp(request.param)
+    out = base / "run"
+    if request.param == "staged":
+        train(cfg_of("config", STAGED, out))
+        stages = ["fcn32s", "fcn16s", "fcn8s"]
+    else:
+        sift = write_siftflow(
+            base / "sift", train=["coast_a1", "street_b2"], test=["coast_t1", "highway_t2"]
+        )
+        train(cfg_of("config", [*SIFT, f"data.root={sift}"], out))
+        stages = ["fcn32s", "fcn16s"]
+    result = Run(out, stages)
+    assert list(result.metrics) == stages
+    assert result.heads == (["out"] if request.param == "staged" else ["sem", "geo"])
+    with serve(out, base / "tensorboard.log") as board:  # stopped at the module's end
+        result.board = board
+        yield result
+
+
+def close(a: float, b: float) -> bool:
+    """Equal up to float32, as TensorBoard stores scalars."""
+    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-7)
+
+
+# --------------------------------------------------------------------------- checks
+def test_every_stage_is_a_run_side_by_side(run):
+    # one logdir, one TensorBoard run per stage, listed in the order they were trained
+    assert run.board.get("/data/runs") == [run.run_name(s) for s in run.stages]
+
+
+def test_curves_are_the_runs_own_metrics(run):
+    tags = run.board.get("/data/plugin/scalars/tags")
+    assert set(tags) == {run.run_name(s) for s in run.stages}
+    for stage in run.stages:
+        name = run.run_name(stage)
+        shown = set(tags[name])
+        expected = {"val/loss"}
+        for head in run.heads:
+            results = run.results(stage, head)
+            expected |= {run.tag("val", head, k) for k in METRIC_NAMES}
+            present = {c: v for c, v in results["per_class_IoU"].items() if v is not None}
+            expected |= {run.tag("val", head, f"IoU/{c}") for c in present}
+            for key in METRIC_NAMES:
+                (*_, (_, value)) = run.board.scalars(name, run.tag("val", head, key))
+                assert close(value, results[key]), (stage, head, key, value, results[key])
+            for cls, iou in present.items():
+                (*_, (_, value)) = run.board.scalars(name, run.tag("val", head, f"IoU/{cls}"))
+                assert close(value, iou), (stage, head, cls)
+        # every val/ curve once, under the one name the contract gives it: none doubled
+        # (val/mIoU beside val/out/mIoU, a *_epoch twin), none missing
+        assert {t for t in shown if t.startswith("val/")} == expected, (stage, sorted(shown))
+        assert not [t for t in shown if t.endswith(("_epoch", "_step"))]
+        # the training loss, every step (TINY: one step per stage, log_every_n_steps=1)
+        loss = run.board.scalars(name, "train/loss")
+        assert [s for s, _ in loss] == [0] and all(math.isfinite(v) for _, v in loss)
+        # the learning rates (LearningRateMonitor: weights and biases), the stage's planned lr
+        rates = sorted(t for t in shown if t.startswith("lr-") and t.endswith("/weights"))
+        assert len(rates) == 1, sorted(shown)
+        (*_, (_, lr)) = run.board.scalars(name, rates[0])
+        assert close(lr, run.plans[stage]["lr"]), (stage, lr, run.plans[stage])
+        assert rates[0].replace("/weights", "/biases") in shown
+
+
+def test_panels_and_confusion_matrices_per_head(run):
+    tags = run.board.get("/data/plugin/images/tags")
+    assert set(tags) == {run.run_name(s) for s in run.stages}
+    for stage in run.stages:
+        name = run.run_name(stage)
+        expected = {
+            run.tag("val", h, kind)
+            for h in run.heads
+            for kind in ("predictions", "confusion_matrix")
+        }
+        assert set(tags[name]) == expected, (stage, sorted(tags[name]))
+        contract = load_checkpoint(run.out / stage / "checkpoints" / "best.ckpt").contract
+        for head in run.heads:
+            results = run.results(stage, head)
+            n = len(results["per_class_IoU"])
+            assert len(contract.class_names(head)) == n
+            # input | ground truth | prediction, one row per panel image
+            panel = run.board.last_image(name, run.tag("val", head, "predictions"))
+            assert panel.size == (3 * SIZE, PANEL * SIZE), (stage, head, panel.size)
+            pixels = np.asarray(panel)
+            palette = {tuple(c) for c in contract.heads[head].palette[:n]}
+            truth = {tuple(c) for c in pixels[:, SIZE : 2 * SIZE].reshape(-1, 3).tolist()}
+            shown = {tuple(c) for c in pixels[:, 2 * SIZE :].reshape(-1, 3).tolist()}
+            assert truth <= palette | {(255, 255, 255)}, (stage, head, truth - palette)
+            assert shown <= palette, (stage, head, shown - palette)
+            # the row-normalised confusion matrix: n x n cells; its diagonal over the classes
+            # present in the ground truth averages to the run's mean accuracy
+            confusion = run.board.last_image(name, run.tag("val", head, "confusion_matrix"))
+            assert confusion.size == (n * CELL, n * CELL), (stage, head, confusion.size)
+            red = np.asarray(confusion)[CELL // 2 :: CELL, CELL // 2 :: CELL, 0] / 255.0
+            present = red.max(1) > 0
+            assert present.any()
+            mean_acc = red.diagonal()[present].mean()
+            assert abs(mean_acc - results["mean_acc"]) <= 0.5 / 255 + 1e-9, (stage, head)
+
+
+def test_hparams_table_lists_every_stage_with_its_metrics(run):
+    metric_tags = {run.tag("hp", h, k) for h in run.heads for k in METRIC_NAMES}
+    experiment = run.board.experiment()
+    assert {m["name"]["tag"] for m in experiment["metricInfos"]} == metric_tags
+    columns = {h["name"] for h in experiment["hparamInfos"]}
+    assert {"model/arch", "optimizer/lr", "model/width", "run/seed"} <= columns
+    groups = {g["name"]: g for g in run.board.session_groups()}
+    assert set(groups) == {run.run_name(s) for s in run.stages}
+    for stage in run.stages:
+        group = groups[run.run_name(stage)]
+        hparams = group["hparams"]
+        assert hparams["model/arch"] == stage
+        assert close(hparams["optimizer/lr"], run.plans[stage]["lr"])
+        assert hparams["model/width"] == 0.0625 and hparams["run/seed"] == 1337
+        values = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
+        assert set(values) == metric_tags, (stage, sorted(values))
+        for head in run.heads:
+            results = run.results(stage, head)
+            for key in METRIC_NAMES:
+                value = values[run.tag("hp", head, key)]
+                assert close(value, results[key]), (stage, head, key, value, results[key])
+
+
+def test_each_validation_is_one_point_of_each_curve(run):
+    for stage in run.stages:
+        name = run.run_name(stage)
+        head = run.heads[0]
+        validations = len(run.board.scalars(name, run.tag("val", head, "mIoU")))
+        assert len(run.board.scalars(name, "val/loss")) == validations, stage
