@@ -256,6 +256,28 @@ def test_the_deploying_snippet_runs_and_labels_as_the_checkpoint(fcn8s_onnx, tmp
     assert (labels == want.numpy()).mean() > 0.999
 
 
+def test_the_readme_snippet_runs_and_labels_as_the_checkpoint(fcn8s_onnx, tmp_path, monkeypatch):
+    ckpt, out, sidecar, _ = fcn8s_onnx
+    (tmp_path / "deploy").mkdir()
+    shutil.copy(out, tmp_path / "deploy" / "fcn8s.onnx")
+    shutil.copy(sidecar, tmp_path / "deploy" / "fcn8s.onnx.json")
+    rng = np.random.default_rng(1)
+    photo = np.kron(rng.integers(0, 256, (5, 7, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+    Image.fromarray(photo).save(tmp_path / "photo.jpg", quality=95)
+    readme = (ROOT / "README.md").read_text().split("## Deploying", 1)[1].split("\n## ", 1)[0]
+    (snippet,) = re.findall(r"```python\n(.*?)```", readme, re.S)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    module = load_checkpoint(ckpt).eval()
+    with Image.open(tmp_path / "photo.jpg") as img:
+        decoded = torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
+    with torch.no_grad():
+        want = module.model(normalize(decoded[None].float() / 255, module))["out"][0].argmax(0)
+    assert scope["labels"].shape == (40, 56) and len(np.unique(scope["labels"])) > 1
+    assert (scope["labels"] == want.numpy()).mean() > 0.999
+
+
 # --------------------------------------------------------------------------- habits
 def test_a_test_image_and_a_failed_check_leave_no_model(tmp_path, capsys):
     ckpt = checkpoint(tmp_path / "net.ckpt", arch="fcn32s", geometry="same")
