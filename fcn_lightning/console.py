@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
+from pathlib import Path
 
 # Loggers of Lightning: their records below WARNING stay off the console.
 LIGHTNING = ("pytorch_lightning", "lightning", "lightning_fabric")
@@ -42,6 +44,38 @@ class NoAdvertisements(logging.Filter):
         return not str(record.msg).startswith("💡 Tip")
 
 
+# What :func:`say` prints is also logged under this name, for the log file only.
+PRINTED = "fcn_lightning.printed"
+PACKAGE = Path(__file__).resolve().parent
+_other_format = warnings.formatwarning  # the form other warnings keep (Lightning sets its own)
+
+
+def say(text: str) -> None:
+    """Print ``text`` (a block: the label check, a results table) as it is, and write it to the
+    run's log file too (its console handlers leave this record out: it is printed already)."""
+    print(text)
+    logging.getLogger(PRINTED).info(text)
+
+
+class NotPrinted(logging.Filter):
+    """For a console handler: leaves out what :func:`say` has printed already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name != PRINTED
+
+
+def format_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning the project raises reads ``warning: <message>`` (its message names the file
+    or setting); others keep Python's form, with the file and line that raised them."""
+    try:
+        ours = Path(filename).resolve().is_relative_to(PACKAGE)
+    except (OSError, ValueError):
+        ours = False
+    if ours:
+        return f"warning: {message}\n"
+    return _other_format(message, category, filename, lineno, line)
+
+
 def _is_lightning(name: str) -> bool:
     return any(name == n or name.startswith(n + ".") for n in LIGHTNING)
 
@@ -51,7 +85,9 @@ class ConsoleFilter(logging.Filter):
     :data:`NOT_APPLICABLE`; every record still reaches the log file."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if _is_lightning(record.name) and record.levelno < logging.WARNING:
+        if record.name == PRINTED or (
+            _is_lightning(record.name) and record.levelno < logging.WARNING
+        ):
             return False
         if record.name == "py.warnings":
             message = record.getMessage()
@@ -82,4 +118,8 @@ def route_third_party_logs() -> None:
     rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     if not any(isinstance(f, NoAdvertisements) for f in rank_zero.filters):
         rank_zero.addFilter(NoAdvertisements())
+    global _other_format
+    if warnings.formatwarning is not format_warning:
+        _other_format = warnings.formatwarning
+        warnings.formatwarning = format_warning
     logging.captureWarnings(True)

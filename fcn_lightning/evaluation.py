@@ -11,6 +11,7 @@ from omegaconf import DictConfig, open_dict
 
 from .atomic import write_json_atomic
 from .checks import ConfigError, label_report
+from .console import say
 from .contract import format_table, input_mismatch, inputs_of, short_form
 from .models.stitch import SETTING, check_factor, with_shift_and_stitch
 from .module import FCNModule, load_checkpoint
@@ -35,7 +36,7 @@ def use_shift_and_stitch(module: FCNModule, cfg: DictConfig) -> int:
         raise ConfigError(str(err)) from None
     module.model = with_shift_and_stitch(module.model, shifts)
     if shifts > 1:
-        print(f"{SETTING}={shifts}: shift-and-stitch, {shifts * shifts} forwards per image")
+        say(f"{SETTING}={shifts}: shift-and-stitch, {shifts * shifts} forwards per image")
     return shifts
 
 
@@ -101,7 +102,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"checkpoint {cfg.ckpt_path} {why}: set the data's input to match"
             + (f" (NYUDv2: data.modality={wants.modality})" if wants.modality else "")
         )
-    print(label_report(dm, [split]))
+    say(label_report(dm, [split]))
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     trainer.test(module, dm, verbose=False)
     results = module.results["test"]
@@ -114,17 +115,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "metrics": short_form(results),
     }
     write_json_atomic(out / "eval.json", report)
-    print(format_table({f"{module.model.spec.arch} {split}": results}))
+    say(format_table({f"{module.model.spec.arch} {split}": results}))
     named = {h: "" if module.contract.single else f" ({h})" for h in results}
     for head, block in results.items():
         if block.get("excluded_classes"):
-            print(
+            say(
                 f"classes absent from this split, left out of the means{named[head]}: "
                 + ", ".join(block["excluded_classes"])
             )
     for head, block in results.items():
-        print(f"\nIoU per class{named[head]}:")
+        say(f"\nIoU per class{named[head]}:")
         for name, value in block["per_class_IoU"].items():
-            print(f"  {name:<20}{'absent' if value is None else f'{100 * value:.1f}'}")
-    print(f"\nwritten: {out / 'eval.json'}")
+            say(f"  {name:<20}{'absent' if value is None else f'{100 * value:.1f}'}")
+    say(f"\nwritten: {out / 'eval.json'}")
     return report

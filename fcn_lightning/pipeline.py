@@ -46,6 +46,7 @@ from .checks import (
     label_report,
     read_metrics,
 )
+from .console import say
 from .contract import format_table, headline, short_form
 from .data.base import SegmentationDataModule
 from .models import LateFusionFCN, transfer_stage
@@ -288,7 +289,7 @@ def _train(cfg: DictConfig, out: Path, resume: bool) -> float:
     dm = make_datamodule(cfg.data)
     dm.setup("fit")  # a missing or broken dataset fails here, before any training
     if rundir.is_rank_zero():  # every label of train / val / test, once (cached), before training
-        print(label_report(dm))
+        say(label_report(dm))
     previous_best: str | None = init_from
     select = selection(cfg, *held_out(dm))
     plans = {stage: stage_plan(cfg, stage, i, select) for i, stage in enumerate(stages)}
@@ -378,17 +379,17 @@ def _train(cfg: DictConfig, out: Path, resume: bool) -> float:
         if trainer.is_global_zero:
             write_json_atomic(metrics_path, metrics)
         previous_best = str(best)
-        log.info("%s done: val mIoU %.4f", stage, headline(metrics[stage]))
+        log.info("%s done: val mIoU %.1f%%", stage, 100 * headline(metrics[stage]))
     table = format_table({s: metrics[s] for s in stages if s in metrics})
     which = "best" if select[0] == "best" else "last"
-    print(
+    say(
         f"\nValidation metrics of each stage ({which} checkpoint, best.ckpt):\n"
         + table
         + f"\n\nrun folder: {out}"
     )
     if select[0] == "best" and dm.test_split != dm.val_split:
         best = out / stages[-1] / "checkpoints" / "best.ckpt"
-        print(
+        say(
             f"checkpoints were chosen on '{dm.val_split}'; score the reported split with:\n"
             f"  python eval.py ckpt_path={best} {_data_overrides(cfg)} data.split={dm.test_split}"
         )

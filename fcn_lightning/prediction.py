@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader
 
 from .atomic import write_atomically
 from .checks import ConfigError
+from .console import say
 from .contract import inputs_of
 from .data.images import ImageFiles, SizeBatches, collate
 from .data.transforms import eval_transforms
@@ -170,7 +171,7 @@ def list_inputs(source: Path) -> list[Path]:
         and p.name != MANIFEST
     )
     if others:
-        print(
+        say(
             f"not images ({', '.join(sorted(IMAGE_SUFFIXES))}), left out: {len(others)} file(s): "
             + ", ".join(others[:5])
             + (" ..." if len(others) > 5 else "")
@@ -319,7 +320,7 @@ def predict(cfg: DictConfig) -> list[Path]:
         f"{p.name} -> {output_files(stems[p], heads)[0]}" for p in files if stems[p] != p.stem
     ]
     if renamed:
-        print(f"inputs share a name; their outputs are named after the file: {', '.join(renamed)}")
+        say(f"inputs share a name; their outputs are named after the file: {', '.join(renamed)}")
     planned = {name: p for p in files for name in output_files(stems[p], heads)}
     out = Path(cfg.output).expanduser() if cfg.get("output") else Path(cfg.paths.output_dir)
     earlier = check_output(out, source, planned)
@@ -345,7 +346,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     write_manifest(out, {**earlier, **done}, {**made, **dict.fromkeys(done, shifts)})
     skipped = [writer.skipped[i] for i in sorted(writer.skipped)]
     n = len(written)
-    print(
+    say(
         f"wrote {n} label maps and {n} overlays for {len(files) - len(skipped)} of {len(files)} "
         f"images to {out.absolute()}"
     )

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from fcn_lightning.console import ConsoleFilter, NoAdvertisements, route_third_party_logs
+from fcn_lightning.console import (
+    ConsoleFilter,
+    NoAdvertisements,
+    format_warning,
+    route_third_party_logs,
+)
+from fcn_lightning.data import base as data_base
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -84,6 +90,9 @@ def test_the_log_file_keeps_every_record_but_the_advertisements(quiet_run):
     assert "[fcn_lightning][INFO] - [2/2] fcn16s" in log  # the project's own, with time and level
     assert "GPU available" in log and "Restoring states" in log  # Lightning's, off the console
     assert "LitLogger" not in log and "💡" not in log
+    # the blocks printed as they are: the label check and the final table
+    assert "label check: synthetic scenes" in log
+    assert "Validation metrics of each stage" in log and "mIoU %" in log
 
 
 def test_eval_console_has_its_table_and_no_warning_of_the_projects_making(quiet_run, tmp_path):
@@ -160,3 +169,11 @@ def test_lightning_records_and_warnings_reach_the_root_handlers():
         pl_logger.propagate = saved[3]
     names = {r.name for r in seen}
     assert {"pytorch_lightning.utilities.rank_zero", "py.warnings"} <= names
+
+
+def test_the_projects_warnings_read_as_sentences_others_keep_their_source():
+    ours = format_warning("SIFT Flow train: 2 image(s) without annotation", UserWarning,
+                          data_base.__file__, 12)  # fmt: skip
+    assert ours == "warning: SIFT Flow train: 2 image(s) without annotation\n"
+    theirs = format_warning("deprecated", FutureWarning, "/site-packages/lib/x.py", 3)
+    assert "/site-packages/lib/x.py:3" in theirs and "deprecated" in theirs

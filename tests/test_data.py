@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -38,6 +39,7 @@ from fcn_lightning.data import (
     read_label_png,
     train_transforms,
 )
+from fcn_lightning.data.base import AUTO_WORKERS, loader_workers
 from fcn_lightning.data.voc import load_sbd_label
 
 PLAIN = {
@@ -570,3 +572,13 @@ def test_label_map_makes_0_255_masks_train_ready(tmp_path):
     bad.setup("validate")
     with pytest.raises(DataError, match=r"label .*img_004.png has values \[7\] outside 0..1"):
         bad.datasets["val"][0]
+
+
+def test_num_workers_auto_uses_no_more_loader_processes_than_cores():
+    cores = len(os.sched_getaffinity(0))
+    assert loader_workers("auto") == min(AUTO_WORKERS, cores)
+    assert loader_workers(3) == 3 and loader_workers("0") == 0
+    for bad in (-1, "many", True):
+        with pytest.raises(ValueError, match="data.num_workers must be auto or a count"):
+            loader_workers(bad)
+    assert SyntheticDataModule(num_workers="auto").num_workers == min(AUTO_WORKERS, cores)

@@ -7,6 +7,7 @@ head). A DataModule publishes what it gives as its ``contract`` (:mod:`fcn_light
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -156,6 +157,27 @@ def pad_collate(
     return images, labels
 
 
+AUTO_WORKERS = 4  # data.num_workers=auto: this many loader processes, at most one per core
+
+
+def loader_workers(setting: int | str) -> int:
+    """``data.num_workers``: a count, or ``auto``: :data:`AUTO_WORKERS`, but no more than the
+    cores this process may use (PyTorch warns about more, and they only compete)."""
+    if setting == "auto":
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+        return min(AUTO_WORKERS, cores)
+    try:
+        workers = int(setting)
+    except (TypeError, ValueError):
+        workers = -1
+    if workers < 0 or isinstance(setting, bool):
+        raise ValueError(f"data.num_workers must be auto or a count >= 0, got {setting!r}")
+    return workers
+
+
 class SegmentationDataModule(pl.LightningDataModule):
     """Base DataModule: loaders, batching and transforms; subclasses say where samples come from.
 
@@ -185,7 +207,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         test_split: str | None = None,
         batch_size: int = 8,
         val_batch_size: int = 1,
-        num_workers: int = 0,
+        num_workers: int | str = 0,
         pin_memory: bool = True,
         persistent_workers: bool = True,
         batching: str = "crop",
@@ -213,8 +235,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.train_split, self.val_split = train_split, val_split
         self.test_split = test_split or val_split
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
-        self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.persistent_workers = persistent_workers and num_workers > 0
+        self.num_workers, self.pin_memory = loader_workers(num_workers), pin_memory
+        self.persistent_workers = persistent_workers and self.num_workers > 0
         self.batching, self.crop_size, self.scale_range, self.hflip = (
             batching,
             crop_size,
