@@ -2,24 +2,29 @@
 
     python -m fcn_lightning.prepare voc --year 2011 --root /data/pascal
     python -m fcn_lightning.prepare sbd --root /data/pascal
+    python -m fcn_lightning.prepare voc --root /data/pascal --url https://mirror.example/VOC2011.tar
     python -m fcn_lightning.prepare siftflow --root /data/SiftFlowDataset --archive ~/SiftFlowDataset.zip
     python -m fcn_lightning.prepare nyud --root /data/nyud --archive ~/nyud.tar.gz --lists ~/fcn/data/nyud
     python -m fcn_lightning.prepare check voc --year 2011 --root /data/pascal
 
 The work is done by the data modules (``data/archives.py``, ``prepare_voc`` and ``prepare_sbd``
 in ``data/voc.py``, ``prepare_siftflow``, ``prepare_nyud``), the same code that
-``VOCDataModule(download=True)`` runs; this module is the command line.
+``VOCDataModule(download=True)`` runs; this module is the command line. SIGTERM and SIGHUP
+stop it as Ctrl+C does: the temporary extraction folder is removed, and it exits 128 + signal.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .data.archives import ARCHIVES, PrepareError
+from .data.archives import ARCHIVES, PrepareError, not_a_folder
 from .data.layout import LayoutReport
 from .data.nyud import NYUDDataModule, prepare_nyud
 from .data.readers import DataError
@@ -45,15 +50,55 @@ EXAMPLES = """examples:
   python -m fcn_lightning.prepare sbd --root /data/pascal       (with VOC2011: seg11valid)
   python -m fcn_lightning.prepare voc --year 2012 --root /data/pascal \\
       --archive ~/Downloads/VOCtrainval_11-May-2012.tar          (no network needed)
+  python -m fcn_lightning.prepare sbd --root /data/pascal \\
+      --url https://mirror.example/benchmark.tgz                 (a mirror; md5 still checked)
   python -m fcn_lightning.prepare siftflow --root /data/SiftFlowDataset --archive SiftFlowDataset.zip
   python -m fcn_lightning.prepare nyud --root /data/nyud --archive nyud.tar.gz --lists fcn/data/nyud
   python -m fcn_lightning.prepare check voc --year 2011 --root /data/pascal
 Then train with data.root set to --root (e.g. data=voc data.root=/data/pascal data.year=2011)."""
 
 
+DEFAULT_YEAR = "2011"  # as data=voc (conf/data/voc.yaml): the paper's, with seg11valid
+
+
 def _archive_of(name: str, year: str) -> str:
     archive = ARCHIVES[f"voc{year}" if name == "voc" else name]
     return f"{archive.filename} from {archive.url}"
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, so that it unwinds as on Ctrl+C: the
+    temporary extraction folder removed, the lock released."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into :class:`Stopped` while the block runs (the main thread
+    only: Python's rule); the previous handlers come back after it. A second signal while
+    the first unwinds is ignored, so that the clean-up finishes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping = []
+
+    def handler(signum: int, frame: object) -> None:
+        if not stopping:
+            stopping.append(signum)
+            raise Stopped(signum)
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -74,8 +119,12 @@ def parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(
             name,
             help=ABOUT[name],
-            description=f"{ABOUT[name]}. The archive: {_archive_of(name, '2012')}"
-            + (" (VOC2011: " + _archive_of(name, "2011") + ")" if name == "voc" else "")
+            description=f"{ABOUT[name]}. The archive: "
+            + (
+                f"{_archive_of(name, '2011')} (VOC2012: {_archive_of(name, '2012')})"
+                if name == "voc"
+                else _archive_of(name, "")
+            )
             + f"; {CHECKSUMS[name]}.",
         )
         sub.add_argument(
@@ -89,16 +138,27 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--year",
                 choices=("2011", "2012"),
-                default="2011" if name == "sbd" else "2012",
-                help="VOC release (seg11valid, the paper's validation set, needs 2011 + SBD)"
-                if name == "voc"
-                else "the VOC release the printed check includes, if present",
+                default=DEFAULT_YEAR,
+                help=(
+                    "VOC release (seg11valid, the paper's validation set, needs 2011 + SBD; "
+                    "data=voc's data.year is 2011 too)"
+                    if name == "voc"
+                    else "the VOC release the printed check includes, if present"
+                )
+                + " (default: %(default)s)",
             )
-        sub.add_argument(
+        source = sub.add_mutually_exclusive_group()
+        source.add_argument(
             "--archive",
             type=Path,
             help="an archive you already have (no network needed): nothing is downloaded. "
             "Without it, the archive is downloaded into --root (resumable)",
+        )
+        source.add_argument(
+            "--url",
+            metavar="URL",
+            help="download from this address (a mirror) instead of the official one above; "
+            "the md5 check still applies unless --md5 replaces it",
         )
         sub.add_argument(
             "--md5",
@@ -124,18 +184,26 @@ def parser() -> argparse.ArgumentParser:
     )
     check.add_argument("dataset", choices=("voc", "siftflow", "nyud"))
     check.add_argument("--root", required=True, type=Path, help="data.root of the dataset")
-    check.add_argument("--year", choices=("2011", "2012"), default="2012", help="VOC release")
+    check.add_argument(
+        "--year",
+        choices=("2011", "2012"),
+        default=DEFAULT_YEAR,
+        help="VOC release, as data.year (default: %(default)s)",
+    )
     return top
 
 
-def check(dataset: str, root: Path, year: str = "2012") -> LayoutReport:
-    """The layout check of a prepared folder, through its DataModule."""
+def check(dataset: str, root: Path, year: str = DEFAULT_YEAR) -> LayoutReport:
+    """The layout check of a prepared folder, through its DataModule: what training with
+    that data.root reads (for VOC: VOC of ``year`` is required, SBD checked if present)."""
+    if problem := not_a_folder(root):
+        raise DataError(f"--root: {problem}")
     if not root.is_dir():
         raise DataError(f"{root} does not exist")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if dataset == "voc":
-            return VOCDataModule(root, year=year).check_layout()
+            return VOCDataModule(root, year=year).check_layout(require_voc=True)
         if dataset == "siftflow":
             return SiftFlowDataModule(root).check_layout()
         return NYUDDataModule(root).check_layout()
@@ -144,7 +212,7 @@ def check(dataset: str, root: Path, year: str = "2012") -> LayoutReport:
 def run(args: argparse.Namespace) -> LayoutReport:
     if args.command == "check":
         return check(args.dataset, args.root.expanduser(), args.year)
-    common = {"archive": args.archive, "md5": args.md5}
+    common = {"archive": args.archive, "md5": args.md5, "url": args.url}
     if args.command == "voc":
         return prepare_voc(args.root, args.year, **common)
     if args.command == "sbd":
@@ -157,13 +225,20 @@ def run(args: argparse.Namespace) -> LayoutReport:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        report = run(args)
+        with stop_on_signals():
+            report = run(args)
     except (PrepareError, DataError) as err:
         print(f"Error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("Interrupted: nothing was moved into place (a download resumes)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl+C, or SIGTERM / SIGHUP (Stopped)
+        signum = getattr(err, "signum", signal.SIGINT)
+        how = "Interrupted" if signum == signal.SIGINT else f"Stopped by {err}"
+        print(
+            f"{how}: nothing was moved into place, no temporary folder is left (a download "
+            "resumes)",
+            file=sys.stderr,
+        )
+        return 128 + signum
     print(report.format())
     if not report.ok:
         print("Error: the layout is incomplete (see the errors above)", file=sys.stderr)

@@ -374,7 +374,7 @@ def _sbd_missing(tmp_path):
 BAD_INPUT = [
     (
         _missing_root,
-        r"data.root .*nowhere does not exist[\s\S]*VOCdevkit/VOC2012/JPEGImages[\s\S]*host.robots.ox.ac.uk",
+        r"data.root .*nowhere does not exist[\s\S]*VOCdevkit/VOC2012/JPEGImages[\s\S]*thor.robots.ox.ac.uk",
     ),
     (_missing_image, r"split 'train' lists 'x2' but .*JPEGImages/x2.jpg does not exist"),
     (_missing_label, r"split 'val' lists 'y1' but .*SegmentationClass/y1.png does not exist"),

@@ -1,14 +1,18 @@
 """python -m fcn_lightning.prepare and VOCDataModule(download=True) on tiny archives built in
-the official layouts: from a local file, from a local HTTP server (resumed downloads), wrong
-checksums, damaged archives, a full disk, running twice, and training on the result."""
+the official layouts: from a local file, from a local HTTP server (resumed downloads, --url),
+wrong checksums, damaged archives, a full disk, running twice, read-only roots, a root that is
+a file, signals and stale temporary folders, and training on the result."""
 
 from __future__ import annotations
 
+import builtins
 import errno
 import hashlib
 import http.server
 import json
+import os
 import shutil
+import signal
 import tarfile
 import threading
 import zipfile
@@ -21,9 +25,15 @@ from dataset_writers import SIFT_SUBDIR, write_nyud, write_sbd, write_siftflow, 
 from test_app import cfg_of
 from test_nyud_siftflow import TINY_NOSYN
 
-from fcn_lightning.data import DataError, VOCDataModule, archives
-from fcn_lightning.data.archives import ARCHIVES, STAGING_PREFIX
-from fcn_lightning.data.voc import prepare_voc
+from fcn_lightning.data import (
+    DataError,
+    NYUDDataModule,
+    SiftFlowDataModule,
+    VOCDataModule,
+    archives,
+)
+from fcn_lightning.data.archives import ARCHIVES, STAGING_PREFIX, mib
+from fcn_lightning.data.voc import prepare_sbd, prepare_voc
 from fcn_lightning.pipeline import train
 from fcn_lightning.prepare import main
 
@@ -154,6 +164,7 @@ def test_truncated_archive_fails_clearly_and_leaves_nothing(built, tmp_path, cap
     assert main([*command, "--root", str(root), "--archive", str(cut), "--md5", md5(cut)]) == 1
     err = capsys.readouterr().err
     assert str(cut) in err and "damaged or incomplete" in err and "download it again" in err
+    assert "method gz" not in err  # tarfile's list of what it tried: not for users
     left = sorted(p.name for p in root.iterdir()) if root.exists() else []
     assert left in ([], [archives.LOCK_NAME]) and cut.is_file()
 
@@ -279,51 +290,92 @@ class Server:
 
 
 @pytest.fixture
-def served(official, monkeypatch):
+def server(official):
+    """The test archives over HTTP: a mirror for --url."""
     server = Server({"voc.tar": official.voc, "benchmark.tgz": official.sbd})
+    yield server
+    server.httpd.shutdown()
+    server.httpd.server_close()
+
+
+@pytest.fixture
+def served(server, monkeypatch):
+    """The mirror as the official address (the DataModule has no --url)."""
     monkeypatch.setitem(
         ARCHIVES, "voc2011", replace(ARCHIVES["voc2011"], url=f"{server.url}/voc.tar")
     )
     monkeypatch.setitem(
         ARCHIVES, "sbd", replace(ARCHIVES["sbd"], url=f"{server.url}/benchmark.tgz")
     )
-    yield server
-    server.httpd.shutdown()
-    server.httpd.server_close()
+    return server
 
 
-def test_download_resumes_a_part_file_and_a_cut_transfer(served, official, tmp_path, capsys):
+def test_download_resumes_a_part_file_and_a_cut_transfer(server, official, tmp_path, capsys):
     root = tmp_path / "pascal"
     root.mkdir()
     name = ARCHIVES["voc2011"].filename
     head = official.voc.read_bytes()[:5000]
     (root / f"{name}.part").write_bytes(head)  # a download interrupted before
-    served.cut = 1  # and this one is cut off once more
-    assert main(["voc", "--year", "2011", "--root", str(root)]) == 0
-    assert served.ranges[0] == "bytes=5000-" and len(served.ranges) == 2
-    assert int(served.ranges[1].removeprefix("bytes=").rstrip("-")) > 5000
+    server.cut = 1  # and this one is cut off once more
+    assert (
+        main(["voc", "--year", "2011", "--root", str(root), "--url", f"{server.url}/voc.tar"]) == 0
+    )
+    assert server.ranges[0] == "bytes=5000-" and len(server.ranges) == 2
+    assert int(server.ranges[1].removeprefix("bytes=").rstrip("-")) > 5000
     assert md5(root / name) == md5(official.voc) and not (root / f"{name}.part").exists()
-    assert "layout: complete" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"Resuming {name}.part at 5 KiB" in out and "layout: complete" in out
 
 
-def test_download_with_a_wrong_checksum_names_the_part_file(served, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(ARCHIVES, "sbd", replace(ARCHIVES["sbd"], md5="0" * 32))
+def test_sizes_keep_a_decimal_below_10_mib():
+    assert mib(0.74 * 2**20) == "0.7 MiB" and mib(5000) == "5 KiB" and mib(9.5 * 2**20) == "9.5 MiB"
+    assert mib(300 * 2**20) == "300 MiB" and mib(1.9 * 2**30) == "1.9 GiB"
+
+
+def test_download_with_a_wrong_checksum_names_the_part_file(server, tmp_path, capsys):
     root = tmp_path / "pascal"
-    assert main(["sbd", "--root", str(root)]) == 1
+    url = f"{server.url}/benchmark.tgz"
+    assert main(["sbd", "--root", str(root), "--url", url, "--md5", "0" * 32]) == 1
     err = capsys.readouterr().err
     part = root / f"{ARCHIVES['sbd'].filename}.part"
     assert str(part) in err and "0" * 32 in err and f"delete {part}" in err
     assert not (root / "benchmark_RELEASE").exists() and leftovers(tmp_path) == []
 
 
-def test_no_network_says_what_to_fetch_and_the_command(built, tmp_path, monkeypatch, capsys):
-    closed = "http://127.0.0.1:9/benchmark.tgz"  # the discard port: nothing listens there
-    monkeypatch.setitem(ARCHIVES, "sbd", replace(ARCHIVES["sbd"], url=closed))
+def test_url_of_a_mirror_keeps_the_published_md5(server, official, tmp_path, capsys):
     root = tmp_path / "pascal"
-    assert main(["sbd", "--root", str(root)]) == 1
+    wrong = f"{server.url}/benchmark.tgz"  # the mirror serves another file under that name
+    assert main(["voc", "--root", str(root), "--url", wrong]) == 1
+    err = capsys.readouterr().err
+    assert "checksum mismatch" in err and md5(official.voc) in err  # the published one
+    (root / f"{ARCHIVES['voc2011'].filename}.part").unlink()
+    assert main(["voc", "--root", str(root), "--url", f"{server.url}/voc.tar"]) == 0
+    assert "--url" in main_help(["voc"], capsys) and "mirror" in main_help(["sbd"], capsys)
+    with pytest.raises(SystemExit):  # a copy you have, or a download: not both
+        main(["voc", "--root", str(root), "--url", wrong, "--archive", str(official.voc)])
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert main(["voc", "--root", str(root), "--url", "mirror.example/voc.tar"]) == 1
+    assert "not an address to download from" in capsys.readouterr().err
+
+
+def main_help(command: list[str], capsys) -> str:
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    return capsys.readouterr().out
+
+
+def test_no_network_says_what_to_fetch_and_the_command(built, tmp_path, capsys):
+    closed = "http://127.0.0.1:9/benchmark.tgz"  # the discard port: nothing listens there
+    root = tmp_path / "data" / "pascal"
+    assert main(["sbd", "--root", str(root), "--url", closed]) == 1
     err = capsys.readouterr().err
     assert f"cannot download {closed}" in err and "benchmark.tgz" in err
     assert f"python -m fcn_lightning.prepare sbd --root {root} --archive" in err
+    # the run made the root and removed it again: the suggested place must be made first
+    assert not (tmp_path / "data").exists() and f"create {root} first: mkdir -p {root}" in err
+    root.mkdir(parents=True)
+    assert main(["sbd", "--root", str(root), "--url", closed]) == 1
+    assert "mkdir" not in capsys.readouterr().err and root.is_dir()
 
 
 def test_datamodule_download_true_prepares_what_its_splits_read(served, tmp_path):
@@ -353,3 +405,229 @@ def test_train_with_data_download_true_on_an_empty_root(served, tmp_path):
     train(cfg)
     assert (root / "VOCdevkit" / "VOC2011").is_dir() and (root / "benchmark_RELEASE").is_dir()
     assert "fcn32s" in json.loads((tmp_path / "run" / "metrics.json").read_text())
+
+
+# --------------------------------------------------------------------------- read-only roots
+@pytest.fixture
+def read_only(monkeypatch):
+    """``read_only(folder)``: every write under ``folder`` (open for writing, mkdir, rename,
+    unlink, rmdir) fails with EROFS, as on a read-only mount (the tests run as root, which
+    chmod does not stop); ``read_only(folder, errno.EACCES)`` for a folder not one's own."""
+    frozen: dict[Path, int] = {}
+
+    def refused(path) -> int | None:
+        if isinstance(path, int):
+            return None
+        p = Path(os.fsdecode(path)).absolute()
+        return next((code for f, code in frozen.items() if p == f or f in p.parents), None)
+
+    def guard(real):
+        def wrapped(path, *args, **kwargs):
+            if (code := refused(path)) is not None:
+                raise OSError(code, os.strerror(code), os.fsdecode(path))
+            return real(path, *args, **kwargs)
+
+        return wrapped
+
+    for name in ("mkdir", "rename", "replace", "unlink", "rmdir"):
+        monkeypatch.setattr(os, name, guard(getattr(os, name)))
+    real_open = builtins.open
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            return guard(real_open)(file, mode, *args, **kwargs)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    return lambda folder, code=errno.EROFS: frozen.__setitem__(Path(folder).absolute(), code)
+
+
+def test_read_only_complete_root_is_fine_for_prepare_and_download_true(
+    official, tmp_path, read_only, capsys
+):
+    root = tmp_path / "pascal"
+    say = lambda _: None  # noqa: E731
+    prepare_voc(root, 2011, archive=official.voc, say=say)
+    prepare_sbd(root, archive=official.sbd, say=say)
+    (root / archives.LOCK_NAME).unlink()  # as if prepared by someone else, elsewhere
+    read_only(root)
+    # the default year is data=voc's: 2011
+    assert main(["voc", "--root", str(root)]) == 0
+    assert main(["sbd", "--root", str(root), "--archive", str(official.sbd)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("already prepared") == 2 and "layout: complete" in out
+    assert main(["check", "voc", "--root", str(root)]) == 0
+    dm = VOCDataModule(
+        root, year=2011, download=True, train_split="sbd_train", val_split="seg11valid",
+        batching="pad", crop_size=None, scale_range=None, hflip=False,
+    )  # fmt: skip
+    dm.setup("fit")  # a shared read-only /data with data.download=true
+    assert len(dm.datasets["val"]) == len(SEG11VALID)
+    assert not (root / archives.LOCK_NAME).exists()
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
+def test_read_only_root_with_work_to_do_names_the_folder(
+    official, tmp_path, read_only, capsys, code
+):
+    root = tmp_path / "pascal"
+    root.mkdir()
+    read_only(root, code)
+    assert main(["voc", "--root", str(root), "--archive", str(official.voc)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"Error: cannot write in {root} ({os.strerror(code)})")
+    assert "VOC2011 is not prepared" in err and "Traceback" not in err
+    # a root to make under a folder that cannot be written: that folder is named
+    parent = tmp_path / "shared"
+    parent.mkdir()
+    read_only(parent, code)
+    assert main(["voc", "--root", str(parent / "pascal"), "--archive", str(official.voc)]) == 1
+    assert f"cannot write in {parent} (" in capsys.readouterr().err
+    # an incomplete dataset on a read-only root: the incompleteness is the news
+    write_voc(tmp_path / "other", 2011, {"train": VOC_TRAIN})
+    read_only(tmp_path / "other", code)
+    assert main(["voc", "--root", str(tmp_path / "other")]) == 1
+    assert "exist(s) but the layout is incomplete" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- a root that is a file
+def test_root_that_is_a_file_is_named(official, tmp_path, capsys):
+    afile = tmp_path / "pascal.txt"
+    afile.write_text("not a folder")
+    assert main(["voc", "--root", str(afile), "--archive", str(official.voc)]) == 1
+    assert f"Error: {afile} is a file, not a folder: --root" in capsys.readouterr().err
+    under_file = afile / "sub"
+    assert main(["siftflow", "--root", str(under_file), "--archive", str(official.sbd)]) == 1
+    assert f"{afile} is a file, so {under_file} cannot be a folder" in capsys.readouterr().err
+    assert main(["check", "voc", "--root", str(afile)]) == 1
+    err = capsys.readouterr().err
+    assert f"{afile} is a file, not a folder" in err and "does not exist" not in err
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        VOCDataModule(afile, year=2011).setup("fit")
+    assert afile.read_text() == "not a folder"
+
+
+# --------------------------------------------------------------------------- check agrees with training
+def test_check_requires_the_voc_of_the_year_asked(official, tmp_path, capsys):
+    root = tmp_path / "pascal"
+    write_voc(root, 2012, {"train": VOC_TRAIN, "val": VOC_VAL, "trainval": VOC_TRAIN + VOC_VAL})
+    prepare_sbd(root, archive=official.sbd, say=lambda _: None)
+    assert main(["check", "voc", "--year", "2011", "--root", str(root)]) == 1
+    out = capsys.readouterr().out
+    voc2011, voc2012 = root / "VOCdevkit" / "VOC2011", root / "VOCdevkit" / "VOC2012"
+    assert f"error: VOC2011 not found: {voc2011} does not exist ({voc2012} is there" in out
+    assert "--year 2012" in out and "layout: INCOMPLETE" in out
+    assert main(["check", "voc", "--root", str(root)]) == 1  # the default: 2011, as data=voc
+    assert main(["check", "voc", "--year", "2012", "--root", str(root)]) == 0
+    # training says the same
+    dm = VOCDataModule(root, year=2011, train_split="sbd_train", val_split="seg11valid")
+    with pytest.raises(DataError, match="VOC2011 not found"):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize("dataset", ["voc", "siftflow", "nyud"])
+def test_check_of_a_root_without_the_dataset_is_not_complete(tmp_path, capsys, dataset):
+    (tmp_path / "unrelated.txt").write_text("x")
+    assert main(["check", dataset, "--root", str(tmp_path)]) == 1
+    assert "layout: INCOMPLETE" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- signals, stale folders
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_remove_the_extraction(official, tmp_path, monkeypatch, capsys, signame):
+    signum = getattr(signal, signame)
+    real = archives.extract
+
+    def extract_then_signal(path, members, into, need):
+        real(path, members, into, need)
+        assert any(into.iterdir())  # something to clean up
+        os.kill(os.getpid(), signum)  # the handler raises here
+
+    monkeypatch.setattr(archives, "extract", extract_then_signal)
+    before = signal.signal(signum, lambda *_: pytest.fail(f"{signame} not handled"))
+    try:
+        mine = signal.getsignal(signum)
+        root = tmp_path / "pascal"
+        assert main(["voc", "--root", str(root), "--archive", str(official.voc)]) == 128 + signum
+        assert signal.getsignal(signum) is mine  # the previous handler is back
+    finally:
+        signal.signal(signum, before)
+    out, err = capsys.readouterr()
+    assert f"Stopped by {signame}" in err and "Removed the unfinished extraction" in out
+    assert leftovers(tmp_path) == [] and not (root / "VOCdevkit").exists()
+
+
+def test_stale_extraction_of_a_killed_run_is_removed(official, tmp_path, capsys):
+    root = tmp_path / "pascal"
+    stale = root / f"{STAGING_PREFIX}k1ll3d"  # SIGKILL: nothing could clean up
+    (stale / "TrainVal" / "VOCdevkit").mkdir(parents=True)
+    assert main(["voc", "--root", str(root), "--archive", str(official.voc)]) == 0
+    out = capsys.readouterr().out
+    assert f"Removed an unfinished extraction left by an earlier run: {stale}" in out
+    assert leftovers(tmp_path) == []
+    # and on a root where nothing else needs doing
+    (stale / "x").mkdir(parents=True)
+    assert main(["voc", "--root", str(root), "--archive", str(official.voc)]) == 0
+    out = capsys.readouterr().out
+    assert "already prepared" in out and f"earlier run: {stale}" in out and not stale.exists()
+
+
+# --------------------------------------------------------------------------- options checked first
+def test_wrong_archive_of_another_year_says_which_year(tmp_path, capsys):
+    src = write_voc(tmp_path / "src", 2012, {"train": VOC_TRAIN, "val": VOC_VAL})
+    tar = tmp_path / "VOCtrainval_11-May-2012.tar"
+    with tarfile.open(tar, "w") as t:
+        t.add(src / "VOCdevkit", arcname="VOCdevkit")
+    root = tmp_path / "pascal"
+    args = ["--root", str(root), "--archive", str(tar), "--md5", md5(tar)]
+    assert main(["voc", "--year", "2011", *args]) == 1
+    err = capsys.readouterr().err
+    assert f"{tar} holds no VOCdevkit/VOC2011: it holds VOCdevkit/VOC2012: pass --year 2012" in err
+    assert main(["siftflow", *args]) == 1  # no hint known: what the archive holds
+    assert "holds no the SIFT Flow dataset (the folder of TestSet1.txt): it holds VOCdevkit" in (
+        capsys.readouterr().err
+    )
+
+
+def test_not_an_archive_is_one_plain_sentence(tmp_path, capsys):
+    junk = tmp_path / "VOCtrainval_25-May-2011.tar"
+    junk.write_bytes(os.urandom(3000))
+    assert (
+        main(["voc", "--root", str(tmp_path / "r"), "--archive", str(junk), "--md5", md5(junk)])
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert f"{junk} is neither a tar nor a zip archive, or is damaged" in err
+    assert "method" not in err and "\n" not in err.strip()
+
+
+def test_options_are_checked_before_any_work(official, tmp_path, monkeypatch, capsys):
+    root = tmp_path / "pascal"
+    prepare_voc(root, 2011, archive=official.voc, say=lambda _: None)
+    monkeypatch.setattr(archives, "calculate_md5", lambda _: pytest.fail("hashed"))
+    assert main(["voc", "--root", str(root), "--archive", str(official.voc), "--md5", "zzz"]) == 1
+    assert "--md5 'zzz' is not an md5: it is 32 hexadecimal digits" in capsys.readouterr().err
+    # an archive named that is not there: refused, even with nothing to do
+    gone = tmp_path / "VOCtrainval_25-May-2011.tar"
+    assert main(["voc", "--root", str(root), "--archive", str(gone)]) == 1
+    assert f"--archive {gone}: no such file" in capsys.readouterr().err
+    assert main(["voc", "--root", str(tmp_path / "new"), "--archive", str(tmp_path)]) == 1
+    assert f"--archive {tmp_path} is a folder, not an archive" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    assert "(default: 2011)" in main_help(["voc"], capsys)
+
+
+# --------------------------------------------------------------------------- training's messages
+def test_training_layout_messages_name_prepare_addresses_and_the_root(tmp_path):
+    nowhere = tmp_path / "no where"
+    with pytest.raises(DataError) as info:
+        VOCDataModule(nowhere, year=2011).setup("fit")
+    text = str(info.value)
+    assert ARCHIVES["voc2011"].url in text and ARCHIVES["sbd"].url in text
+    assert f"prepare voc --year 2011 --root '{nowhere}'" in text and "<data.root>" not in text
+    assert "host.robots" not in text
+    for dm, key in ((SiftFlowDataModule(nowhere), "siftflow"), (NYUDDataModule(nowhere), "nyud")):
+        with pytest.raises(DataError) as info:
+            dm.setup("fit")
+        text = str(info.value)
+        assert ARCHIVES[key].url in text and f"--root '{nowhere}'" in text

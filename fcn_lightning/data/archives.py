@@ -28,6 +28,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from torchvision.datasets import SBDataset
 from torchvision.datasets.utils import calculate_md5
@@ -63,6 +64,9 @@ class Archive:
     def with_md5(self, md5: str | None) -> Archive:
         return replace(self, md5=md5.lower()) if md5 else self
 
+    def with_url(self, url: str | None) -> Archive:
+        return replace(self, url=url) if url else self
+
 
 def _voc(year: str) -> Archive:
     entry = DATASET_YEAR_DICT[year]
@@ -94,7 +98,82 @@ ARCHIVES: dict[str, Archive] = {
 
 
 def mib(n: float) -> str:
+    """A size for people: KiB below 0.1 MiB, one decimal below 10 MiB (0.7 MiB, not 1 MiB),
+    none up to 1 GiB, then GiB with one decimal."""
+    if n < 0.1 * 2**20:
+        return f"{n / 2**10:.0f} KiB"
+    if n < 10 * 2**20:
+        return f"{n / 2**20:.1f} MiB"
     return f"{n / 2**20:,.0f} MiB" if n < 2**30 else f"{n / 2**30:,.1f} GiB"
+
+
+# --------------------------------------------------------------------------- the options
+MD5_HEX = re.compile(r"[0-9a-fA-F]{32}")
+URL_SCHEMES = ("http", "https", "ftp", "file")
+
+
+def choose(
+    info: Archive,
+    *,
+    archive: str | Path | None = None,
+    md5: str | None = None,
+    url: str | None = None,
+) -> tuple[Archive, Path | None]:
+    """The archive to expect (``md5``, ``url`` of a mirror) and the user's copy (``archive``),
+    checked before anything is read or written: a malformed md5 or URL, an ``archive`` that
+    does not exist or is a folder raise PrepareError, even where nothing needs doing."""
+    if md5 is not None and not MD5_HEX.fullmatch(md5):
+        raise PrepareError(f"--md5 {md5!r} is not an md5: it is 32 hexadecimal digits")
+    if url is not None:
+        if archive is not None:
+            raise PrepareError(
+                "--url and --archive exclude each other: --archive takes a copy you have, "
+                "--url downloads one"
+            )
+        scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+        if scheme not in URL_SCHEMES:
+            raise PrepareError(
+                f"--url {url}: not an address to download from (expected http://, https://, "
+                "ftp:// or file://)"
+            )
+    path = None
+    if archive is not None:
+        path = Path(archive).expanduser()
+        if path.is_dir():
+            raise PrepareError(
+                f"--archive {path} is a folder, not an archive: give the file itself "
+                f"(e.g. {path / info.filename})"
+            )
+        if not path.is_file():
+            raise PrepareError(f"--archive {path}: no such file")
+    return info.with_md5(md5).with_url(url), path
+
+
+def not_a_folder(root: Path) -> str | None:
+    """Why ``root`` cannot be a folder (it, or a folder above it, is a file), or None."""
+    for p in (root, *root.parents):
+        if p.is_dir():
+            return None
+        if p.exists():
+            if p == root:
+                return f"{root} is a file, not a folder"
+            return f"{p} is a file, so {root} cannot be a folder"
+    return None
+
+
+UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def cannot_write(root: Path, err: OSError, what: str) -> PrepareError:
+    """The message for a root where work is needed but that cannot be written to."""
+    where = Path(err.filename) if err.filename else root
+    if not where.is_dir():  # the lock file, a folder not made, a temporary folder
+        where = where.parent
+    return PrepareError(
+        f"cannot write in {where} ({err.strerror or err}), and {what} is not prepared in "
+        f"{root} yet: preparing it writes there. Run this where that folder can be written "
+        "(or as a user who may write to it), or choose another --root (data.root)"
+    )
 
 
 # --------------------------------------------------------------------------- fetching
@@ -119,11 +198,17 @@ def verify(path: Path, md5: str | None, *, downloaded: bool = False) -> None:
         )
 
 
-def no_network(archive: Archive, dest: Path, reason: object, command: str) -> PrepareError:
+def no_network(
+    archive: Archive, dest: Path, reason: object, command: str, fresh: bool = False
+) -> PrepareError:
+    """``fresh``: the folder of ``dest`` was made by this run, which removes it again."""
+    where = f"e.g. to {dest}" + (
+        f" (create {dest.parent} first: mkdir -p {dest.parent})" if fresh else ""
+    )
     return PrepareError(
         f"cannot download {archive.url} ({reason}).\n"
         f"Without network access here, fetch that file ({archive.filename}) on a machine that "
-        f"has it, copy it to this machine, e.g. to {dest}, and run:\n  {command}"
+        f"has it, copy it to this machine, {where}, and run:\n  {command}"
     )
 
 
@@ -135,11 +220,15 @@ def fetch(
     command: str = "python -m fcn_lightning.prepare ... --archive PATH",
     say: Callable[[str], None] = print,
     attempts: int = 3,
+    fresh: bool = False,
 ) -> Path:
     """The archive on disk, its checksum verified: ``path`` (the user's copy: never downloads),
-    else ``folder/<filename>`` if present, else downloaded there (resuming ``<filename>.part``)."""
+    else ``folder/<filename>`` if present, else downloaded there (resuming ``<filename>.part``).
+    ``fresh``: ``folder`` was made by this run (a failed run removes it again)."""
     if path is not None:
         path = Path(path).expanduser()
+        if path.is_dir():
+            raise PrepareError(f"--archive {path} is a folder, not an archive")
         if not path.is_file():
             raise PrepareError(f"--archive {path}: no such file")
         say(f"Using {path}" + (" (verifying its md5)" if archive.md5 else ""))
@@ -159,9 +248,10 @@ def fetch(
         except urllib.error.HTTPError as err:
             if err.code == 416:  # the .part already holds the whole file
                 break
-            raise no_network(archive, dest, f"HTTP {err.code} {err.reason}", command) from None
+            reason = f"HTTP {err.code} {err.reason}"
+            raise no_network(archive, dest, reason, command, fresh) from None
         except urllib.error.URLError as err:
-            raise no_network(archive, dest, err.reason, command) from None
+            raise no_network(archive, dest, err.reason, command, fresh) from None
         except (OSError, http.client.HTTPException) as err:  # cut off: resume from the .part
             if getattr(err, "errno", None) == errno.ENOSPC:
                 raise PrepareError(
@@ -223,6 +313,16 @@ def damaged(path: Path, err: BaseException) -> PrepareError:
     )
 
 
+def unreadable(path: Path) -> PrepareError:
+    """Neither zip nor tar could open it: not an archive, or one cut short (a zip keeps its
+    index at its end), where tarfile's own message lists each method it tried."""
+    return PrepareError(
+        f"{path} is neither a tar nor a zip archive, or is damaged or incomplete (a zip cut "
+        "short loses its index, kept at its end): delete it and download it again (an "
+        "interrupted copy or download is the usual cause)"
+    )
+
+
 ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zipfile.BadZipFile, zlib.error, gzip.BadGzipFile)
 
 
@@ -242,7 +342,11 @@ def read_index(path: Path) -> list[Member]:
                     Member(_clean(i.filename), i.file_size, i.is_dir()) for i in zf.infolist()
                 ]
         else:
-            with tarfile.open(path, "r:*") as tar:
+            try:
+                opened = tarfile.open(path, "r:*")
+            except tarfile.ReadError:  # no compression or tar header recognised
+                raise unreadable(path) from None
+            with opened as tar:
                 members = [
                     Member(_clean(m.name), m.size if m.isfile() else 0, m.isdir())
                     for m in tar.getmembers()
@@ -264,15 +368,27 @@ def read_index(path: Path) -> list[Member]:
     return members
 
 
-def find_prefix(members: Sequence[Member], pattern: str, what: str, path: Path) -> str:
+Hint = Callable[[Sequence[Member]], str | None]  # what an archive holds instead, if known
+SHOWN_TOPS = 5
+
+
+def find_prefix(
+    members: Sequence[Member], pattern: str, what: str, path: Path, hint: Hint | None = None
+) -> str:
     """The folder inside the archive that ``pattern`` (a regex matched against member names,
-    with a group ``prefix``) points to; the shortest if several."""
+    with a group ``prefix``) points to; the shortest if several. Where there is none, the
+    message says what the archive holds: ``hint(members)`` if it knows, else its top entries."""
     found = sorted(
         {m.group("prefix").rstrip("/") for x in members if (m := re.match(pattern, x.name))},
         key=len,
     )
     if not found:
-        raise PrepareError(f"{path} holds no {what}: is it the right archive?")
+        told = hint(members) if hint is not None else None
+        if told is None:
+            tops = sorted({m.name.split("/")[0] for m in members if m.name})
+            shown = ", ".join(tops[:SHOWN_TOPS]) + (" ..." if len(tops) > SHOWN_TOPS else "")
+            told = f"it holds {shown}" if tops else "it is empty"
+        raise PrepareError(f"{path} holds no {what}: {told}. Is it the right archive?")
     return found[0]
 
 
@@ -333,21 +449,66 @@ def extract(path: Path, members: Sequence[Member], into: Path, need: int) -> Non
 
 
 @contextlib.contextmanager
-def staging(parent: Path) -> Iterator[Path]:
+def staging(parent: Path, say: Callable[[str], None] | None = None) -> Iterator[Path]:
     """A temporary folder in ``parent`` (same file system: the final move is a rename),
-    removed on the way out whatever happens."""
+    removed on the way out whatever happens; an interruption (Ctrl+C, or the signals the
+    command turns into one) is reported through ``say``."""
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=parent))
     try:
         yield tmp
+    except KeyboardInterrupt:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if say is not None:
+            say(f"Removed the unfinished extraction {tmp}")
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def stale(root: Path) -> list[Path]:
+    """Temporary folders of earlier runs in ``root`` (a run killed with SIGKILL, a power cut):
+    stale when the lock is held, since only its holder makes one."""
+    try:
+        return sorted(p for p in root.glob(STAGING_PREFIX + "*") if p.is_dir())
+    except OSError:
+        return []
+
+
+def remove_stale(root: Path, say: Callable[[str], None]) -> None:
+    """Remove :func:`stale` folders (call with the lock held) and say so."""
+    for p in stale(root):
+        shutil.rmtree(p, ignore_errors=True)
+        if p.exists():
+            say(f"Could not remove an unfinished extraction left by an earlier run: {p}")
+        else:
+            say(f"Removed an unfinished extraction left by an earlier run: {p}")
+
+
+def tidy(root: Path, say: Callable[[str], None]) -> None:
+    """:func:`remove_stale` in a root where nothing else needs doing, if the lock is free (a
+    live preparation's folder is left alone) and the root can be written (else a note)."""
+    if not stale(root) or fcntl is None:
+        return
+    try:
+        with open(root / LOCK_NAME, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                remove_stale(root, say)
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+    except BlockingIOError:  # another process is preparing here: its folder, maybe
+        return
+    except OSError as err:
+        for p in stale(root):
+            say(f"Note: {p} is an unfinished extraction left by an earlier run ({err}): delete it")
+
+
 @contextlib.contextmanager
 def locked(folder: Path, say: Callable[[str], None] = print) -> Iterator[None]:
-    """One preparation at a time in ``folder`` (several processes of one job, two jobs)."""
-    made = not folder.exists()
+    """One preparation at a time in ``folder`` (several processes of one job, two jobs). The
+    folders made for it are removed again if nothing but the lock ended up in them."""
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     folder.mkdir(parents=True, exist_ok=True)
     if fcntl is None:  # pragma: no cover
         yield
@@ -364,12 +525,14 @@ def locked(folder: Path, say: Callable[[str], None] = print) -> Iterator[None]:
         finally:
             if made and [p.name for p in folder.iterdir()] == [LOCK_NAME]:
                 lock.unlink()  # a failed first run leaves no empty folder behind
-                folder.rmdir()
+                for p in made:
+                    with contextlib.suppress(OSError):  # not empty (another writer): kept
+                        p.rmdir()
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def already_prepared(
-    targets: Sequence[Path], check: Callable[[], object], what: str, say: Callable[[str], None]
+    targets: Sequence[Path], check: Callable[[], Any], what: str, say: Callable[[str], None]
 ) -> bool:
     """True if the ``targets`` (what an installation moves into place) exist and ``check()``
     (a layout report: ``ok``, ``errors``) finds them complete: nothing to do. Raises if some
@@ -399,6 +562,7 @@ def install(
     moves: Sequence[tuple[str, str]],
     verify_staged: Callable[[Path], None],
     say: Callable[[str], None] = print,
+    hint: Hint | None = None,
 ) -> None:
     """Extract the folder of archive ``path`` that ``pattern`` finds (see :func:`find_prefix`)
     into a temporary folder in ``root``, run ``verify_staged(folder)`` on it (raises on a
@@ -406,12 +570,12 @@ def install(
     ``root / target``, in order: the entry that makes the layout usable goes last. Entries
     absent from the archive are skipped; a target that exists is never replaced."""
     members = read_index(path)
-    prefix = find_prefix(members, pattern, what, path)
+    prefix = find_prefix(members, pattern, what, path, hint)
     chosen = under(members, prefix)
     need = sum(m.size for m in chosen)
     say(f"{path.name}: {what} at '{prefix or '.'}', {len(chosen):,} entries, {mib(need)}")
     check_space(root, need, f"{what} from {path.name}")
-    with staging(root) as tmp:
+    with staging(root, say) as tmp:
         extract(path, chosen, tmp, need)
         staged = tmp / prefix if prefix else tmp
         try:
@@ -430,3 +594,55 @@ def install(
                 raise PrepareError(f"{dst} appeared while preparing: left as it is")
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, dst) if src.is_file() else src.rename(dst)
+
+
+def prepare_once(
+    root: Path,
+    info: Archive,
+    *,
+    targets: Sequence[Path],
+    check: Callable[[], Any],
+    what: str,
+    command: str,
+    install_from: Callable[[Path], None],
+    archive: str | Path | None = None,
+    md5: str | None = None,
+    url: str | None = None,
+    say: Callable[[str], None] = print,
+    before: Callable[[], None] | None = None,
+) -> None:
+    """The course of every preparation. The options are checked first (:func:`choose`), then
+    whether ``targets`` are :func:`already_prepared`, writing nothing: a complete dataset on a
+    read-only root is fine. Only where there is work is the root's lock taken (and the root
+    made); with it held, stale temporary folders are removed, ``before()`` runs (under the
+    lock, before the check; its presence makes every run take the lock), the check is made
+    again (another process may have finished meanwhile) and ``install_from(archive)`` runs
+    on the archive :func:`fetch` gives. A root that is a file, or that cannot be written
+    where there is work, raises PrepareError naming the folder."""
+    info, path = choose(info, archive=archive, md5=md5, url=url)
+    if problem := not_a_folder(root):
+        raise PrepareError(f"{problem}: --root (data.root) must be a folder")
+    incomplete: PrepareError | None = None
+    if before is None:
+        try:
+            if already_prepared(targets, check, what, say):
+                tidy(root, say)
+                return
+        except PrepareError as err:  # said again under the lock (another run may be finishing)
+            incomplete = err
+    fresh = not root.is_dir()
+    try:
+        with locked(root, say):
+            remove_stale(root, say)
+            if before is not None:
+                before()
+            if already_prepared(targets, check, what, say):
+                return
+            archive_path = fetch(info, root, path=path, command=command, say=say, fresh=fresh)
+            install_from(archive_path)
+    except OSError as err:
+        if err.errno not in UNWRITABLE:
+            raise
+        if incomplete is not None:  # the real problem: nothing here would write
+            raise incomplete from None
+        raise cannot_write(root, err, what) from None

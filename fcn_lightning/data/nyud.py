@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,7 @@ from torch.utils.data import Dataset
 
 from ..contract import SINGLE_HEAD, DataContract, Head, InputGroup
 from ..normalization import LOG_DEPTH_MEANS
-from .archives import ARCHIVES, PrepareError, already_prepared, fetch, install, locked
+from .archives import ARCHIVES, PrepareError, install, prepare_once
 from .base import SegmentationDataModule, check_files_exist, read_split_file
 from .layout import LayoutReport, Listing, count_split
 from .readers import DataError, read_image, read_mat
@@ -85,14 +86,22 @@ FOLDERS = {"images": "data/images", "hha": "data/hha", "depth": "data/depth"}
 LISTS_SOURCE = "https://github.com/shelhamer/fcn.berkeleyvision.org/tree/master/data/nyud"
 MEAN_LOG_DEPTH = LOG_DEPTH_MEANS["nyud"]  # mean log(depth in mm), as the reference subtracts it
 
-LAYOUT = """Expected layout under data.root (NYUDv2 as prepared for FCN):
+LAYOUT = """Expected layout of NYUDv2 as prepared for FCN under data.root{where}:
   train.txt, val.txt, test.txt            (one id per line, e.g. 5001)
   data/images/img_<id>.png                (RGB)
   data/hha/img_<id>.png                   (HHA: disparity, height, angle as 3 channels)
   data/depth/img_<id>.png                 (depth in millimetres, 16-bit)
   segmentation/img_<id>.mat               (key 'segmentation': uint8, 0 = void, 1..40 = classes)
-Prepared data: http://dl.caffe.berkeleyvision.org/nyud.tar.gz (fcn.berkeleyvision.org, data/nyud)
-or: python -m fcn_lightning.prepare nyud --root <data.root> (docs/DATA.md)"""
+Prepared data: {url} (fcn.berkeleyvision.org, data/nyud)
+or: python -m fcn_lightning.prepare nyud --root {arg} (docs/DATA.md)"""
+
+
+def layout(root: Path | None) -> str:
+    """:data:`LAYOUT` under ``root``, with the address the prepare command downloads from."""
+    arg = shlex.quote(str(root)) if root is not None else "<data.root>"
+    return LAYOUT.format(
+        where=f" ({root})" if root is not None else "", arg=arg, url=ARCHIVES["nyud"].url
+    )
 
 
 def load_nyud_label(path: Path) -> np.ndarray:
@@ -157,11 +166,12 @@ class NYUDDataModule(SegmentationDataModule):
 
     def split_ids(self, split: str) -> list[str]:
         if self.root is None or not self.root.is_dir():
-            raise DataError(f"data.root {self.root} does not exist.\n{LAYOUT}")
+            raise DataError(f"data.root {self.root} does not exist.\n{layout(self.root)}")
         for folder in MODALITIES[self.modality]:
             if not (self.root / "data" / folder).is_dir():
                 raise DataError(
-                    f"data.modality={self.modality} needs {self.root / 'data' / folder}, which does not exist.\n{LAYOUT}"
+                    f"data.modality={self.modality} needs {self.root / 'data' / folder}, "
+                    f"which does not exist.\n{layout(self.root)}"
                 )
         if split == "trainval":
             return self.split_ids("train") + self.split_ids("val")
@@ -240,8 +250,8 @@ class NYUDDataModule(SegmentationDataModule):
         return torch.cat(parts, dim=0), {"out": self.read_label(label_path)}, label_path
 
 
-def _copy_lists(lists: Path | None, into: Path, say: Callable[[str], None]) -> None:
-    """Copy the split lists from ``lists`` into ``into`` where they are absent there."""
+def _check_lists(lists: Path | None) -> None:
+    """``lists`` (if given) holds the three split lists."""
     if lists is None:
         return
     lists = Path(lists).expanduser()
@@ -250,6 +260,14 @@ def _copy_lists(lists: Path | None, into: Path, say: Callable[[str], None]) -> N
             raise PrepareError(
                 f"--lists {lists}: {name} not found there (the reference's lists: {LISTS_SOURCE})"
             )
+
+
+def _copy_lists(lists: Path | None, into: Path, say: Callable[[str], None]) -> None:
+    """Copy the split lists from ``lists`` into ``into`` where they are absent there."""
+    if lists is None:
+        return
+    _check_lists(lists)
+    lists = Path(lists).expanduser()
     for name in LISTS:
         if not (into / name).exists():
             shutil.copyfile(lists / name, into / name)
@@ -261,52 +279,70 @@ def prepare_nyud(
     *,
     archive: str | Path | None = None,
     md5: str | None = None,
+    url: str | None = None,
     lists: str | Path | None = None,
     say: Callable[[str], None] = print,
 ) -> LayoutReport:
     """``root`` as NYUDv2's data.root (data/{images,hha,depth}/, segmentation/, the split lists)
-    from the reference's nyud.tar.gz (``archive``, or downloaded into ``root``): the folder in
+    from the reference's nyud.tar.gz (``archive``, or downloaded into ``root``, from ``url``
+    if given): the folder in
     it that holds ``segmentation/img_<id>.mat`` and ``data/``. No checksum is published: the tar
     must read to its end, and the finished layout is checked (``md5`` if you have one). The
     split lists come from the archive if it has them, else from ``lists`` (a folder holding
     train.txt, val.txt, test.txt), else the check names what to fetch."""
     root = Path(root).expanduser()
     dm = NYUDDataModule(root)
-    with locked(root, say):
-        targets = [root / "data", root / "segmentation"]
-        present = any(t.exists() for t in targets)
-        if present:
-            _copy_lists(lists, root, say)  # lists added to an extracted copy: never replaced
-        if not already_prepared(targets, dm.check_layout, "NYUDv2", say):
-            info = ARCHIVES["nyud"].with_md5(md5)
-            command = (
-                f"python -m fcn_lightning.prepare nyud --root {root} "
-                f"--archive {root / info.filename}"
-            )
-            path = fetch(info, root, path=archive, command=command, say=say)
+    info = ARCHIVES["nyud"]
+    _check_lists(lists)  # named but wrong: refused even where nothing needs doing
+    targets = [root / "data", root / "segmentation"]
 
-            def verify_staged(staged: Path) -> None:
-                _copy_lists(lists, staged, say)
-                report = NYUDDataModule(staged).check_layout()
-                if all((staged / n).is_file() for n in LISTS):
-                    report.raise_for_errors()
-                elif not any((staged / "segmentation").glob("img_*.mat")):
-                    raise PrepareError(f"{path} holds no segmentation/img_<id>.mat labels")
-                elif not (staged / FOLDERS["images"]).is_dir():
-                    raise PrepareError(f"{path} holds no {FOLDERS['images']}/ folder")
+    def copy_lists() -> None:  # lists added to an extracted copy: never replaced
+        if any(t.exists() for t in targets):
+            _copy_lists(lists, root, say)
 
-            install(
-                path,
-                root,
-                pattern=r"^(?P<prefix>(?:.*/)?)segmentation/img_[^/]+\.mat$",
-                what="NYUDv2 (the folder of segmentation/ and data/)",
-                moves=[
-                    ("data", "data"),
-                    *((n, n) for n in LISTS),
-                    ("segmentation", "segmentation"),
-                ],
-                verify_staged=verify_staged,
-                say=say,
-            )
-            say(f"NYUDv2 is in {root}")
+    def install_from(path: Path) -> None:
+        def verify_staged(staged: Path) -> None:
+            _copy_lists(lists, staged, say)
+            report = NYUDDataModule(staged).check_layout()
+            if all((staged / n).is_file() for n in LISTS):
+                report.raise_for_errors()
+            elif not any((staged / "segmentation").glob("img_*.mat")):
+                raise PrepareError(f"{path} holds no segmentation/img_<id>.mat labels")
+            elif not (staged / FOLDERS["images"]).is_dir():
+                raise PrepareError(f"{path} holds no {FOLDERS['images']}/ folder")
+
+        install(
+            path,
+            root,
+            pattern=r"^(?P<prefix>(?:.*/)?)segmentation/img_[^/]+\.mat$",
+            what="NYUDv2 (the folder of segmentation/ and data/)",
+            moves=[
+                ("data", "data"),
+                *((n, n) for n in LISTS),
+                ("segmentation", "segmentation"),
+            ],
+            verify_staged=verify_staged,
+            say=say,
+        )
+        say(f"NYUDv2 is in {root}")
+
+    # lists to copy in: under the lock, before the check (else a read-only root is fine)
+    to_copy = lists is not None and not all((root / n).is_file() for n in LISTS)
+    prepare_once(
+        root,
+        info,
+        targets=targets,
+        check=dm.check_layout,
+        what="NYUDv2",
+        command=(
+            f"python -m fcn_lightning.prepare nyud --root {shlex.quote(str(root))} "
+            f"--archive {shlex.quote(str(root / info.filename))}"
+        ),
+        install_from=install_from,
+        archive=archive,
+        md5=md5,
+        url=url,
+        say=say,
+        before=copy_lists if to_copy else None,
+    )
     return dm.check_layout()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..contract import DataContract, Head, InputGroup
-from .archives import ARCHIVES, already_prepared, fetch, install, locked
+from .archives import ARCHIVES, install, prepare_once
 from .base import SegmentationDataModule
 from .layout import LayoutReport, Listing, SplitCount, count_split
 from .readers import DataError, read_image, read_mat
@@ -30,13 +31,21 @@ OFFICIAL_COUNTS = {"all": 2688, "train": 2486, "test": 200}
 UNANNOTATED = ("highway_bost181", "street_urb506")
 ENTRIES = ("Images", "SemanticLabels", "GeoLabels", "TestSet1.txt")  # TestSet1.txt last
 
-LAYOUT = f"""Expected layout under data.root (the SIFT Flow dataset):
+LAYOUT = f"""Expected layout of the SIFT Flow dataset under data.root{{where}}:
   Images/{SUBDIR}/<id>.jpg
   SemanticLabels/{SUBDIR}/<id>.mat     (key 'S': 0 = unlabeled, 1..33 = classes)
   GeoLabels/{SUBDIR}/<id>.mat          (key 'S': -1 = unlabeled, 1..3 = sky, horizontal, vertical)
   TestSet1.txt                         (the 200 test images, one '{SUBDIR}\\<id>.jpg' a line)
-Download: http://people.csail.mit.edu/celiu/LabelTransfer/SiftFlowDataset.zip
-or: python -m fcn_lightning.prepare siftflow --root <data.root> (docs/DATA.md)"""
+Download: {{url}}
+or: python -m fcn_lightning.prepare siftflow --root {{arg}} (docs/DATA.md)"""
+
+
+def layout(root: Path | None) -> str:
+    """:data:`LAYOUT` under ``root``, with the address the prepare command downloads from."""
+    arg = shlex.quote(str(root)) if root is not None else "<data.root>"
+    return LAYOUT.format(
+        where=f" ({root})" if root is not None else "", arg=arg, url=ARCHIVES["siftflow"].url
+    )
 
 
 def load_siftflow_label(path: Path, geometric: bool) -> np.ndarray:
@@ -76,13 +85,15 @@ class SiftFlowDataModule(SegmentationDataModule):
 
     def split_ids(self, split: str) -> list[str]:
         if self.root is None or not self.root.is_dir():
-            raise DataError(f"data.root {self.root} does not exist.\n{LAYOUT}")
+            raise DataError(f"data.root {self.root} does not exist.\n{layout(self.root)}")
         images = self.root / "Images" / SUBDIR
         if not images.is_dir():
-            raise DataError(f"{images} not found.\n{LAYOUT}")
+            raise DataError(f"{images} not found.\n{layout(self.root)}")
         test_file = self.root / "TestSet1.txt"
         if not test_file.is_file():
-            raise DataError(f"{test_file} not found: it defines the test split.\n{LAYOUT}")
+            raise DataError(
+                f"{test_file} not found: it defines the test split.\n{layout(self.root)}"
+            )
         # lines look like 'spatial_envelope_256x256_static_8outdoorcategories\coast_arnat59.jpg'
         test = [
             Path(line.strip().replace("\\", "/")).stem
@@ -170,32 +181,45 @@ def prepare_siftflow(
     *,
     archive: str | Path | None = None,
     md5: str | None = None,
+    url: str | None = None,
     say: Callable[[str], None] = print,
 ) -> LayoutReport:
     """``root`` as SIFT Flow's data.root (Images/, SemanticLabels/, GeoLabels/, TestSet1.txt)
-    from SiftFlowDataset.zip (``archive``, or downloaded into ``root``). No checksum is
-    published: the zip's CRCs and the finished layout are checked (``md5`` if you have one)."""
+    from SiftFlowDataset.zip (``archive``, or downloaded into ``root``, from ``url`` if given).
+    No checksum is published: the zip's CRCs and the finished layout are checked (``md5`` if
+    you have one). A complete one is left alone, writing nothing."""
     root = Path(root).expanduser()
     dm = SiftFlowDataModule(root)
-    with locked(root, say):
-        targets = [root / e for e in ENTRIES]
-        if not already_prepared(targets, dm.check_layout, "SIFT Flow", say):
-            info = ARCHIVES["siftflow"].with_md5(md5)
-            command = (
-                f"python -m fcn_lightning.prepare siftflow --root {root} "
-                f"--archive {root / info.filename}"
-            )
-            path = fetch(info, root, path=archive, command=command, say=say)
-            install(
-                path,
-                root,
-                pattern=r"^(?P<prefix>(?:.*/)?)TestSet1\.txt$",
-                what="the SIFT Flow dataset (the folder of TestSet1.txt)",
-                moves=[(e, e) for e in ENTRIES],
-                verify_staged=lambda staged: (
-                    SiftFlowDataModule(staged).check_layout().raise_for_errors()
-                ),
-                say=say,
-            )
-            say(f"SIFT Flow is in {root}")
+    info = ARCHIVES["siftflow"]
+
+    def install_from(path: Path) -> None:
+        install(
+            path,
+            root,
+            pattern=r"^(?P<prefix>(?:.*/)?)TestSet1\.txt$",
+            what="the SIFT Flow dataset (the folder of TestSet1.txt)",
+            moves=[(e, e) for e in ENTRIES],
+            verify_staged=lambda staged: (
+                SiftFlowDataModule(staged).check_layout().raise_for_errors()
+            ),
+            say=say,
+        )
+        say(f"SIFT Flow is in {root}")
+
+    prepare_once(
+        root,
+        info,
+        targets=[root / e for e in ENTRIES],
+        check=dm.check_layout,
+        what="SIFT Flow",
+        command=(
+            f"python -m fcn_lightning.prepare siftflow --root {shlex.quote(str(root))} "
+            f"--archive {shlex.quote(str(root / info.filename))}"
+        ),
+        install_from=install_from,
+        archive=archive,
+        md5=md5,
+        url=url,
+        say=say,
+    )
     return dm.check_layout()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+import shlex
 import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -12,7 +14,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import ConcatDataset, Dataset
 
-from .archives import ARCHIVES, Archive, already_prepared, fetch, install, locked
+from .archives import ARCHIVES, Archive, install, prepare_once
 from .base import SegmentationDataModule, check_files_exist, read_split_file
 from .layout import LayoutReport, Listing, count_split
 from .readers import DataError, read_image, read_label_png, read_mat
@@ -37,17 +39,29 @@ OFFICIAL_COUNTS = {
     "sbd": {"sbd_train": 8498, "sbd_val": 2857},
 }
 
-LAYOUT = """Expected layout under data.root:
+LAYOUT = """Expected layout under data.root{where}:
   VOCdevkit/VOC{year}/JPEGImages/<id>.jpg
   VOCdevkit/VOC{year}/SegmentationClass/<id>.png          (palette PNG; 255 = void)
   VOCdevkit/VOC{year}/ImageSets/Segmentation/{{train,val,trainval}}.txt
 and, for the SBD splits (sbd_train, sbd_val, seg11valid):
   benchmark_RELEASE/dataset/{{img/<id>.jpg, cls/<id>.mat, train.txt, val.txt}}
-VOC2012: http://host.robots.ox.ac.uk/pascal/VOC/voc2012/ (VOCtrainval_11-May-2012.tar)
-VOC2011: http://host.robots.ox.ac.uk/pascal/VOC/voc2011/ (VOCtrainval_25-May-2011.tar)
-SBD: http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz
-To fetch, check and extract them: python -m fcn_lightning.prepare voc --year {year} --root <data.root>
-(and ... prepare sbd --root <data.root>), or data.download=true; see docs/DATA.md."""
+VOC{year}: {voc.url}
+SBD: {sbd.url}
+To fetch, check and extract them: python -m fcn_lightning.prepare voc --year {year} --root {arg}
+(and ... prepare sbd --root {arg}), or data.download=true; see docs/DATA.md."""
+
+
+def layout(year: str, root: Path | None) -> str:
+    """:data:`LAYOUT` for VOC of ``year`` under ``root``: the archives' addresses are those
+    ``python -m fcn_lightning.prepare`` downloads from (:data:`ARCHIVES`)."""
+    arg = shlex.quote(str(root)) if root is not None else "<data.root>"
+    return LAYOUT.format(
+        year=year,
+        where=f" ({root})" if root is not None else "",
+        arg=arg,
+        voc=ARCHIVES[f"voc{year}"],
+        sbd=ARCHIVES["sbd"],
+    )
 
 
 def load_sbd_label(path: Path) -> Any:
@@ -96,11 +110,16 @@ class VOCDataModule(SegmentationDataModule):
 
     def _require(self, path: Path, what: str) -> None:
         if self.root is None or not self.root.is_dir():
-            raise DataError(
-                f"data.root {self.root} does not exist.\n" + LAYOUT.format(year=self.year)
+            state = (
+                "is a file, not a folder" if self.root and self.root.exists() else "does not exist"
             )
+            raise DataError(f"data.root {self.root} {state}.\n" + self.layout())
         if not path.exists():
-            raise DataError(f"{what} not found: {path}\n" + LAYOUT.format(year=self.year))
+            raise DataError(f"{what} not found: {path}\n" + self.layout())
+
+    def layout(self) -> str:
+        """What :meth:`_require` prints: the layout expected, where to get it, the command."""
+        return layout(self.year, self.root)
 
     def _voc_ids(self, split: str) -> list[str]:
         self._require(self.voc_dir, f"VOC{self.year}")
@@ -145,10 +164,20 @@ class VOCDataModule(SegmentationDataModule):
         splits = [*(VOC_SPLITS if voc else ()), *(SBD_SPLITS if sbd else ())]
         return [*splits, "seg11valid"] if voc and sbd and self.year == "2011" else splits
 
-    def check_layout(self, splits: Sequence[str] | None = None) -> LayoutReport:
+    def other_year(self) -> str | None:
+        """The other VOC release, where its folder is on disk."""
+        other = "2012" if self.year == "2011" else "2011"
+        return other if (self.root / "VOCdevkit" / f"VOC{other}").is_dir() else None
+
+    def check_layout(
+        self, splits: Sequence[str] | None = None, *, require_voc: bool = False
+    ) -> LayoutReport:
         """Per split (default: every split on disk), the ids its list names, the images and
-        labels found and the official count, from :meth:`split_ids` itself."""
-        splits = list(splits) if splits is not None else self.available_splits()
+        labels found and the official count, from :meth:`split_ids` itself. ``require_voc``
+        (the check of a root, as training reads it): VOC of ``year`` absent is an error, which
+        names the folder expected and the other release if that one is there."""
+        listed = splits is not None
+        splits = list(splits) if listed else self.available_splits()
         parts = [f"VOC{self.year}"] * self.voc_dir.is_dir() + ["SBD"] * self.sbd_dir.is_dir()
         report = LayoutReport(
             f"{' + '.join(parts) or 'PASCAL VOC'} under {self.root}:", ("images", "labels")
@@ -167,8 +196,19 @@ class VOCDataModule(SegmentationDataModule):
                 report.problems.append(f"{split}: {str(err).splitlines()[0]}")
                 continue
             report.splits.append(count_split(split, ids, files, official.get(split), listing))
-        if not splits:
-            report.problems.append(f"neither {self.voc_dir} nor {self.sbd_dir} exists")
+        other = self.other_year() if not self.voc_dir.is_dir() else None
+        also = (
+            f" ({self.root / 'VOCdevkit' / f'VOC{other}'} is there: that is --year {other}, "
+            f"data.year={other})"
+            if other
+            else ""
+        )
+        if require_voc and not self.voc_dir.is_dir():
+            report.problems.append(f"VOC{self.year} not found: {self.voc_dir} does not exist{also}")
+        elif not splits and not listed:
+            report.problems.append(f"neither {self.voc_dir} nor {self.sbd_dir} exists{also}")
+        elif also and not listed:
+            report.notes.append(f"VOC{self.year}: {self.voc_dir} does not exist{also}")
         return report
 
     def split_ids(self, split: str) -> list[tuple[str, str]]:
@@ -236,9 +276,24 @@ class VOCDataModule(SegmentationDataModule):
 def _command(kind: str, root: Path, archive: Archive, year: str = "") -> str:
     extra = f" --year {year}" if year else ""
     return (
-        f"python -m fcn_lightning.prepare {kind}{extra} --root {root} "
-        f"--archive {root / archive.filename}"
+        f"python -m fcn_lightning.prepare {kind}{extra} --root {shlex.quote(str(root))} "
+        f"--archive {shlex.quote(str(root / archive.filename))}"
     )
+
+
+def _other_release(year: str) -> Callable[[Sequence[Any]], str | None]:
+    """What a VOC archive without VOCdevkit/VOC<year> holds instead, if it is another VOC."""
+
+    def hint(members: Sequence[Any]) -> str | None:
+        pattern = re.compile(r"^(?:.*/)?VOCdevkit/VOC(\d{4})(?:/|$)")
+        years = sorted({m.group(1) for x in members if (m := pattern.match(x.name))})
+        if not years:
+            return None
+        held = ", ".join(f"VOCdevkit/VOC{y}" for y in years)
+        usable = [y for y in years if y in OFFICIAL_COUNTS and y != year]
+        return f"it holds {held}" + (f": pass --year {usable[0]}" if usable else "")
+
+    return hint
 
 
 def _quiet_check(dm: VOCDataModule, splits: Sequence[str]) -> LayoutReport:
@@ -249,38 +304,50 @@ def _quiet_check(dm: VOCDataModule, splits: Sequence[str]) -> LayoutReport:
 
 def prepare_voc(
     root: str | Path,
-    year: int | str = 2012,
+    year: int | str = 2011,
     *,
     archive: str | Path | None = None,
     md5: str | None = None,
+    url: str | None = None,
     say: Callable[[str], None] = print,
 ) -> LayoutReport:
     """``root/VOCdevkit/VOC<year>`` from the official trainval archive (``archive``: a copy on
-    disk; else downloaded into ``root``), its md5 checked (torchvision's table, or ``md5``).
-    Returns the layout check of ``root``."""
+    disk; else downloaded into ``root``, from ``url`` if given: a mirror), its md5 checked
+    (torchvision's table, or ``md5``). Returns the layout check of ``root``, VOC of ``year``
+    required. A complete one is left alone, writing nothing (a read-only root is fine)."""
     root, year = Path(root).expanduser(), str(year)
     dm = VOCDataModule(root, year=year)
-    with locked(root, say):
-        if not already_prepared(
-            [dm.voc_dir], lambda: _quiet_check(dm, VOC_SPLITS), f"VOC{year}", say
-        ):
-            info = ARCHIVES[f"voc{year}"].with_md5(md5)
-            path = fetch(
-                info, root, path=archive, command=_command("voc", root, info, year), say=say
-            )
-            install(
-                path,
-                root,
-                pattern=rf"^(?P<prefix>(?:.*/)?VOCdevkit/VOC{year})/ImageSets/Segmentation/",
-                what=f"VOCdevkit/VOC{year}",
-                moves=[(".", f"VOCdevkit/VOC{year}")],
-                verify_staged=lambda staged: _quiet_check(
-                    VOCDataModule(staged.parent.parent, year=year), VOC_SPLITS
-                ).raise_for_errors(),
-                say=say,
-            )
-            say(f"VOC{year} is in {dm.voc_dir}")
-    return dm.check_layout()
+    info = ARCHIVES[f"voc{year}"]
+
+    def install_from(path: Path) -> None:
+        install(
+            path,
+            root,
+            pattern=rf"^(?P<prefix>(?:.*/)?VOCdevkit/VOC{year})/ImageSets/Segmentation/",
+            what=f"VOCdevkit/VOC{year}",
+            moves=[(".", f"VOCdevkit/VOC{year}")],
+            verify_staged=lambda staged: _quiet_check(
+                VOCDataModule(staged.parent.parent, year=year), VOC_SPLITS
+            ).raise_for_errors(),
+            say=say,
+            hint=_other_release(year),
+        )
+        say(f"VOC{year} is in {dm.voc_dir}")
+
+    prepare_once(
+        root,
+        info,
+        targets=[dm.voc_dir],
+        check=lambda: _quiet_check(dm, VOC_SPLITS),
+        what=f"VOC{year}",
+        command=_command("voc", root, info, year),
+        install_from=install_from,
+        archive=archive,
+        md5=md5,
+        url=url,
+        say=say,
+    )
+    return dm.check_layout(require_voc=True)
 
 
 def prepare_sbd(
@@ -288,27 +355,42 @@ def prepare_sbd(
     *,
     archive: str | Path | None = None,
     md5: str | None = None,
+    url: str | None = None,
     year: int | str = 2011,
     say: Callable[[str], None] = print,
 ) -> LayoutReport:
-    """``root/benchmark_RELEASE/dataset`` from SBD's benchmark.tgz (``archive`` or downloaded),
-    its md5 checked. Returns the layout check of ``root`` (with VOC of ``year`` if present)."""
+    """``root/benchmark_RELEASE/dataset`` from SBD's benchmark.tgz (``archive`` or downloaded,
+    from ``url`` if given), its md5 checked. Returns the layout check of ``root`` (with VOC of
+    ``year`` if present)."""
     root = Path(root).expanduser()
     dm = VOCDataModule(root, year=year)
-    with locked(root, say):
-        if not already_prepared([dm.sbd_dir], lambda: _quiet_check(dm, SBD_SPLITS), "SBD", say):
-            info = ARCHIVES["sbd"].with_md5(md5)
-            path = fetch(info, root, path=archive, command=_command("sbd", root, info), say=say)
-            install(
-                path,
-                root,
-                pattern=r"^(?P<prefix>(?:.*/)?benchmark_RELEASE/dataset)/(train|val)\.txt$",
-                what="benchmark_RELEASE/dataset",
-                moves=[(".", "benchmark_RELEASE/dataset")],
-                verify_staged=lambda staged: _quiet_check(
-                    VOCDataModule(staged.parent.parent), SBD_SPLITS
-                ).raise_for_errors(),
-                say=say,
-            )
-            say(f"SBD is in {dm.sbd_dir}")
+    info = ARCHIVES["sbd"]
+
+    def install_from(path: Path) -> None:
+        install(
+            path,
+            root,
+            pattern=r"^(?P<prefix>(?:.*/)?benchmark_RELEASE/dataset)/(train|val)\.txt$",
+            what="benchmark_RELEASE/dataset",
+            moves=[(".", "benchmark_RELEASE/dataset")],
+            verify_staged=lambda staged: _quiet_check(
+                VOCDataModule(staged.parent.parent), SBD_SPLITS
+            ).raise_for_errors(),
+            say=say,
+        )
+        say(f"SBD is in {dm.sbd_dir}")
+
+    prepare_once(
+        root,
+        info,
+        targets=[dm.sbd_dir],
+        check=lambda: _quiet_check(dm, SBD_SPLITS),
+        what="SBD",
+        command=_command("sbd", root, info),
+        install_from=install_from,
+        archive=archive,
+        md5=md5,
+        url=url,
+        say=say,
+    )
     return dm.check_layout()
