@@ -11,6 +11,7 @@ import inspect
 import json
 import logging
 import shutil
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,6 +47,9 @@ def as_command(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         return fn(cfg)
     except user_errors() as err:
         raise SystemExit(f"Error: {err}") from None
+    except KeyboardInterrupt:  # Ctrl+C: what the command writes is written atomically
+        print("Interrupted (Ctrl+C)", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def read_json(path: Path) -> dict[str, Any]:

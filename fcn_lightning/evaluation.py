@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from .atomic import write_json_atomic
+from .checkpoints import CheckpointError
 from .checks import ConfigError, label_report
 from .console import say
 from .contract import format_table, input_mismatch, inputs_of, short_form
@@ -23,7 +24,7 @@ def load_module(path: Any, **overrides: Any) -> FCNModule:
         raise ConfigError("ckpt_path is not set: pass ckpt_path=/path/to/best.ckpt")
     try:
         return load_checkpoint(path, **overrides).eval()
-    except FileNotFoundError as err:
+    except (FileNotFoundError, CheckpointError) as err:
         raise ConfigError(f"ckpt_path: {err}") from None
 
 

@@ -81,6 +81,21 @@ def check_format(fmt: Any) -> str:
     return str(fmt)
 
 
+def allowance(cfg: DictConfig) -> tuple[float, float]:
+    """(tolerance, rtol): numbers >= 0."""
+    values = []
+    for name, default in (("tolerance", 1e-4), ("rtol", 1e-5)):
+        value = cfg.get(name, default)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if not number >= 0 or isinstance(value, bool):
+            raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+        values.append(number)
+    return values[0], values[1]
+
+
 def onnx_modules() -> tuple[Any, Any]:
     """(onnx, onnxruntime); onnxscript checked too (torch's exporter needs it). Missing: say
     how to install them."""
@@ -464,13 +479,7 @@ def write_and_verify(
     runner = ExportedRunner(Path(f.name), fmt, list(module.contract))
     if runner.metadata is None or json.loads(runner.metadata) != meta:
         raise SystemExit(f"Error: the exported model's metadata did not survive writing ({fmt})")
-    failures = compare(
-        runner,
-        module.model,
-        inputs,
-        float(cfg.get("tolerance", 1e-4)),
-        float(cfg.get("rtol", 1e-5)),
-    )
+    failures = compare(runner, module.model, inputs, *allowance(cfg))
     if failures:
         raise SystemExit(
             f"Error: the exported model differs from the checkpoint's ({len(failures)} "
@@ -483,6 +492,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     """Export ``cfg.ckpt_path``'s network (``cfg.format``) to ``cfg.output``, verified; returns
     the metadata written beside it (and into it)."""
     fmt = check_format(cfg.get("format", "onnx"))
+    allowance(cfg)  # a bad tolerance fails now, not after the export
     if fmt == "onnx":
         onnx_modules()
     if not cfg.get("ckpt_path"):

@@ -19,7 +19,13 @@ import torch.nn.functional as F
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 
-from .checkpoints import load_weights_only, random_state, set_random_state, upgrade_hparams
+from .checkpoints import (
+    CheckpointError,
+    load_weights_only,
+    random_state,
+    set_random_state,
+    upgrade_hparams,
+)
 from .contract import METRIC_NAMES, DataContract, input_mismatch, plain, tag
 from .metrics import HeadMetrics, summarize
 from .models import build_fcn
@@ -358,11 +364,15 @@ def load_checkpoint(
     trunk's pretrained weights are not fetched again, the checkpoint holds them. ``overrides``
     replace hyper-parameters that do not change the weights (e.g. ``exclude_absent_classes``)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise FileNotFoundError(
+            f"{path} is a folder; name a checkpoint file in it, e.g. {path}/<stage>/checkpoints/best.ckpt"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     ckpt = load_weights_only(path, map_location)
-    if "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
-        raise ValueError(
+    if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(
             f"{path} is not a checkpoint written by fcn-lightning (no hyper_parameters / state_dict)"
         )
     hparams = upgrade_hparams(ckpt["hyper_parameters"])

@@ -21,6 +21,7 @@ import fcn_lightning.export as export_module
 from fcn_lightning.checks import ConfigError
 from fcn_lightning.contract import DataContract
 from fcn_lightning.data.nyud import NYUD_CLASSES
+from fcn_lightning.data.readers import read_image
 from fcn_lightning.data.siftflow import SiftFlowDataModule
 from fcn_lightning.export import export, metadata, normalize, read_metadata
 from fcn_lightning.module import FCNModule, load_checkpoint
@@ -278,6 +279,35 @@ def test_the_readme_snippet_runs_and_labels_as_the_checkpoint(fcn8s_onnx, tmp_pa
     assert (scope["labels"] == want.numpy()).mean() > 0.999
 
 
+@pytest.mark.parametrize("kind", ["16-bit grey PNG", "EXIF-rotated JPEG"])
+def test_the_deploying_snippet_reads_images_as_predict_does(
+    kind, fcn8s_onnx, tmp_path, monkeypatch
+):
+    ckpt, out, sidecar, _ = fcn8s_onnx
+    shutil.copy(out, tmp_path / "model.onnx")
+    shutil.copy(sidecar, tmp_path / "model.onnx.json")
+    rng = np.random.default_rng(2)
+    photo = tmp_path / "photo.jpg"  # the snippet's name; Pillow reads the content, not the suffix
+    if kind == "16-bit grey PNG":
+        grey = (rng.integers(0, 64, (6, 5)) * 1000).astype(np.uint16)
+        Image.fromarray(np.kron(grey, np.ones((7, 7), np.uint16))).save(photo, format="PNG")
+    else:
+        rgb = np.kron(rng.integers(0, 256, (5, 8, 3)), np.ones((6, 6, 1))).astype(np.uint8)
+        image = Image.fromarray(rgb)
+        exif = image.getexif()
+        exif[0x0112] = 6  # orientation: turn 90 degrees to be viewed
+        image.save(photo, quality=95, exif=exif)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(deploying_snippet(), "docs/DEPLOYING.md", "exec"), scope)
+    module = load_checkpoint(ckpt).eval()
+    pixels = read_image(photo, exif_transpose=True)  # as predict.py reads it
+    want = normalize(pixels[None].float() / 255, module).numpy()
+    assert scope["x"].shape == want.shape
+    # predict.py rounds 16-bit values to 8 bits: half a step on the 0..255 scale at most
+    assert np.abs(scope["x"] - want).max() <= 0.51
+
+
 # --------------------------------------------------------------------------- habits
 def test_a_test_image_and_a_failed_check_leave_no_model(tmp_path, capsys):
     ckpt = checkpoint(tmp_path / "net.ckpt", arch="fcn32s", geometry="same")
@@ -324,6 +354,15 @@ def test_settings_that_cannot_work_are_refused_before_any_work(tmp_path):
         export(export_cfg(ckpt, "exported_program", tmp_path / "net.model"))
     with pytest.raises(ConfigError, match="is a folder"):
         export(export_cfg(ckpt, "onnx", tmp_path))
+    for bad in ("tolerance=abc", "tolerance=-1", "rtol=-0.1"):
+        with pytest.raises(ConfigError, match="must be a number >= 0"):
+            export(export_cfg(ckpt, "onnx", out, bad))
+    with pytest.raises(ConfigError, match="is a folder; name a checkpoint file"):
+        export(export_cfg(tmp_path, "onnx", out))
+    torch.save({"a": 1}, tmp_path / "dict.pt")
+    with pytest.raises(ConfigError, match="dict.pt is not a checkpoint written by fcn-lightning"):
+        export(export_cfg(tmp_path / "dict.pt", "onnx", out))
+    (tmp_path / "dict.pt").unlink()
     (tmp_path / "net.onnx.json").write_text("{}")  # someone's file where the sidecar would go
     with pytest.raises(ConfigError, match="net.onnx.json already exist"):
         export(export_cfg(ckpt, "onnx", out))
