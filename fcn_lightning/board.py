@@ -15,6 +15,9 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.plugins.hparams import plugin_data_pb2
+from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from .contract import METRIC_NAMES
 
@@ -147,6 +150,37 @@ class ValidationImages(Callback):
         return torch.cat(groups, dim=2)
 
 
+# The columns TensorBoard's HParams table opens with (it shows those marked as differing): what
+# tells the stages of a run apart and the usual sweep axes; every other column is a click away.
+SHOWN = (
+    "model/arch",
+    "model/backbone",
+    "model/geometry",
+    "optimizer/name",
+    "optimizer/lr",
+    "run/seed",
+)
+
+
+def write_hparams(
+    logger: TensorBoardLogger, params: dict[str, Any], metrics: dict[str, float]
+) -> None:
+    """What ``logger.log_hyperparams(params, metrics)`` writes (the hparams.yaml entry and the
+    HParams summaries), with :data:`SHOWN` marked as the columns to show. Lightning marks none,
+    and TensorBoard then opens the table on the first five columns by name (channels_last,
+    class_weights, ...)."""
+    logger.log_hyperparams(params)  # hparams.yaml; without metrics no summary is written
+    experiment, start, end = hparams_summaries(params, metrics)
+    value = experiment.value[0]
+    content = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    for info in content.experiment.hparam_infos:
+        info.differs = info.name in SHOWN
+    value.metadata.plugin_data.content = content.SerializeToString()
+    writer = logger.experiment._get_file_writer()
+    for summary in (experiment, start, end):
+        writer.add_summary(summary)
+
+
 def flat_hparams(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested hparams as flat ``a/b`` keys of scalars, as TensorBoard's HParams tab wants them."""
     out: dict[str, Any] = {}
@@ -179,7 +213,11 @@ class HParamsTab(Callback):
             metrics = {
                 pl_module.tag("hp", h, k): 0.0 for h in pl_module.contract for k in METRIC_NAMES
             }
-            trainer.logger.log_hyperparams(flat_hparams(hparams), metrics)
+            params = flat_hparams(hparams)
+            if isinstance(trainer.logger, TensorBoardLogger):
+                write_hparams(trainer.logger, params, metrics)
+            else:
+                trainer.logger.log_hyperparams(params, metrics)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         results = pl_module.results.get("val")

@@ -28,6 +28,7 @@ from dataset_writers import write_siftflow
 from PIL import Image
 from test_app import NO_DATA, TINY, cfg_of
 
+from fcn_lightning.board import SHOWN
 from fcn_lightning.contract import METRIC_NAMES, tag
 from fcn_lightning.module import load_checkpoint
 from fcn_lightning.pipeline import train
@@ -274,6 +275,10 @@ def test_hparams_table_lists_every_stage_with_its_metrics(run):
     assert {m["name"]["tag"] for m in experiment["metricInfos"]} == metric_tags
     columns = {h["name"] for h in experiment["hparamInfos"]}
     assert {"model/arch", "optimizer/lr", "model/width", "run/seed"} <= columns
+    # the table opens on the columns that tell the stages (and sweep points) apart
+    shown = [h["name"] for h in experiment["hparamInfos"] if h.get("differs")]
+    assert {"model/arch", "optimizer/lr", "run/seed"} <= set(shown) <= set(SHOWN), shown
+    assert [h["name"] for h in experiment["hparamInfos"]][: len(shown)] == shown  # listed first
     groups = {g["name"]: g for g in run.board.session_groups()}
     assert set(groups) == {run.run_name(s) for s in run.stages}
     for stage in run.stages:
