@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only
 from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
@@ -162,6 +163,7 @@ SHOWN = (
 )
 
 
+@rank_zero_only  # as the logger's own methods: other processes have no event file
 def write_hparams(
     logger: TensorBoardLogger, params: dict[str, Any], metrics: dict[str, float]
 ) -> None:
