@@ -18,6 +18,7 @@ import gzip
 import http.client
 import os
 import re
+import shlex
 import shutil
 import tarfile
 import tempfile
@@ -646,3 +647,13 @@ def prepare_once(
         if incomplete is not None:  # the real problem: nothing here would write
             raise incomplete from None
         raise cannot_write(root, err, what) from None
+
+
+def prepare_command(kind: str, root: Path, archive: Archive, year: str = "") -> str:
+    """The command that prepares ``kind`` under ``root`` from its archive placed in ``root``
+    (what the no-network message tells the user to run)."""
+    extra = f" --year {year}" if year else ""
+    return (
+        f"python -m fcn_lightning.prepare {kind}{extra} --root {shlex.quote(str(root))} "
+        f"--archive {shlex.quote(str(root / archive.filename))}"
+    )

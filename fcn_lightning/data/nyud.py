@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from ..contract import SINGLE_HEAD, DataContract, Head, InputGroup
 from ..normalization import LOG_DEPTH_MEANS
-from .archives import ARCHIVES, PrepareError, install, prepare_once
+from .archives import ARCHIVES, PrepareError, install, prepare_command, prepare_once
 from .base import SegmentationDataModule, check_files_exist, read_split_file
 from .layout import LayoutReport, Listing, count_split
 from .readers import DataError, read_image, read_mat
@@ -334,10 +334,7 @@ def prepare_nyud(
         targets=targets,
         check=dm.check_layout,
         what="NYUDv2",
-        command=(
-            f"python -m fcn_lightning.prepare nyud --root {shlex.quote(str(root))} "
-            f"--archive {shlex.quote(str(root / info.filename))}"
-        ),
+        command=prepare_command("nyud", root, info),
         install_from=install_from,
         archive=archive,
         md5=md5,

@@ -12,7 +12,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..contract import DataContract, Head, InputGroup
-from .archives import ARCHIVES, install, prepare_once
+from .archives import ARCHIVES, install, prepare_command, prepare_once
 from .base import SegmentationDataModule
 from .layout import LayoutReport, Listing, SplitCount, count_split
 from .readers import DataError, read_image, read_mat
@@ -212,10 +212,7 @@ def prepare_siftflow(
         targets=[root / e for e in ENTRIES],
         check=dm.check_layout,
         what="SIFT Flow",
-        command=(
-            f"python -m fcn_lightning.prepare siftflow --root {shlex.quote(str(root))} "
-            f"--archive {shlex.quote(str(root / info.filename))}"
-        ),
+        command=prepare_command("siftflow", root, info),
         install_from=install_from,
         archive=archive,
         md5=md5,

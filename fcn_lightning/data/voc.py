@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import ConcatDataset, Dataset
 
-from .archives import ARCHIVES, Archive, install, prepare_once
+from .archives import ARCHIVES, install, prepare_command, prepare_once
 from .base import SegmentationDataModule, check_files_exist, read_split_file
 from .layout import LayoutReport, Listing, count_split
 from .readers import DataError, read_image, read_label_png, read_mat
@@ -150,7 +150,7 @@ class VOCDataModule(SegmentationDataModule):
         if voc:
             prepare_voc(self.root, self.year, say=say)
         if sbd:
-            prepare_sbd(self.root, say=say)
+            prepare_sbd(self.root, year=self.year, say=say)
         self._prepared = True
 
     def setup(self, stage: str | None = None) -> None:
@@ -273,14 +273,6 @@ class VOCDataModule(SegmentationDataModule):
 
 
 # --------------------------------------------------------------------------- preparation
-def _command(kind: str, root: Path, archive: Archive, year: str = "") -> str:
-    extra = f" --year {year}" if year else ""
-    return (
-        f"python -m fcn_lightning.prepare {kind}{extra} --root {shlex.quote(str(root))} "
-        f"--archive {shlex.quote(str(root / archive.filename))}"
-    )
-
-
 def _other_release(year: str) -> Callable[[Sequence[Any]], str | None]:
     """What a VOC archive without VOCdevkit/VOC<year> holds instead, if it is another VOC."""
 
@@ -340,7 +332,7 @@ def prepare_voc(
         targets=[dm.voc_dir],
         check=lambda: _quiet_check(dm, VOC_SPLITS),
         what=f"VOC{year}",
-        command=_command("voc", root, info, year),
+        command=prepare_command("voc", root, info, year),
         install_from=install_from,
         archive=archive,
         md5=md5,
@@ -386,7 +378,7 @@ def prepare_sbd(
         targets=[dm.sbd_dir],
         check=lambda: _quiet_check(dm, SBD_SPLITS),
         what="SBD",
-        command=_command("sbd", root, info),
+        command=prepare_command("sbd", root, info),
         install_from=install_from,
         archive=archive,
         md5=md5,
