@@ -4,9 +4,9 @@ prints mean IoU, pixel accuracy, mean accuracy, f.w. IoU and IoU per class, and 
 import hydra
 from omegaconf import DictConfig
 
-from fcn_lightning.checks import as_command
-from fcn_lightning.console import route_third_party_logs
-from fcn_lightning.evaluation import evaluate
+from fcn_lightning.app.common import as_command
+from fcn_lightning.app.console import route_third_party_logs
+from fcn_lightning.app.evaluate import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")

@@ -5,9 +5,9 @@ sizes before it gets its name) and <output>.json, the metadata a deployer needs.
 import hydra
 from omegaconf import DictConfig
 
-from fcn_lightning.checks import as_command
-from fcn_lightning.console import route_third_party_logs
-from fcn_lightning.export import export
+from fcn_lightning.app.common import as_command
+from fcn_lightning.app.console import route_third_party_logs
+from fcn_lightning.app.export import export
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")

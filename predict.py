@@ -4,9 +4,9 @@ palette label PNG and a colour overlay per image, at the image's own size."""
 import hydra
 from omegaconf import DictConfig
 
-from fcn_lightning.checks import as_command
-from fcn_lightning.console import route_third_party_logs
-from fcn_lightning.prediction import predict
+from fcn_lightning.app.common import as_command
+from fcn_lightning.app.console import route_third_party_logs
+from fcn_lightning.app.predict import predict
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")

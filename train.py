@@ -5,8 +5,8 @@ In a sweep (`-m`) a failed job is recorded and the sweep goes on (fcn_lightning/
 import hydra
 from omegaconf import DictConfig
 
-from fcn_lightning.console import route_third_party_logs
-from fcn_lightning.sweeps import run_with_sweep_status, train_job
+from fcn_lightning.app.console import route_third_party_logs
+from fcn_lightning.app.sweeps import run_with_sweep_status, train_job
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -21,11 +21,8 @@ from typing import Any
 import torch
 
 from .contract import DataContract, modality_of, plain
+from .errors import CheckpointError
 from .normalization import Normalization, get_normalization
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file."""
 
 
 def check_readable(path: str | Path, what: str = "checkpoint", archive: bool = True) -> Path:

@@ -28,12 +28,6 @@ STATS_NAMES = {"voc": "PASCAL VOC", "nyud": "NYUDv2", "siftflow": "SIFT Flow"}
 MODALITIES = {("rgb",): "rgb", ("hha",): "hha", ("depth",): "depth", ("rgb", "depth"): "rgbd"}
 # The paper's four numbers (section 5, docs/PAPER.md "Metrics"), in the order every report uses.
 METRIC_NAMES = ("mIoU", "pixel_acc", "mean_acc", "fwIoU")
-METRIC_TITLES = {
-    "mIoU": "mIoU %",
-    "pixel_acc": "pixel acc",
-    "mean_acc": "mean acc",
-    "fwIoU": "fwIoU",
-}
 
 
 def voc_palette(n: int = 256) -> list[tuple[int, int, int]]:
@@ -375,27 +369,6 @@ def input_mismatch(wants: DataContract, gives: DataContract) -> str | None:
     return f"takes {modality_of(wants)} but the data gives {modality_of(gives)}"
 
 
-def tag(split: str, head: str, name: str, single: bool) -> str:
-    """A TensorBoard / logged metric name: ``val/mIoU`` with one head, ``val/sem/mIoU`` with several."""
-    return f"{split}/{name}" if single else f"{split}/{head}/{name}"
-
-
-def short_form(results: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Per-head results as reports write them: the one head's block itself when the only head is
-    ``out``, else ``{head: block}``."""
-    return results[SINGLE_HEAD] if list(results) == [SINGLE_HEAD] else results
-
-
-def long_form(block: Mapping[str, Any]) -> dict[str, Any]:
-    """The inverse of :func:`short_form`: ``{head: block}`` from what a report holds."""
-    return {SINGLE_HEAD: dict(block)} if "mIoU" in block else dict(block)
-
-
-def headline(block: Mapping[str, Any]) -> float:
-    """The number sweepers optimise and summaries show: mIoU of the first head."""
-    return float(next(iter(long_form(block).values()))["mIoU"])
-
-
 def plain(value: Any) -> Any:
     """DictConfig / ListConfig / tuples -> plain dicts and lists (checkpoint-safe hparams)."""
     if isinstance(value, DictConfig | ListConfig):
@@ -405,16 +378,3 @@ def plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [plain(v) for v in value]
     return value
-
-
-def format_table(metrics: Mapping[str, Any]) -> str:
-    """One row per stage (and head, named when there are several) with the four metrics, in
-    percent; ``metrics`` maps a stage to its results in either form (see ``contract.short_form``)."""
-    rows = []
-    for stage, block in metrics.items():
-        heads = long_form(block)
-        for head, m in heads.items():
-            name = stage if list(heads) == ["out"] else f"{stage}/{head}"
-            rows.append(f"{name:<18}" + "".join(f"{100 * m[k]:>11.1f}" for k in METRIC_NAMES))
-    header = f"{'stage':<18}" + "".join(f"{METRIC_TITLES[k]:>11}" for k in METRIC_NAMES)
-    return "\n".join([header, "-" * len(header), *rows])

@@ -19,18 +19,14 @@ import torch.nn.functional as F
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 
-from .checkpoints import (
-    CheckpointError,
-    load_weights_only,
-    random_state,
-    set_random_state,
-    upgrade_hparams,
-)
-from .contract import METRIC_NAMES, DataContract, input_mismatch, plain, tag
+from .checkpoints import load_weights_only, random_state, set_random_state, upgrade_hparams
+from .contract import METRIC_NAMES, DataContract, input_mismatch, plain
+from .errors import CheckpointError
 from .metrics import HeadMetrics, summarize
 from .models import build_fcn
 from .normalization import Normalization, get_normalization, group_normalizations
 from .optim import build_optimizer, build_scheduler, check_optimizer, check_scheduler
+from .reports import tag
 
 SPLITS = ("val", "test")
 # the model's settings that the data contract decides

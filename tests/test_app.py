@@ -18,10 +18,10 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from fcn_lightning.evaluation import evaluate
-from fcn_lightning.pipeline import train
-from fcn_lightning.prediction import predict
-from fcn_lightning.stages import stages_for
+from fcn_lightning.app.evaluate import evaluate
+from fcn_lightning.app.predict import predict
+from fcn_lightning.app.stages import stages_for
+from fcn_lightning.app.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -13,9 +13,10 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from test_app import CONF, cfg_of
 
-from fcn_lightning.checks import check_settings
-from fcn_lightning.pipeline import make_datamodule, make_module
-from fcn_lightning.stages import stages_for
+from fcn_lightning.app.checks import check_settings
+from fcn_lightning.app.common import make_datamodule
+from fcn_lightning.app.stages import stages_for
+from fcn_lightning.app.train import make_module
 
 DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
 OPTIMIZERS = sorted(p.stem for p in (CONF / "optimizer").glob("*.yaml"))

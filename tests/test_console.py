@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fcn_lightning.console import (
+from fcn_lightning.app.console import (
     ConsoleFilter,
     NoAdvertisements,
     format_warning,

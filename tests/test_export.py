@@ -17,13 +17,13 @@ import torch
 from PIL import Image
 from test_app import ROOT, cfg_of, run
 
-import fcn_lightning.export as export_module
-from fcn_lightning.checks import ConfigError
+import fcn_lightning.app.export as export_module
+from fcn_lightning.app.export import export, metadata, normalize, read_metadata
 from fcn_lightning.contract import DataContract
 from fcn_lightning.data.nyud import NYUD_CLASSES
 from fcn_lightning.data.readers import read_image
 from fcn_lightning.data.siftflow import SiftFlowDataModule
-from fcn_lightning.export import export, metadata, normalize, read_metadata
+from fcn_lightning.errors import ConfigError
 from fcn_lightning.module import FCNModule, load_checkpoint
 
 TINY = {"width": 1 / 16, "dropout": 0.0}

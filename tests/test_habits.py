@@ -13,10 +13,10 @@ import torch
 from test_app import TINY, cfg_of
 from test_reliability import RESUMABLE, final_state
 
-from fcn_lightning.callbacks import AtomicCheckpointIO
-from fcn_lightning.checks import ConfigError
+from fcn_lightning.app.callbacks import AtomicCheckpointIO
+from fcn_lightning.app.train import train
+from fcn_lightning.errors import ConfigError
 from fcn_lightning.module import FCNModule
-from fcn_lightning.pipeline import train
 
 MODEL = {"arch": "fcn32s", "num_classes": 3, "width": 0.0625, "geometry": "same"}
 
@@ -90,8 +90,8 @@ def test_training_without_a_progress_bar(tmp_path):
 
 
 def test_ddp_preset_on_cpu_keeps_batch_norm_per_process(tmp_path, caplog):
-    from fcn_lightning.checks import check_settings
-    from fcn_lightning.stages import trainer_settings
+    from fcn_lightning.app.checks import check_settings
+    from fcn_lightning.app.stages import trainer_settings
 
     cfg = cfg_of("config", ["trainer=ddp", "trainer.accelerator=cpu"])
     assert cfg.trainer.sync_batchnorm and cfg.arch.backbone == "vgg16_bn"

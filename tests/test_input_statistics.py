@@ -18,9 +18,10 @@ from dataset_writers import SIFT_SUBDIR, write_folder, write_nyud, write_siftflo
 from PIL import Image
 from test_app import cfg_of
 
-from fcn_lightning.board import ValidationImages
-from fcn_lightning.checkpoints import CheckpointError, check_stream_checkpoints
-from fcn_lightning.checks import ConfigError
+from fcn_lightning.app.board import ValidationImages
+from fcn_lightning.app.evaluate import evaluate
+from fcn_lightning.app.predict import input_normalization, predict
+from fcn_lightning.checkpoints import check_stream_checkpoints
 from fcn_lightning.contract import DataContract
 from fcn_lightning.data import (
     FolderDataModule,
@@ -30,9 +31,8 @@ from fcn_lightning.data import (
     VOCDataModule,
     render_scene,
 )
-from fcn_lightning.evaluation import evaluate
+from fcn_lightning.errors import CheckpointError, ConfigError
 from fcn_lightning.module import FCNModule, load_checkpoint
-from fcn_lightning.prediction import input_normalization, predict
 
 # The reference's means on 0..255 values, in the order the network sees them.
 VOC_BGR = (104.00699, 116.66877, 122.67891)

@@ -7,16 +7,23 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fcn_lightning"
-# the first part of a module's name after "fcn_lightning." -> its layer
+# a module's name after "fcn_lightning." (its first one or two parts) -> its layer. The library
+# (layers 0-5) has no Hydra import; prepare/ stands on data/; app/ is the Hydra side.
 LAYERS = {
-    "contract": 0, "normalization": 0, "atomic": 0, "checkpoints": 0, "console": 0,
-    "models": 1,
-    "data": 2,
-    "metrics": 3, "optim": 3, "module": 3, "board": 3, "callbacks": 3,
-    "rundir": 4, "stages": 4, "checks": 4, "evaluation": 4, "pipeline": 4, "prediction": 4, "sweeps": 4, "hydra_callbacks": 4,
-    "prepare": 4, "export": 4,
-    "bench": 5,
+    "errors": 0,
+    "atomic": 1, "contract": 1, "normalization": 1,
+    "reports": 2, "checkpoints": 2,
+    "models": 3,
+    "data": 4,
+    "metrics": 5, "optim": 5, "module": 5,
+    "prepare": 6,
+    "app": 7,
+    "bench": 8,
 }  # fmt: skip
+# the commands that start from a checkpoint, and the training run they never import
+COMMANDS = ("app.evaluate", "app.predict", "app.export", "app.common")
+TRAINING = ("app.train", "app.stages", "app.checks", "app.sweeps", "app.hydra_callbacks",
+            "app.rundir", "app.board", "app.callbacks")  # fmt: skip
 
 
 def modules() -> dict[str, Path]:
@@ -66,6 +73,10 @@ def layer(name: str) -> int:
     return LAYERS[name.split(".")[1]] if "." in name else 0
 
 
+def short(name: str) -> str:
+    return name.removeprefix("fcn_lightning.")
+
+
 def test_every_module_has_a_layer():
     assert {n.split(".")[1] for n in modules() if "." in n} <= set(LAYERS)
 
@@ -104,3 +115,45 @@ def test_no_imports_hidden_in_functions():
         if any("fcn_lightning" in line or line.startswith("from .") for line in lines)
     }
     assert not hidden, hidden
+
+
+def closure(edges: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for dep in edges[todo.pop()] - seen:
+            seen.add(dep)
+            todo.append(dep)
+    return seen
+
+
+def test_commands_do_not_import_the_training_run():
+    edges, _ = graph()
+    reached = {
+        c: sorted(short(m) for m in closure(edges, f"fcn_lightning.{c}") if short(m) in TRAINING)
+        for c in COMMANDS
+    }
+    assert reached == {c: [] for c in COMMANDS}
+
+
+def test_no_hydra_below_the_app():
+    found = []
+    for name, path in modules().items():
+        if layer(name) >= LAYERS["app"]:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
+            found += [(short(name), n) for n in names if n.split(".")[0] == "hydra"]
+    assert not found, found
+
+
+def test_data_does_not_import_prepare():
+    edges, _ = graph()
+    found = [(m, d) for m, deps in edges.items() for d in deps
+             if short(m).startswith("data") and short(d).startswith("prepare")]  # fmt: skip
+    assert not found, found

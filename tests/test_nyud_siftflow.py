@@ -12,13 +12,13 @@ from dataset_writers import SIFT_SUBDIR, one_head, write_nyud, write_siftflow
 from PIL import Image
 from test_app import NO_DATA, cfg_of, run
 
-from fcn_lightning.checks import ConfigError
+from fcn_lightning.app.evaluate import evaluate
+from fcn_lightning.app.predict import predict
+from fcn_lightning.app.train import train
 from fcn_lightning.data import DataError, NYUDDataModule, SiftFlowDataModule
-from fcn_lightning.evaluation import evaluate
+from fcn_lightning.errors import ConfigError
 from fcn_lightning.models import LateFusionFCN, build_fcn, compose_late_fusion, transfer_stage
 from fcn_lightning.module import FCNModule
-from fcn_lightning.pipeline import train
-from fcn_lightning.prediction import predict
 
 WHOLE = {"batching": "pad", "crop_size": None, "scale_range": None, "hflip": False}
 

@@ -14,11 +14,11 @@ from PIL import Image
 from test_app import TINY, cfg_of, run
 from torchvision import tv_tensors
 
+from fcn_lightning.app.common import load_module
+from fcn_lightning.app.predict import MANIFEST, input_normalization, output_stems, predict
+from fcn_lightning.app.train import train
 from fcn_lightning.data import eval_transforms, read_image
-from fcn_lightning.evaluation import load_module
 from fcn_lightning.module import FCNModule
-from fcn_lightning.pipeline import train
-from fcn_lightning.prediction import MANIFEST, input_normalization, output_stems, predict
 
 
 @pytest.fixture(scope="module")

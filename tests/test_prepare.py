@@ -25,17 +25,13 @@ from dataset_writers import SIFT_SUBDIR, write_nyud, write_sbd, write_siftflow, 
 from test_app import cfg_of
 from test_nyud_siftflow import TINY_NOSYN
 
-from fcn_lightning.data import (
-    DataError,
-    NYUDDataModule,
-    SiftFlowDataModule,
-    VOCDataModule,
-    archives,
-)
-from fcn_lightning.data.archives import ARCHIVES, STAGING_PREFIX, mib
-from fcn_lightning.data.voc import prepare_sbd, prepare_voc
-from fcn_lightning.pipeline import train
-from fcn_lightning.prepare import main
+from fcn_lightning.app.train import train
+from fcn_lightning.data import DataError, NYUDDataModule, SiftFlowDataModule, VOCDataModule
+from fcn_lightning.data.sources import ARCHIVES
+from fcn_lightning.prepare import archives
+from fcn_lightning.prepare.archives import STAGING_PREFIX, mib
+from fcn_lightning.prepare.cli import main
+from fcn_lightning.prepare.datasets import prepare_sbd, prepare_voc
 
 VOC_TRAIN = ["2011_000001", "2011_000002", "2011_000003"]
 VOC_VAL = ["2011_000004", "2011_000005", "2011_000006", "2011_000007"]

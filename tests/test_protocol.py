@@ -12,10 +12,11 @@ from dataset_writers import write_nyud
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_app import NO_DATA, TINY, cfg_of
 
-from fcn_lightning.checks import ConfigError, check_settings
+from fcn_lightning.app.checks import check_settings
+from fcn_lightning.app.stages import budget, entry_of, stage_lr, stages_for, trainer_settings
+from fcn_lightning.app.train import train
+from fcn_lightning.errors import ConfigError
 from fcn_lightning.models import build_fcn, transfer_stage
-from fcn_lightning.pipeline import train
-from fcn_lightning.stages import budget, entry_of, stage_lr, stages_for, trainer_settings
 
 # 3 steps per stage, lr cut 100x: 1e-3, 1e-5, 1e-7
 STAGED = [o for o in TINY if not o.startswith("trainer.max_steps")] + [

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from test_app import NO_DATA, ROOT, TINY, cfg_of, run
 
-from fcn_lightning.callbacks import AtomicCheckpointIO
-from fcn_lightning.evaluation import evaluate
-from fcn_lightning.pipeline import train
-from fcn_lightning.prediction import predict
+from fcn_lightning.app.callbacks import AtomicCheckpointIO
+from fcn_lightning.app.evaluate import evaluate
+from fcn_lightning.app.predict import predict
+from fcn_lightning.app.train import train
 
 # 16 images of 32 px, batch 4: 4 steps an epoch, 2 epochs; dropout on so the random state matters
 RESUMABLE = [o for o in TINY if not o.startswith(("trainer.max_steps", "data.train_size"))] + [

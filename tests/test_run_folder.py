@@ -14,9 +14,9 @@ import torch
 from test_app import ROOT, TINY, cfg_of, run
 from test_reliability import RESUMABLE, final_state
 
-from fcn_lightning import rundir
-from fcn_lightning.pipeline import train
-from fcn_lightning.rundir import RunFolderError
+from fcn_lightning.app import rundir
+from fcn_lightning.app.train import train
+from fcn_lightning.errors import RunFolderError
 
 
 def snapshot(folder: Path) -> dict[str, str]:

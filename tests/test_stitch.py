@@ -14,9 +14,12 @@ from PIL import Image
 from test_app import TINY, cfg_of, run
 from torchvision import tv_tensors
 
-from fcn_lightning.checks import ConfigError
+from fcn_lightning.app.common import load_module
+from fcn_lightning.app.evaluate import evaluate
+from fcn_lightning.app.predict import MANIFEST, predict
+from fcn_lightning.app.train import train
 from fcn_lightning.data import eval_transforms, read_image
-from fcn_lightning.evaluation import evaluate, load_module
+from fcn_lightning.errors import ConfigError
 from fcn_lightning.models import FCNHead, Tap, Trunk, build_fcn, upsampler
 from fcn_lightning.models.stitch import (
     ShiftAndStitch,
@@ -25,8 +28,6 @@ from fcn_lightning.models.stitch import (
     with_shift_and_stitch,
 )
 from fcn_lightning.module import FCNModule
-from fcn_lightning.pipeline import train
-from fcn_lightning.prediction import MANIFEST, predict
 
 ARCHS = ("fcn32s", "fcn16s", "fcn8s")
 GEOMETRIES = ("paper", "same")

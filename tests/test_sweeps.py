@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback
 from test_app import ROOT, TINY
 
-from fcn_lightning.hydra_callbacks import (
+from fcn_lightning.app.hydra_callbacks import (
     NO_METRICS,
     STALE_METRICS,
     STILL_RUNNING,

@@ -22,8 +22,9 @@ from test_app import TINY as TINY_RUN
 from torch import nn
 from torchvision.models.googlenet import GoogLeNet
 
+from fcn_lightning.app.checks import check_settings
 from fcn_lightning.bench import model_cost
-from fcn_lightning.checks import ConfigError, check_settings
+from fcn_lightning.errors import ConfigError
 from fcn_lightning.models import (
     BACKBONES,
     FCN,

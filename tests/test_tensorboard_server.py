@@ -28,10 +28,11 @@ from dataset_writers import write_siftflow
 from PIL import Image
 from test_app import NO_DATA, TINY, cfg_of
 
-from fcn_lightning.board import SHOWN
-from fcn_lightning.contract import METRIC_NAMES, tag
+from fcn_lightning.app.board import SHOWN
+from fcn_lightning.app.train import train
+from fcn_lightning.contract import METRIC_NAMES
 from fcn_lightning.module import load_checkpoint
-from fcn_lightning.pipeline import train
+from fcn_lightning.reports import tag
 
 # the callbacks users get (the learning-rate monitor among them), not TINY's callbacks=none
 USERS = ["callbacks=default"]

@@ -11,8 +11,8 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from fcn_lightning.board import HParamsTab, ValidationImages
-from fcn_lightning.callbacks import best_checkpoint, last_checkpoint
+from fcn_lightning.app.board import HParamsTab, ValidationImages
+from fcn_lightning.app.callbacks import best_checkpoint, last_checkpoint
 from fcn_lightning.contract import DataContract
 from fcn_lightning.data import SyntheticDataModule
 from fcn_lightning.metrics import ConfusionJaccardIndex, HeadMetrics, PixelAccuracy

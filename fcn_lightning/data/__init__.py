@@ -3,14 +3,15 @@ synthetic scenes; image and label readers; the label check run before training; 
 datasets' archives and layout check (docs/DATA.md)."""
 
 from ..contract import IGNORE_INDEX, voc_palette
-from .archives import ARCHIVES, PrepareError
+from ..errors import DataError, PrepareError
 from .base import SegmentationDataModule, SegmentationDataset, pad_collate
 from .folder import FolderDataModule
 from .labelcheck import LabelReport, SplitLabels
 from .layout import LayoutReport
 from .nyud import NYUD_CLASSES, NYUDDataModule
-from .readers import DataError, read_image, read_label_png
+from .readers import read_image, read_label_png
 from .siftflow import GEOMETRIC_CLASSES, SEMANTIC_CLASSES, SiftFlowDataModule
+from .sources import ARCHIVES
 from .synthetic import SyntheticDataModule, render_scene
 from .transforms import NormalizeImage, RandomScale, eval_transforms, train_transforms
 from .voc import VOC_CLASSES, VOCDataModule

@@ -22,13 +22,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 
 from ..contract import IGNORE_INDEX, SINGLE_HEAD, DataContract, Head, InputGroup, voc_palette
+from ..errors import DataError
 from ..normalization import Normalization, group_normalizations
 from .labelcheck import LabelReport, run_label_check
-from .readers import (
-    DataError,
-    check_label,
-    map_labels,
-)
+from .readers import check_label, map_labels
 from .transforms import eval_transforms, train_transforms
 
 BATCHING = ("crop", "pad", "whole")

@@ -11,8 +11,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..contract import SINGLE_HEAD, DataContract, Head, InputGroup, voc_palette
+from ..errors import DataError
 from .base import SegmentationDataModule, check_files_exist, read_split_file
-from .readers import DataError, read_image, read_label_png
+from .readers import read_image, read_label_png
 
 LAYOUT = """Expected layout under data.root (VOC layout):
   JPEGImages/<id>.jpg or <id>.png       (RGB images)

@@ -20,7 +20,8 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision import tv_tensors
 
-from .readers import DataError, read_image
+from ..errors import DataError
+from .readers import read_image
 
 Size = tuple[int, int]
 

@@ -31,7 +31,8 @@ import numpy as np
 
 from ..atomic import write_json_atomic
 from ..contract import IGNORE_INDEX, DataContract
-from .readers import DataError, map_labels
+from ..errors import DataError
+from .readers import map_labels
 
 
 class LabelSource(Protocol):

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .readers import DataError
+from ..errors import DataError
 
 SHOWN = 5  # missing files named per split
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,11 +13,12 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..contract import SINGLE_HEAD, DataContract, Head, InputGroup
+from ..errors import DataError
 from ..normalization import LOG_DEPTH_MEANS
-from .archives import ARCHIVES, PrepareError, install, prepare_command, prepare_once
 from .base import SegmentationDataModule, check_files_exist, read_split_file
 from .layout import LayoutReport, Listing, count_split
-from .readers import DataError, read_image, read_mat
+from .readers import read_image, read_mat
+from .sources import ARCHIVES
 
 NYUD_CLASSES = (
     "wall",
@@ -248,98 +248,3 @@ class NYUDDataModule(SegmentationDataModule):
                 f"NYUDv2 id {i}: the {'/'.join(MODALITIES[self.modality])} images differ in size: {sorted(sizes)}"
             )
         return torch.cat(parts, dim=0), {"out": self.read_label(label_path)}, label_path
-
-
-def _check_lists(lists: Path | None) -> None:
-    """``lists`` (if given) holds the three split lists."""
-    if lists is None:
-        return
-    lists = Path(lists).expanduser()
-    for name in LISTS:
-        if not (lists / name).is_file():
-            raise PrepareError(
-                f"--lists {lists}: {name} not found there (the reference's lists: {LISTS_SOURCE})"
-            )
-
-
-def _copy_lists(lists: Path | None, into: Path, say: Callable[[str], None]) -> None:
-    """Copy the split lists from ``lists`` into ``into`` where they are absent there."""
-    if lists is None:
-        return
-    _check_lists(lists)
-    lists = Path(lists).expanduser()
-    for name in LISTS:
-        if not (into / name).exists():
-            shutil.copyfile(lists / name, into / name)
-            say(f"{name} copied from {lists}")
-
-
-def prepare_nyud(
-    root: str | Path,
-    *,
-    archive: str | Path | None = None,
-    md5: str | None = None,
-    url: str | None = None,
-    lists: str | Path | None = None,
-    say: Callable[[str], None] = print,
-) -> LayoutReport:
-    """``root`` as NYUDv2's data.root (data/{images,hha,depth}/, segmentation/, the split lists)
-    from the reference's nyud.tar.gz (``archive``, or downloaded into ``root``, from ``url``
-    if given): the folder in
-    it that holds ``segmentation/img_<id>.mat`` and ``data/``. No checksum is published: the tar
-    must read to its end, and the finished layout is checked (``md5`` if you have one). The
-    split lists come from the archive if it has them, else from ``lists`` (a folder holding
-    train.txt, val.txt, test.txt), else the check names what to fetch."""
-    root = Path(root).expanduser()
-    dm = NYUDDataModule(root)
-    info = ARCHIVES["nyud"]
-    _check_lists(lists)  # named but wrong: refused even where nothing needs doing
-    targets = [root / "data", root / "segmentation"]
-
-    def copy_lists() -> None:  # lists added to an extracted copy: never replaced
-        if any(t.exists() for t in targets):
-            _copy_lists(lists, root, say)
-
-    def install_from(path: Path) -> None:
-        def verify_staged(staged: Path) -> None:
-            _copy_lists(lists, staged, say)
-            report = NYUDDataModule(staged).check_layout()
-            if all((staged / n).is_file() for n in LISTS):
-                report.raise_for_errors()
-            elif not any((staged / "segmentation").glob("img_*.mat")):
-                raise PrepareError(f"{path} holds no segmentation/img_<id>.mat labels")
-            elif not (staged / FOLDERS["images"]).is_dir():
-                raise PrepareError(f"{path} holds no {FOLDERS['images']}/ folder")
-
-        install(
-            path,
-            root,
-            pattern=r"^(?P<prefix>(?:.*/)?)segmentation/img_[^/]+\.mat$",
-            what="NYUDv2 (the folder of segmentation/ and data/)",
-            moves=[
-                ("data", "data"),
-                *((n, n) for n in LISTS),
-                ("segmentation", "segmentation"),
-            ],
-            verify_staged=verify_staged,
-            say=say,
-        )
-        say(f"NYUDv2 is in {root}")
-
-    # lists to copy in: under the lock, before the check (else a read-only root is fine)
-    to_copy = lists is not None and not all((root / n).is_file() for n in LISTS)
-    prepare_once(
-        root,
-        info,
-        targets=targets,
-        check=dm.check_layout,
-        what="NYUDv2",
-        command=prepare_command("nyud", root, info),
-        install_from=install_from,
-        archive=archive,
-        md5=md5,
-        url=url,
-        say=say,
-        before=copy_lists if to_copy else None,
-    )
-    return dm.check_layout()

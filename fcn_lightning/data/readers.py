@@ -11,10 +11,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..contract import IGNORE_INDEX
-
-
-class DataError(ValueError):
-    """A dataset on disk does not match what the loader expects; the message names the file."""
+from ..errors import DataError
 
 
 def read_image(path: Path, mode: str = "RGB", exif_transpose: bool = False) -> torch.Tensor:

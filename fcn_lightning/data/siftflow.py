@@ -12,10 +12,11 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..contract import DataContract, Head, InputGroup
-from .archives import ARCHIVES, install, prepare_command, prepare_once
+from ..errors import DataError
 from .base import SegmentationDataModule
 from .layout import LayoutReport, Listing, SplitCount, count_split
-from .readers import DataError, read_image, read_mat
+from .readers import read_image, read_mat
+from .sources import ARCHIVES
 
 SEMANTIC_CLASSES = (
     "awning", "balcony", "bird", "boat", "bridge", "building", "bus", "car", "cow", "crosswalk",
@@ -174,49 +175,3 @@ class SiftFlowDataModule(SegmentationDataModule):
         image, sem, geo = self._paths(i)
         labels = {"sem": self.read_label(sem, "sem"), "geo": self.read_label(geo, "geo")}
         return read_image(image), labels, sem
-
-
-def prepare_siftflow(
-    root: str | Path,
-    *,
-    archive: str | Path | None = None,
-    md5: str | None = None,
-    url: str | None = None,
-    say: Callable[[str], None] = print,
-) -> LayoutReport:
-    """``root`` as SIFT Flow's data.root (Images/, SemanticLabels/, GeoLabels/, TestSet1.txt)
-    from SiftFlowDataset.zip (``archive``, or downloaded into ``root``, from ``url`` if given).
-    No checksum is published: the zip's CRCs and the finished layout are checked (``md5`` if
-    you have one). A complete one is left alone, writing nothing."""
-    root = Path(root).expanduser()
-    dm = SiftFlowDataModule(root)
-    info = ARCHIVES["siftflow"]
-
-    def install_from(path: Path) -> None:
-        install(
-            path,
-            root,
-            pattern=r"^(?P<prefix>(?:.*/)?)TestSet1\.txt$",
-            what="the SIFT Flow dataset (the folder of TestSet1.txt)",
-            moves=[(e, e) for e in ENTRIES],
-            verify_staged=lambda staged: (
-                SiftFlowDataModule(staged).check_layout().raise_for_errors()
-            ),
-            say=say,
-        )
-        say(f"SIFT Flow is in {root}")
-
-    prepare_once(
-        root,
-        info,
-        targets=[root / e for e in ENTRIES],
-        check=dm.check_layout,
-        what="SIFT Flow",
-        command=prepare_command("siftflow", root, info),
-        install_from=install_from,
-        archive=archive,
-        md5=md5,
-        url=url,
-        say=say,
-    )
-    return dm.check_layout()

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import re
 import shlex
-import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -14,10 +12,11 @@ from typing import Any
 import numpy as np
 from torch.utils.data import ConcatDataset, Dataset
 
-from .archives import ARCHIVES, install, prepare_command, prepare_once
+from ..errors import DataError
 from .base import SegmentationDataModule, check_files_exist, read_split_file
 from .layout import LayoutReport, Listing, count_split
-from .readers import DataError, read_image, read_label_png, read_mat
+from .readers import read_image, read_label_png, read_mat
+from .sources import ARCHIVES
 
 log = logging.getLogger("fcn_lightning")
 
@@ -86,11 +85,16 @@ class VOCDataModule(SegmentationDataModule):
     class_names = VOC_CLASSES
 
     def __init__(
-        self, root: str | Path, *, year: int | str = 2012, download: bool = False, **kwargs: Any
+        self,
+        root: str | Path,
+        *,
+        year: int | str = 2012,
+        download: bool | Callable[[VOCDataModule], Any] = False,
+        **kwargs: Any,
     ) -> None:
         super().__init__(root, **kwargs)
         self.year = str(year)
-        self.download = bool(download)
+        self.download = download if callable(download) else bool(download)
         self._prepared = False
         if self.year not in ("2011", "2012"):
             raise ValueError(f"data.year must be 2011 or 2012, got {year!r}")
@@ -138,19 +142,20 @@ class VOCDataModule(SegmentationDataModule):
         return bool(splits & set(NEEDS_VOC)), bool(splits & set(NEEDS_SBD))
 
     def prepare_data(self) -> None:
-        """With ``download=True``: fetch and extract what the configured splits read (VOC of
-        ``year``; SBD for the sbd splits and seg11valid) into ``root`` where it is missing, with
-        the same code as ``python -m fcn_lightning.prepare`` (docs/DATA.md)."""
+        """With ``download``: fetch and extract what the configured splits read (VOC of
+        ``year``; SBD for the sbd splits and seg11valid) into ``root`` where it is missing.
+        ``download`` is the function that does it, ``fcn_lightning.prepare.datasets.download``
+        (``data.download=true`` passes it; docs/DATA.md)."""
         if not self.download or self._prepared:
             return
         if self.root is None:
             raise DataError("data.download=true needs data.root: the folder to download into")
-        voc, sbd = self.needed()
-        say = log.info
-        if voc:
-            prepare_voc(self.root, self.year, say=say)
-        if sbd:
-            prepare_sbd(self.root, year=self.year, say=say)
+        if not callable(self.download):
+            raise DataError(
+                "download=True needs the function that downloads: pass "
+                "download=fcn_lightning.prepare.datasets.download (data.download=true does)"
+            )
+        self.download(self)
         self._prepared = True
 
     def setup(self, stage: str | None = None) -> None:
@@ -270,119 +275,3 @@ class VOCDataModule(SegmentationDataModule):
     def _load(self, source: str, i: str):
         image_path, label_path = self._paths(source, i)
         return read_image(image_path), {"out": self.read_label(label_path)}, label_path
-
-
-# --------------------------------------------------------------------------- preparation
-def _other_release(year: str) -> Callable[[Sequence[Any]], str | None]:
-    """What a VOC archive without VOCdevkit/VOC<year> holds instead, if it is another VOC."""
-
-    def hint(members: Sequence[Any]) -> str | None:
-        pattern = re.compile(r"^(?:.*/)?VOCdevkit/VOC(\d{4})(?:/|$)")
-        years = sorted({m.group(1) for x in members if (m := pattern.match(x.name))})
-        if not years:
-            return None
-        held = ", ".join(f"VOCdevkit/VOC{y}" for y in years)
-        usable = [y for y in years if y in OFFICIAL_COUNTS and y != year]
-        return f"it holds {held}" + (f": pass --year {usable[0]}" if usable else "")
-
-    return hint
-
-
-def _quiet_check(dm: VOCDataModule, splits: Sequence[str]) -> LayoutReport:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return dm.check_layout(splits)
-
-
-def prepare_voc(
-    root: str | Path,
-    year: int | str = 2011,
-    *,
-    archive: str | Path | None = None,
-    md5: str | None = None,
-    url: str | None = None,
-    say: Callable[[str], None] = print,
-) -> LayoutReport:
-    """``root/VOCdevkit/VOC<year>`` from the official trainval archive (``archive``: a copy on
-    disk; else downloaded into ``root``, from ``url`` if given: a mirror), its md5 checked
-    (torchvision's table, or ``md5``). Returns the layout check of ``root``, VOC of ``year``
-    required. A complete one is left alone, writing nothing (a read-only root is fine)."""
-    root, year = Path(root).expanduser(), str(year)
-    dm = VOCDataModule(root, year=year)
-    info = ARCHIVES[f"voc{year}"]
-
-    def install_from(path: Path) -> None:
-        install(
-            path,
-            root,
-            pattern=rf"^(?P<prefix>(?:.*/)?VOCdevkit/VOC{year})/ImageSets/Segmentation/",
-            what=f"VOCdevkit/VOC{year}",
-            moves=[(".", f"VOCdevkit/VOC{year}")],
-            verify_staged=lambda staged: _quiet_check(
-                VOCDataModule(staged.parent.parent, year=year), VOC_SPLITS
-            ).raise_for_errors(),
-            say=say,
-            hint=_other_release(year),
-        )
-        say(f"VOC{year} is in {dm.voc_dir}")
-
-    prepare_once(
-        root,
-        info,
-        targets=[dm.voc_dir],
-        check=lambda: _quiet_check(dm, VOC_SPLITS),
-        what=f"VOC{year}",
-        command=prepare_command("voc", root, info, year),
-        install_from=install_from,
-        archive=archive,
-        md5=md5,
-        url=url,
-        say=say,
-    )
-    return dm.check_layout(require_voc=True)
-
-
-def prepare_sbd(
-    root: str | Path,
-    *,
-    archive: str | Path | None = None,
-    md5: str | None = None,
-    url: str | None = None,
-    year: int | str = 2011,
-    say: Callable[[str], None] = print,
-) -> LayoutReport:
-    """``root/benchmark_RELEASE/dataset`` from SBD's benchmark.tgz (``archive`` or downloaded,
-    from ``url`` if given), its md5 checked. Returns the layout check of ``root`` (with VOC of
-    ``year`` if present)."""
-    root = Path(root).expanduser()
-    dm = VOCDataModule(root, year=year)
-    info = ARCHIVES["sbd"]
-
-    def install_from(path: Path) -> None:
-        install(
-            path,
-            root,
-            pattern=r"^(?P<prefix>(?:.*/)?benchmark_RELEASE/dataset)/(train|val)\.txt$",
-            what="benchmark_RELEASE/dataset",
-            moves=[(".", "benchmark_RELEASE/dataset")],
-            verify_staged=lambda staged: _quiet_check(
-                VOCDataModule(staged.parent.parent), SBD_SPLITS
-            ).raise_for_errors(),
-            say=say,
-        )
-        say(f"SBD is in {dm.sbd_dir}")
-
-    prepare_once(
-        root,
-        info,
-        targets=[dm.sbd_dir],
-        check=lambda: _quiet_check(dm, SBD_SPLITS),
-        what="SBD",
-        command=prepare_command("sbd", root, info),
-        install_from=install_from,
-        archive=archive,
-        md5=md5,
-        url=url,
-        say=say,
-    )
-    return dm.check_layout()

@@ -19,7 +19,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ModelSummary
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.model_summary import get_human_readable_count
 
-from .checkpoints import load_weights_only
+from ..checkpoints import load_weights_only
 
 log = logging.getLogger("fcn_lightning")
 

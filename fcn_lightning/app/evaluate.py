@@ -9,36 +9,13 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from .atomic import write_json_atomic
-from .checkpoints import CheckpointError
-from .checks import ConfigError, label_report
+from ..atomic import write_json_atomic
+from ..contract import input_mismatch, inputs_of
+from ..errors import ConfigError
+from ..models.stitch import SETTING
+from ..reports import format_table, short_form
+from .common import label_report, load_module, make_datamodule, use_shift_and_stitch
 from .console import say
-from .contract import format_table, input_mismatch, inputs_of, short_form
-from .models.stitch import SETTING, check_factor, with_shift_and_stitch
-from .module import FCNModule, load_checkpoint
-from .pipeline import make_datamodule
-
-
-def load_module(path: Any, **overrides: Any) -> FCNModule:
-    if not path:
-        raise ConfigError("ckpt_path is not set: pass ckpt_path=/path/to/best.ckpt")
-    try:
-        return load_checkpoint(path, **overrides).eval()
-    except (FileNotFoundError, CheckpointError) as err:
-        raise ConfigError(f"ckpt_path: {err}") from None
-
-
-def use_shift_and_stitch(module: FCNModule, cfg: DictConfig) -> int:
-    """Put shift-and-stitch (``cfg.shift_stitch``, 1: off) in place of the module's plain
-    forward; return the factor. A factor the net cannot take names the allowed values."""
-    try:
-        shifts = check_factor(cfg.get(SETTING, 1), module.model)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    module.model = with_shift_and_stitch(module.model, shifts)
-    if shifts > 1:
-        say(f"{SETTING}={shifts}: shift-and-stitch, {shifts * shifts} forwards per image")
-    return shifts
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:

@@ -52,15 +52,15 @@ from omegaconf import DictConfig
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
-from .atomic import write_atomically, write_json_atomic
-from .checks import ConfigError
-from .contract import IGNORE_INDEX, inputs_of
-from .data.readers import read_image
-from .data.transforms import eval_transforms
-from .evaluation import load_module
-from .models.stitch import output_strides
-from .module import FCNModule
-from .normalization import LOG_DEPTH_MEANS, Normalization
+from ..atomic import write_atomically, write_json_atomic
+from ..contract import IGNORE_INDEX, inputs_of
+from ..data.readers import read_image
+from ..data.transforms import eval_transforms
+from ..errors import ConfigError
+from ..models.stitch import output_strides
+from ..module import FCNModule
+from ..normalization import LOG_DEPTH_MEANS, Normalization
+from .common import load_module
 
 FORMATS = {"onnx": ".onnx", "exported_program": ".pt2"}
 INPUT_NAME = "image"

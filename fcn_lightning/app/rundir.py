@@ -32,16 +32,13 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from .atomic import write_atomically
+from ..atomic import write_atomically
+from ..errors import RunFolderError
 
 log = logging.getLogger("fcn_lightning")
 
 RECORD = "run.json"
 ENV_ID = "FCN_LIGHTNING_RUN_ID"
-
-
-class RunFolderError(ValueError):
-    """A run folder that this run may not use; the message says what to do instead."""
 
 
 def _now() -> str:

@@ -21,8 +21,8 @@ from omegaconf import DictConfig
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from . import hydra_callbacks, rundir
-from .checks import as_command
-from .pipeline import RunInterrupted, is_multirun, train
+from .common import as_command
+from .train import RunInterrupted, is_multirun, train
 
 log = logging.getLogger("fcn_lightning")
 

@@ -24,12 +24,14 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .data.archives import ARCHIVES, PrepareError, not_a_folder
-from .data.layout import LayoutReport
-from .data.nyud import NYUDDataModule, prepare_nyud
-from .data.readers import DataError
-from .data.siftflow import SiftFlowDataModule, prepare_siftflow
-from .data.voc import VOCDataModule, prepare_sbd, prepare_voc
+from ..data.layout import LayoutReport
+from ..data.nyud import NYUDDataModule
+from ..data.siftflow import SiftFlowDataModule
+from ..data.sources import ARCHIVES
+from ..data.voc import VOCDataModule
+from ..errors import DataError, PrepareError
+from .archives import not_a_folder
+from .datasets import prepare_nyud, prepare_sbd, prepare_siftflow, prepare_voc
 
 CHECKSUMS = {
     "voc": "its md5 is checked against the published one (torchvision's table)",

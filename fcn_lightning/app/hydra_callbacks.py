@@ -26,7 +26,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from .contract import long_form
+from ..reports import long_form
 
 log = logging.getLogger("fcn_lightning")
 

@@ -20,7 +20,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
-from .contract import METRIC_NAMES
+from ..contract import METRIC_NAMES
 
 
 def stack_rows(rows: Sequence[torch.Tensor], fill: int = 0) -> torch.Tensor:

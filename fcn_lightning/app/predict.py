@@ -51,14 +51,14 @@ from PIL import Image
 from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
-from .atomic import write_atomically
-from .checks import ConfigError
+from ..atomic import write_atomically
+from ..contract import inputs_of
+from ..data.images import ImageFiles, SizeBatches, collate
+from ..data.transforms import eval_transforms
+from ..errors import ConfigError
+from ..models.stitch import SETTING
+from .common import load_module, use_shift_and_stitch
 from .console import say
-from .contract import inputs_of
-from .data.images import ImageFiles, SizeBatches, collate
-from .data.transforms import eval_transforms
-from .evaluation import load_module, use_shift_and_stitch
-from .models.stitch import SETTING
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 MANIFEST = "predictions.json"

@@ -46,7 +46,7 @@ class NoAdvertisements(logging.Filter):
 
 # What :func:`say` prints is also logged under this name, for the log file only.
 PRINTED = "fcn_lightning.printed"
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]  # the whole package
 _other_format = warnings.formatwarning  # the form other warnings keep (Lightning sets its own)
 
 

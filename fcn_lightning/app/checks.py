@@ -11,45 +11,21 @@ import inspect
 import json
 import logging
 import shutil
-import sys
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from . import rundir
-from .checkpoints import CheckpointError, check_readable
-from .data.base import DataError, SegmentationDataModule
-from .models import ARCHS, BACKBONES, GEOMETRIES
-from .module import FCNModule
-from .optim import check_optimizer, check_scheduler
+from ..checkpoints import check_readable
+from ..errors import ConfigError
+from ..models import ARCHS, BACKBONES, GEOMETRIES
+from ..module import FCNModule
+from ..optim import check_optimizer, check_scheduler
 from .stages import STAGES, check_protocol, stages_for, trainer_settings
 
 log = logging.getLogger("fcn_lightning")
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work; the message names it."""
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's to fix: printed as their message, without a traceback."""
-    return (ConfigError, DataError, rundir.RunFolderError, CheckpointError)
-
-
-def as_command(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """``fn(cfg)`` for a command-line entry point: a user error ends the process with its
-    message (exit status 1), not with a traceback through the project's code."""
-    try:
-        return fn(cfg)
-    except user_errors() as err:
-        raise SystemExit(f"Error: {err}") from None
-    except KeyboardInterrupt:  # Ctrl+C: what the command writes is written atomically
-        print("Interrupted (Ctrl+C)", file=sys.stderr)
-        raise SystemExit(130) from None
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -146,29 +122,6 @@ def check_free_space(out: Path, stage: str, module: FCNModule) -> None:
             f"{need / 2**20:.0f} MiB more. Free some space or train into a folder on a larger "
             "disk (hydra.run.dir=...)"
         )
-
-
-def label_report(dm: SegmentationDataModule, splits: list[str] | None = None) -> str:
-    """The label check's block; its warnings are printed in it, not again as Python warnings.
-    Training labels with a single class (the rest ignored) are refused: nothing to learn, and
-    the scores would read 100%."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="label check: ")
-        report = dm.check_labels(splits)
-    for key, split in report.splits.items():
-        present = [n for n, c in zip(split.class_names, split.histogram, strict=True) if c > 0]
-        if split.split == dm.train_split and splits is None and len(present) <= 1:
-            hint = (
-                " Masks saved as 0/255 (object = 255 = ignore)? set data.label_map={255: 1}."
-                if split.ignored
-                else ""
-            )
-            raise DataError(
-                f"the training split '{key}' holds only class {present or 'none'} "
-                f"({100 * split.ignored_share:.1f}% of its pixels ignored): there is nothing to "
-                f"learn, and every score would read 100%.{hint}\n{report.format()}"
-            )
-    return report.format()
 
 
 def check_inputs(cfg: DictConfig, out: Path, resume: bool) -> None:

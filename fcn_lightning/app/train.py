@@ -27,8 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from ..atomic import write_json_atomic
+from ..checkpoints import check_stream_checkpoints, load_weights_only
+from ..data.base import SegmentationDataModule
+from ..errors import CheckpointError, ConfigError
+from ..models import LateFusionFCN, transfer_stage
+from ..module import FCNModule, NonFiniteLossError
+from ..reports import format_table, headline, short_form
 from . import rundir
-from .atomic import write_json_atomic
 from .board import HParamsTab, ValidationImages
 from .callbacks import (
     AtomicCheckpointIO,
@@ -37,20 +43,9 @@ from .callbacks import (
     best_checkpoint,
     last_checkpoint,
 )
-from .checkpoints import CheckpointError, check_stream_checkpoints, load_weights_only
-from .checks import (
-    ConfigError,
-    check_free_space,
-    check_inputs,
-    check_settings,
-    label_report,
-    read_metrics,
-)
+from .checks import check_free_space, check_inputs, check_settings, read_metrics
+from .common import label_report, make_datamodule
 from .console import say
-from .contract import format_table, headline, short_form
-from .data.base import SegmentationDataModule
-from .models import LateFusionFCN, transfer_stage
-from .module import FCNModule, NonFiniteLossError
 from .stages import budget, entry_of, selection, stage_lr, stages_for, trainer_settings
 
 log = logging.getLogger("fcn_lightning")
@@ -61,12 +56,6 @@ class RunInterrupted(SystemExit):
 
 
 # --------------------------------------------------------------------------- helpers
-def make_datamodule(data_cfg: DictConfig, **override: Any) -> SegmentationDataModule:
-    cfg = OmegaConf.to_container(data_cfg, resolve=True)
-    cfg.update(override)
-    if cfg.get("root") == "???":
-        raise ConfigError("data.root is not set: pass data.root=/path/to/the/dataset")
-    return instantiate(cfg, _convert_="all")
 
 
 def model_settings(cfg: DictConfig, stage: str, pretrained: Any) -> dict[str, Any]:

@@ -1,0 +1,87 @@
+"""What the commands share: a user error turned into a message and an exit status, the
+DataModule from ``cfg.data``, a checkpoint loaded for eval / predict / export, shift-and-stitch
+put in place, and the label check's block."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ..data.base import SegmentationDataModule
+from ..errors import CheckpointError, ConfigError, DataError, user_errors
+from ..models.stitch import SETTING, check_factor, with_shift_and_stitch
+from ..module import FCNModule, load_checkpoint
+from ..prepare.datasets import download
+from .console import say
+
+
+def as_command(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """``fn(cfg)`` for a command-line entry point: a user error ends the process with its
+    message (exit status 1), not with a traceback through the project's code."""
+    try:
+        return fn(cfg)
+    except user_errors() as err:
+        raise SystemExit(f"Error: {err}") from None
+    except KeyboardInterrupt:  # Ctrl+C: what the command writes is written atomically
+        print("Interrupted (Ctrl+C)", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def make_datamodule(data_cfg: DictConfig, **override: Any) -> SegmentationDataModule:
+    cfg = OmegaConf.to_container(data_cfg, resolve=True)
+    cfg.update(override)
+    if cfg.get("download") is True:  # data.download=true: the prepare command's code
+        cfg["download"] = download
+    if cfg.get("root") == "???":
+        raise ConfigError("data.root is not set: pass data.root=/path/to/the/dataset")
+    return instantiate(cfg, _convert_="all")
+
+
+def load_module(path: Any, **overrides: Any) -> FCNModule:
+    if not path:
+        raise ConfigError("ckpt_path is not set: pass ckpt_path=/path/to/best.ckpt")
+    try:
+        return load_checkpoint(path, **overrides).eval()
+    except (FileNotFoundError, CheckpointError) as err:
+        raise ConfigError(f"ckpt_path: {err}") from None
+
+
+def use_shift_and_stitch(module: FCNModule, cfg: DictConfig) -> int:
+    """Put shift-and-stitch (``cfg.shift_stitch``, 1: off) in place of the module's plain
+    forward; return the factor. A factor the net cannot take names the allowed values."""
+    try:
+        shifts = check_factor(cfg.get(SETTING, 1), module.model)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    module.model = with_shift_and_stitch(module.model, shifts)
+    if shifts > 1:
+        say(f"{SETTING}={shifts}: shift-and-stitch, {shifts * shifts} forwards per image")
+    return shifts
+
+
+def label_report(dm: SegmentationDataModule, splits: list[str] | None = None) -> str:
+    """The label check's block; its warnings are printed in it, not again as Python warnings.
+    Training labels with a single class (the rest ignored) are refused: nothing to learn, and
+    the scores would read 100%."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="label check: ")
+        report = dm.check_labels(splits)
+    for key, split in report.splits.items():
+        present = [n for n, c in zip(split.class_names, split.histogram, strict=True) if c > 0]
+        if split.split == dm.train_split and splits is None and len(present) <= 1:
+            hint = (
+                " Masks saved as 0/255 (object = 255 = ignore)? set data.label_map={255: 1}."
+                if split.ignored
+                else ""
+            )
+            raise DataError(
+                f"the training split '{key}' holds only class {present or 'none'} "
+                f"({100 * split.ignored_share:.1f}% of its pixels ignored): there is nothing to "
+                f"learn, and every score would read 100%.{hint}\n{report.format()}"
+            )
+    return report.format()

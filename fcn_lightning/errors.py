@@ -1,0 +1,34 @@
+"""The errors that are the user's to fix. Library code raises them; only the command entry
+points (``fcn_lightning.app.common.as_command``, the prepare CLI) turn them into a message and an
+exit status. Each message names the setting, the file or the expected layout."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Base of the errors printed as their message, without a traceback."""
+
+
+class ConfigError(UserError, ValueError):
+    """A setting that cannot work; the message names it."""
+
+
+class DataError(UserError, ValueError):
+    """A dataset on disk does not match what the loader expects; the message names the file."""
+
+
+class PrepareError(DataError):
+    """An archive could not be fetched, verified or extracted; the message says what to do."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+class RunFolderError(UserError, ValueError):
+    """A run folder that this run may not use; the message says what to do instead."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix: printed as their message, without a traceback."""
+    return (UserError,)
