@@ -1,13 +1,10 @@
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 # one thread per test process under pytest-xdist (-n 2 on 2 cores), else both cores
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture(autouse=True)

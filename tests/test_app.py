@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import CONF, NO_DATA, TINY, cfg_of, run
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import open_dict
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
@@ -22,49 +18,6 @@ from fcn_lightning.app.evaluate import evaluate
 from fcn_lightning.app.predict import predict
 from fcn_lightning.app.stages import stages_for
 from fcn_lightning.app.train import train
-
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-TINY = [
-    "arch.width=0.0625",
-    "data.image_size=32",
-    "data.train_size=4",
-    "data.val_size=2",
-    "data.batch_size=4",
-    "data.val_batch_size=2",
-    "trainer.max_steps=1",
-    "trainer.max_epochs=-1",
-    "trainer.val_check_interval=null",
-    "trainer.check_val_every_n_epoch=1",
-    "trainer.accelerator=cpu",
-    "trainer.log_every_n_steps=1",
-    "callbacks=none",
-    "images.panel_size=1",
-]
-NO_DATA = [o for o in TINY if not o.startswith("data.")]
-
-
-def cfg_of(name: str, overrides: list[str], out: Path | None = None):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name=name, overrides=overrides)
-    if out is not None:
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(out)
-    return cfg
-
-
-def run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONWARNINGS="ignore", HYDRA_FULL_ERROR="0")
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-
 
 # --------------------------------------------------------------------------- composition
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -218,7 +171,7 @@ def test_eval_prints_and_writes_metrics(trained, tmp_path, capsys):
 
 def test_eval_refuses_data_with_other_classes(trained, tmp_path):
     out, _ = trained
-    from dataset_writers import write_folder
+    from helpers.datasets import write_folder
 
     write_folder(tmp_path / "d", ["a"], ["bg", "fg"], splits={"val": ["a"]})
     cfg = cfg_of(

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import CONF, cfg_of
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
-from test_app import CONF, cfg_of
 
 from fcn_lightning.app.checks import check_settings
 from fcn_lightning.app.common import make_datamodule

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
-from conftest import SHARED_DATA
-from dataset_writers import (
+from helpers import SHARED_DATA
+from helpers.datasets import (
     VARIED_FOLDER,
     VARIED_VOC,
     make_label,

@@ -14,8 +14,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import ROOT, cfg_of, run
 from PIL import Image
-from test_app import ROOT, cfg_of, run
 
 import fcn_lightning.app.export as export_module
 from fcn_lightning.app.export import export, metadata, normalize, read_metadata

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_app import TINY, cfg_of
-from test_reliability import RESUMABLE, final_state
+from helpers import RESUMABLE, TINY, cfg_of, final_state
 
 from fcn_lightning.app.callbacks import AtomicCheckpointIO
 from fcn_lightning.app.train import train

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from dataset_writers import SIFT_SUBDIR, write_folder, write_nyud, write_siftflow, write_voc
+from helpers import cfg_of
+from helpers.datasets import SIFT_SUBDIR, write_folder, write_nyud, write_siftflow, write_voc
 from PIL import Image
-from test_app import cfg_of
 
 from fcn_lightning.app.board import ValidationImages
 from fcn_lightning.app.evaluate import evaluate

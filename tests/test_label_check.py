@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import scipy.io
-from dataset_writers import (
+from helpers.datasets import (
     SIFT_SUBDIR,
     make_label,
     save_palette_png,

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
-from dataset_writers import SIFT_SUBDIR, one_head, write_nyud, write_siftflow
+from helpers import TINY_NOSYN, cfg_of, run
+from helpers.datasets import SIFT_SUBDIR, one_head, write_nyud, write_siftflow
 from PIL import Image
-from test_app import NO_DATA, cfg_of, run
 
 from fcn_lightning.app.evaluate import evaluate
 from fcn_lightning.app.predict import predict
@@ -203,8 +203,6 @@ def test_exclude_absent_classes_switch():
 
 
 # --------------------------------------------------------------------------- end to end
-TINY_NOSYN = [*NO_DATA, "data.num_workers=0", "data.batch_size=2", "data.val_batch_size=2", "data.batching=pad",
-              "arch.pretrained=null", "arch.geometry=same", "loss.reduction=mean", "optimizer.lr=1e-3"]  # fmt: skip
 
 
 def test_train_nyud_rgbd_16s(nyud, tmp_path):

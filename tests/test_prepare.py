@@ -21,9 +21,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from dataset_writers import SIFT_SUBDIR, write_nyud, write_sbd, write_siftflow, write_voc
-from test_app import cfg_of
-from test_nyud_siftflow import TINY_NOSYN
+from helpers import TINY_NOSYN, cfg_of
+from helpers.datasets import SIFT_SUBDIR, write_nyud, write_sbd, write_siftflow, write_voc
 
 from fcn_lightning.app.train import train
 from fcn_lightning.data import DataError, NYUDDataModule, SiftFlowDataModule, VOCDataModule

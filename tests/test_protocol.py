@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from dataset_writers import write_nyud
+from helpers import NO_DATA, TINY, cfg_of
+from helpers.datasets import write_nyud
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_app import NO_DATA, TINY, cfg_of
 
 from fcn_lightning.app.checks import check_settings
 from fcn_lightning.app.stages import budget, entry_of, stage_lr, stages_for, trainer_settings

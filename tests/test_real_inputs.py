@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dataset_writers import (
+from helpers import run
+from helpers.datasets import (
     VARIED_FOLDER,
     VARIED_VOC,
     VARIED_VOC_VAL,
@@ -20,7 +21,6 @@ from dataset_writers import (
 )
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_app import run
 
 SMALL = [
     "arch.width=0.0625",

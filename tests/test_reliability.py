@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import NO_DATA, RESUMABLE, ROOT, TINY, cfg_of, final_state, run
 from PIL import Image
-from test_app import NO_DATA, ROOT, TINY, cfg_of, run
 
 from fcn_lightning.app.callbacks import AtomicCheckpointIO
 from fcn_lightning.app.evaluate import evaluate
@@ -20,13 +20,6 @@ from fcn_lightning.app.predict import predict
 from fcn_lightning.app.train import train
 
 # 16 images of 32 px, batch 4: 4 steps an epoch, 2 epochs; dropout on so the random state matters
-RESUMABLE = [o for o in TINY if not o.startswith(("trainer.max_steps", "data.train_size"))] + [
-    "arch=fcn32s", "data.train_size=16", "trainer.max_steps=8", "trainer.deterministic=true", "arch.dropout=0.5",
-]  # fmt: skip
-
-
-def final_state(out: Path, stage: str = "fcn32s") -> dict[str, torch.Tensor]:
-    return torch.load(out / stage / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 
 @pytest.mark.parametrize("epoch, step", [(1, 6), (0, 2)])  # mid-epoch, in the first one too
@@ -266,7 +259,7 @@ def _truncate(path: Path, empty: bool = False) -> None:
 
 
 def _write_voc_missing_image(t):
-    from dataset_writers import write_voc
+    from helpers.datasets import write_voc
 
     write_voc(t / "voc", 2012, {"train": ["a", "b"], "val": ["c"]})
     (t / "voc/VOCdevkit/VOC2012/JPEGImages/b.jpg").unlink()
@@ -274,7 +267,7 @@ def _write_voc_missing_image(t):
 
 
 def _write_voc(t: Path) -> Path:
-    from dataset_writers import write_voc
+    from helpers.datasets import write_voc
 
     return write_voc(t / "voc", 2012, {"train": ["a", "b"], "val": ["c"]})
 
@@ -299,7 +292,7 @@ def _photos(t: Path) -> Path:
 
 
 def _folder_rgb_labels(t: Path) -> Path:
-    from dataset_writers import write_folder
+    from helpers.datasets import write_folder
 
     root = write_folder(t / "mine", ["a", "b"], ["bg", "fg"])
     for name in ("a", "b"):
@@ -309,7 +302,7 @@ def _folder_rgb_labels(t: Path) -> Path:
 
 
 def _folder(t: Path, classes=("bg", "fg")) -> Path:
-    from dataset_writers import write_folder
+    from helpers.datasets import write_folder
 
     return write_folder(t / "mine", ["a", "b"], list(classes))
 
@@ -577,7 +570,7 @@ def _not_ours(t: Path) -> Path:
 
 
 def _nyud(t: Path) -> Path:
-    from dataset_writers import write_nyud
+    from helpers.datasets import write_nyud
 
     return write_nyud(t / "nyud", {"train": ["1"], "val": ["2"], "test": ["3"]})
 

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_app import ROOT, TINY, cfg_of, run
-from test_reliability import RESUMABLE, final_state
+from helpers import RESUMABLE, ROOT, TINY, cfg_of, final_state, run
 
 from fcn_lightning.app import rundir
 from fcn_lightning.app.train import train

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TINY, cfg_of, run
 from PIL import Image
-from test_app import TINY, cfg_of, run
 from torchvision import tv_tensors
 
 from fcn_lightning.app.common import load_module

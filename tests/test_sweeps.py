@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT, TINY
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback
-from test_app import ROOT, TINY
 
 from fcn_lightning.app.hydra_callbacks import (
     NO_METRICS,

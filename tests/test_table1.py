@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from helpers import TINY as TINY_RUN
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from test_app import TINY as TINY_RUN
 from torch import nn
 from torchvision.models.googlenet import GoogLeNet
 

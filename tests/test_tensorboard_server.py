@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dataset_writers import write_siftflow
+from helpers import NO_DATA, TINY, cfg_of
+from helpers.datasets import write_siftflow
 from PIL import Image
-from test_app import NO_DATA, TINY, cfg_of
 
 from fcn_lightning.app.board import SHOWN
 from fcn_lightning.app.train import train

@@ -363,7 +363,7 @@ def _panels(t: pl.Trainer, tag: str = "val/predictions") -> list:
 
 def test_panel_takes_validation_images_of_different_sizes(tmp_path):
     # PASCAL VOC mixes landscape and portrait images; validation sees each whole, one per batch
-    from dataset_writers import write_folder
+    from helpers.datasets import write_folder
 
     root = tmp_path / "data"
     for i, size in (("land", (24, 40)), ("port", (40, 24)), ("small", (20, 20))):
