@@ -2,6 +2,9 @@ import os
 
 import pytest
 import torch
+from helpers import TINY, cfg_of
+
+from fcn_lightning.app.train import train
 
 # one thread per test process under pytest-xdist (-n 2 on 2 cores), else both cores
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
@@ -16,3 +19,11 @@ def _seed():
 def _label_cache(tmp_path_factory, monkeypatch):
     # the label check's cache goes to a test folder, never the user's home
     monkeypatch.setenv("FCN_LIGHTNING_CACHE", str(tmp_path_factory.getbasetemp() / "label-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One tiny staged run (FCN-32s -> FCN-16s), trained once per test process and shared by
+    the test files: (run folder, the score train returned). Read it; copy it to change it."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    return out, train(cfg_of("config", ["arch=fcn16s", *TINY], out))

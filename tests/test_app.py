@@ -87,11 +87,8 @@ def test_optuna_search_composes():
 
 # --------------------------------------------------------------------------- train / eval / predict
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    cfg = cfg_of("config", ["arch=fcn16s", *TINY], out)
-    score = train(cfg)
-    return out, score
+def trained(tiny_run):
+    return tiny_run
 
 
 def test_train_writes_run_folder(trained):
