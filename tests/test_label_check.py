@@ -32,6 +32,7 @@ from fcn_lightning.data import (
     SiftFlowDataModule,
     SyntheticDataModule,
     VOCDataModule,
+    labelcheck,
 )
 
 
@@ -183,8 +184,31 @@ def test_corrupt_cache_file_is_ignored_and_rewritten(tmp_path, cache):
         np.testing.assert_array_equal(
             report.splits["train"].histogram, first.splits["train"].histogram
         )
-        assert json.loads(cache_file.read_text())["version"] == 1
+        assert json.loads(cache_file.read_text())["version"] == labelcheck.CACHE_VERSION
     assert quiet_check(dm).from_cache
+
+
+def test_an_edit_keeping_size_and_mtime_is_not_served_from_the_cache(tmp_path):
+    root = write_folder(tmp_path / "d", ["a", "b"], ["bg", "x", "y"], {"train": ["a", "b"]})
+    path = root / "SegmentationClass/a.png"
+
+    def save_raw(value: int) -> None:  # uncompressed: the file's size depends on the shape only
+        img = PIL.Image.fromarray(np.full((24, 32), value, np.uint8), mode="P")
+        img.putpalette([0, 0, 0] * 256)
+        img.save(path, compress_level=0)
+
+    save_raw(1)
+    dm = FolderDataModule(root, val_split="train")
+    first = quiet_check(dm)
+    before = path.stat()
+    save_raw(2)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # as `touch -r` or a restore
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    second = quiet_check(dm)
+    assert not second.from_cache and second.splits["train"].cached == 1
+    assert first.splits["train"].histogram[1] - second.splits["train"].histogram[1] == 24 * 32
+    assert second.splits["train"].histogram[2] - first.splits["train"].histogram[2] == 24 * 32
 
 
 def test_label_map_and_class_count_are_part_of_the_cache_key(tmp_path):
@@ -204,6 +228,14 @@ def test_one_worker_and_two_workers_agree(tmp_path, monkeypatch):
         monkeypatch.setenv("FCN_LIGHTNING_CACHE", str(tmp_path / f"cache{workers}"))
         reports.append(quiet_check(dm, workers=workers))
     one, two = reports
+    seen = []  # without workers=, the loader setting of the DataModule
+    real = labelcheck.DataLoader
+    monkeypatch.setattr(
+        labelcheck, "DataLoader", lambda *a, **kw: seen.append(kw["num_workers"]) or real(*a, **kw)
+    )
+    monkeypatch.setenv("FCN_LIGHTNING_CACHE", str(tmp_path / "cache-dm"))
+    quiet_check(VOCDataModule(root, year=2012, train_split="sbd_train", num_workers=2))
+    assert seen and set(seen) == {2}
     assert not two.from_cache and list(one.splits) == list(two.splits) == ["sbd_train", "val"]
     for key, s in one.splits.items():
         t = two.splits[key]
