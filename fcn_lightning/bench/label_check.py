@@ -6,7 +6,7 @@ holding the GTcls struct (segmentation, sparse boundaries, categories present), 
 some portrait. The check reads labels only, so no JPEG is written. ``--n`` shrinks the corpus
 in the same proportions.
 
-    python -m fcn_lightning.bench.label_check [--n 11411] [--workers N] [--root DIR]
+    python -m fcn_lightning.bench.label_check [--n 11411] [--workers auto|N] [--root DIR]
 
 ``--root`` keeps the corpus in DIR (made there once, reused when its lists are there).
 """
@@ -14,21 +14,22 @@ in the same proportions.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import scipy.io
 import scipy.sparse
 from PIL import Image
 
-from ..data import VOCDataModule, voc_palette
+from ..data import LabelReport, VOCDataModule, voc_palette
+from ..data.base import loader_workers
 
 SPLITS = {"voc_train": 1464, "voc_val": 1449, "sbd_train": 8498}
 SIZES = [(375, 500)] * 7 + [(500, 375)] * 2 + [(333, 500)]  # (H, W), as VOC's mix
@@ -108,18 +109,9 @@ def build(root: Path, n: int, workers: int) -> dict[str, int]:
     return counts
 
 
-@contextlib.contextmanager
-def _cache_in(cache: Path) -> Iterator[Path]:
-    """``$FCN_LIGHTNING_CACHE`` set to ``cache`` (a cold cache each run), restored afterwards."""
-    before = os.environ.get("FCN_LIGHTNING_CACHE")
-    os.environ["FCN_LIGHTNING_CACHE"] = str(cache)
-    try:
-        yield cache
-    finally:
-        if before is None:
-            os.environ.pop("FCN_LIGHTNING_CACHE", None)
-        else:
-            os.environ["FCN_LIGHTNING_CACHE"] = before
+def _timed(check: Callable[[], LabelReport]) -> tuple[LabelReport, float]:
+    t0 = time.perf_counter()
+    return check(), time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,30 +119,29 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m fcn_lightning.bench.label_check", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--n", type=int, default=sum(SPLITS.values()), help="label files")
-    parser.add_argument("--workers", type=int, default=None, help="default: os.cpu_count()")
+    parser.add_argument("--workers", default="auto", help="loader processes (data.num_workers)")
     parser.add_argument("--root", type=Path, default=None, help="keep the corpus there")
     args = parser.parse_args(argv)
-    workers = args.workers or os.cpu_count() or 1
-    with tempfile.TemporaryDirectory() as tmp, _cache_in(Path(tmp) / "cache") as cache:
+    workers = loader_workers(args.workers)
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ):  # restored after
+        cache = Path(tmp) / "cache"
+        os.environ["FCN_LIGHTNING_CACHE"] = str(cache)  # a cold cache each run
         root = args.root or Path(tmp) / "data"
         t0 = time.perf_counter()
         reused = (root / "benchmark_RELEASE" / "dataset" / "train.txt").is_file()
         if reused:
             counts = {k: len(v.read_text().split()) for k, v in lists(root).items()}
         else:
-            counts = build(root, args.n, workers)
+            counts = build(root, args.n, max(1, workers))
         built = time.perf_counter() - t0
         files = sum(counts.values())
         size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-        dm = VOCDataModule(root, year=2012, train_split="sbd_train+voc_train", val_split="val")
+        dm = VOCDataModule(
+            root, year=2012, train_split="sbd_train+voc_train", val_split="val", num_workers=workers
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # classes absent from a shrunk corpus
-            t0 = time.perf_counter()
-            first = dm.check_labels(workers=workers)
-            cold = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            again = dm.check_labels(workers=workers)
-            warm = time.perf_counter() - t0
+            (first, cold), (again, warm) = _timed(dm.check_labels), _timed(dm.check_labels)
         assert again.from_cache and not first.from_cache
         (cache_file,) = cache.glob("*.json")
         print(
