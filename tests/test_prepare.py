@@ -30,7 +30,7 @@ from fcn_lightning.data.sources import ARCHIVES
 from fcn_lightning.prepare import archives
 from fcn_lightning.prepare.archives import STAGING_PREFIX, mib
 from fcn_lightning.prepare.cli import main
-from fcn_lightning.prepare.datasets import prepare_sbd, prepare_voc
+from fcn_lightning.prepare.datasets import download, prepare_sbd, prepare_voc
 
 VOC_TRAIN = ["2011_000001", "2011_000002", "2011_000003"]
 VOC_VAL = ["2011_000004", "2011_000005", "2011_000006", "2011_000007"]
@@ -376,10 +376,14 @@ def test_no_network_says_what_to_fetch_and_the_command(built, tmp_path, capsys):
 def test_datamodule_download_true_prepares_what_its_splits_read(served, tmp_path):
     root = tmp_path / "empty"
     dm = VOCDataModule(
-        root, year=2011, download=True, train_split="sbd_train", val_split="seg11valid",
+        root, year=2011, download=download, train_split="sbd_train", val_split="seg11valid",
         batching="pad", crop_size=None, scale_range=None, hflip=False,
     )  # fmt: skip
     assert dm.needed() == (True, True)
+    with pytest.raises(DataError, match="does not exist"):  # setup never downloads
+        dm.setup("fit")
+    assert not root.exists()
+    dm.prepare_data()
     dm.setup("fit")
     assert len(dm.datasets["train"]) == len(SBD_TRAIN) and len(dm.datasets["val"]) == 2
     assert dm.check_layout().ok
@@ -453,10 +457,11 @@ def test_read_only_complete_root_is_fine_for_prepare_and_download_true(
     assert out.count("already prepared") == 2 and "layout: complete" in out
     assert main(["check", "voc", "--root", str(root)]) == 0
     dm = VOCDataModule(
-        root, year=2011, download=True, train_split="sbd_train", val_split="seg11valid",
+        root, year=2011, download=download, train_split="sbd_train", val_split="seg11valid",
         batching="pad", crop_size=None, scale_range=None, hflip=False,
     )  # fmt: skip
-    dm.setup("fit")  # a shared read-only /data with data.download=true
+    dm.prepare_data()  # a shared read-only /data with data.download=true
+    dm.setup("fit")
     assert len(dm.datasets["val"]) == len(SEG11VALID)
     assert not (root / archives.LOCK_NAME).exists()
 
@@ -533,8 +538,8 @@ def test_sigterm_and_sighup_remove_the_extraction(official, tmp_path, monkeypatc
     signum = getattr(signal, signame)
     real = archives.extract
 
-    def extract_then_signal(path, members, into, need):
-        real(path, members, into, need)
+    def extract_then_signal(path, names, into):
+        real(path, names, into)
         assert any(into.iterdir())  # something to clean up
         os.kill(os.getpid(), signum)  # the handler raises here
 

@@ -145,7 +145,8 @@ class VOCDataModule(SegmentationDataModule):
         """With ``download``: fetch and extract what the configured splits read (VOC of
         ``year``; SBD for the sbd splits and seg11valid) into ``root`` where it is missing.
         ``download`` is the function that does it, ``fcn_lightning.prepare.datasets.download``
-        (``data.download=true`` passes it; docs/DATA.md)."""
+        (``data.download=true`` passes it; docs/DATA.md). :meth:`setup` never downloads: call
+        this first, on one process (Lightning does, before its own ``setup``)."""
         if not self.download or self._prepared:
             return
         if self.root is None:
@@ -157,11 +158,6 @@ class VOCDataModule(SegmentationDataModule):
             )
         self.download(self)
         self._prepared = True
-
-    def setup(self, stage: str | None = None) -> None:
-        # the run's checks call setup before Lightning calls prepare_data: download first
-        self.prepare_data()
-        super().setup(stage)
 
     def available_splits(self) -> list[str]:
         """The splits whose files are on disk (their folders at least)."""

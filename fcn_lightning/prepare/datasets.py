@@ -1,6 +1,7 @@
-"""The per-dataset recipes of ``python -m fcn_lightning.prepare``: which archive, where its
-folders go, and the layout check that must pass before they are moved into place
-(docs/DATA.md)."""
+"""The recipes of ``python -m fcn_lightning.prepare`` and ``data.download=true``: which archive,
+which of its folders goes where, and the layout check that must pass first (docs/DATA.md).
+Each takes ``archive``, ``md5``, ``url`` and ``say`` (see ``archives.prepare_once``) and
+returns the layout check of the root."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import re
 import shutil
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,267 +18,147 @@ from ..data.nyud import FOLDERS, LISTS, LISTS_SOURCE, NYUDDataModule
 from ..data.siftflow import ENTRIES, SiftFlowDataModule
 from ..data.sources import ARCHIVES
 from ..data.voc import OFFICIAL_COUNTS, SBD_SPLITS, VOC_SPLITS, VOCDataModule
-from ..errors import PrepareError
-from .archives import install, prepare_command, prepare_once
+from ..errors import DataError, PrepareError
+from .archives import Hint, prepare_command, prepare_once
 
 log = logging.getLogger("fcn_lightning")
 
 
-# --------------------------------------------------------------------------- preparation
-def _other_release(year: str) -> Callable[[Sequence[Any]], str | None]:
+def _other_release(year: str) -> Hint:
     """What a VOC archive without VOCdevkit/VOC<year> holds instead, if it is another VOC."""
 
-    def hint(members: Sequence[Any]) -> str | None:
-        pattern = re.compile(r"^(?:.*/)?VOCdevkit/VOC(\d{4})(?:/|$)")
-        years = sorted({m.group(1) for x in members if (m := pattern.match(x.name))})
-        if not years:
-            return None
-        held = ", ".join(f"VOCdevkit/VOC{y}" for y in years)
+    def hint(names: Sequence[str]) -> str | None:
+        years = sorted({m[1] for n in names if (m := re.match(r"(?:.*/)?VOCdevkit/VOC(\d{4})", n))})
         usable = [y for y in years if y in OFFICIAL_COUNTS and y != year]
-        return f"it holds {held}" + (f": pass --year {usable[0]}" if usable else "")
+        held = ", ".join(f"VOCdevkit/VOC{y}" for y in years)
+        return (
+            f"it holds {held}" + (f": pass --year {usable[0]}" if usable else "") if years else None
+        )
 
     return hint
 
 
-def _quiet_check(dm: VOCDataModule, splits: Sequence[str]) -> LayoutReport:
+def _check(dm: VOCDataModule, splits: Sequence[str]) -> LayoutReport:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return dm.check_layout(splits)
 
 
-def prepare_voc(
-    root: str | Path,
-    year: int | str = 2011,
-    *,
-    archive: str | Path | None = None,
-    md5: str | None = None,
-    url: str | None = None,
-    say: Callable[[str], None] = print,
-) -> LayoutReport:
-    """``root/VOCdevkit/VOC<year>`` from the official trainval archive (``archive``: a copy on
-    disk; else downloaded into ``root``, from ``url`` if given: a mirror), its md5 checked
-    (torchvision's table, or ``md5``). Returns the layout check of ``root``, VOC of ``year``
-    required. A complete one is left alone, writing nothing (a read-only root is fine)."""
+def prepare_voc(root: str | Path, year: int | str = 2011, **options: Any) -> LayoutReport:
+    """``root/VOCdevkit/VOC<year>`` from the official trainval tar, md5 checked."""
     root, year = Path(root).expanduser(), str(year)
-    dm = VOCDataModule(root, year=year)
-    info = ARCHIVES[f"voc{year}"]
-
-    def install_from(path: Path) -> None:
-        install(
-            path,
-            root,
-            pattern=rf"^(?P<prefix>(?:.*/)?VOCdevkit/VOC{year})/ImageSets/Segmentation/",
-            what=f"VOCdevkit/VOC{year}",
-            moves=[(".", f"VOCdevkit/VOC{year}")],
-            verify_staged=lambda staged: _quiet_check(
-                VOCDataModule(staged.parent.parent, year=year), VOC_SPLITS
-            ).raise_for_errors(),
-            say=say,
-            hint=_other_release(year),
-        )
-        say(f"VOC{year} is in {dm.voc_dir}")
-
+    dm, info = VOCDataModule(root, year=year), ARCHIVES[f"voc{year}"]
     prepare_once(
         root,
         info,
         targets=[dm.voc_dir],
-        check=lambda: _quiet_check(dm, VOC_SPLITS),
+        check=lambda: _check(dm, VOC_SPLITS),
         what=f"VOC{year}",
+        wanted=f"VOCdevkit/VOC{year}",
         command=prepare_command("voc", root, info, year),
-        install_from=install_from,
-        archive=archive,
-        md5=md5,
-        url=url,
-        say=say,
+        pattern=rf"^(?P<prefix>(?:.*/)?VOCdevkit/VOC{year})/ImageSets/Segmentation/",
+        moves=[(".", f"VOCdevkit/VOC{year}")],
+        verify_staged=lambda staged: _check(
+            VOCDataModule(staged.parent.parent, year=year), VOC_SPLITS
+        ).raise_for_errors(),
+        hint=_other_release(year),
+        **options,
     )
     return dm.check_layout(require_voc=True)
 
 
-def prepare_sbd(
-    root: str | Path,
-    *,
-    archive: str | Path | None = None,
-    md5: str | None = None,
-    url: str | None = None,
-    year: int | str = 2011,
-    say: Callable[[str], None] = print,
-) -> LayoutReport:
-    """``root/benchmark_RELEASE/dataset`` from SBD's benchmark.tgz (``archive`` or downloaded,
-    from ``url`` if given), its md5 checked. Returns the layout check of ``root`` (with VOC of
-    ``year`` if present)."""
+def prepare_sbd(root: str | Path, *, year: int | str = 2011, **options: Any) -> LayoutReport:
+    """``root/benchmark_RELEASE/dataset`` from benchmark.tgz, md5 checked; the check returned
+    includes VOC of ``year`` if present."""
     root = Path(root).expanduser()
-    dm = VOCDataModule(root, year=year)
-    info = ARCHIVES["sbd"]
-
-    def install_from(path: Path) -> None:
-        install(
-            path,
-            root,
-            pattern=r"^(?P<prefix>(?:.*/)?benchmark_RELEASE/dataset)/(train|val)\.txt$",
-            what="benchmark_RELEASE/dataset",
-            moves=[(".", "benchmark_RELEASE/dataset")],
-            verify_staged=lambda staged: _quiet_check(
-                VOCDataModule(staged.parent.parent), SBD_SPLITS
-            ).raise_for_errors(),
-            say=say,
-        )
-        say(f"SBD is in {dm.sbd_dir}")
-
+    dm, info = VOCDataModule(root, year=year), ARCHIVES["sbd"]
     prepare_once(
         root,
         info,
         targets=[dm.sbd_dir],
-        check=lambda: _quiet_check(dm, SBD_SPLITS),
+        check=lambda: _check(dm, SBD_SPLITS),
         what="SBD",
+        wanted="benchmark_RELEASE/dataset",
         command=prepare_command("sbd", root, info),
-        install_from=install_from,
-        archive=archive,
-        md5=md5,
-        url=url,
-        say=say,
+        pattern=r"^(?P<prefix>(?:.*/)?benchmark_RELEASE/dataset)/(train|val)\.txt$",
+        moves=[(".", "benchmark_RELEASE/dataset")],
+        verify_staged=lambda staged: _check(
+            VOCDataModule(staged.parent.parent), SBD_SPLITS
+        ).raise_for_errors(),
+        **options,
     )
     return dm.check_layout()
-
-
-def _check_lists(lists: Path | None) -> None:
-    """``lists`` (if given) holds the three split lists."""
-    if lists is None:
-        return
-    lists = Path(lists).expanduser()
-    for name in LISTS:
-        if not (lists / name).is_file():
-            raise PrepareError(
-                f"--lists {lists}: {name} not found there (the reference's lists: {LISTS_SOURCE})"
-            )
-
-
-def _copy_lists(lists: Path | None, into: Path, say: Callable[[str], None]) -> None:
-    """Copy the split lists from ``lists`` into ``into`` where they are absent there."""
-    if lists is None:
-        return
-    _check_lists(lists)
-    lists = Path(lists).expanduser()
-    for name in LISTS:
-        if not (into / name).exists():
-            shutil.copyfile(lists / name, into / name)
-            say(f"{name} copied from {lists}")
 
 
 def prepare_nyud(
-    root: str | Path,
-    *,
-    archive: str | Path | None = None,
-    md5: str | None = None,
-    url: str | None = None,
-    lists: str | Path | None = None,
-    say: Callable[[str], None] = print,
+    root: str | Path, *, lists: str | Path | None = None, **options: Any
 ) -> LayoutReport:
-    """``root`` as NYUDv2's data.root (data/{images,hha,depth}/, segmentation/, the split lists)
-    from the reference's nyud.tar.gz (``archive``, or downloaded into ``root``, from ``url``
-    if given): the folder in
-    it that holds ``segmentation/img_<id>.mat`` and ``data/``. No checksum is published: the tar
-    must read to its end, and the finished layout is checked (``md5`` if you have one). The
-    split lists come from the archive if it has them, else from ``lists`` (a folder holding
-    train.txt, val.txt, test.txt), else the check names what to fetch."""
-    root = Path(root).expanduser()
-    dm = NYUDDataModule(root)
-    info = ARCHIVES["nyud"]
-    _check_lists(lists)  # named but wrong: refused even where nothing needs doing
+    """``root`` as NYUDv2's data.root from the reference's nyud.tar.gz (no checksum published:
+    the tar must read to its end). The split lists come from the archive, else from ``lists``
+    (a folder of train.txt, val.txt, test.txt, copied in where absent), else the check names
+    them."""
+    root, say = Path(root).expanduser(), options.get("say", print)
+    lists = Path(lists).expanduser() if lists is not None else None
+    for name in LISTS if lists is not None else ():  # refused even where nothing needs doing
+        if not (lists / name).is_file():
+            raise PrepareError(f"--lists {lists}: {name} not found there (see {LISTS_SOURCE})")
     targets = [root / "data", root / "segmentation"]
 
-    def copy_lists() -> None:  # lists added to an extracted copy: never replaced
+    def copy_lists(into: Path) -> None:
+        for name in LISTS if lists is not None else ():
+            if not (into / name).exists():
+                shutil.copyfile(lists / name, into / name)
+                say(f"{name} copied from {lists}")
+
+    def verify_staged(staged: Path) -> None:
+        copy_lists(staged)
+        if all((staged / n).is_file() for n in LISTS):
+            NYUDDataModule(staged).check_layout().raise_for_errors()
+        elif not any((staged / "segmentation").glob("img_*.mat")):
+            raise DataError("no segmentation/img_<id>.mat labels")
+        elif not (staged / FOLDERS["images"]).is_dir():
+            raise DataError(f"no {FOLDERS['images']}/ folder")
+
+    def before() -> None:  # lists added to an extracted copy (under the lock): never replaced
         if any(t.exists() for t in targets):
-            _copy_lists(lists, root, say)
+            copy_lists(root)
 
-    def install_from(path: Path) -> None:
-        def verify_staged(staged: Path) -> None:
-            _copy_lists(lists, staged, say)
-            report = NYUDDataModule(staged).check_layout()
-            if all((staged / n).is_file() for n in LISTS):
-                report.raise_for_errors()
-            elif not any((staged / "segmentation").glob("img_*.mat")):
-                raise PrepareError(f"{path} holds no segmentation/img_<id>.mat labels")
-            elif not (staged / FOLDERS["images"]).is_dir():
-                raise PrepareError(f"{path} holds no {FOLDERS['images']}/ folder")
-
-        install(
-            path,
-            root,
-            pattern=r"^(?P<prefix>(?:.*/)?)segmentation/img_[^/]+\.mat$",
-            what="NYUDv2 (the folder of segmentation/ and data/)",
-            moves=[
-                ("data", "data"),
-                *((n, n) for n in LISTS),
-                ("segmentation", "segmentation"),
-            ],
-            verify_staged=verify_staged,
-            say=say,
-        )
-        say(f"NYUDv2 is in {root}")
-
-    # lists to copy in: under the lock, before the check (else a read-only root is fine)
     to_copy = lists is not None and not all((root / n).is_file() for n in LISTS)
     prepare_once(
         root,
-        info,
+        ARCHIVES["nyud"],
         targets=targets,
-        check=dm.check_layout,
+        check=NYUDDataModule(root).check_layout,
         what="NYUDv2",
-        command=prepare_command("nyud", root, info),
-        install_from=install_from,
-        archive=archive,
-        md5=md5,
-        url=url,
-        say=say,
-        before=copy_lists if to_copy else None,
+        wanted="NYUDv2 (the folder of segmentation/ and data/)",
+        command=prepare_command("nyud", root, ARCHIVES["nyud"]),
+        pattern=r"^(?P<prefix>(?:.*/)?)segmentation/img_[^/]+\.mat$",
+        moves=[("data", "data"), *((n, n) for n in LISTS), ("segmentation", "segmentation")],
+        verify_staged=verify_staged,
+        before=before if to_copy else None,
+        **options,
     )
-    return dm.check_layout()
+    return NYUDDataModule(root).check_layout()
 
 
-def prepare_siftflow(
-    root: str | Path,
-    *,
-    archive: str | Path | None = None,
-    md5: str | None = None,
-    url: str | None = None,
-    say: Callable[[str], None] = print,
-) -> LayoutReport:
-    """``root`` as SIFT Flow's data.root (Images/, SemanticLabels/, GeoLabels/, TestSet1.txt)
-    from SiftFlowDataset.zip (``archive``, or downloaded into ``root``, from ``url`` if given).
-    No checksum is published: the zip's CRCs and the finished layout are checked (``md5`` if
-    you have one). A complete one is left alone, writing nothing."""
+def prepare_siftflow(root: str | Path, **options: Any) -> LayoutReport:
+    """``root`` as SIFT Flow's data.root from SiftFlowDataset.zip (no checksum published: the
+    zip's CRCs and the layout are checked)."""
     root = Path(root).expanduser()
-    dm = SiftFlowDataModule(root)
-    info = ARCHIVES["siftflow"]
-
-    def install_from(path: Path) -> None:
-        install(
-            path,
-            root,
-            pattern=r"^(?P<prefix>(?:.*/)?)TestSet1\.txt$",
-            what="the SIFT Flow dataset (the folder of TestSet1.txt)",
-            moves=[(e, e) for e in ENTRIES],
-            verify_staged=lambda staged: (
-                SiftFlowDataModule(staged).check_layout().raise_for_errors()
-            ),
-            say=say,
-        )
-        say(f"SIFT Flow is in {root}")
-
     prepare_once(
         root,
-        info,
+        ARCHIVES["siftflow"],
         targets=[root / e for e in ENTRIES],
-        check=dm.check_layout,
+        check=SiftFlowDataModule(root).check_layout,
         what="SIFT Flow",
-        command=prepare_command("siftflow", root, info),
-        install_from=install_from,
-        archive=archive,
-        md5=md5,
-        url=url,
-        say=say,
+        wanted="the SIFT Flow dataset (the folder of TestSet1.txt)",
+        command=prepare_command("siftflow", root, ARCHIVES["siftflow"]),
+        pattern=r"^(?P<prefix>(?:.*/)?)TestSet1\.txt$",
+        moves=[(e, e) for e in ENTRIES],  # TestSet1.txt, which completes the layout, last
+        verify_staged=lambda staged: SiftFlowDataModule(staged).check_layout().raise_for_errors(),
+        **options,
     )
-    return dm.check_layout()
+    return SiftFlowDataModule(root).check_layout()
 
 
 def download(dm: VOCDataModule) -> None:
