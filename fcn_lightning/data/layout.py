@@ -1,12 +1,7 @@
-"""The layout check of a dataset on disk: per split, the ids its list names, the files found
-for each (images, labels, ...) and the official count.
-
-A DataModule builds it from its own split logic (``VOCDataModule.check_layout``,
-``SiftFlowDataModule.check_layout``, ``NYUDDataModule.check_layout``); ``python -m
-fcn_lightning.prepare`` prints it. A count that differs from the official one is a warning (a
-subset is fine); a file that a split lists but that is absent is an error naming the file.
-Training does not run it: it stays quiet on the small subsets users and tests train on.
-"""
+"""The layout check of a dataset on disk (each DataModule's ``check_layout``; printed by
+``python -m fcn_lightning.prepare``): per split, the ids listed, the files found per column and
+the official count. A count off the official one is a warning (a subset is fine); a listed
+file that is absent is an error naming it. Training does not run it (docs/DATA.md)."""
 
 from __future__ import annotations
 
@@ -16,8 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
-
-SHOWN = 5  # missing files named per split
 
 
 @dataclass
@@ -40,7 +33,7 @@ class LayoutReport:
 
     @property
     def warnings(self) -> list[str]:
-        return [*self.cautions] + [
+        return self.cautions + [
             f"{s.split}: {s.listed:,} listed, the official split has {s.official:,} "
             "(a subset or another release?)"
             for s in self.splits
@@ -49,13 +42,13 @@ class LayoutReport:
 
     @property
     def errors(self) -> list[str]:
-        out = list(self.problems)
-        for s in self.splits:
-            if s.missing:
-                names = ", ".join(str(p) for p in s.missing[:SHOWN])
-                more = f" and {len(s.missing) - SHOWN} more" if len(s.missing) > SHOWN else ""
-                out.append(f"{s.split}: {len(s.missing):,} listed file(s) missing: {names}{more}")
-        return out
+        return self.problems + [
+            f"{s.split}: {len(s.missing):,} listed file(s) missing: "
+            + ", ".join(map(str, s.missing[:5]))
+            + f" and {len(s.missing) - 5} more" * (len(s.missing) > 5)
+            for s in self.splits
+            if s.missing
+        ]
 
     @property
     def ok(self) -> bool:
@@ -65,19 +58,17 @@ class LayoutReport:
         return next((s.listed for s in self.splits if s.split == split), None)
 
     def format(self) -> str:
-        width = max([len("split"), *(len(s.split) for s in self.splits)])
-        head = f"  {'split':<{width}}  {'listed':>7}" + "".join(f"  {c:>7}" for c in self.columns)
-        lines = [self.title, head + f"  {'official':>8}"]
+        w = max([len("split"), *(len(s.split) for s in self.splits)])
+        lines = [self.title, f"  {'split':<{w}}  {'listed':>7}"]
+        lines[1] += "".join(f"  {c:>7}" for c in self.columns) + f"  {'official':>8}"
         for s in self.splits:
-            row = f"  {s.split:<{width}}  {s.listed:>7,}" + "".join(
-                f"  {s.found.get(c, 0):>7,}" for c in self.columns
-            )
-            lines.append(row + f"  {s.official if s.official is not None else '-':>8,}")
+            found = "".join(f"  {s.found.get(c, 0):>7,}" for c in self.columns)
+            official = f"{s.official:,}" if s.official is not None else "-"
+            lines.append(f"  {s.split:<{w}}  {s.listed:>7,}{found}  {official:>8}")
         lines += [f"  note: {n}" for n in self.notes]
-        lines += [f"  warning: {w}" for w in self.warnings]
-        lines += [f"  error: {e}" for e in self.errors]
-        lines.append("  layout: complete" if self.ok else "  layout: INCOMPLETE")
-        return "\n".join(lines)
+        lines += [f"  warning: {n}" for n in self.warnings]
+        lines += [f"  error: {n}" for n in self.errors]
+        return "\n".join([*lines, "  layout: complete" if self.ok else "  layout: INCOMPLETE"])
 
     def raise_for_errors(self) -> None:
         if not self.ok:
@@ -87,20 +78,18 @@ class LayoutReport:
 
 
 class Listing:
-    """Names in each folder, read once: a split of 10,000 ids costs one directory read per
-    folder, not 10,000 file checks."""
+    """Names in each folder, read once: a split of 10,000 ids costs one read per folder."""
 
     def __init__(self) -> None:
         self._names: dict[Path, set[str]] = {}
 
     def exists(self, path: Path) -> bool:
-        folder = path.parent
-        if folder not in self._names:
+        if path.parent not in self._names:
             try:
-                self._names[folder] = set(os.listdir(folder))
+                self._names[path.parent] = set(os.listdir(path.parent))
             except OSError:
-                self._names[folder] = set()
-        return path.name in self._names[folder]
+                self._names[path.parent] = set()
+        return path.name in self._names[path.parent]
 
 
 def count_split(
@@ -111,13 +100,10 @@ def count_split(
     listing: Listing | None = None,
 ) -> SplitCount:
     """Count the files of each column for the ids of a split; list those absent."""
-    listing = listing or Listing()
-    found: dict[str, int] = {}
-    missing: list[Path] = []
-    for i in ids:
-        for column, path in files(i).items():
-            if listing.exists(path):
-                found[column] = found.get(column, 0) + 1
-            else:
-                missing.append(path)
-    return SplitCount(split, len(ids), found, official, missing)
+    listing, count = listing or Listing(), SplitCount(split, len(ids), {}, official)
+    for column, path in ((c, p) for i in ids for c, p in files(i).items()):
+        if listing.exists(path):
+            count.found[column] = count.found.get(column, 0) + 1
+        else:
+            count.missing.append(path)
+    return count

@@ -1,6 +1,6 @@
-"""A dataset's archive fetched (resumable), its md5 checked, extracted into a temporary folder
-inside the root and moved into place only once its layout check passes; one preparation per
-root at a time. What the user sees of it: docs/DATA.md, "How it works"."""
+"""An archive fetched (resumable), its md5 checked, extracted into a temporary folder inside
+the root and renamed into place only once its layout check passes; one preparation per root
+at a time (a lock). What the user sees of it: docs/DATA.md, "How it works"."""
 
 from __future__ import annotations
 
@@ -19,13 +19,14 @@ import urllib.request
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from torchvision.datasets.utils import calculate_md5
 from tqdm.auto import tqdm
 
-from ..data.sources import Archive
+from ..data.sources import ARCHIVES, Archive
 from ..errors import DataError, PrepareError
 
 try:  # POSIX: a lock that dies with its process
@@ -33,9 +34,7 @@ try:  # POSIX: a lock that dies with its process
 except ImportError:  # pragma: no cover - Windows: no lock between concurrent preparations
     fcntl = None
 
-LOCK_NAME = ".fcn_lightning-prepare.lock"
-STAGING_PREFIX = ".prepare-tmp-"
-UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+LOCK_NAME, STAGING_PREFIX = ".fcn_lightning-prepare.lock", ".prepare-tmp-"
 ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zipfile.BadZipFile, zlib.error, gzip.BadGzipFile)
 Say = Callable[[str], None]
 Hint = Callable[[Sequence[str]], str | None]  # what an archive holds instead, if known
@@ -50,56 +49,33 @@ def mib(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB" if n < 2**30 else f"{n / 2**30:,.1f} GiB"
 
 
-def choose(info: Archive, archive: Any, md5: str | None, url: str | None) -> tuple[Archive, Any]:
-    """The archive to expect and the user's copy, checked before anything is read or written."""
-    if md5 is not None and not re.fullmatch(r"[0-9a-fA-F]{32}", md5):
-        raise PrepareError(f"--md5 {md5!r} is not an md5: it is 32 hexadecimal digits")
-    if url is not None and archive is not None:
-        raise PrepareError("--url and --archive exclude each other")
-    if url is not None and url.split("://")[0].lower() not in ("http", "https", "ftp", "file"):
-        raise PrepareError(f"--url {url}: not an address to download from (http://, https://...)")
-    path = Path(archive).expanduser() if archive is not None else None
-    if path is not None and path.is_dir():
-        raise PrepareError(f"--archive {path} is a folder, not an archive: give the file itself")
-    if path is not None and not path.is_file():
-        raise PrepareError(f"--archive {path}: no such file")
-    return info.with_md5(md5).with_url(url), path
-
-
 def not_a_folder(root: Path) -> str | None:
     """Why ``root`` cannot be a folder (it, or a folder above it, is a file), or None."""
-    for p in (root, *root.parents):
-        if p.is_dir():
-            return None
-        if p.exists():
-            return (
-                f"{root} is a file, not a folder"
-                if p == root
-                else (f"{p} is a file, so {root} cannot be a folder")
-            )
-    return None
+    p = next((p for p in (root, *root.parents) if p.exists()), root)
+    if p.is_dir() or not p.exists():
+        return None
+    return (
+        f"{root} is a file, not a folder"
+        if p == root
+        else (f"{p} is a file, so {root} cannot be a folder")
+    )
 
 
 def verify(path: Path, md5: str | None, downloaded: bool = False) -> None:
     if md5 and (actual := calculate_md5(path)) != md5.lower():
-        todo = (
-            f"delete {path} and run again to download it afresh"
-            if downloaded
-            else f"Download it again; for a mirror's copy you trust, pass --md5 {actual}"
-        )
+        todo = f"delete {path} and run again" if downloaded else "Download it again (or, for "
         raise PrepareError(
             f"checksum mismatch for {path}: expected md5 {md5.lower()}, got {actual}. {todo}"
+            + f"a mirror's copy you trust, pass --md5 {actual})" * (not downloaded)
         )
 
 
-def fetch(
-    info: Archive, root: Path, path: Path | None, command: str, say: Say, fresh: bool
-) -> Path:
-    """The archive, its md5 checked: ``path``, else ``root/<filename>``, else downloaded there
-    (resuming ``<filename>.part``). ``fresh``: this run made ``root`` (and removes it on failure)."""
+def fetch(info: Archive, root: Path, path: Path | None, command: str, say: Say, made: bool) -> Path:
+    """The archive, md5 checked: ``path``, else ``root/<filename>``, else downloaded there
+    (resuming ``<filename>.part``). ``made``: this run made ``root`` (and removes it again)."""
     dest = path or root / info.filename
     if dest.is_file():
-        say(f"Using {dest}" + (" (verifying its md5)" if info.md5 else ""))
+        say(f"Using {dest}" + " (verifying its md5)" * bool(info.md5))
         verify(dest, info.md5)
         return dest
     part = dest.with_name(dest.name + ".part")
@@ -121,11 +97,11 @@ def fetch(
                 ) from None
             say(f"Download interrupted ({err}); resuming")
             continue
-        make = f" (create {root} first: mkdir -p {root})" if fresh else ""
         raise PrepareError(
             f"cannot download {info.url} ({reason}).\nWithout network access here, fetch "
-            f"{info.filename} elsewhere, copy it to this machine, e.g. to {dest}{make}, and run:"
-            f"\n  {command}"
+            f"{info.filename} elsewhere, copy it to this machine, e.g. to {dest}"
+            + f" (create {root} first: mkdir -p {root})" * made
+            + f", and run:\n  {command}"
         )
     verify(part, info.md5, downloaded=True)
     return part.rename(dest)
@@ -139,8 +115,7 @@ def _download(url: str, part: Path, say: Say) -> None:
         if have and response.status != 206:
             say("The server does not resume downloads: starting from the beginning")
             have = 0
-        length = int(response.headers.get("Content-Length") or 0) or None
-        if length:
+        if length := int(response.headers.get("Content-Length") or 0):
             check_space(part.parent, length, url)
         if have:
             say(f"Resuming {part.name} at {mib(have)}")
@@ -162,19 +137,13 @@ def damaged(path: Path) -> PrepareError:
     )
 
 
-def _clean(name: str) -> str:
-    while name.startswith("./"):
-        name = name[2:]
-    return name.rstrip("/")
-
-
 def read_index(path: Path) -> dict[str, int]:
-    """Member name -> size, of a tar (any compression) or zip that reads to its end. A tar
-    member that its ``data`` extraction filter would refuse raises PrepareError."""
+    """Member name -> size, of a zip or a tar (any compression) that reads to its end and that
+    tarfile's ``data`` filter accepts (zipfile keeps every member inside the folder itself)."""
     try:
-        if zipfile.is_zipfile(path):  # a zip's extraction itself keeps inside the folder
+        if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as zf:
-                return {_clean(i.filename): i.file_size for i in zf.infolist()}
+                return {i.filename: i.file_size for i in zf.infolist()}
         if not hasattr(tarfile, "data_filter"):  # pragma: no cover
             raise PrepareError("extracting a tar safely needs Python 3.10.12+ or 3.11.4+")
         with tarfile.open(path, "r:*") as tar:
@@ -184,11 +153,11 @@ def read_index(path: Path) -> dict[str, int]:
                 raise tarfile.ReadError("no end-of-archive block")
             for m in members:
                 tarfile.data_filter(m, str(path.parent.absolute()))
-            return {_clean(m.name): m.size if m.isfile() else 0 for m in members}
+            return {m.name: m.size if m.isfile() else 0 for m in members}
     except tarfile.FilterError as err:
         raise PrepareError(
-            f"{path} holds a member outside its own folder or of a refused kind ({err}). "
-            "Is it the official archive?"
+            f"{path} holds a member outside its own folder or of a refused kind ({err}). Is it "
+            "the official archive?"
         ) from None
     except ARCHIVE_ERRORS:
         raise damaged(path) from None
@@ -201,12 +170,10 @@ def find_prefix(
     found = sorted({m["prefix"].rstrip("/") for n in names if (m := re.match(pattern, n))}, key=len)
     if found:
         return found[0]
-    told = hint(names) if hint else None
-    if told is None:
-        tops = sorted({n.split("/")[0] for n in names if n})
-        told = (
-            f"it holds {', '.join(tops[:5])}{' ...' * (len(tops) > 5)}" if tops else "it is empty"
-        )
+    tops = sorted({n.split("/")[0] for n in names if n})
+    told = (hint(names) if hint else None) or (
+        f"it holds {', '.join(tops[:5])}{' ...' * (len(tops) > 5)}" if tops else "it is empty"
+    )
     raise PrepareError(f"{path} holds no {what}: {told}. Is it the right archive?")
 
 
@@ -224,11 +191,11 @@ def extract(path: Path, names: Any, into: Path) -> None:
     desc = f"extracting {path.name}"
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
-            wanted = [i for i in zf.infolist() if _clean(i.filename) in names]
+            wanted = [i for i in zf.infolist() if i.filename in names]
             zf.extractall(into, tqdm(wanted, desc=desc, unit="file"))
     else:
         with tarfile.open(path, "r:*") as tar:
-            wanted = [m for m in tar.getmembers() if _clean(m.name) in names]
+            wanted = [m for m in tar.getmembers() if m.name in names]
             tar.extractall(into, tqdm(wanted, desc=desc, unit="file"), filter="data")
 
 
@@ -244,7 +211,7 @@ def install(
     hint: Hint | None = None,
 ) -> None:
     """Extract the folder of ``path`` that ``pattern`` finds into a temporary folder in
-    ``root``; after ``verify_staged(folder)`` passes, rename each ``(inside, target)`` of
+    ``root``; once ``verify_staged(folder)`` passes, rename each ``(inside, target)`` of
     ``moves`` to ``root / target`` in order (the one that completes the layout last)."""
     index = read_index(path)
     prefix = find_prefix(list(index), pattern, wanted, path, hint)
@@ -272,16 +239,14 @@ def install(
                 verify_staged(staged)
             except DataError as err:
                 raise PrepareError(f"{path} does not hold a complete {wanted}: {err}") from None
-            for inside, target in moves:
-                src, dst = staged / inside, root / target
-                if not src.exists():
-                    continue
-                if dst.is_dir() and not any(dst.iterdir()):
-                    dst.rmdir()  # an empty folder the user made for it
-                if dst.exists():
-                    raise PrepareError(f"{dst} appeared while preparing: left as it is")
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                src.rename(dst)
+            for src, dst in ((staged / inside, root / target) for inside, target in moves):
+                if src.exists():
+                    with contextlib.suppress(OSError):  # an empty folder the user made for it
+                        dst.rmdir()
+                    if dst.exists():
+                        raise PrepareError(f"{dst} appeared while preparing: left as it is")
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    src.rename(dst)
     except KeyboardInterrupt:
         say(f"Removed the unfinished extraction {tmp.name}")
         raise
@@ -296,35 +261,24 @@ def remove_stale(root: Path, say: Say) -> None:
         say(f"{done} an unfinished extraction left by an earlier run: {p}")
 
 
-def tidy(root: Path, say: Say) -> None:
-    """:func:`remove_stale` where nothing else needs doing, unless a live run holds the lock."""
-    if fcntl is None or not any(root.glob(STAGING_PREFIX + "*")):
-        return
-    try:
-        with open(root / LOCK_NAME, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            remove_stale(root, say)
-    except BlockingIOError:  # another process is preparing here: its folder, maybe
-        pass
-    except OSError as err:
-        say(f"Note: cannot remove the unfinished extractions of earlier runs in {root} ({err})")
-
-
 @contextlib.contextmanager
-def locked(root: Path, say: Say) -> Iterator[None]:
-    """One preparation at a time in ``root``; the folders made for it are removed again if
-    nothing but the lock ended up in them."""
+def locked(root: Path, say: Say, wait: bool = True) -> Iterator[bool]:
+    """One preparation at a time in ``root``: yields whether this run made ``root``, which is
+    removed again (with the folders made above it) if nothing but the lock ended up in it.
+    Without ``wait``, a lock held elsewhere raises BlockingIOError."""
     made = [p for p in (root, *root.parents) if not p.exists()]  # deepest first
     root.mkdir(parents=True, exist_ok=True)
     with open(root / LOCK_NAME, "a") as handle:
-        if fcntl is not None:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                say(f"Another process is preparing {root}; waiting for it")
-                fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                raise
+            say(f"Another process is preparing {root}; waiting for it")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield bool(made)
         finally:
             if made and os.listdir(root) == [LOCK_NAME]:
                 (root / LOCK_NAME).unlink()
@@ -353,12 +307,12 @@ def already_prepared(
 
 def prepare_once(
     root: Path,
-    info: Archive,
+    kind: str,
+    year: str = "",
     *,
     targets: Sequence[Path],
     check: Callable[[], Any],
     what: str,
-    command: str,
     archive: Any = None,
     md5: str | None = None,
     url: str | None = None,
@@ -366,31 +320,46 @@ def prepare_once(
     before: Callable[[], None] | None = None,
     **recipe: Any,
 ) -> None:
-    """Every preparation: the options checked (:func:`choose`); nothing written where the
-    ``targets`` are already complete (a read-only root is fine); else, under the root's lock,
-    stale folders removed, ``before()`` run, the check made again (another process may have
-    finished) and the archive :func:`fetch` gives installed (:func:`install` with ``recipe``)."""
-    info, path = choose(info, archive, md5, url)
+    """Every preparation of ``kind`` (voc of ``year``, sbd, siftflow, nyud): the options
+    checked; nothing written where the ``targets`` are complete (a read-only root is fine);
+    else, under the lock, stale folders removed, ``before()`` run, the check made again
+    (another run may have finished) and the archive from :func:`fetch` installed
+    (:func:`install` with ``recipe``)."""
+    if md5 is not None and not re.fullmatch(r"[0-9a-fA-F]{32}", md5):
+        raise PrepareError(f"--md5 {md5!r} is not an md5: it is 32 hexadecimal digits")
+    if url is not None and url.split("://")[0].lower() not in ("http", "https", "ftp", "file"):
+        raise PrepareError(f"--url {url}: not an address to download from (http://, https://...)")
+    path = Path(archive).expanduser() if archive is not None else None
+    if path is not None and path.is_dir():
+        raise PrepareError(f"--archive {path} is a folder, not an archive: give the file")
+    if path is not None and not path.is_file():
+        raise PrepareError(f"--archive {path}: no such file")
     if problem := not_a_folder(root):
         raise PrepareError(f"{problem}: --root (data.root) must be a folder")
+    info = ARCHIVES[f"{kind}{year}" if kind == "voc" else kind]
+    info = replace(info, md5=md5 or info.md5, url=url or info.url)
+    command = f"python -m fcn_lightning.prepare {kind}{f' --year {year}' * bool(year)} --root "
+    command += f"{shlex.quote(str(root))} --archive {shlex.quote(str(root / info.filename))}"
     incomplete = None
     if before is None:
         try:
             if already_prepared(targets, check, what, say):
-                return tidy(root, say)
+                if any(root.glob(STAGING_PREFIX + "*")):  # unless a live run holds the lock
+                    with contextlib.suppress(OSError), locked(root, say, wait=False):
+                        remove_stale(root, say)
+                return
         except PrepareError as err:  # said again under the lock (another run may be finishing)
             incomplete = err
-    fresh = not root.is_dir()
     try:
-        with locked(root, say):
+        with locked(root, say) as made:
             remove_stale(root, say)
             if before is not None:
                 before()
             if not already_prepared(targets, check, what, say):
-                source = fetch(info, root, path, command, say, fresh)
+                source = fetch(info, root, path, command, say, made)
                 install(source, root, say=say, **recipe)
     except OSError as err:
-        if err.errno not in UNWRITABLE:
+        if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise
         if incomplete is not None:  # the real problem: nothing here would write
             raise incomplete from None
@@ -400,11 +369,3 @@ def prepare_once(
             f"{what} is not prepared in {root} yet. Run this where it can be written, or choose "
             "another --root (data.root)"
         ) from None
-
-
-def prepare_command(kind: str, root: Path, archive: Archive, year: str = "") -> str:
-    """The command that prepares ``kind`` in ``root`` from its archive placed there."""
-    return (
-        f"python -m fcn_lightning.prepare {kind}{f' --year {year}' * bool(year)} --root "
-        f"{shlex.quote(str(root))} --archive {shlex.quote(str(root / archive.filename))}"
-    )
