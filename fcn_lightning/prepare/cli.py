@@ -23,8 +23,8 @@ from .datasets import prepare_nyud, prepare_sbd, prepare_siftflow, prepare_voc
 
 ABOUT = {
     "voc": "PASCAL VOC segmentation (VOCdevkit/VOC<year>) from the trainval tar; md5 checked",
-    "sbd": "SBD (benchmark_RELEASE/dataset) from benchmark.tgz; md5 checked. With VOC2011 it "
-    "gives seg11valid",
+    "sbd": "SBD (benchmark_RELEASE/dataset) from benchmark.tgz; md5 checked. With VOC2011: "
+    "seg11valid",
     "siftflow": "SIFT Flow from its zip (no checksum published: the CRCs and layout are checked)",
     "nyud": "NYUDv2 as the FCN reference prepared it (no checksum published: the tar must read "
     "to its end and the layout is checked)",
@@ -32,36 +32,30 @@ ABOUT = {
 EXAMPLES = """examples:
   python -m fcn_lightning.prepare voc --year 2011 --root /data/pascal
   python -m fcn_lightning.prepare sbd --root /data/pascal --url https://mirror.example/benchmark.tgz
-  python -m fcn_lightning.prepare siftflow --root /data/SiftFlowDataset --archive SiftFlowDataset.zip
   python -m fcn_lightning.prepare nyud --root /data/nyud --archive nyud.tar.gz --lists fcn/data/nyud
   python -m fcn_lightning.prepare check voc --year 2011 --root /data/pascal
 Then train with data.root set to --root (e.g. data=voc data.root=/data/pascal data.year=2011)."""
-
-
-class Stopped(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where the program is, so that it unwinds as on Ctrl+C."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+YEAR = {
+    "choices": ("2011", "2012"),
+    "default": "2011",
+    "help": "VOC release (default: %(default)s)",
+}
 
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise :class:`Stopped` in the block (once: a second one does not cut
-    the clean-up short); the previous handlers come back after it."""
+    """SIGTERM and SIGHUP raise KeyboardInterrupt(<name>) in the block, once (a second one is
+    ignored, so that the clean-up finishes); the previous handlers come back after it."""
+    stops = [s for n in ("SIGTERM", "SIGHUP") if (s := getattr(signal, n, None))]
     if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    stopping = []
+        stops = []  # signals are the main thread's
 
     def handler(signum: int, frame: object) -> None:
-        if not stopping:
-            stopping.append(signum)
-            raise Stopped(signum)
+        for s in stops:
+            signal.signal(s, signal.SIG_IGN)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    names = ("SIGTERM", "SIGHUP")
-    previous = {s: signal.signal(s, handler) for n in names if (s := getattr(signal, n, None))}
+    previous = {s: signal.signal(s, handler) for s in stops}
     try:
         yield
     finally:
@@ -84,48 +78,40 @@ def parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=about, description=f"{about}. Archive: {url}")
         sub.add_argument("--root", required=True, type=Path, help="the folder: data.root")
         if name in ("voc", "sbd"):
-            sub.add_argument("--year", choices=("2011", "2012"), default="2011",
-                             help="VOC release, as data.year (default: %(default)s)")  # fmt: skip
+            sub.add_argument("--year", **YEAR)
         source = sub.add_mutually_exclusive_group()
         source.add_argument("--archive", type=Path, help="a copy you have: nothing is downloaded")
         source.add_argument("--url", help="download from this mirror instead (md5 still checked)")
         sub.add_argument("--md5", metavar="HEX", help="the expected md5, replacing the published")
         if name == "nyud":
-            sub.add_argument("--lists", type=Path, metavar="FOLDER",
-                             help="a folder of train.txt, val.txt, test.txt")  # fmt: skip
+            sub.add_argument("--lists", type=Path, help="a folder of train.txt, val.txt, test.txt")
     check = commands.add_parser("check", help="only the layout check (exit status 1: missing)")
     check.add_argument("dataset", choices=("voc", "siftflow", "nyud"))
     check.add_argument("--root", required=True, type=Path, help="data.root of the dataset")
-    check.add_argument("--year", choices=("2011", "2012"), default="2011",
-                       help="VOC release, as data.year (default: %(default)s)")  # fmt: skip
+    check.add_argument("--year", **YEAR)
     return top
 
 
-def check(dataset: str, root: Path, year: str) -> LayoutReport:
-    """The layout check of ``root`` as training reads it (VOC: VOC of ``year`` required)."""
-    if problem := not_a_folder(root):
+def run(args: argparse.Namespace) -> LayoutReport:
+    root = args.root.expanduser()
+    if args.command != "check":
+        options = {"archive": args.archive, "md5": args.md5, "url": args.url}
+        if args.command in ("voc", "sbd"):
+            options["year"] = args.year
+        if args.command == "nyud":
+            options["lists"] = args.lists
+        prepare = {"voc": prepare_voc, "sbd": prepare_sbd, "siftflow": prepare_siftflow}
+        return prepare.get(args.command, prepare_nyud)(root, **options)
+    if problem := not_a_folder(root):  # check: the layout as training reads it
         raise DataError(f"--root: {problem}")
     if not root.is_dir():
         raise DataError(f"{root} does not exist")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if dataset == "voc":
-            return VOCDataModule(root, year=year).check_layout(require_voc=True)
-        return (SiftFlowDataModule if dataset == "siftflow" else NYUDDataModule)(
-            root
-        ).check_layout()
-
-
-def run(args: argparse.Namespace) -> LayoutReport:
-    if args.command == "check":
-        return check(args.dataset, args.root.expanduser(), args.year)
-    options = {"archive": args.archive, "md5": args.md5, "url": args.url}
-    if args.command in ("voc", "sbd"):
-        prepare = prepare_voc if args.command == "voc" else prepare_sbd
-        return prepare(args.root, year=args.year, **options)
-    if args.command == "nyud":
-        return prepare_nyud(args.root, lists=args.lists, **options)
-    return prepare_siftflow(args.root, **options)
+        if args.dataset == "voc":
+            return VOCDataModule(root, year=args.year).check_layout(require_voc=True)
+        module = SiftFlowDataModule if args.dataset == "siftflow" else NYUDDataModule
+        return module(root).check_layout()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -136,11 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataError as err:
         print(f"Error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as err:  # Ctrl+C, or SIGTERM / SIGHUP (Stopped)
-        signum = getattr(err, "signum", signal.SIGINT)
-        how = "Interrupted" if signum == signal.SIGINT else f"Stopped by {err}"
+    except KeyboardInterrupt as err:  # Ctrl+C, or SIGTERM / SIGHUP (named)
+        how = f"Stopped by {err.args[0]}" if err.args else "Interrupted"
         print(f"{how}: nothing was moved into place (a download resumes)", file=sys.stderr)
-        return 128 + signum
+        return 128 + (signal.Signals[err.args[0]] if err.args else signal.SIGINT)
     print(report.format())
     if not report.ok:
         print("Error: the layout is incomplete (see the errors above)", file=sys.stderr)
