@@ -29,6 +29,10 @@ class RunFolderError(UserError, ValueError):
     """A run folder that this run may not use; the message says what to do instead."""
 
 
+class ExportError(UserError, RuntimeError):
+    """An exported model that does not run as the checkpoint does; nothing was written."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: printed as their message, without a traceback."""
     return (UserError,)

@@ -19,17 +19,31 @@ from ..module import FCNModule, load_checkpoint
 from ..prepare.datasets import download
 from .console import say
 
+# error type -> exit status, first match wins; anything else keeps its traceback. The training
+# run's typed stops join this table, in front of UserError if they derive from it.
+EXIT_STATUS: list[tuple[type[BaseException], int]] = [(t, 1) for t in user_errors()]
+INTERRUPTED = 130  # Ctrl+C: what the commands write is written atomically
+
+
+def exit_status(err: BaseException) -> int | None:
+    return next((status for kind, status in EXIT_STATUS if isinstance(err, kind)), None)
+
 
 def as_command(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """``fn(cfg)`` for a command-line entry point: a user error ends the process with its
-    message (exit status 1), not with a traceback through the project's code."""
+    """``fn(cfg)`` for a command-line entry point, the one place where the library's typed
+    errors end the process: ``Error: <message>`` and the status of :data:`EXIT_STATUS` (no
+    traceback through the project's code); Ctrl+C: ``Interrupted``, status 130."""
     try:
         return fn(cfg)
-    except user_errors() as err:
-        raise SystemExit(f"Error: {err}") from None
-    except KeyboardInterrupt:  # Ctrl+C: what the command writes is written atomically
-        print("Interrupted (Ctrl+C)", file=sys.stderr)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt:
+        print("Interrupted", file=sys.stderr)
+        raise SystemExit(INTERRUPTED) from None
+    except Exception as err:
+        status = exit_status(err)
+        if status is None:
+            raise
+        print(f"Error: {err}", file=sys.stderr)
+        raise SystemExit(status) from None
 
 
 def make_datamodule(data_cfg: DictConfig, **override: Any) -> SegmentationDataModule:
