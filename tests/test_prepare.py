@@ -199,7 +199,14 @@ def test_member_outside_the_folder_is_refused(tmp_path, capsys):
     root = tmp_path / "root"
     assert main(["siftflow", "--root", str(root), "--archive", str(evil)]) == 1
     assert "outside its own folder" in capsys.readouterr().err
-    assert leftovers(tmp_path) == []
+    # a link pointing out of the folder, beside a dataset that would otherwise be found
+    link = tarfile.TarInfo("SiftFlowDataset/TestSet1.txt")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    with tarfile.open(evil, "w") as tar:
+        tar.addfile(link)
+    assert main(["siftflow", "--root", str(root), "--archive", str(evil)]) == 1
+    assert "outside its own folder or of a refused kind" in capsys.readouterr().err
+    assert leftovers(tmp_path) == [] and not (root / "TestSet1.txt").exists()
 
 
 # --------------------------------------------------------------------------- SIFT Flow, NYUDv2

@@ -54,11 +54,7 @@ def not_a_folder(root: Path) -> str | None:
     p = next((p for p in (root, *root.parents) if p.exists()), root)
     if p.is_dir() or not p.exists():
         return None
-    return (
-        f"{root} is a file, not a folder"
-        if p == root
-        else (f"{p} is a file, so {root} cannot be a folder")
-    )
+    return f"{p} is a file" + (", not a folder" if p == root else f", so {root} cannot be a folder")
 
 
 def verify(path: Path, md5: str | None, downloaded: bool = False) -> None:
