@@ -1,13 +1,7 @@
-"""Reading checkpoints safely: every load in the project goes through :func:`load_weights_only`.
-
-``torch.load(weights_only=True)`` unpickles tensors, plain containers and numbers only, so a
-planted checkpoint cannot run code, whatever torch's own default is. An empty, truncated or
-foreign file gets an error that names it and says what to do.
-
-Older checkpoints' hyper-parameters are brought to today's form by :func:`upgrade_hparams`;
-:func:`check_init_checkpoint` and :func:`check_stream_checkpoints` refuse a checkpoint that a
-model would start from but that was trained on other inputs (an HHA net for the RGB stream).
-"""
+"""Reading checkpoints safely: every load goes through :func:`load_weights_only`
+(``torch.load(weights_only=True)``: tensors and plain values only, so a planted file runs no
+code); an empty, truncated or foreign file gets an error naming it. A model refuses a starting
+checkpoint trained on other inputs (:func:`check_stream_checkpoints`); the random state."""
 
 from __future__ import annotations
 
@@ -20,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .contract import DataContract, modality_of, plain
+from .contract import DataContract, modality_of
 from .errors import CheckpointError
 from .normalization import Normalization, get_normalization
 
@@ -68,89 +62,39 @@ def load_weights_only(
     return obj
 
 
-def upgrade_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """Hyper-parameters of an older checkpoint in today's form.
-
-    - Written before the data contract (class names and palette beside the model's heads): the
-      contract follows from the model's settings; its inputs (kind, statistics) are unknown.
-    - Written before the input normalisation was recorded per image group
-      (``input_normalization``): every image group had the normalisation that the model's
-      ``normalization`` names (``caffe``: the VOC mean, channels reversed, HHA included), and
-      keeps it, so that eval.py and predict.py feed it what it was trained on.
-    """
-    h = dict(hparams)
-    if "contract" not in h:
-        for key in ("panel_size", "log_images_every_n_epochs"):  # now the image callback's
-            h.pop(key, None)
-        names, palette = h.pop("class_names", None), h.pop("palette", None)
-        contract = DataContract.from_model_settings(h["model"], names, palette)
-        contract = DataContract(
-            heads=contract.heads,
-            in_channels=contract.in_channels,
-            streams=contract.streams,
-            image_groups=_legacy_image_groups(contract.in_channels, contract.streams),
-        )
-        model = {
-            k: v
-            for k, v in h["model"].items()
-            if k not in ("heads", "num_classes", "in_channels", "streams")
-        }
-        h = {**h, "model": model, "contract": contract.as_dict()}
-    if h.get("input_normalization") is None:
-        groups = DataContract.from_dict(h["contract"]).image_groups
-        scheme = get_normalization(h["model"].get("normalization") or "imagenet")
-        h["input_normalization"] = [plain(scheme.as_dict()) for _ in range(groups)]
-    return h
-
-
-def _legacy_image_groups(in_channels: int, streams: Mapping[str, int] | None) -> int:
-    """Image groups (leading 3-channel groups) of an input known by its channels alone: one per
-    late-fusion stream of 3 channels; one for RGB or RGB-D; none for depth alone."""
-    if streams:
-        return sum(1 for c in streams.values() if int(c) == 3)
-    return 1 if in_channels >= 3 else 0
-
-
 def recorded_inputs(
     path: str | Path, what: str = "checkpoint"
 ) -> tuple[DataContract, tuple[Normalization, ...]] | None:
-    """The data contract and the per-image-group input normalisation a checkpoint was trained
-    with (older checkpoints upgraded); None for a file without hyper-parameters (a plain state
-    dict, e.g. converted weights)."""
-    ckpt = load_weights_only(path, what=what)
-    hparams = ckpt.get("hyper_parameters")
+    """The data contract and per-image-group input normalisation a checkpoint was trained with;
+    None for a file without hyper-parameters (a plain state dict, e.g. converted weights)."""
+    hparams = load_weights_only(path, what=what).get("hyper_parameters")
     if not isinstance(hparams, Mapping) or "model" not in hparams:
         return None
-    h = upgrade_hparams(hparams)
     return (
-        DataContract.from_dict(h["contract"]),
-        tuple(get_normalization(n) for n in h["input_normalization"]),
+        DataContract.from_dict(hparams["contract"]),
+        tuple(get_normalization(n) for n in hparams["input_normalization"]),
     )
 
 
 def check_init_checkpoint(
     path: str | Path,
-    contract: DataContract | Mapping[str, Any],
+    contract: DataContract,
     normalizations: Sequence[Normalization] | None = None,
     what: str = "checkpoint",
     takes: str = "the model",
 ) -> None:
     """Refuse to start a model of ``contract`` (and ``normalizations``, one per image group)
-    from the checkpoint at ``path`` when the checkpoint was trained on another kind of input
-    (HHA images for an RGB net) or with another input normalisation; the message names both.
-    What a checkpoint does not record (written before its inputs were recorded, or no
-    hyper-parameters at all) is not compared."""
-    contract = DataContract.coerce(contract)
+    from ``path`` when it was trained on another kind of input (HHA for RGB) or with another
+    input normalisation. A file without hyper-parameters is not compared."""
     found = recorded_inputs(path, what)
     if found is None:
         return
     source, used = found
-    if source.inputs is not None and contract.inputs is not None:
-        if [g.kind for g in source.inputs] != [g.kind for g in contract.inputs]:
-            raise CheckpointError(
-                f"{what}: {path} was trained on {modality_of(source)}, but {takes} takes "
-                f"{modality_of(contract)}"
-            )
+    if [g.kind for g in source.inputs] != [g.kind for g in contract.inputs]:
+        raise CheckpointError(
+            f"{what}: {path} was trained on {modality_of(source)}, but {takes} takes "
+            f"{modality_of(contract)}"
+        )
     if normalizations is not None and len(used) == len(normalizations):
         for g, (a, b) in enumerate(zip(used, normalizations, strict=True)):
             if a != b:
@@ -164,41 +108,34 @@ def check_init_checkpoint(
 
 def check_stream_checkpoints(
     sources: Mapping[str, str | Path],
-    contract: DataContract | Mapping[str, Any],
+    contract: DataContract,
     normalizations: Sequence[Normalization] | None = None,
     what: str = "arch.init_streams",
 ) -> None:
-    """Refuse a single-modality checkpoint for a late-fusion stream (``sources``: stream name
-    -> checkpoint, e.g. ``{"rgb": ..., "hha": ...}``) that was trained on another input than
-    its stream takes (e.g. the two checkpoints swapped), or with another normalisation;
-    ``contract`` and ``normalizations`` (one per image group) are the late-fusion model's (an
-    FCNModule's ``contract`` and ``input_normalizations``). Raises :class:`CheckpointError`
-    naming the stream, the file and both inputs. Stream names the model lacks are left to the
-    caller."""
-    contract = DataContract.coerce(contract)
+    """Refuse a checkpoint for a late-fusion stream (``sources``: stream name -> checkpoint)
+    trained on another input than its stream takes (the two swapped?) or with another
+    normalisation; ``contract`` and ``normalizations`` are the fused model's. Stream names the
+    model lacks are left to the caller."""
     spans = contract.stream_channels()
     for name, path in sources.items():
         if name not in spans:
             continue
-        stream = contract.stream_contract(name)
         groups = contract.image_groups_in(*spans[name])
         norms = [normalizations[g] for g in groups] if normalizations is not None else None
         try:
-            check_init_checkpoint(path, stream, norms, f"{what}.{name}", f"the {name} stream")
+            check_init_checkpoint(
+                path, contract.stream_contract(name), norms, f"{what}.{name}", f"the {name} stream"
+            )
         except CheckpointError as err:
-            trained = _trained_on(path)
+            found = recorded_inputs(path)
+            trained = found[0].modality if found else None
             others = [
                 other
                 for other in spans
-                if other != name and trained and contract.stream_contract(other).modality == trained
+                if other != name and contract.stream_contract(other).modality == trained
             ]
             hint = f" (the {others[0]} stream's checkpoint? are the two swapped?)" if others else ""
             raise CheckpointError(f"{err}{hint}") from None
-
-
-def _trained_on(path: str | Path) -> str | None:
-    found = recorded_inputs(path)
-    return found[0].modality if found else None
 
 
 def random_state() -> dict[str, Any]:

@@ -1,11 +1,7 @@
-"""The contract between data and model: what a DataModule publishes, once, and what the model,
-the LightningModule and the reports consume. Plain values only, so that it travels inside a
-checkpoint's hyper-parameters and loads with ``torch.load(weights_only=True)``.
-
-Inside the project heads are always a dict (``{"out": ...}`` for one head). The single-head short
-form, where results have no head level, exists only at the edges: TensorBoard tag names,
-metrics.json / eval.json and the printed table (:func:`tag`, :func:`short_form`).
-"""
+"""The contract between data and model: what a DataModule publishes and the model, the
+LightningModule and the reports read; plain values, so that it travels in a checkpoint's
+hyper-parameters. Heads are always a dict (one head: ``SINGLE_HEAD``); the single-head short
+form exists only at the edges (:mod:`.reports`)."""
 
 from __future__ import annotations
 
@@ -101,54 +97,44 @@ class InputGroup:
 
 @dataclass(frozen=True)
 class DataContract:
-    """What a DataModule gives and a model must match.
-
-    Args:
-        heads: head name -> :class:`Head`, in order; the first head picks the best checkpoint.
-        in_channels: channels of the input tensor.
-        streams: late fusion: stream name -> its channels, in input order (e.g. rgb 3, hha 3);
-            ``None`` for one network.
-        image_groups: leading groups of 3 channels that are images (normalised, shown in the
-            panels); further channels (depth) pass as they are.
-        ignore_index: label value that no loss or metric counts.
-        inputs: what the channels are, one :class:`InputGroup` per group in input order (e.g.
-            rgb and hha of NYUDv2); ``None`` where it is not known (checkpoints written before
-            it was recorded): each image group is then normalised as a VOC photo, as then.
-            :meth:`of_inputs` derives ``in_channels`` and ``image_groups`` from it.
-    """
+    """What a DataModule gives and a model must match: ``heads`` (name -> :class:`Head`, in
+    order; the first picks the best checkpoint), ``inputs`` (one :class:`InputGroup` per channel
+    group, in input order; the image groups lead), ``streams`` (late fusion: stream name -> its
+    channels, in input order; ``None`` for one network) and the ``ignore_index`` of the labels."""
 
     heads: Mapping[str, Head]
-    in_channels: int = 3
+    inputs: Sequence[InputGroup | Mapping[str, Any] | Sequence[str]]
     streams: Mapping[str, int] | None = None
-    image_groups: int = 1
     ignore_index: int = IGNORE_INDEX
-    inputs: tuple[InputGroup, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.heads:
             raise ValueError("a data contract needs at least one head")
+        inputs = tuple(InputGroup.coerce(g) for g in self.inputs)
+        object.__setattr__(self, "inputs", inputs)
+        kinds = [g.kind for g in inputs]
         if self.streams and sum(self.streams.values()) != self.in_channels:
             raise ValueError(
                 f"streams {dict(self.streams)} do not add up to in_channels={self.in_channels}"
             )
-        if self.inputs is None:
-            return
-        inputs = tuple(InputGroup.coerce(g) for g in self.inputs)
-        object.__setattr__(self, "inputs", inputs)
-        kinds = [g.kind for g in inputs]
-        if sum(g.channels for g in inputs) != self.in_channels:
-            raise ValueError(f"inputs {kinds} do not add up to in_channels={self.in_channels}")
         images = [g.image for g in inputs]
-        if images != sorted(images, reverse=True) or sum(images) != self.image_groups:
-            raise ValueError(
-                f"inputs {kinds}: the {self.image_groups} image group(s) must be the leading ones"
-            )
+        if images != sorted(images, reverse=True):
+            raise ValueError(f"inputs {kinds}: the image groups must be the leading ones")
         bounds = {sum(g.channels for g in inputs[:i]) for i in range(len(inputs) + 1)}
         for name, (start, stop) in self.stream_channels().items():
             if start not in bounds or stop not in bounds:
                 raise ValueError(f"stream {name!r} splits an input group of {kinds}")
 
     # --- reading
+    @property
+    def in_channels(self) -> int:
+        return sum(g.channels for g in self.inputs)
+
+    @property
+    def image_groups(self) -> int:
+        """The leading groups of 3 channels that are images (normalised, shown in the panels)."""
+        return sum(g.image for g in self.inputs)
+
     @property
     def num_classes(self) -> dict[str, int]:
         """head -> number of classes: what the model is built with."""
@@ -160,7 +146,7 @@ class DataContract:
 
     @property
     def single(self) -> bool:
-        """One head called ``out``: reports use the short form."""
+        """One head called ``SINGLE_HEAD``: reports use the short form."""
         return list(self.heads) == [SINGLE_HEAD]
 
     def class_names(self, head: str) -> list[str]:
@@ -178,11 +164,8 @@ class DataContract:
 
     # --- inputs
     @property
-    def modality(self) -> str | None:
-        """``rgb``, ``hha``, ``depth``, ``rgbd``, ``rgb+hha`` (late fusion: the streams'
-        modalities joined by "+"); ``None`` where the inputs are not recorded."""
-        if self.inputs is None:
-            return None
+    def modality(self) -> str:
+        """``rgb``, ``hha``, ``depth``, ``rgbd``; late fusion: the streams' joined by "+"."""
         if self.streams:
             return "+".join(
                 _modality(self.inputs_in(a, b)) for a, b in self.stream_channels().values()
@@ -191,11 +174,7 @@ class DataContract:
 
     @property
     def image_inputs(self) -> list[tuple[str, str]]:
-        """(kind, stats) of each image group, in input order: what its normalisation is resolved
-        from. Not recorded: each image group a VOC photo (how every input was normalised
-        before the inputs were recorded)."""
-        if self.inputs is None:
-            return [("rgb", "voc")] * self.image_groups
+        """(kind, stats) of each image group, in input order (its normalisation's key)."""
         return [(g.kind, g.stats) for g in self.inputs if g.image]
 
     def stream_channels(self) -> dict[str, tuple[int, int]]:
@@ -209,23 +188,16 @@ class DataContract:
     def inputs_in(self, start: int, stop: int) -> tuple[InputGroup, ...]:
         """The input groups within channels ``start:stop`` (e.g. one stream's)."""
         found, at = [], 0
-        for g in self.inputs or ():
+        for g in self.inputs:
             if start <= at and at + g.channels <= stop:
                 found.append(g)
             at += g.channels
         return tuple(found)
 
     def stream_contract(self, name: str) -> DataContract:
-        """The contract of one late-fusion stream alone: its channels, image groups and inputs
-        (what a single-modality checkpoint for that stream was trained on)."""
+        """One late-fusion stream's contract alone (what a checkpoint for it was trained on)."""
         start, stop = self.stream_channels()[name]
-        return DataContract(
-            heads=self.heads,
-            in_channels=stop - start,
-            image_groups=len(self.image_groups_in(start, stop)),
-            ignore_index=self.ignore_index,
-            inputs=self.inputs_in(start, stop) if self.inputs is not None else None,
-        )
+        return DataContract(self.heads, self.inputs_in(start, stop), None, self.ignore_index)
 
     def image_groups_in(self, start: int, stop: int) -> list[int]:
         """The indices of the image groups within channels ``start:stop``."""
@@ -242,91 +214,39 @@ class DataContract:
             "streams": dict(self.streams) if self.streams else None,
             "image_groups": self.image_groups,
             "ignore_index": self.ignore_index,
-            "inputs": [g.as_dict() for g in self.inputs] if self.inputs is not None else None,
+            "inputs": [g.as_dict() for g in self.inputs],
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> DataContract:
+    def from_dict(cls, d: DataContract | Mapping[str, Any]) -> DataContract:
+        """From :meth:`as_dict`'s plain values (a contract is returned as it is)."""
+        if isinstance(d, DataContract):
+            return d
         heads = {
-            str(name): Head(
-                tuple(h["class_names"]), tuple(tuple(c) for c in h.get("palette") or ())
-            )
+            str(name): Head(tuple(h["class_names"]), tuple(tuple(c) for c in h["palette"]))
             for name, h in d["heads"].items()
         }
-        return cls(
-            heads=heads,
-            in_channels=int(d.get("in_channels", 3)),
-            streams=dict(d["streams"]) if d.get("streams") else None,
-            image_groups=int(d.get("image_groups", 1)),
-            ignore_index=int(d.get("ignore_index", IGNORE_INDEX)),
-            inputs=tuple(d["inputs"]) if d.get("inputs") is not None else None,
-        )
-
-    @classmethod
-    def of_inputs(
-        cls,
-        heads: Mapping[str, Head],
-        inputs: Sequence[InputGroup | Mapping[str, Any] | Sequence[str]],
-        *,
-        streams: Mapping[str, int] | None = None,
-        ignore_index: int = IGNORE_INDEX,
-    ) -> DataContract:
-        """A contract whose input channels and image groups follow from its inputs, e.g.
-        ``of_inputs(heads, [("rgb", "nyud"), ("depth", "nyud")])``."""
-        groups = tuple(InputGroup.coerce(g) for g in inputs)
-        return cls(
-            heads=heads,
-            in_channels=sum(g.channels for g in groups),
-            streams=streams,
-            image_groups=sum(g.image for g in groups),
-            ignore_index=ignore_index,
-            inputs=groups,
-        )
-
-    @classmethod
-    def coerce(cls, contract: DataContract | Mapping[str, Any]) -> DataContract:
-        return contract if isinstance(contract, DataContract) else cls.from_dict(contract)
-
-    @classmethod
-    def from_model_settings(
-        cls,
-        settings: Mapping[str, Any],
-        class_names: Mapping[str, Sequence[str]] | Sequence[str] | None = None,
-        palette: Sequence[Sequence[int]] | None = None,
-    ) -> DataContract:
-        """The contract that a model's own settings imply (``heads`` or ``num_classes``,
-        ``in_channels``, ``streams``), for a model built without data; class names numbered
-        unless given."""
-        heads = settings.get("heads") or {SINGLE_HEAD: settings.get("num_classes", 21)}
-        names = class_names if isinstance(class_names, Mapping) else {SINGLE_HEAD: class_names}
-        streams = settings.get("streams")
-        return cls.for_classes(
-            {h: (names.get(h) or n) for h, n in heads.items()},
-            palette=palette,
-            in_channels=sum(streams.values()) if streams else settings.get("in_channels", 3),
-            streams=streams,
-        )
+        streams = dict(d["streams"]) if d["streams"] else None
+        return cls(heads, d["inputs"], streams, int(d["ignore_index"]))
 
     @classmethod
     def for_classes(
         cls,
         heads: Mapping[str, int] | Mapping[str, Sequence[str]],
         *,
-        palette: Sequence[Sequence[int]] | None = None,
-        in_channels: int = 3,
+        inputs: Sequence[InputGroup | Sequence[str]] = (("rgb", "voc"),),
         streams: Mapping[str, int] | None = None,
-        inputs: Sequence[InputGroup | Mapping[str, Any] | Sequence[str]] | None = None,
     ) -> DataContract:
-        """A contract from class counts or class-name lists per head (numbered names when only
-        counts are known); one palette for every head. With ``inputs`` the input channels and
-        image groups follow from them (``in_channels`` is then not used)."""
-        built = {}
-        for name, classes in heads.items():
-            names = [str(i) for i in range(classes)] if isinstance(classes, int) else list(classes)
-            built[str(name)] = Head(tuple(names), tuple(tuple(c) for c in palette or ()))
-        if inputs is not None:
-            return cls.of_inputs(built, inputs, streams=streams)
-        return cls(heads=built, in_channels=in_channels, streams=streams)
+        """From class counts (numbered names) or class-name lists per head, in the VOC palette;
+        a VOC photo unless ``inputs`` say otherwise."""
+        return cls(
+            {
+                str(name): Head(tuple(str(i) for i in range(c)) if isinstance(c, int) else tuple(c))
+                for name, c in heads.items()
+            },
+            inputs,
+            streams,
+        )
 
 
 def _modality(groups: Sequence[InputGroup]) -> str:
@@ -343,10 +263,7 @@ def inputs_of(contract: DataContract) -> str:
 
 
 def modality_of(contract: DataContract) -> str:
-    """What a contract's input is, in words: ``hha input (NYUDv2 statistics)``, ``rgb+hha input
-    (NYUDv2 statistics)``; the channel count where the inputs are not recorded."""
-    if contract.inputs is None:
-        return f"{contract.in_channels} input channels of an unrecorded kind"
+    """What a contract's input is, in words: ``rgb+hha input (NYUDv2 statistics)``."""
     stats = list(dict.fromkeys(g.stats for g in contract.inputs))
     named = (
         f"{STATS_NAMES.get(stats[0], stats[0])} statistics"
@@ -357,11 +274,8 @@ def modality_of(contract: DataContract) -> str:
 
 
 def input_mismatch(wants: DataContract, gives: DataContract) -> str | None:
-    """Why data of contract ``gives`` cannot feed a model trained on ``wants`` (the kinds of
-    their inputs, stream by stream, differ: an RGB net on HHA images), or None. Inputs that one
-    side does not record cannot be compared: None. Channel counts are compared elsewhere."""
-    if wants.inputs is None or gives.inputs is None:
-        return None
+    """Why data of contract ``gives`` cannot feed a model trained on ``wants`` (their input
+    kinds or streams differ: an RGB net on HHA images), or None."""
     if [g.kind for g in wants.inputs] == [g.kind for g in gives.inputs] and dict(
         wants.streams or {}
     ) == dict(gives.streams or {}):

@@ -1,11 +1,6 @@
 """The FCN LightningModule: the per-pixel loss, the steps and the metric updates (paper sections
-4.1-4.3; docs/PAPER.md "Training recipes", "Metrics").
-
-It trains and scores; the rest lives beside it: the solver in :mod:`.optim`, TensorBoard's
-panels, confusion matrices and HParams tab in :mod:`.board`, checkpointing in :mod:`.callbacks`.
-Hyper-parameters are plain values (the model's settings, the data contract, loss and solver), so
-checkpoints load under ``torch.load(weights_only=True)`` and rebuild the model alone.
-"""
+4.1-4.3; docs/PAPER.md). Its hyper-parameters are plain values (model settings, data contract,
+loss, solver), so a checkpoint loads with ``weights_only`` and rebuilds the model alone."""
 
 from __future__ import annotations
 
@@ -17,10 +12,10 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.trainer.states import TrainerFn
-from torch import nn
+from torch import Tensor, nn
 
-from .checkpoints import load_weights_only, random_state, set_random_state, upgrade_hparams
-from .contract import METRIC_NAMES, DataContract, input_mismatch, plain
+from .checkpoints import load_weights_only, random_state, set_random_state
+from .contract import METRIC_NAMES, SINGLE_HEAD, DataContract, input_mismatch, plain
 from .errors import CheckpointError
 from .metrics import HeadMetrics, summarize
 from .models import build_fcn
@@ -29,8 +24,7 @@ from .optim import build_optimizer, build_scheduler, check_optimizer, check_sche
 from .reports import tag
 
 SPLITS = ("val", "test")
-# the model's settings that the data contract decides
-DATA_DECIDES = ("heads", "num_classes", "in_channels", "streams")
+DATA_DECIDES = ("heads", "num_classes", "in_channels", "streams")  # the contract's model settings
 
 
 class NonFiniteLossError(RuntimeError):
@@ -38,32 +32,11 @@ class NonFiniteLossError(RuntimeError):
 
 
 class FCNModule(pl.LightningModule):
-    """An FCN with the paper's per-pixel cross-entropy.
-
-    Args:
-        model: keyword arguments of :func:`fcn_lightning.models.build_fcn` (arch, backbone,
-            geometry, width, pretrained, normalization, ...). Without ``contract`` they may give
-            ``num_classes`` or ``heads`` (and ``in_channels``, ``streams``) themselves. Their
-            ``normalization`` is a scheme (``imagenet`` | ``caffe``), resolved for each image
-            group of the contract's inputs (docs/PAPER.md, "Input statistics").
-        contract: the data contract (:class:`~fcn_lightning.contract.DataContract` as a dict):
-            heads with their class names and palettes, inputs, input channels, streams.
-        input_normalization: the normalisation of each image group, as plain fields (what a
-            checkpoint records, so that a reloaded model keeps what it was trained with); by
-            default resolved from ``model["normalization"]`` and the contract. The model (each
-            late-fusion stream) gets its own group's; the data must apply the same
-            (``input_normalizations``; checked when a Trainer runs the module on a DataModule).
-        loss_reduction: ``mean`` over labelled pixels (lr ~1e-4) or ``sum`` (the reference's
-            "heavy" recipe: lr 1e-10 / 1e-12 / 1e-14, momentum 0.99, batch 1).
-        class_weights: optional per-class loss weights (a dict of lists for several heads).
-        loss_sample_prob: the paper's loss sampling (section 4.3): each pixel's loss is kept
-            with this probability during training.
-        optimizer / scheduler: the solver's settings (see :mod:`fcn_lightning.optim`).
-        exclude_absent_classes: leave classes absent from the evaluated ground truth out of the
-            means (the paper's SIFT Flow caveat); the results then list them as excluded.
-        channels_last / compile: GPU speed switches (channels_last memory format; torch.compile
-            mode: default, reduce-overhead, max-autotune); ignored on the CPU.
-    """
+    """An FCN with the paper's per-pixel cross-entropy. ``model``: ``build_fcn``'s settings, its
+    ``normalization`` scheme resolved per image group of ``contract`` unless
+    ``input_normalization`` (what a checkpoint records) gives them; without a contract,
+    ``heads`` or ``num_classes`` (a photo input). ``loss_reduction``: ``mean`` over labelled
+    pixels or ``sum`` (the heavy recipe); ``loss_sample_prob``: the paper's loss sampling."""
 
     def __init__(
         self,
@@ -82,24 +55,24 @@ class FCNModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         model = plain(model)
-        if contract is None:
-            contract = DataContract.from_model_settings(model)
-        elif any(k in model for k in DATA_DECIDES):
+        if contract is None:  # a model without data
+            heads = model.pop("heads", None) or {SINGLE_HEAD: model.pop("num_classes", 21)}
+            contract = DataContract.for_classes(heads)
+        if any(k in model for k in DATA_DECIDES):
             raise ValueError(f"model settings {DATA_DECIDES} come from the data contract")
-        contract = DataContract.coerce(contract)
-        model = {k: v for k, v in model.items() if k not in DATA_DECIDES}
+        contract = DataContract.from_dict(contract)
         scheme = model.get("normalization") or "imagenet"
-        norms = group_normalizations(
-            plain(input_normalization) if input_normalization is not None else scheme,
-            contract.image_inputs,
-        )
-        built = {k: v for k, v in model.items() if k != "normalization"}
-        self.model = build_fcn(
-            **built,
-            normalization=norms[0] if norms else get_normalization(scheme),
-            **contract.model_inputs(),
-        )
-        _give_streams_their_normalization(self.model, contract, norms)
+        given = plain(input_normalization) if input_normalization is not None else scheme
+        norms = group_normalizations(given, contract.image_inputs)
+        settings = {k: v for k, v in model.items() if k != "normalization"}
+        norm = norms[0] if norms else get_normalization(scheme)
+        self.model = build_fcn(**settings, normalization=norm, **contract.model_inputs())
+        if contract.streams:  # late fusion: each stream gets its own image group's normalisation
+            streams = self.model.streams
+            for name, (start, stop) in contract.stream_channels().items():
+                if groups := contract.image_groups_in(start, stop):
+                    streams[name].normalization = norms[groups[0]]
+            self.model.normalization = streams[next(iter(contract.streams))].normalization
         self.contract = contract
         self.input_normalizations: tuple[Normalization, ...] = norms
         self.save_hyperparameters(
@@ -117,7 +90,7 @@ class FCNModule(pl.LightningModule):
                 "compile": compile,
             }
         )
-        check_optimizer(self.hparams.optimizer)  # a bad solver setting fails now, not at fit
+        check_optimizer(self.hparams.optimizer)  # fails now, not at fit
         check_scheduler(self.hparams.scheduler)
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
@@ -131,52 +104,38 @@ class FCNModule(pl.LightningModule):
                 )
             weight = torch.tensor(list(w), dtype=torch.float32) if w is not None else None
             self.register_buffer(f"class_weight_{name}", weight, persistent=False)
-        per_head = contract.num_classes.items()
-        self.metrics = nn.ModuleDict(
-            {
-                s: nn.ModuleDict({h: HeadMetrics(n, exclude_absent_classes) for h, n in per_head})
-                for s in SPLITS
-            }
-        )
-        # per split, per head: the last epoch's numbers (plain) and confusion matrix
+        self.metrics = nn.ModuleDict({s: nn.ModuleDict() for s in SPLITS})
+        for split in SPLITS:
+            for head, n in contract.num_classes.items():
+                self.metrics[split][head] = HeadMetrics(n, exclude_absent_classes)
+        # per split, per head: the last epoch's numbers and confusion matrix
         self.results: dict[str, dict[str, dict[str, Any]]] = {}
-        self.confmats: dict[str, dict[str, torch.Tensor]] = {}
-
-    @property
-    def stream_normalizations(self) -> dict[str, Normalization]:
-        """Late fusion: the normalisation each stream's input gets; {} for one network."""
-        streams = getattr(self.model, "streams", None)
-        if not self.contract.streams or streams is None:
-            return {}
-        return {name: streams[name].normalization for name in self.contract.streams}
+        self.confmats: dict[str, dict[str, Tensor]] = {}
 
     def setup(self, stage: str) -> None:
-        """Run on a DataModule: its inputs and normalisation must be the ones this model was
-        built for (and that its checkpoints record), else its scores would be meaningless."""
+        """Refuse a DataModule whose inputs or normalisation are not this model's."""
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "input_normalizations"):
             return
         given = datamodule.contract
-        why = input_mismatch(self.contract, given)
-        if why:
+        if why := input_mismatch(self.contract, given):
             raise ValueError(f"the model {why}")
         applied, wanted = tuple(datamodule.input_normalizations), self.input_normalizations
-        if applied != wanted:
-            kinds = [k for k, _ in given.image_inputs]
-            if len(applied) != len(wanted):
-                differ = f"{len(applied)} image group(s) in the data, {len(wanted)} in the model"
-            else:
-                differ = "; ".join(
-                    f"{kind}: data {a.describe()}, model {b.describe()}"
-                    for kind, a, b in zip(kinds, applied, wanted, strict=True)
-                    if a != b
-                )
+        if len(applied) != len(wanted):
+            differ = f"{len(applied)} image group(s) in the data, {len(wanted)} in the model"
+        else:
+            pairs = zip(given.image_inputs, applied, wanted, strict=True)
+            differ = "; ".join(
+                f"{kind}: data {a.describe()}, model {b.describe()}"
+                for (kind, _), a, b in pairs
+                if a != b
+            )
+        if differ:
             raise ValueError(
                 f"the data normalises its inputs otherwise than the model expects: {differ} "
                 "(data.normalization must be the model's arch.normalization)"
             )
 
-    # --------------------------------------------------------------------- naming
     def tag(self, split: str, head: str, name: str) -> str:
         return tag(split, head, name, self.contract.single)
 
@@ -185,17 +144,16 @@ class FCNModule(pl.LightningModule):
         """The metric that picks the best checkpoint: val mIoU (of the first head)."""
         return self.tag("val", self.contract.first_head, "mIoU")
 
-    # --------------------------------------------------------------------- forward and loss
     _channels_last = False
     _compiled = False
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
         if self._channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
     def configure_model(self) -> None:
-        """channels_last and torch.compile, on a GPU only: on the CPU neither helps."""
+        """channels_last and torch.compile, on a GPU only."""
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         if self.hparams.channels_last and on_gpu and not self._channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -206,11 +164,8 @@ class FCNModule(pl.LightningModule):
             self._compiled = True
 
     def loss(
-        self,
-        logits: Mapping[str, torch.Tensor],
-        targets: Mapping[str, torch.Tensor],
-        sample: bool = False,
-    ) -> torch.Tensor:
+        self, logits: Mapping[str, Tensor], targets: Mapping[str, Tensor], sample: bool = False
+    ) -> Tensor:
         """Per-pixel cross-entropy over labelled pixels, summed over heads."""
         ignore = self.contract.ignore_index
         total = logits[next(iter(logits))].new_zeros(())
@@ -232,61 +187,45 @@ class FCNModule(pl.LightningModule):
             total = total + loss
         return total
 
-    # --------------------------------------------------------------------- steps
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch, batch_idx: int) -> Tensor:
         images, targets = batch
         loss = self.loss(self(images), targets, sample=True)
-        if not torch.isfinite(loss):  # one host sync per step: cheap next to a lost run
+        if not torch.isfinite(loss):  # one host sync per step
             raise NonFiniteLossError(
                 f"the training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
                 f"(batch {batch_idx}): training stopped before this step changed the weights; the last "
                 "good checkpoint is kept. Lower optimizer.lr (a summed loss needs ~1e-10), or check the data."
             )
         self.log(
-            "train/loss",
-            loss,
-            on_step=True,
-            on_epoch=False,
-            prog_bar=True,
-            batch_size=images.shape[0],
+            "train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(images)
         )
         return loss
 
-    def _eval_step(self, split: str, batch) -> dict[str, torch.Tensor]:
+    def _eval_step(self, split: str, batch) -> dict[str, Tensor]:
         images, targets = batch
         logits = self(images)
-        self.log(
-            f"{split}/loss",
-            self.loss(logits, targets),
-            on_epoch=True,
-            batch_size=images.shape[0],
-            sync_dist=True,
-            logger=self._on_curves,
-        )
+        loss = self.loss(logits, targets)
+        log = {"batch_size": images.shape[0], "sync_dist": True, "logger": self._on_curves}
+        self.log(f"{split}/loss", loss, on_epoch=True, **log)
         preds = {name: out.argmax(1) for name, out in logits.items()}
         for name, pred in preds.items():
             self.metrics[split][name].update(pred, targets[name])
         return preds  # the batch's predictions, for callbacks (the image panels)
 
-    def validation_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+    def validation_step(self, batch, batch_idx: int) -> dict[str, Tensor]:
         return self._eval_step("val", batch)
 
-    def test_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+    def test_step(self, batch, batch_idx: int) -> dict[str, Tensor]:
         return self._eval_step("test", batch)
 
-    def predict_step(
-        self, batch, batch_idx: int, dataloader_idx: int = 0
-    ) -> dict[str, torch.Tensor]:
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         images = batch[0] if isinstance(batch, list | tuple) else batch
         return {k: v.argmax(1) for k, v in self(images).items()}
 
-    # --------------------------------------------------------------------- epoch ends
     @property
     def _on_curves(self) -> bool:
-        """Whether evaluation numbers are points of the TensorBoard curves. A validation
-        outside fit (the pipeline's final one, of the chosen checkpoint) is not: Lightning
-        would add a point at that checkpoint's step; eval.py's test has no logger at all (its
-        numbers go to eval.json)."""
+        """Whether evaluation numbers are points of the curves: not for a validation outside
+        fit (the chosen checkpoint's), nor without a logger (eval.py)."""
         return self.trainer.state.fn != TrainerFn.VALIDATING and bool(self.trainer.loggers)
 
     def _end_epoch(self, split: str) -> None:
@@ -315,7 +254,6 @@ class FCNModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._end_epoch("test")
 
-    # --------------------------------------------------------------------- solver
     def configure_optimizers(self):
         optimizer = build_optimizer(self.hparams.optimizer, self.model.parameter_groups())
         total = lambda: self.trainer.estimated_stepping_batches  # noqa: E731 (needs a trainer)
@@ -327,9 +265,7 @@ class FCNModule(pl.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
-    # --------------------------------------------------------------------- random state
-    # in every checkpoint: a resumed run draws the same dropout masks and loss samples as an
-    # uninterrupted one (data order and augmentation are seeded per sample)
+    # a resumed run draws the same dropout masks and loss samples as an uninterrupted one
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_states"] = random_state()
 
@@ -337,28 +273,11 @@ class FCNModule(pl.LightningModule):
         set_random_state(checkpoint.get("rng_states"))
 
 
-def _give_streams_their_normalization(
-    model: nn.Module, contract: DataContract, norms: Sequence[Normalization]
-) -> None:
-    """Late fusion: each stream (an FCN on its own channels) records the normalisation of its
-    own image group (RGB-HHA under ``caffe``: the colour mean on one, the HHA mean on the
-    other); the fused net's own ``normalization`` stays its first stream's."""
-    streams = getattr(model, "streams", None)
-    if not contract.streams or streams is None:
-        return
-    for name, (start, stop) in contract.stream_channels().items():
-        groups = contract.image_groups_in(start, stop)
-        if groups:
-            streams[name].normalization = norms[groups[0]]
-    model.normalization = streams[next(iter(contract.streams))].normalization
-
-
 def load_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu", **overrides: Any
 ) -> FCNModule:
-    """Rebuild an :class:`FCNModule` from a checkpoint alone (``weights_only`` loading); the
-    trunk's pretrained weights are not fetched again, the checkpoint holds them. ``overrides``
-    replace hyper-parameters that do not change the weights (e.g. ``exclude_absent_classes``)."""
+    """Rebuild an :class:`FCNModule` from a checkpoint alone; ``overrides`` replace
+    hyper-parameters that leave the weights alone (e.g. ``exclude_absent_classes``)."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise FileNotFoundError(
@@ -367,12 +286,12 @@ def load_checkpoint(
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     ckpt = load_weights_only(path, map_location)
-    if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
+    if "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(
             f"{path} is not a checkpoint written by fcn-lightning (no hyper_parameters / state_dict)"
         )
-    hparams = upgrade_hparams(ckpt["hyper_parameters"])
-    hparams["model"] = {**hparams["model"], "pretrained": None}
+    hparams = dict(ckpt["hyper_parameters"])
+    hparams["model"] = {**hparams["model"], "pretrained": None}  # the checkpoint holds them
     module = FCNModule(**{**hparams, **overrides})
     module.load_state_dict(ckpt["state_dict"])
     return module

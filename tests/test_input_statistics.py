@@ -207,7 +207,7 @@ def test_the_model_records_what_the_data_applies_stream_by_stream(nyud, tmp_path
     dm = NYUDDataModule(nyud, modality="rgb+hha", normalization="caffe")
     module = FCNModule({**TINY, "normalization": "caffe"}, contract=dm.contract)
     assert module.input_normalizations == dm.input_normalizations
-    streams = module.stream_normalizations
+    streams = stream_normalizations(module)
     assert streams["rgb"].mean == NYUD_BGR and streams["rgb"].bgr
     assert streams["hha"].mean == NYUD_HHA and not streams["hha"].bgr
     assert module.model.streams["hha"].normalization == streams["hha"]
@@ -216,12 +216,18 @@ def test_the_model_records_what_the_data_applies_stream_by_stream(nyud, tmp_path
     path = tmp_path / "fused.ckpt"
     torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
     again = load_checkpoint(path)
-    assert again.stream_normalizations == streams
+    assert stream_normalizations(again) == streams
     assert again.contract.modality == "rgb+hha"
     assert [(g.kind, g.stats) for g in again.contract.inputs] == [("rgb", "nyud"), ("hha", "nyud")]
+    x = torch.randn(1, 6, 32, 32)
+    torch.testing.assert_close(again.eval()(x)["out"], module.eval()(x)["out"])
     # under imagenet every stream is ImageNet's, HHA too
     plain = FCNModule({**TINY, "normalization": "imagenet"}, contract=dm.contract)
-    assert {n.mean for n in plain.stream_normalizations.values()} == {IMAGENET_MEAN}
+    assert {n.mean for n in stream_normalizations(plain).values()} == {IMAGENET_MEAN}
+
+
+def stream_normalizations(module: FCNModule) -> dict:
+    return {name: s.normalization for name, s in module.model.streams.items()}
 
 
 def test_fitting_on_data_normalised_otherwise_is_refused(nyud):
@@ -366,67 +372,14 @@ def test_a_stream_checkpoint_trained_with_other_statistics_is_refused(stream_che
         check_stream_checkpoints(sources, fused.contract, fused.input_normalizations)
 
 
-def test_stream_checkpoints_that_record_no_inputs_are_not_refused(stream_checkpoints, tmp_path):
+def test_stream_checkpoints_of_bare_weights_are_not_compared(stream_checkpoints, tmp_path):
     of, fused = stream_checkpoints
-    old = torch.load(of("hha"), weights_only=True)  # written before the inputs were recorded
-    del old["hyper_parameters"]["input_normalization"]
-    old["hyper_parameters"]["contract"].pop("inputs")
-    old["hyper_parameters"]["model"]["normalization"] = "imagenet"
-    torch.save(old, tmp_path / "old.ckpt")
-    bare = tmp_path / "bare.pt"  # weights alone
-    torch.save(old["state_dict"], bare)
+    bare = tmp_path / "bare.pt"  # weights alone: nothing recorded to compare
+    torch.save(torch.load(of("hha"), weights_only=True)["state_dict"], bare)
     imagenet = FCNModule({**TINY}, contract=fused.contract)
     check_stream_checkpoints(
-        {"rgb": bare, "hha": tmp_path / "old.ckpt"},
+        {"rgb": bare, "hha": of("hha", "imagenet")},
         imagenet.contract,
         imagenet.input_normalizations,
     )
-    with pytest.raises(
-        CheckpointError, match="old.ckpt expects its hha input normalised as imagenet"
-    ):
-        # under caffe its statistics (imagenet, as recorded) differ
-        check_stream_checkpoints(
-            {"hha": tmp_path / "old.ckpt"}, fused.contract, fused.input_normalizations
-        )
-
-
-# --------------------------------------------------------------------------- older checkpoints
-def test_a_checkpoint_from_before_the_inputs_were_recorded_keeps_its_statistics(
-    nyud, tmp_path, monkeypatch
-):
-    # an HHA net trained under caffe when every image group got the VOC mean, channels reversed
-    contract = NYUDDataModule(nyud, modality="hha").contract
-    path = tiny_checkpoint(tmp_path / "new.ckpt", contract, "caffe")
-    ckpt = torch.load(path, weights_only=True)
-    del ckpt["hyper_parameters"]["input_normalization"]
-    ckpt["hyper_parameters"]["contract"].pop("inputs")
-    torch.save(ckpt, tmp_path / "old.ckpt")
-    old = load_checkpoint(tmp_path / "old.ckpt")
-    assert old.contract.inputs is None and old.contract.modality is None
-    assert [n.mean for n in old.input_normalizations] == [VOC_BGR]
-    assert old.model.normalization.bgr
-    # eval cannot tell its modality: it runs it on HHA data, fed as it was trained
-    seen = capture(monkeypatch, "test_step")
-    evaluate(cfg_of("eval", eval_args(nyud, tmp_path / "old.ckpt", "hha"), tmp_path / "eval"))
-    stored = decoded(nyud / "data/hha/img_5004.png")
-    torch.testing.assert_close(seen[0][0], photo(stored, "caffe", VOC_BGR), atol=ATOL, rtol=0)
-
-
-def test_a_late_fusion_checkpoint_from_before_the_data_contract_still_loads(tmp_path):
-    contract = DataContract.for_classes({"out": 4}, in_channels=6, streams={"rgb": 3, "hha": 3})
-    module = FCNModule({**TINY, "normalization": "caffe"}, contract=contract)
-    old = {
-        "model": {**module.hparams.model, "num_classes": 4, "streams": {"rgb": 3, "hha": 3}},
-        "class_names": ["a", "b", "c", "d"],
-        **{
-            k: v
-            for k, v in module.hparams.items()
-            if k not in ("model", "contract", "input_normalization")
-        },
-    }
-    torch.save({"hyper_parameters": old, "state_dict": module.state_dict()}, tmp_path / "o.ckpt")
-    again = load_checkpoint(tmp_path / "o.ckpt")
-    assert again.contract.image_groups == 2 and again.contract.streams == {"rgb": 3, "hha": 3}
-    assert [n.mean for n in again.input_normalizations] == [VOC_BGR, VOC_BGR]  # as then
-    x = torch.randn(1, 6, 32, 32)
-    torch.testing.assert_close(again.eval()(x)["out"], module.eval()(x)["out"])
+    check_stream_checkpoints({"rgb": bare, "hha": bare}, fused.contract, fused.input_normalizations)

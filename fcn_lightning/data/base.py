@@ -285,7 +285,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         whose statistics), input channels, streams. One head ``out`` of ``class_names`` in the
         VOC palette, a photo normalised with VOC's statistics, unless a subclass says otherwise;
         the model, the LightningModule and the reports read only this."""
-        return DataContract.of_inputs(
+        return DataContract(
             {SINGLE_HEAD: Head(tuple(self.class_names), tuple(voc_palette()))},
             [InputGroup("rgb", "voc")],
         )

@@ -148,7 +148,7 @@ class NYUDDataModule(SegmentationDataModule):
         """40 classes; the modality decides the inputs (colour, HHA, depth: each with NYUDv2's
         statistics), hence the input channels and how many of them are images (normalised) and,
         for late fusion, one network per stream with its channels."""
-        return DataContract.of_inputs(
+        return DataContract(
             {SINGLE_HEAD: Head(NYUD_CLASSES)},
             [InputGroup(kind, "nyud") for kind in INPUTS[self.modality]],
             streams={"rgb": 3, "hha": 3} if self.modality == "rgb+hha" else None,

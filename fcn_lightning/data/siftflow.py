@@ -65,7 +65,7 @@ class SiftFlowDataModule(SegmentationDataModule):
     acts on both heads, on their 0-based classes.
     """
 
-    contract = DataContract.of_inputs(
+    contract = DataContract(
         {"sem": Head(SEMANTIC_CLASSES), "geo": Head(GEOMETRIC_CLASSES)},
         [InputGroup("rgb", "siftflow")],  # photos, normalised with SIFT Flow's statistics
     )

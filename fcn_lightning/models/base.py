@@ -1,7 +1,7 @@
 """What every model of this package is: a :class:`SegmentationNet` built from an :class:`FCNSpec`.
 
 Forward contract: ``model(x)`` with ``x`` of shape (N, C, H, W) returns a dict from head name
-to logits of shape (N, classes, H, W); a single-head model has the one head ``"out"``.
+to logits of shape (N, classes, H, W); a single-head model has the one head ``SINGLE_HEAD``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..contract import SINGLE_HEAD
 from ..normalization import Normalization
 from .trunk import GEOMETRIES
 from .trunks import BACKBONES
@@ -26,7 +27,7 @@ class FCNSpec:
     """What fixes a model's layers and their shapes; saved in its state dict (``_extra_state``)."""
 
     arch: str = "fcn8s"
-    heads: tuple[tuple[str, int], ...] = (("out", 21),)
+    heads: tuple[tuple[str, int], ...] = ((SINGLE_HEAD, 21),)
     backbone: str = "vgg16"
     geometry: str = "paper"
     width: float = 1.0

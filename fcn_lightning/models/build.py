@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..contract import SINGLE_HEAD
 from ..normalization import Normalization
 from .base import FCNSpec
 from .fcn import FCN
@@ -31,7 +32,7 @@ def build_fcn(
 
     Args:
         arch: ``fcn32s``, ``fcn16s``, ``fcn8s`` or ``fcn8s_atonce``.
-        num_classes: classes of the single head ``"out"`` (ignored when ``heads`` is given).
+        num_classes: classes of the single head ``SINGLE_HEAD`` (ignored when ``heads`` is given).
         heads: several heads sharing the trunk, e.g. ``{"sem": 33, "geo": 3}`` (SIFT Flow).
         backbone: ``vgg16``, ``vgg16_bn`` (batch norm, for training from scratch), ``alexnet`` or
             ``googlenet`` (the paper's Table 1; docs/TRUNKS.md).
@@ -57,7 +58,7 @@ def build_fcn(
         arch=arch,
         heads=tuple((str(k), int(v)) for k, v in heads.items())
         if heads
-        else (("out", int(num_classes)),),
+        else ((SINGLE_HEAD, int(num_classes)),),
         backbone=backbone,
         geometry=geometry,
         width=float(width),
