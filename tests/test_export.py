@@ -23,8 +23,9 @@ from fcn_lightning.contract import DataContract
 from fcn_lightning.data.nyud import NYUD_CLASSES
 from fcn_lightning.data.readers import read_image
 from fcn_lightning.data.siftflow import SiftFlowDataModule
-from fcn_lightning.errors import ConfigError
+from fcn_lightning.errors import ConfigError, ExportError
 from fcn_lightning.module import FCNModule, load_checkpoint
+from fcn_lightning.normalization import LOG_DEPTH_MEANS
 
 TINY = {"width": 1 / 16, "dropout": 0.0}
 SIZES = [(1, 50, 67), (3, 97, 41)]  # (batch, H, W): not the command's sizes
@@ -203,13 +204,28 @@ def test_the_sidecar_says_what_a_deployer_needs(fcn8s_onnx):
     assert meta["outputs"]["out"]["class_names"] == module.contract.class_names("out")
     assert meta["outputs"]["out"]["palette"][:3] == [[0, 0, 0], [128, 0, 0], [0, 128, 0]]
     assert meta["ignore_index"] == 255
-    assert meta["model"] | {"geometry_means": None} == {
+    assert meta["model"] == {
         "arch": "fcn8s", "backbone": "vgg16", "width": 0.0625, "geometry": "paper",
-        "geometry_means": None, "output_stride": 8,
+        "output_stride": 8,
     }  # fmt: skip
-    assert meta["checkpoint"]["path"] == str(ckpt.resolve())
-    assert meta["checkpoint"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert meta["checkpoint"] == {
+        "file": ckpt.name, "sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest(),
+    }  # fmt: skip
     assert meta["input"]["name"] == "image" and meta["format"] == "onnx"
+    # data only: no sentences, no path of the machine that exported it
+    text = json.dumps(meta)
+    assert str(ckpt.parent) not in text and str(Path.home()) not in text
+    assert not [s for s in strings(meta) if len(s.split()) > 2], "a sentence in the metadata"
+    assert meta == read_metadata(out)
+
+
+def strings(value) -> list[str]:
+    """Every string in a JSON value, keys included."""
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in [k, *strings(v)]]
+    if isinstance(value, list):
+        return [s for v in value for s in strings(v)]
+    return [value] if isinstance(value, str) else []
 
 
 def test_the_sidecar_says_how_depth_is_encoded(tmp_path):
@@ -221,8 +237,10 @@ def test_the_sidecar_says_how_depth_is_encoded(tmp_path):
     rgb, depth = meta["input"]["groups"]
     assert rgb["normalization"]["mean"] == [116.190, 97.203, 92.318]  # NYUDv2's colour mean
     assert depth["image"] is False and depth["channels"] == [3, 4]
-    assert "log" in depth["encoding"] and "7.844" in depth["encoding"]
-    assert "normalization" not in depth
+    # read_depth's: log(max(depth in mm, 1)) minus NYUDv2's mean log depth
+    assert depth["encoding"] == {"unit": "mm", "log": True, "min": 1.0, "minus": 7.844}
+    assert depth["encoding"]["minus"] == LOG_DEPTH_MEANS["nyud"]
+    assert "normalization" not in depth and "encoding" not in rgb
 
 
 # --------------------------------------------------------------------------- docs/DEPLOYING.md
@@ -321,7 +339,7 @@ def test_a_test_image_and_a_failed_check_leave_no_model(tmp_path, capsys, monkey
 
     with monkeypatch.context() as m:
         m.setattr(export_module.ExportedRunner, "__call__", faulty)
-        with pytest.raises(SystemExit, match="differs from the checkpoint") as err:
+        with pytest.raises(ExportError, match="differs from the checkpoint") as err:
             export(export_cfg(ckpt, "exported_program", out, *args))
     assert "head out" in str(err.value)
     assert sorted(p.name for p in out.parent.iterdir()) == []  # no model, no temporary file
