@@ -10,22 +10,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, cfg_of, run
+from helpers import cfg_of, run
 from PIL import Image
 from torchvision import tv_tensors
 
-from fcn_lightning.app.common import load_module
+from fcn_lightning.app.common import as_command, load_module
 from fcn_lightning.app.predict import MANIFEST, input_normalization, output_stems, predict
-from fcn_lightning.app.train import train
 from fcn_lightning.data import eval_transforms, read_image
+from fcn_lightning.errors import ConfigError, DataError, ExportError
 from fcn_lightning.module import FCNModule
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("run")
-    train(cfg_of("config", ["arch=fcn16s", *TINY], out))
-    return out / "fcn16s" / "checkpoints" / "best.ckpt"
+def ckpt(tiny_run) -> Path:
+    return tiny_run[0] / "fcn16s" / "checkpoints" / "best.ckpt"
 
 
 def run_predict(ckpt: Path, source: Path | str, output: Path | str | None) -> list[Path]:
@@ -213,9 +211,9 @@ def test_undecodable_images_are_skipped_and_reported(ckpt, tmp_path, capsys):
     save(photos / "b.png", 30, 10)
     bad = bad_images(photos)
     out = tmp_path / "pred"
-    with pytest.raises(SystemExit) as exit_:
+    with pytest.raises(DataError) as err:
         run_predict(ckpt, photos, out)
-    message = str(exit_.value.code)
+    message = str(err.value)
     assert "3 of 5 input images could not be read" in message
     assert all(str(photos / name) in message for name in bad)
     assert label_size(out / "a.png") == (34, 21) and label_size(out / "b.png") == (10, 30)
@@ -226,7 +224,7 @@ def test_undecodable_images_are_skipped_and_reported(ckpt, tmp_path, capsys):
     only_bad = tmp_path / "bad"
     only_bad.mkdir()
     bad_images(only_bad)
-    with pytest.raises(SystemExit, match="none of the 3 input images could be read"):
+    with pytest.raises(DataError, match="none of the 3 input images could be read"):
         run_predict(ckpt, only_bad, tmp_path / "pred2")
     assert "wrote 0 label maps" in capsys.readouterr().out
 
@@ -349,6 +347,34 @@ def test_cli_exits_non_zero_naming_unreadable_images(ckpt, tmp_path):
     assert (out / "good.png").is_file() and not (out / "broken.png").exists()
 
 
+@pytest.mark.parametrize(
+    ("error", "status", "printed"),
+    [
+        (ConfigError("input is not set"), 1, "Error: input is not set"),
+        (DataError("1 of 2 input images could not be read"), 1, "Error: 1 of 2 input images"),
+        (ExportError("differs from the checkpoint"), 1, "Error: differs from the checkpoint"),
+        (KeyboardInterrupt(), 130, "Interrupted"),
+    ],
+)
+def test_only_the_command_turns_errors_into_an_exit_status(error, status, printed, capsys):
+    def fails(cfg):
+        raise error
+
+    with pytest.raises(SystemExit) as stop:
+        as_command(fails, None)
+    assert stop.value.code == status
+    assert capsys.readouterr().err.startswith(printed)
+
+
+def test_a_bug_keeps_its_traceback():
+    def buggy(cfg):
+        raise KeyError("not a user error")
+
+    with pytest.raises(KeyError):
+        as_command(buggy, None)
+    assert as_command(lambda cfg: cfg + 1, 1) == 2
+
+
 # --------------------------------------------------------------------------- through predict_step
 def noise(path: Path, h: int, w: int, seed: int) -> Path:
     rng = np.random.default_rng(seed)
@@ -409,11 +435,9 @@ def test_an_undecodable_image_leaves_its_batch(ckpt, tmp_path, monkeypatch):
     shapes = count_predict_steps(monkeypatch)
     out = tmp_path / "pred"
     overrides = [f"ckpt_path={ckpt}", f"input={photos}", f"output={out}", "device=cpu"]
-    with pytest.raises(SystemExit, match=r"1 of 3 input images could not be read") as exit_:
+    with pytest.raises(DataError, match=r"1 of 3 input images could not be read") as err:
         predict(cfg_of("predict", [*overrides, "batch_size=3"], tmp_path / "run"))
-    assert "cannot decode image" in str(exit_.value.code) and str(photos / "b.png") in str(
-        exit_.value.code
-    )
+    assert "cannot decode image" in str(err.value) and str(photos / "b.png") in str(err.value)
     assert shapes == [(2, 3, 20, 30)]
     assert sorted(json.loads((out / MANIFEST).read_text())["outputs"]) == [
         "a.png", "a_overlay.jpg", "c.png", "c_overlay.jpg",
