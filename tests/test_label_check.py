@@ -10,6 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import scipy.io
+import torch
 from helpers.datasets import (
     SIFT_SUBDIR,
     make_label,
@@ -133,6 +134,16 @@ def test_warns_about_ignored_share_and_classes_absent_from_training(tmp_path):
     assert "67% of the pixels of split 'train' are ignored" in messages
     assert "classes never in the training split 'train': dog, cow" in messages
     assert report.splits["train"].absent == ["dog", "cow"]
+
+
+def test_the_check_leaves_the_global_random_state_alone(tmp_path):
+    root = write_voc(tmp_path / "d", 2012, {"train": ["a", "b", "c"], "val": ["d"]})
+    for workers in (0, 2):  # training draws its initial weights from that state after the check
+        torch.manual_seed(0)
+        expected = torch.rand(4)
+        torch.manual_seed(0)
+        quiet_check(VOCDataModule(root, year=2012, num_workers=workers))
+        assert torch.equal(torch.rand(4), expected)
 
 
 def test_eval_checks_only_its_split(tmp_path):

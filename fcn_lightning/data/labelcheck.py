@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from ..atomic import write_json_atomic
@@ -33,7 +34,6 @@ CACHE_VERSION = 2
 IGNORED_WARN = 0.5  # warn when more than this share of a split's pixels is ignored
 SHOW = 5  # files and classes named in a message
 FILES_PER_BATCH = 16  # label files a loader worker counts per batch
-Item = tuple[str, str, int]  # (label file, head, number of classes)
 
 
 def _more(names: list[str]) -> str:
@@ -122,7 +122,9 @@ def count_labels(label: np.ndarray, num_classes: int) -> dict[str, Any]:
     return {"hist": hist, "ignored": ignored, "pixels": pixels, "bad": sorted(bad)[:8]}
 
 
-def _histograms(reader: Callable, label_map: dict, batch: list[Item]) -> list[dict[str, Any]]:
+def _histograms(
+    reader: Callable, label_map: dict, batch: list[tuple[str, str, int]]
+) -> list[dict[str, Any]]:
     """The loader's collate, run in its workers: the counts of each label file of the batch, read
     as training reads it, or the error it raised (reported once the split is read)."""
     results = []
@@ -163,33 +165,46 @@ def _cached(entries: dict[str, Any], key: str, stamp: list[int]) -> dict[str, An
     return entry if ok and {"ignored", "pixels", "bad"} <= set(entry) else None
 
 
-def _counts(dm: Any, files: list, entries: dict, workers: int) -> tuple[dict, set]:
-    """The counts of each ``(path, head)`` of ``files``, from ``entries`` (the cache, updated
-    here) where the file's stamp is unchanged, else read now; and the ones read now."""
-    results, misses, heads = {}, [], dm.contract.num_classes
-    for head, path in ((h, os.path.abspath(p)) for sample in files for h, p in sample.items()):
-        try:
-            st = os.stat(path)
-        except OSError as err:
-            results[path, head] = {"error": f"label file {path}: {err.strerror}"}
-            continue
-        # ctime: set by every change of the file, and by no tool back to an older time
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, heads[head]]
-        results[path, head] = _cached(entries, f"{path}|{head}", stamp)
-        if results[path, head] is None:
-            misses.append((path, head, stamp))
+def _counts(dm: Any, splits: list[str], entries: dict, workers: int) -> tuple[dict, ...]:
+    """The label files of each split; the counts of each ``(path, head)``: from ``entries`` (the
+    cache, updated here) where the file's stamp is unchanged, else read now by one loader for all
+    splits; the ones read now; the seconds each split took (its files listed, then read)."""
+    t0, heads = time.perf_counter(), dm.contract.num_classes
+    files, results, misses, owner = {}, {}, [], []
+    for split in splits:
+        files[split] = dm.label_files(split)
+        for head, p in ((h, p) for sample in files[split] for h, p in sample.items()):
+            if (key := (os.path.abspath(p), head)) in results:
+                continue  # in a split before
+            try:
+                st = os.stat(key[0])
+            except OSError as err:
+                results[key] = {"error": f"label file {key[0]}: {err.strerror}"}
+                continue
+            # ctime: set by every change of the file, and by no tool back to an older time
+            stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, heads[head]]
+            results[key] = _cached(entries, "|".join(key), stamp)
+            if results[key] is None:
+                misses.append((key, stamp))
+                owner.append(split)
     loader = DataLoader(
-        [(path, head, stamp[-1]) for path, head, stamp in misses],
-        batch_size=FILES_PER_BATCH,
+        [(*key, stamp[-1]) for key, stamp in misses],
+        batch_size=max(1, min(FILES_PER_BATCH, -(-len(misses) // max(1, workers)))),
         num_workers=workers if len(misses) > 1 else 0,
         collate_fn=partial(_histograms, type(dm).read_label, dm.label_map),
+        generator=torch.Generator(),  # its own: the global random state stays as training's
     )
-    read = [result for batch in loader for result in batch]
-    for (path, head, stamp), result in zip(misses, read, strict=True):
-        results[path, head] = result
+    done = {split: time.perf_counter() for split in splits}  # when its last file was read
+    for i, result in enumerate(result for batch in loader for result in batch):
+        key, stamp = misses[i]
+        results[key], done[owner[i]] = result, time.perf_counter()
         if "error" not in result:
-            entries[f"{path}|{head}"] = {"stamp": stamp, **result}
-    return results, {(path, head) for path, head, _ in misses}
+            entries["|".join(key)] = {"stamp": stamp, **result}
+    seconds, before = {}, t0
+    for split in splits:
+        end = max(done[split], before)
+        seconds[split], before = end - before, end
+    return files, results, {key for key, _ in misses}, seconds
 
 
 def run_label_check(
@@ -201,33 +216,31 @@ def run_label_check(
     contract, heads = dm.contract, dm.contract.num_classes
     report = LabelReport(cache_file=cache_file(dm))
     entries = _load_cache(report.cache_file)
+    names = list(dict.fromkeys(splits or (dm.train_split, dm.val_split, dm.test_split)))
+    workers = dm.num_workers if workers is None else workers
+    files, results, fresh, seconds = _counts(dm, names, entries, workers)
     bad: dict[tuple[str, str], list] = {}  # (split, head) -> [(file, values out of range)]
     unreadable: list[str] = []
-    for split in dict.fromkeys(splits or (dm.train_split, dm.val_split, dm.test_split)):
-        t0, files = time.perf_counter(), dm.label_files(split)
-        results, fresh = _counts(dm, files, entries, dm.num_workers if workers is None else workers)
-        for head, n in heads.items():
-            names = tuple(contract.class_names(head))
-            s = SplitLabels(split, head, names, len(files), np.zeros(n, np.int64))
-            for path in (os.path.abspath(sample[head]) for sample in files):
-                s.cached += (path, head) not in fresh
-                if "error" in (result := results[path, head]):
-                    unreadable.append(f"  split '{split}': {result['error']}")
-                    continue
-                s.add(path, result)
-                if result["bad"]:
-                    bad.setdefault((split, head), []).append((path, result["bad"]))
-            s.seconds = time.perf_counter() - t0  # the split's, shared by its heads
-            report.splits[split if contract.single else f"{split}/{head}"] = s
-    if any(s.cached < s.images for s in report.splits.values()):
-        try:  # atomically; a failure warns, never stops the run
+    for split, head in ((split, head) for split in names for head in heads):
+        classes = tuple(contract.class_names(head))
+        s = SplitLabels(split, head, classes, len(files[split]), np.zeros(len(classes), np.int64))
+        for path in (os.path.abspath(sample[head]) for sample in files[split]):
+            s.cached += (path, head) not in fresh
+            if "error" in (result := results[path, head]):
+                unreadable.append(f"  split '{split}': {result['error']}")
+                continue
+            s.add(path, result)
+            if result["bad"]:
+                bad.setdefault((split, head), []).append((path, result["bad"]))
+        s.seconds = seconds[split]  # the split's, shared by its heads
+        report.splits[split if contract.single else f"{split}/{head}"] = s
+    try:  # atomically, when a file was read; a failure warns, never stops the run
+        if fresh:
             report.cache_file.parent.mkdir(parents=True, exist_ok=True)
             data = {"version": CACHE_VERSION, "entries": entries}
             write_json_atomic(report.cache_file, data, indent=None)
-        except OSError as err:
-            warnings.warn(
-                f"label check: cache not written to {report.cache_file}: {err}", stacklevel=2
-            )
+    except OSError as err:
+        warnings.warn(f"label check: cache not written to {report.cache_file}: {err}", stacklevel=3)
     report.seconds = time.perf_counter() - start
     report.warnings = likely_mistakes(report, dm.train_split)
     for message in report.warnings:
