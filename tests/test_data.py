@@ -49,7 +49,9 @@ PLAIN = {
 
 
 def eval_dm(cls, root, **kw):
-    return cls(root, batching="pad", crop_size=None, scale_range=None, hflip=False, **kw)
+    return cls(
+        root, batching="pad", crop_size=None, scale_range=None, hflip=False, num_workers=0, **kw
+    )
 
 
 # --------------------------------------------------------------------------- VOC + SBD
@@ -113,7 +115,15 @@ def test_sbd_train_plus_voc_train_without_duplicates(voc_root):
 )
 def test_real_voc_mini_files():
     dm = VOCDataModule(
-        SHARED_DATA / "voc_mini", year=2012, batch_size=2, crop_size=96, val_batch_size=2
+        SHARED_DATA / "voc_mini",
+        year=2012,
+        batch_size=2,
+        batching="crop",
+        crop_size=96,
+        scale_range=(0.5, 2.0),
+        hflip=True,
+        val_batch_size=2,
+        num_workers=0,
     )
     dm.setup("fit")
     sizes = set()

@@ -1,8 +1,8 @@
 """Common base of the segmentation datasets and DataModules.
 
 A sample is ``(image, targets)``: a float tensor (C, H, W) normalised for the model, and a dict
-from head name to an int64 label map (H, W) with 255 = ignore (``{"out": labels}`` with one
-head). A DataModule publishes what it gives as its ``contract`` (:mod:`fcn_lightning.contract`).
+from head name to an int64 label map (H, W) with 255 = ignore (one head: ``SINGLE_HEAD``). A
+DataModule publishes what it gives as its ``contract`` (:mod:`fcn_lightning.contract`).
 """
 
 from __future__ import annotations
@@ -32,12 +32,9 @@ BATCHING = ("crop", "pad", "whole")
 
 
 class SegmentationDataset(Dataset):
-    """Samples from a list of ids and a loader for one id; maps label values by ``label_map``
-    (every head alike), then checks sizes and label ranges.
-
-    ``load(id)`` gives ``(image, {head: labels}, where)``; ``num_classes`` is ``{head: classes}``
-    (the contract's). A sample is ``(image, {head: int64 labels})``.
-    """
+    """Samples ``(image, {head: int64 labels})`` of ``ids``, each read by ``load(id)`` as
+    ``(image, {head: labels}, where)``; labels mapped by ``label_map``, then checked against
+    ``num_classes`` (``{head: classes}``) and the image's size."""
 
     def __init__(
         self,
@@ -85,10 +82,9 @@ class SegmentationDataset(Dataset):
 
 
 class ResumableSampler(Sampler):
-    """Shuffles with a generator seeded by (seed, epoch), so an epoch's order is known again after
-    a restart, and yields ``(epoch, index)`` so that each sample's random transforms are seeded
-    too (see :class:`SeededDataset`). ``resume_at(epoch, n)`` skips the first ``n`` samples of
-    that epoch: training resumed mid-epoch sees exactly the samples it had not seen."""
+    """Shuffles by (seed, epoch) and yields ``(epoch, index)``, so that an epoch's order and each
+    sample's transforms (:class:`SeededDataset`) are known again after a restart;
+    ``resume_at(epoch, n)`` skips the first ``n`` samples of that epoch."""
 
     def __init__(self, size: int, seed: int = 0, shuffle: bool = True) -> None:
         self.size, self.seed, self.shuffle = size, seed, shuffle
@@ -177,20 +173,14 @@ def loader_workers(setting: int | str) -> int:
 
 class SegmentationDataModule(pl.LightningDataModule):
     """Base DataModule: loaders, batching and transforms; subclasses say where samples come from.
+    Its defaults are ``conf/base/data.yaml``'s: whole images one at a time, no jitter (the paper).
 
-    Batching: ``crop`` trains on fixed-size random crops (labels padded with 255); ``pad`` pads
-    each batch to its largest image; ``whole`` feeds whole images one at a time (the paper).
-    Validation and test always see whole images, padded per batch when ``val_batch_size > 1``.
-
-    ``normalization``: a scheme (``imagenet`` | ``caffe``), resolved for each image group of the
-    input with the statistics its contract names (``input_normalizations``); or one
-    normalisation's fields for every group; or a list of them, one per group (what eval.py
-    passes: the checkpoint's own).
-
-    ``label_map`` replaces label values before the range check, e.g. ``{255: 1}`` for binary
-    masks saved as 0/255, or ``{3: 255}`` to ignore class 3. It acts on the values the dataset
-    gives after its own conversion (NYUDv2 and SIFT Flow: 0-based classes, void = 255), on every
-    head alike. ``check_labels()`` reads all labels once before training.
+    Batching: ``crop`` (fixed-size random crops, labels padded with 255), ``pad`` (each batch
+    padded to its largest image) or ``whole``; validation and test always see whole images.
+    ``normalization``: a scheme (``imagenet`` | ``caffe``) resolved per image group of the
+    contract, one normalisation's fields, or a list of them, one per group. ``label_map``
+    replaces label values (after the dataset's own conversion, every head alike) before the
+    range check, e.g. ``{255: 1}`` for masks saved as 0/255, ``{3: 255}`` to ignore class 3.
     """
 
     ignore_index = IGNORE_INDEX
@@ -202,15 +192,15 @@ class SegmentationDataModule(pl.LightningDataModule):
         train_split: str = "train",
         val_split: str = "val",
         test_split: str | None = None,
-        batch_size: int = 8,
+        batch_size: int = 1,
         val_batch_size: int = 1,
-        num_workers: int | str = 0,
+        num_workers: int | str = "auto",
         pin_memory: bool = True,
         persistent_workers: bool = True,
-        batching: str = "crop",
-        crop_size: int | Sequence[int] | None = 320,
-        scale_range: Sequence[float] | None = (0.5, 2.0),
-        hflip: bool = True,
+        batching: str = "whole",
+        crop_size: int | Sequence[int] | None = None,
+        scale_range: Sequence[float] | None = None,
+        hflip: bool = False,
         normalization: str | dict | list = "imagenet",
         loader_seed: int | None = 0,
         label_map: dict[int, int] | None = None,
@@ -220,13 +210,15 @@ class SegmentationDataModule(pl.LightningDataModule):
             raise ValueError(f"data.batching must be one of {BATCHING}, got {batching!r}")
         if batching == "whole" and batch_size != 1:
             raise ValueError(
-                f"data.batching=whole trains on whole images one at a time: set data.batch_size=1 (got {batch_size})"
+                "data.batching=whole trains on whole images one at a time: set data.batch_size=1 "
+                f"(got {batch_size})"
             )
         if batching == "crop" and not crop_size:
             raise ValueError("data.batching=crop needs data.crop_size")
         if batch_size < 1 or val_batch_size < 1:
             raise ValueError(
-                f"data.batch_size and data.val_batch_size must be >= 1, got {batch_size}, {val_batch_size}"
+                "data.batch_size and data.val_batch_size must be >= 1, got "
+                f"{batch_size}, {val_batch_size}"
             )
         self.root = Path(root).expanduser() if root is not None else None
         self.train_split, self.val_split = train_split, val_split
@@ -234,13 +226,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
         self.num_workers, self.pin_memory = loader_workers(num_workers), pin_memory
         self.persistent_workers = persistent_workers and self.num_workers > 0
-        self.batching, self.crop_size, self.scale_range, self.hflip = (
-            batching,
-            crop_size,
-            scale_range,
-            hflip,
-        )
-        self.normalization = normalization
+        self.batching, self.crop_size, self.scale_range = batching, crop_size, scale_range
+        self.hflip, self.normalization = hflip, normalization
         self.label_map = {int(k): int(v) for k, v in (label_map or {}).items()}
         self.datasets: dict[str, Dataset] = {}
         # the shuffling order and per-sample transforms of training depend on this seed only
@@ -251,8 +238,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         self._said: set[str] = set()  # data warnings given (warn_once)
 
     def warn_once(self, message: str) -> None:
-        """A warning about the data, said once per DataModule (its splits are listed again by
-        setup, the label check and each stage)."""
+        """A warning about the data, said once per DataModule (setup, the label check and each
+        stage list the splits again)."""
         if message not in self._said:
             self._said.add(message)
             warnings.warn(message, stacklevel=3)
@@ -281,19 +268,17 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     @property
     def contract(self) -> DataContract:
-        """What this DataModule gives: heads with class names and palettes, its inputs (kind and
-        whose statistics), input channels, streams. One head ``out`` of ``class_names`` in the
-        VOC palette, a photo normalised with VOC's statistics, unless a subclass says otherwise;
-        the model, the LightningModule and the reports read only this."""
-        return DataContract(
+        """What this DataModule gives (heads, class names, palettes, inputs), the only thing the
+        model, the LightningModule and the reports read of it. Here: one head of
+        ``class_names`` in the VOC palette, a photo with VOC's statistics."""
+        return DataContract.of_inputs(
             {SINGLE_HEAD: Head(tuple(self.class_names), tuple(voc_palette()))},
             [InputGroup("rgb", "voc")],
         )
 
     @property
     def input_normalizations(self) -> tuple[Normalization, ...]:
-        """The normalisation each image group of a sample gets (``normalization`` resolved for
-        the contract's inputs): what a model trained on these samples records."""
+        """The normalisation of each image group of the contract: what a model records."""
         return group_normalizations(self.normalization, self.contract.image_inputs)
 
     def make_dataset(self, split: str, transforms: Callable) -> Dataset:
@@ -302,30 +287,28 @@ class SegmentationDataModule(pl.LightningDataModule):
     def dataset(
         self, ids: Sequence[Any], load: Callable, transforms: Callable, name: str
     ) -> SegmentationDataset:
-        """The samples of ``ids``, each read by ``load(id)``, its labels mapped by ``label_map``
-        and checked against the contract's classes: what ``make_dataset`` returns."""
+        """What ``make_dataset`` returns: the samples of ``ids``, checked against the contract."""
         return SegmentationDataset(
             ids, load, self.contract.num_classes, transforms, name=name, label_map=self.label_map
         )
 
     def label_files(self, split: str) -> list[dict[str, Path]]:
-        """The label file of each sample of a split, per head (``{"out": path}`` with one head)."""
+        """The label file of each sample of a split, by head."""
         raise NotImplementedError
 
     @staticmethod
-    def read_label(path: Path, head: str = "out") -> np.ndarray:
-        """Class indices (255 = ignore) of one label file, after the dataset's own conversions and
-        before ``label_map``: what training reads. A staticmethod, so that the label check's
-        worker processes can be sent it."""
+    def read_label(path: Path, head: str = SINGLE_HEAD) -> np.ndarray:
+        """Class indices (255 = ignore) of one label file before ``label_map``, as training reads
+        it; a staticmethod, so that the label check's loader workers can be sent it."""
         raise NotImplementedError
 
     def check_labels(
         self, splits: Sequence[str] | None = None, *, workers: int | None = None
     ) -> LabelReport:
-        """Read every label file of ``splits`` (default: the train, val and test splits) once,
-        in ``workers`` processes (default ``os.cpu_count()``), with a per-file cache: class
-        histograms, ignored share, empty labels, absent classes. Out-of-range values raise
-        DataError naming the files; likely mistakes warn. See :mod:`.labelcheck`."""
+        """Every label file of ``splits`` (default: train, val, test) read once, by ``workers``
+        loader processes (default ``num_workers``), cached per file: histograms, ignored share,
+        absent classes. Out-of-range values raise DataError; likely mistakes warn
+        (:mod:`.labelcheck`)."""
         return run_label_check(self, splits, workers=workers)
 
     # --- Lightning hooks

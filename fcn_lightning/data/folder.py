@@ -22,8 +22,19 @@ LAYOUT = """Expected layout under data.root (VOC layout):
   classes.txt                           (optional: one class name per line, or set data.num_classes)"""
 
 
+# conf/data/folder.yaml's training batches: random 320 px crops, scaled 0.5-2x and mirrored
+TRAINING = {
+    "batch_size": 8,
+    "batching": "crop",
+    "crop_size": 320,
+    "scale_range": (0.5, 2.0),
+    "hflip": True,
+}
+
+
 class FolderDataModule(SegmentationDataModule):
-    """Any dataset in VOC layout; classes from ``num_classes``/``class_names`` or ``classes.txt``."""
+    """Any dataset in VOC layout; classes from ``num_classes``/``class_names`` or ``classes.txt``.
+    Trains on :data:`TRAINING`'s batches unless told otherwise, as ``conf/data/folder.yaml``."""
 
     def __init__(
         self,
@@ -33,7 +44,7 @@ class FolderDataModule(SegmentationDataModule):
         class_names: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(root, **kwargs)
+        super().__init__(root, **(TRAINING | kwargs))
         self._num_classes_cfg = num_classes
         self._class_names_cfg = list(class_names) if class_names else None
         self._names: tuple[str, ...] | None = None
@@ -78,7 +89,7 @@ class FolderDataModule(SegmentationDataModule):
     def contract(self) -> DataContract:
         """One head of the folder's classes, drawn in its label PNGs' own palette; photos,
         normalised with VOC's statistics (a folder has none of its own)."""
-        return DataContract(
+        return DataContract.of_inputs(
             {SINGLE_HEAD: Head(self.class_names, tuple(self.palette))}, [InputGroup("rgb", "voc")]
         )
 
@@ -150,12 +161,16 @@ class FolderDataModule(SegmentationDataModule):
 
     def label_files(self, split: str) -> list[dict[str, Path]]:
         folder = self.root / "SegmentationClass"  # what label_path gives, joined once
-        return [{"out": folder / f"{i}.png"} for i in self.split_ids(split)]
+        return [{SINGLE_HEAD: folder / f"{i}.png"} for i in self.split_ids(split)]
 
     @staticmethod
-    def read_label(path: Path, head: str = "out") -> np.ndarray:
+    def read_label(path: Path, head: str = SINGLE_HEAD) -> np.ndarray:
         return read_label_png(path)
 
     def _load(self, i: str):
         label_path = self.label_path(i)
-        return read_image(self.image_path(i)), {"out": self.read_label(label_path)}, label_path
+        return (
+            read_image(self.image_path(i)),
+            {SINGLE_HEAD: self.read_label(label_path)},
+            label_path,
+        )

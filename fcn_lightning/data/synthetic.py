@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..contract import voc_palette
+from ..contract import SINGLE_HEAD, voc_palette
 from .base import SegmentationDataModule
 from .labelcheck import LabelReport
 
@@ -75,8 +75,13 @@ def render_scene(
     return np.clip(image, 0, 255).astype(np.uint8), label
 
 
+# conf/data/synthetic.yaml's loader settings: batches of 8 small scenes, padded, mirrored
+LOADER = {"batch_size": 8, "val_batch_size": 8, "num_workers": 0, "batching": "pad", "hflip": True}
+
+
 class SyntheticDataModule(SegmentationDataModule):
-    """Deterministic procedural scenes, ``train_size`` / ``val_size`` of ``image_size`` pixels."""
+    """Deterministic procedural scenes, ``train_size`` / ``val_size`` of ``image_size`` pixels;
+    :data:`LOADER`'s settings unless told otherwise, as ``conf/data/synthetic.yaml``."""
 
     class_names = CLASSES
 
@@ -91,10 +96,7 @@ class SyntheticDataModule(SegmentationDataModule):
         thickness: float = 1.0,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("crop_size", None)
-        kwargs.setdefault("scale_range", None)
-        kwargs.setdefault("batching", "pad")
-        super().__init__(root, **kwargs)
+        super().__init__(root, **(LOADER | kwargs))
         if image_size < 8:
             raise ValueError(f"data.image_size must be >= 8, got {image_size}")
         if thickness <= 0:
@@ -151,4 +153,4 @@ class SyntheticDataModule(SegmentationDataModule):
 def _load_scene(seed: int, split: str, size: int, thickness: float, i: str):
     image, label = render_scene(seed, split, int(i), size, thickness)
     image = torch.from_numpy(image).permute(2, 0, 1).contiguous()
-    return image, {"out": label}, f"synthetic {split} #{i}"
+    return image, {SINGLE_HEAD: label}, f"synthetic {split} #{i}"
