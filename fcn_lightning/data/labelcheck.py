@@ -77,8 +77,7 @@ class SplitLabels:
 
 @dataclass
 class LabelReport:
-    """The findings, by split (``<split>/<head>`` with several heads); ``warnings``: likely
-    mistakes."""
+    """The findings by split (``<split>/<head>`` with several heads), and the likely mistakes."""
 
     splits: dict[str, SplitLabels] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -122,9 +121,7 @@ def count_labels(label: np.ndarray, num_classes: int) -> dict[str, Any]:
     return {"hist": hist, "ignored": ignored, "pixels": pixels, "bad": sorted(bad)[:8]}
 
 
-def _histograms(
-    reader: Callable, label_map: dict, batch: list[tuple[str, str, int]]
-) -> list[dict[str, Any]]:
+def _histograms(reader: Callable, label_map: dict, batch: list[tuple]) -> list[dict[str, Any]]:
     """The loader's collate, run in its workers: the counts of each label file of the batch, read
     as training reads it, or the error it raised (reported once the split is read)."""
     results = []
