@@ -43,12 +43,6 @@ ONNX_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")
 INSTALL = 'pip install -e ".[export]"'
 
 
-def check_format(fmt: Any) -> str:
-    if fmt not in FORMATS:
-        raise ConfigError(f"format must be one of {tuple(FORMATS)}, got {fmt!r}")
-    return str(fmt)
-
-
 def allowance(cfg: DictConfig) -> tuple[float, float]:
     """(tolerance, rtol): numbers >= 0."""
     values = []
@@ -191,11 +185,8 @@ def metadata(module: FCNModule, ckpt: Path, fmt: str, out: Path) -> dict[str, An
 
 def other_size(h: int, w: int) -> tuple[int, int]:
     """A second test size unlike the first in both sides, neither a multiple of 32."""
-
-    def side(n: int, step: int) -> int:
-        return n + step + 2 if (n + step) % 32 == 0 else n + step
-
-    return side(h, 37), side(w, -19 if w > 64 else 21)
+    h, w = h + 37, w + (-19 if w > 64 else 21)
+    return h + 2 * (h % 32 == 0), w + 2 * (w % 32 == 0)
 
 
 def normalize(x: torch.Tensor, module: FCNModule) -> torch.Tensor:
@@ -372,7 +363,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     """Export ``cfg.ckpt_path``'s network (``cfg.format``) to ``cfg.output`` (default
     ``model.<suffix>`` in this run's folder), verified; returns the metadata written beside it
     (and into it). Settings that cannot work are refused before the checkpoint is read."""
-    fmt = check_format(cfg.get("format", "onnx"))
+    fmt = cfg.get("format", "onnx")
+    if fmt not in FORMATS:
+        raise ConfigError(f"format must be one of {tuple(FORMATS)}, got {fmt!r}")
     allowance(cfg)
     if fmt == "onnx":
         onnx_modules()
