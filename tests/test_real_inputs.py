@@ -1,7 +1,7 @@
-"""The whole command-line path on data as varied as the real thing: images of several sizes,
-portrait and landscape, greyscale, CMYK, RGBA, 16-bit, palette and plain labels with 255
-borders, in the official layouts: train.py (staged, with validation panels), eval.py,
-predict.py."""
+"""The whole path on data as varied as the real thing: images of several sizes, portrait and
+landscape, greyscale, CMYK, RGBA, 16-bit, palette and plain labels with 255 borders, in the
+official layouts: train.py (staged, with validation panels) and eval.py as commands, predict
+in-process (its command is run by test_predict.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import run
+from helpers import cfg_of, run
 from helpers.datasets import (
     VARIED_FOLDER,
     VARIED_VOC,
@@ -21,6 +21,8 @@ from helpers.datasets import (
 )
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fcn_lightning.app.predict import predict
 
 SMALL = [
     "arch.width=0.0625",
@@ -89,11 +91,10 @@ def test_eval_on_varied_images(voc_run, tmp_path):
 def test_predict_on_every_image_format(voc_run, tmp_path):
     _, out, _ = voc_run
     folder = write_varied_folder(tmp_path / "mine") / "JPEGImages"
-    result = run(
-        "predict.py", f"ckpt_path={out / 'fcn16s/checkpoints/best.ckpt'}", f"input={folder}",
-        f"output={tmp_path / 'pred'}", "device=cpu", cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
+    args = [f"ckpt_path={out / 'fcn16s/checkpoints/best.ckpt'}", f"input={folder}",
+            f"output={tmp_path / 'pred'}", "device=cpu"]  # fmt: skip
+    written = predict(cfg_of("predict", args, tmp_path / "run"))
+    assert len(written) == len(VARIED_FOLDER)
     for i, _, (h, w) in VARIED_FOLDER:
         label = Image.open(tmp_path / "pred" / f"{i}.png")
         assert label.mode == "P" and label.size == (w, h), i
