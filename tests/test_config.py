@@ -92,7 +92,8 @@ def test_a_summed_loss_with_a_mean_loss_lr_warns(caplog):
 
 # command-line keys that each set a value some recipe sets
 RECIPE_KEYS = ["optimizer.lr=0.5", "trainer.max_steps=7", "trainer.max_epochs=3"]
-RECIPE_KEYS += ["stage_lr_factor=0.3", "loss.reduction=mean", "arch.width=0.5"]
+RECIPE_KEYS += ["stages.fcn16s.lr_factor=0.3", "stages.fcn32s.max_steps=9"]
+RECIPE_KEYS += ["loss.reduction=mean", "arch.width=0.5"]
 
 
 def leaves(node, prefix=""):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import NO_DATA, TINY, cfg_of
+from helpers import NO_DATA, TINY, cfg_of, run
 from helpers.datasets import write_nyud
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -20,7 +20,8 @@ from fcn_lightning.models import build_fcn, transfer_stage
 
 # 3 steps per stage, lr cut 100x: 1e-3, 1e-5, 1e-7
 STAGED = [o for o in TINY if not o.startswith("trainer.max_steps")] + [
-    "trainer.max_steps=3", "stage_lr_factor=0.01", "optimizer.lr=1e-3",
+    "trainer.max_steps=3", "stages.fcn16s.lr_factor=0.01", "stages.fcn8s.lr_factor=0.01",
+    "optimizer.lr=1e-3",
 ]  # fmt: skip
 
 
@@ -43,7 +44,7 @@ def test_stage_lr_is_the_same_staged_by_init_from_and_after_a_resume(tmp_path):
     train(cfg_of("config", STAGED, staged))
     want = {"fcn32s": 1e-3, "fcn16s": 1e-5, "fcn8s": 1e-7}
     assert {s: used_lr(staged, s) for s in want} == pytest.approx(want, rel=1e-9)
-    assert "stage_lr_factor 0.01 into fcn16s" in plan(staged)["fcn16s"]["lr_from"]
+    assert "stages.fcn16s.lr_factor 0.01 x stages.fcn8s" in plan(staged)["fcn8s"]["lr_from"]
 
     # the README's one-stage commands: FCN-16s from the 32s checkpoint, FCN-8s from the 16s one
     for stage, previous in (("fcn16s", "fcn32s"), ("fcn8s", "fcn16s")):
@@ -86,7 +87,11 @@ def test_presets_learning_rates_equal_the_references():
     # a stage trained from ImageNet (not a later stage) keeps optimizer.lr
     assert lrs(["data=voc", root, "arch=fcn16s", "staged=false"]) == {"fcn16s": 1e-4}
     # set outright, it wins
-    assert lrs(["data=voc", root, "arch=fcn16s", "+stage_lr.fcn16s=3e-5"])["fcn16s"] == 3e-5
+    assert lrs(["data=voc", root, "arch=fcn16s", "stages.fcn16s.lr=3e-5"])["fcn16s"] == 3e-5
+    # one cut set: the others keep the recipe's (SIFT Flow: none into 8s; VOC: 100x)
+    one = ["stages.fcn16s.lr_factor=0.1"]
+    assert lrs(["data=siftflow", root, *one]) == {"fcn32s": 1e-10, "fcn16s": 1e-11, "fcn8s": 1e-11}
+    assert lrs(["data=voc", root, *one]) == {"fcn32s": 1e-4, "fcn16s": 1e-5, "fcn8s": 1e-7}
 
 
 def test_heavy_presets_keep_bilinear_upsampling_the_paper_presets_learn_it():
@@ -130,9 +135,10 @@ def test_per_stage_budgets_never_beat_a_limit_from_the_command_line():
     assert set(limits(["trainer.max_steps=7"]).values()) == {(7, -1)}
     assert set(limits(["trainer.max_steps=5000"]).values()) == {(5000, -1)}
     assert set(limits(["data=voc", root, "trainer.max_epochs=2"]).values()) == {(-1, 2)}
-    # one stage set apart, the others from the limit
-    one = limits(["trainer.max_steps=7", "+stage_overrides.fcn16s.max_steps=2"])
-    assert one == {"fcn32s": (7, -1), "fcn16s": (2, -1), "fcn8s": (7, -1)}
+    # one stage's own budget set apart, the others keep the preset's; a limit beats them all
+    one = limits(["stages.fcn16s.max_steps=2"])
+    assert one == {"fcn32s": (250, -1), "fcn16s": (2, -1), "fcn8s": (500, -1)}
+    assert set(limits(["trainer.max_steps=7", "stages.fcn16s.max_steps=2"]).values()) == {(7, -1)}
     # the reference recipes train every stage alike
     assert set(limits(["experiment=voc_fcn8s_heavy", root]).values()) == {(100000, -1)}
     cfg = cfg_of("config", ["data=voc", root, "arch=fcn16s", "arch.init_from=/x.ckpt"])
@@ -141,8 +147,8 @@ def test_per_stage_budgets_never_beat_a_limit_from_the_command_line():
 
 def test_per_stage_budgets_and_a_command_line_limit_in_real_runs(tmp_path):
     budgets = [o for o in TINY if not o.startswith("trainer.max_steps")] + [
-        "trainer.max_steps=-1", "++stage_budget.fcn32s.max_steps=3",
-        "++stage_budget.fcn16s.max_steps=1", "++stage_budget.fcn8s.max_steps=2",
+        "trainer.max_steps=-1", "stages.fcn32s.max_steps=3",
+        "stages.fcn16s.max_steps=1", "stages.fcn8s.max_steps=2",
     ]  # fmt: skip
     train(cfg_of("config", budgets, tmp_path / "budgets"))
     steps = {
@@ -162,18 +168,65 @@ def test_per_stage_budgets_and_a_command_line_limit_in_real_runs(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["stage_lr_factor={fcn16: 0.1}"], r"stage_lr_factor.fcn16: no cut is called 'fcn16'"),
-        (["stage_lr_factor=0"], r"stage_lr_factor must be a number > 0"),
-        (["+stage_lr.fcn61s=1e-5"], r"stage_lr.fcn61s: no stage is called 'fcn61s'"),
-        (["++stage_budget.fcn16s=100"], r"stage_budget.fcn16s must map max_steps or max_epochs"),
-        (["++stage_budget.fcn16s.max_step=100"], r"stage_budget.fcn16s must map max_steps"),
+        (["++stages.fcn16.lr_factor=0.1"], r"stages.fcn16: no stage is called 'fcn16'"),
+        (["stages.fcn16s.lr_factor=0"], r"stages.fcn16s.lr_factor must be a number > 0, got 0"),
+        (["stages.fcn16s.lr_factor=null"], r"stages.fcn16s.lr_factor is not set"),
+        (["++stages.fcn32s.lr_factor=0.1"], r"stages.fcn32s.lr_factor: no cut leads into fcn32s"),
+        (["++stages.fusion.max_steps=9"], r"stages.fusion.max_steps: stages.fusion holds the lr"),
+        (["++stages.fcn61s.lr=1e-5"], r"stages.fcn61s: no stage is called 'fcn61s'"),
+        (["stages.fcn16s.lr=-1"], r"stages.fcn16s.lr must be a number > 0"),
+        (["stages.fcn16s=100"], r"stages.fcn16s must map settings to values"),
+        (["stages.fcn16s.max_steps=-5"], r"stages.fcn16s.max_steps must be a whole number >= 0"),
+        (["stages.fcn16s.max_epochs=1.5"], r"stages.fcn16s.max_epochs must be a whole number"),
+        (["++stages.fcn16s.max_step=100"], r"stages.fcn16s.max_step is not a Lightning Trainer"),
         (["selection=newest"], r"selection must be one of \('auto', 'best', 'last'\)"),
-        (["stage_budget=null"], r"fcn32s has no step or epoch limit .*trainer.max_steps=N"),
+        (
+            ["stages.fcn32s.max_steps=null"],
+            r"fcn32s has no step or epoch limit .*trainer.max_steps=N",
+        ),
+        # the keys the stages node replaced, refused with the new spelling
+        (
+            ["+stage_lr_factor=0.5"],
+            r"stage_lr_factor was replaced: use stages.fcn16s.lr_factor=0.5 "
+            r"stages.fcn8s.lr_factor=0.5 stages.fusion.lr_factor=0.5",
+        ),
+        (["+stage_lr_factor={fcn8s: 1.0}"], r"replaced: use stages.fcn8s.lr_factor=1.0$"),
+        (["+stage_lr.fcn16s=1e-5"], r"stage_lr was replaced: use stages.fcn16s.lr=1e-05"),
+        (
+            ["+stage_budget.fcn32s.max_steps=3"],
+            r"stage_budget was replaced: use stages.fcn32s.max_steps=3",
+        ),
+        (["+stage_budget=null"], r"stage_budget was replaced: use stages.<stage>.max_steps=..."),
+        (
+            ["+stage_overrides.fcn16s.accumulate_grad_batches=2"],
+            r"stage_overrides was replaced: use \+\+stages.fcn16s.accumulate_grad_batches=2",
+        ),
     ],
 )
 def test_protocol_settings_are_refused_by_name(overrides, message):
     with pytest.raises(ConfigError, match=message):
         check_settings(cfg_of("config", overrides))
+
+
+def test_a_stage_alone_takes_other_trainer_arguments(caplog):
+    cfg = cfg_of("config", ["++stages.fcn16s.accumulate_grad_batches=3"])
+    with caplog.at_level("WARNING", logger="fcn_lightning"):
+        check_settings(cfg)
+    assert not caplog.text
+    got = {s: trainer_settings(cfg, s).accumulate_grad_batches for s in stages_for(cfg)}
+    assert got == {"fcn32s": 1, "fcn16s": 3, "fcn8s": 1}
+    with caplog.at_level("WARNING", logger="fcn_lightning"):
+        check_settings(
+            cfg_of("config", ["arch=fcn32s", "++stages.fcn16s.accumulate_grad_batches=3"])
+        )
+    assert "stages.fcn16s.accumulate_grad_batches: this run does not train fcn16s" in caplog.text
+
+
+def test_a_replaced_key_on_the_command_line_is_refused_before_hydra(tmp_path):
+    done = run("train.py", "stage_lr_factor=0.5", "arch=fcn32s", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Error: stage_lr_factor was replaced: use stages.fcn16s.lr_factor=0.5" in done.stderr
+    assert not any(tmp_path.iterdir())  # no run folder, no outputs/
 
 
 # --------------------------------------------------------------------------- selection

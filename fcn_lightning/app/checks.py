@@ -23,7 +23,15 @@ from ..errors import ConfigError
 from ..models import ARCHS, BACKBONES, GEOMETRIES
 from ..module import FCNModule
 from ..optim import check_optimizer, check_scheduler
-from .stages import STAGES, check_protocol, stages_for, trainer_settings
+from .stages import (
+    PROTOCOL_KEYS,
+    STAGES,
+    check_protocol,
+    check_replaced,
+    stages_for,
+    trainer_args,
+    trainer_settings,
+)
 
 log = logging.getLogger("fcn_lightning")
 
@@ -39,6 +47,7 @@ def _one_of(name: str, value: Any, allowed: Sequence[Any]) -> None:
 
 def check_settings(cfg: DictConfig) -> None:
     """Settings that would fail only after the data was read or a stage was trained."""
+    check_replaced(cfg)  # stage_lr_factor, stage_budget, ...: the stages node's spelling
     _one_of("arch.name", cfg.arch.name, ARCHS)
     _one_of("arch.backbone", cfg.arch.backbone, BACKBONES)
     _one_of("arch.geometry", cfg.arch.geometry, GEOMETRIES)
@@ -60,20 +69,17 @@ def check_settings(cfg: DictConfig) -> None:
             lr,
         )
     stages = stages_for(cfg)
-    trainer_args = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
-    for stage, settings in (cfg.get("stage_overrides") or {}).items():
-        if stage not in STAGES:
-            raise ConfigError(
-                f"stage_overrides.{stage}: no stage is called {stage!r} (stages: "
-                f"{', '.join(STAGES)})"
-            )
-        unknown = sorted(set(settings or {}) - trainer_args)
+    arguments = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+    for stage in STAGES:  # check_protocol refused any other name
+        own = trainer_args(cfg, stage)
+        unknown = sorted(set(own) - arguments)
         if unknown:
             raise ConfigError(
-                f"stage_overrides.{stage}.{unknown[0]} is not a Lightning Trainer argument"
+                f"stages.{stage}.{unknown[0]} is not a Lightning Trainer argument (nor a stage "
+                f"setting: {', '.join(PROTOCOL_KEYS)})"
             )
-        if stage not in stages:
-            log.warning("stage_overrides.%s: this run does not train %s", stage, stage)
+        if own and stage not in stages:
+            log.warning("stages.%s.%s: this run does not train %s", stage, own[0], stage)
     scheduler = (cfg.get("scheduler") or {}).get("name", "fixed")
     for i, stage in enumerate(stages):
         t = trainer_settings(cfg, stage, warn=i == 0)  # said once, before any work
@@ -88,7 +94,7 @@ def check_settings(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"{decays}{stage} has no step or epoch limit (it would train until stopped): set "
                 f"trainer.max_steps=N or trainer.max_epochs=N (every stage), or "
-                f"++stage_budget.{stage}.max_steps=N"
+                f"stages.{stage}.max_steps=N (this stage)"
             )
 
 

@@ -1,29 +1,57 @@
 """The staged protocol (paper, section 4.2): which stages a run trains, and for each stage its
 learning rate, its budget and how its checkpoint is chosen, with the reason for each.
 
+Each stage's own settings live side by side under ``stages.<stage>`` (``fcn32s``, ``fcn16s``,
+``fcn8s``, ``fcn8s_atonce``; ``fusion`` holds the lr cut of a late fusion of trained streams):
+``lr_factor`` (the cut into it), ``lr`` (outright), ``max_steps`` / ``max_epochs`` (its budget) and
+any other Lightning Trainer argument for that stage alone.
+
 A stage's learning rate depends on the stage, not on how the run reached it: FCN-16s started
 from an FCN-32s checkpoint (``arch.init_from``) gets the lr it gets after FCN-32s in a staged
 run, and a resumed stage the lr it had. Its budget is ``trainer.max_steps`` /
 ``max_epochs`` when one is set (the same for every stage), else the stage's own
-``stage_budget``, so a preset's per-stage budget never beats a limit given on the command line.
+``stages.<stage>.max_steps`` / ``max_epochs``, so a preset's per-stage budget never beats a limit
+given on the command line.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from ..errors import ConfigError
 
 log = logging.getLogger("fcn_lightning")
 
 CHAIN = ("fcn32s", "fcn16s", "fcn8s")
 STAGES = (*CHAIN, "fcn8s_atonce")
-# the lr cuts stage_lr_factor may name: entering fcn16s, entering fcn8s, fusing trained streams
+# the lr cuts, each under stages.<cut>.lr_factor: entering fcn16s, entering fcn8s, fusing trained
+# streams
 CUTS = ("fcn16s", "fcn8s", "fusion")
 SELECTIONS = ("auto", "best", "last")
 LIMITS = ("max_steps", "max_epochs")
+# a stage's protocol settings; any other key of stages.<stage> is a Lightning Trainer argument
+PROTOCOL_KEYS = ("lr_factor", "lr", *LIMITS)
+# the keys the stages node replaced, each with the new spelling of a value it held
+REPLACED = ("stage_lr_factor", "stage_lr", "stage_budget", "stage_overrides")
+_REPLACED_HINT = {
+    "stage_lr_factor": "stages.fcn16s.lr_factor=... stages.fcn8s.lr_factor=... (a late fusion of "
+    "trained streams: stages.fusion.lr_factor=...)",
+    "stage_lr": "stages.<stage>.lr=... (e.g. stages.fcn16s.lr=1e-5)",
+    "stage_budget": "stages.<stage>.max_steps=... or stages.<stage>.max_epochs=... (e.g. "
+    "stages.fcn32s.max_epochs=30; none: stages.fcn32s.max_epochs=null)",
+    "stage_overrides": "++stages.<stage>.<Trainer argument>=... (e.g. "
+    "++stages.fcn16s.accumulate_grad_batches=2; a budget: stages.fcn16s.max_steps=...)",
+}
+
+
+def settings_of(cfg: DictConfig, stage: str) -> Mapping[str, Any]:
+    """``stages.<stage>``: the stage's own settings (empty if it has none)."""
+    return (cfg.get("stages") or {}).get(stage) or {}
 
 
 def stages_for(cfg: DictConfig) -> list[str]:
@@ -52,41 +80,33 @@ def entry_of(cfg: DictConfig, index: int) -> str:
     return "pretrained" if cfg.arch.get("pretrained") else "scratch"
 
 
-def _cut(cfg: DictConfig, into: str) -> float:
-    factor = cfg.stage_lr_factor
-    if isinstance(factor, Mapping | DictConfig):
-        return float(factor.get(into, 1.0))
-    return float(factor)
-
-
-def _factor_name(cfg: DictConfig, into: str) -> str:
-    factor = cfg.stage_lr_factor
-    return (
-        f"stage_lr_factor.{into}" if isinstance(factor, Mapping | DictConfig) else "stage_lr_factor"
-    )
+def cut(cfg: DictConfig, into: str) -> float:
+    """The lr cut into ``into`` (a stage of the chain, or ``fusion``): ``stages.<into>.lr_factor``."""
+    return float(settings_of(cfg, into)["lr_factor"])
 
 
 def stage_lr(cfg: DictConfig, stage: str, entry: str) -> tuple[float, str]:
-    """The stage's learning rate and why. ``stage_lr.<stage>`` wins outright. A stage that
+    """The stage's learning rate and why. ``stages.<stage>.lr`` wins outright. A stage that
     starts from trained FCN weights (the previous stage, ``arch.init_from``, a resume of
     either) has the lr its place in the chain gives: ``optimizer.lr`` for FCN-32s, times the
     cut into FCN-16s, times the cut into FCN-8s; a late fusion of trained streams one cut more
-    (``fusion``). A stage that starts from ImageNet or from scratch has ``optimizer.lr``."""
-    explicit = (cfg.get("stage_lr") or {}).get(stage)
+    (``stages.fusion.lr_factor``). A stage that starts from ImageNet or from scratch has
+    ``optimizer.lr``."""
+    explicit = settings_of(cfg, stage).get("lr")
     if explicit is not None:
-        return float(explicit), f"stage_lr.{stage}"
+        return float(explicit), f"stages.{stage}.lr"
     lr, why = float(cfg.optimizer.lr), [f"optimizer.lr {float(cfg.optimizer.lr):.3g}"]
     if entry in ("pretrained", "scratch"):
         start = "ImageNet weights" if entry == "pretrained" else "scratch"
         return lr, f"{why[0]} ({stage} starts from {start})"
     if stage in CHAIN:
         for into in CHAIN[1 : CHAIN.index(stage) + 1]:
-            lr *= _cut(cfg, into)
-            why.append(f"{_factor_name(cfg, into)} {_cut(cfg, into):g} into {into}")
+            lr *= cut(cfg, into)
+            why.append(f"stages.{into}.lr_factor {cut(cfg, into):g}")
     if entry == "init_streams":
-        lr *= _cut(cfg, "fusion")
+        lr *= cut(cfg, "fusion")
         why.append(
-            f"{_factor_name(cfg, 'fusion')} {_cut(cfg, 'fusion'):g} (late fusion of trained streams)"
+            f"stages.fusion.lr_factor {cut(cfg, 'fusion'):g} (late fusion of trained streams)"
         )
     source = {"previous": "the stage before", "init_from": "arch.init_from"}.get(
         entry, "arch.init_streams"
@@ -95,35 +115,29 @@ def stage_lr(cfg: DictConfig, stage: str, entry: str) -> tuple[float, str]:
 
 
 def budget(cfg: DictConfig, stage: str) -> tuple[dict[str, int], str]:
-    """The stage's step / epoch limits and why, highest precedence first:
-    ``stage_overrides.<stage>.max_steps`` (one stage, as given); ``trainer.max_steps`` /
-    ``max_epochs`` when either is set (>= 0): the same limit for every stage; else the stage's
-    ``stage_budget.<stage>`` (the presets' per-stage budgets, e.g. FCN-32s three times as long
-    as FCN-16s and FCN-8s, as the paper trained)."""
-    override = (cfg.get("stage_overrides") or {}).get(stage) or {}
+    """The stage's step / epoch limits and why: ``trainer.max_steps`` / ``max_epochs`` when
+    either is set (>= 0), the same limit for every stage; else the stage's own
+    ``stages.<stage>.max_steps`` / ``max_epochs`` (the presets' per-stage budgets, e.g. FCN-32s
+    three times as long as FCN-16s and FCN-8s, as the paper trained)."""
     given = {k: int(v) for k in LIMITS if (v := cfg.trainer.get(k)) is not None and int(v) >= 0}
-    own = ((cfg.get("stage_budget") or {}).get(stage)) or {}
-    limits, why = {}, []
     if given:
-        limits.update(given)
-        why += [f"{k} {v} (trainer.{k}, every stage)" for k, v in given.items()]
+        limits = given
+        why = [f"{k} {v} (trainer.{k}, every stage)" for k, v in given.items()]
     else:
-        limits.update({k: int(v) for k, v in own.items()})
-        why += [f"{k} {v} (stage_budget.{stage}.{k})" for k, v in own.items()]
-    for key in LIMITS:
-        if key in override:
-            limits[key] = int(override[key])
-            why = [w for w in why if not w.startswith(key)]
-            why.append(f"{key} {limits[key]} (stage_overrides.{stage}.{key})")
+        own = settings_of(cfg, stage)
+        limits = {k: int(v) for k in LIMITS if (v := own.get(k)) is not None}
+        why = [f"{k} {v} (stages.{stage}.{k})" for k, v in limits.items()]
     if not any(v >= 0 for v in limits.values()):
         return {k: -1 for k in LIMITS}, "no step or epoch limit"
     return {k: limits.get(k, -1) for k in LIMITS}, "; ".join(why)
 
 
 def trainer_settings(cfg: DictConfig, stage: str, warn: bool = False) -> DictConfig:
-    """``cfg.trainer`` with the stage's budget and ``stage_overrides``, made workable: sync
+    """``cfg.trainer`` with the stage's own Trainer arguments and budget, made workable: sync
     batch norm only where it works (GPUs); ``warn`` says so when it turns it off."""
-    merged = OmegaConf.merge(cfg.trainer, (cfg.get("stage_overrides") or {}).get(stage) or {})
+    args = trainer_args(cfg, stage)
+    own = OmegaConf.masked_copy(cfg.stages[stage], args) if args else {}
+    merged = OmegaConf.merge(cfg.trainer, own)
     merged.update(budget(cfg, stage)[0])
     accelerator = str(merged.get("accelerator", "auto"))
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
@@ -135,6 +149,11 @@ def trainer_settings(cfg: DictConfig, stage: str, warn: bool = False) -> DictCon
             )
         merged.sync_batchnorm = False
     return merged
+
+
+def trainer_args(cfg: DictConfig, stage: str) -> list[str]:
+    """The Lightning Trainer arguments ``stages.<stage>`` sets for that stage alone."""
+    return [k for k in settings_of(cfg, stage) if k not in PROTOCOL_KEYS]
 
 
 def selection(cfg: DictConfig, held_out: bool, why_not: str) -> tuple[str, str]:
@@ -154,33 +173,89 @@ def selection(cfg: DictConfig, held_out: bool, why_not: str) -> tuple[str, str]:
     return "last", f"the stage's last checkpoint, a fixed schedule: {why_not}"
 
 
+def _leaves(key: str, value: Any) -> Iterable[tuple[list[str], Any]]:
+    """(the dotted key's parts, value) of each value under ``key``, nested mappings walked."""
+    if isinstance(value, Mapping | DictConfig) and value:
+        for k, v in value.items():
+            yield from _leaves(f"{key}.{k}", v)
+    else:
+        yield key.split("."), value
+
+
+def _new_spelling(parts: list[str], value: Any) -> list[str] | None:
+    """The stages-node overrides that set what the old key ``parts`` set to ``value``; None
+    where it does not say which stage (or holds nothing)."""
+    head, rest = parts[0], parts[1:]
+    if isinstance(value, Mapping | DictConfig) or value is None:
+        return None
+    if head == "stage_lr_factor":
+        return [f"stages.{c}.lr_factor={value}" for c in (rest[:1] or CUTS)]
+    if head == "stage_lr" and len(rest) == 1:
+        return [f"stages.{rest[0]}.lr={value}"]
+    if head in ("stage_budget", "stage_overrides") and len(rest) == 2:
+        plus = "" if rest[1] in LIMITS else "++"
+        return [f"{plus}stages.{rest[0]}.{rest[1]}={value}"]
+    return None
+
+
+def check_replaced(given: Mapping[str, Any]) -> None:
+    """Refuse the keys the stages node replaced (``given``: top-level keys, from a config or the
+    command line, with their values) with the new spelling; raises ``ConfigError``."""
+    for key in given:  # the values of other keys are not read (nor resolved)
+        head = str(key).lstrip("+~").split(".")[0]
+        if head not in REPLACED:
+            continue
+        value = given[key]
+        spellings = [_new_spelling(p, v) for p, v in _leaves(str(key).lstrip("+~"), value)]
+        if spellings and all(s is not None for s in spellings):
+            use = " ".join(s for group in spellings for s in group)
+        else:
+            use = _REPLACED_HINT[head]
+        raise ConfigError(f"{head} was replaced: use {use}")
+
+
 def check_protocol(cfg: DictConfig) -> None:
     """The protocol's own settings; raises ``ValueError`` naming the key."""
-    factor = cfg.get("stage_lr_factor", 1.0)
-    factors = factor.items() if isinstance(factor, Mapping | DictConfig) else [(None, factor)]
-    for key, value in factors:
-        name = "stage_lr_factor" + (f".{key}" if key is not None else "")
-        if key is not None and key not in CUTS:
-            raise ValueError(f"{name}: no cut is called {key!r} (cuts: {', '.join(CUTS)})")
-        if not isinstance(value, int | float) or value <= 0:
-            raise ValueError(f"{name} must be a number > 0, got {value!r}")
-    for group in ("stage_lr", "stage_budget"):
-        for key, value in (cfg.get(group) or {}).items():
-            if key not in STAGES:
+    node = cfg.get("stages")
+    if not isinstance(node, Mapping | DictConfig):
+        raise ValueError(
+            f"stages must map each stage to its settings (e.g. stages.fcn16s.lr_factor=0.01), "
+            f"got {node!r}"
+        )
+    for name, settings in node.items():
+        if name not in (*STAGES, "fusion"):
+            raise ValueError(
+                f"stages.{name}: no stage is called {name!r} (stages: {', '.join(STAGES)}; "
+                "fusion: the lr cut of a late fusion)"
+            )
+        if not isinstance(settings, Mapping | DictConfig):
+            raise ValueError(
+                f"stages.{name} must map settings to values (e.g. stages.{name}.max_steps=1000), "
+                f"got {settings!r}"
+            )
+        for key, value in settings.items():
+            where = f"stages.{name}.{key}"
+            if name == "fusion" and key != "lr_factor":
+                raise ValueError(f"{where}: stages.fusion holds the lr cut of a late fusion only "
+                                 "(stages.fusion.lr_factor)")  # fmt: skip
+            if key == "lr_factor" and name not in CUTS:
                 raise ValueError(
-                    f"{group}.{key}: no stage is called {key!r} (stages: {', '.join(STAGES)})"
+                    f"{where}: no cut leads into {name} (cuts: {', '.join(CUTS)}); its lr "
+                    f"outright: stages.{name}.lr"
                 )
-            if group == "stage_lr" and (not isinstance(value, int | float) or value <= 0):
-                raise ValueError(f"stage_lr.{key} must be a number > 0, got {value!r}")
-            if group == "stage_budget":
-                value = value if isinstance(value, Mapping | DictConfig) else {None: value}
-                for limit, n in value.items():
-                    if limit not in LIMITS or not isinstance(n, int) or n <= 0:
-                        raise ValueError(
-                            f"stage_budget.{key} must map max_steps or max_epochs to a whole "
-                            f"number > 0 (e.g. stage_budget.{key}.max_steps=1000), got "
-                            f"{OmegaConf.to_container(value) if isinstance(value, DictConfig) else value!r}"
-                        )
+            if key in ("lr_factor", "lr") and value is not None:
+                if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                    raise ValueError(f"{where} must be a number > 0, got {value!r}")
+            if key in LIMITS and value is not None:
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(
+                        f"{where} must be a whole number >= 0 (or null: none), got {value!r}"
+                    )
+    for into in CUTS:
+        if settings_of(cfg, into).get("lr_factor") is None:
+            raise ValueError(
+                f"stages.{into}.lr_factor is not set: the lr cut into {into} (the paper's: 0.01)"
+            )
     mode = cfg.get("selection", "auto")
     if mode not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {mode!r}")

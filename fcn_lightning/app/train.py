@@ -46,7 +46,16 @@ from .callbacks import (
 from .checks import check_free_space, check_inputs, check_settings, read_metrics
 from .common import label_report, make_datamodule
 from .console import say
-from .stages import budget, entry_of, selection, stage_lr, stages_for, trainer_settings
+from .stages import (
+    CUTS,
+    budget,
+    cut,
+    entry_of,
+    selection,
+    stage_lr,
+    stages_for,
+    trainer_settings,
+)
 
 log = logging.getLogger("fcn_lightning")
 
@@ -95,14 +104,14 @@ def make_module(
 
 
 def run_settings(cfg: DictConfig, plan: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """What the HParams tab shows beside the module's own settings: seed, the stage lr factor,
-    the stage's plan (where its lr and budget come from, how its checkpoint is chosen) and the
-    data settings (those of the loader and the splits; not the root, not the class)."""
+    """What the HParams tab shows beside the module's own settings: seed, the lr cuts
+    (``stages.<cut>.lr_factor``), the stage's plan (where its lr and budget come from, how its
+    checkpoint is chosen) and the data settings (those of the loader and the splits; not the
+    root, not the class)."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
     data = {k: v for k, v in data.items() if k not in ("_target_", "root")}
-    factor = cfg.stage_lr_factor
-    factor = OmegaConf.to_container(factor) if isinstance(factor, DictConfig) else factor
-    settings = {"seed": cfg.seed, "stage_lr_factor": factor, "data": data}
+    cuts = {into: {"lr_factor": cut(cfg, into)} for into in CUTS}
+    settings = {"seed": cfg.seed, "stages": cuts, "data": data}
     if plan:
         settings["stage"] = {k: plan[k] for k in ("lr_from", "budget_from", "selection")}
     return settings
