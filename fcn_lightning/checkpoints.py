@@ -20,10 +20,8 @@ from .normalization import Normalization, get_normalization
 
 
 def check_readable(path: str | Path, what: str = "checkpoint", archive: bool = True) -> Path:
-    """Cheap checks before any work: the file exists, is not empty and (``archive``) is a whole
-    torch zip archive (a truncated one has lost its index at the end). Reads the index, not the
-    data. Weights saved by old torch versions (torchvision's VGG16 file) are not zip archives:
-    pass ``archive=False`` for them."""
+    """Cheap checks before any work: the file exists, is not empty and (``archive``; not for
+    old torch files such as torchvision's VGG16) is a whole torch zip archive."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"{what}: checkpoint not found: {path}")

@@ -13,12 +13,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 IGNORE_INDEX = 255
 SINGLE_HEAD = "out"
-# Input kinds and their channels; rgb and hha are images (normalised, shown in the panels),
-# depth is one channel that its reader normalises (docs/PAPER.md, "Input statistics").
+# Input kinds and their channels; rgb and hha are images (normalised, shown in the panels).
 INPUT_KINDS = {"rgb": 3, "hha": 3, "depth": 1}
 IMAGE_KINDS = ("rgb", "hha")
-# Whose statistics an input is normalised with, in words (a user's folder and the synthetic
-# scenes use VOC's).
+# Whose statistics an input is normalised with, in words.
 STATS_NAMES = {"voc": "PASCAL VOC", "nyud": "NYUDv2", "siftflow": "SIFT Flow"}
 # One network's modality by the kinds of its inputs, in order (late fusion: joined by "+").
 MODALITIES = {("rgb",): "rgb", ("hha",): "hha", ("depth",): "depth", ("rgb", "depth"): "rgbd"}
@@ -62,9 +60,8 @@ class Head:
 
 @dataclass(frozen=True)
 class InputGroup:
-    """One group of input channels, in input order: its ``kind`` (``rgb`` a photo, 3 channels;
-    ``hha`` an HHA image, 3; ``depth``, 1) and ``stats``, the data set whose statistics normalise
-    it (``voc``, ``nyud``, ``siftflow``; see :mod:`fcn_lightning.normalization`)."""
+    """One group of input channels: its ``kind`` (:data:`INPUT_KINDS`) and ``stats``, the data
+    set whose statistics normalise it (``voc``, ``nyud``, ``siftflow``)."""
 
     kind: str
     stats: str = "voc"

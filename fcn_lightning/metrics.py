@@ -4,8 +4,7 @@
 pixel acc = diag.sum / hist.sum; mean acc = nanmean(diag / hist.sum(1));
 IU = diag / (hist.sum(1) + hist.sum(0) - diag); mean IU = nanmean(IU);
 f.w. IU = sum over classes with freq > 0 of freq * IU.
-A class absent from both prediction and ground truth is NaN and left out of the means.
-"""
+A class absent from both prediction and ground truth is NaN and left out of the means."""
 
 from __future__ import annotations
 
@@ -50,9 +49,8 @@ class PixelAccuracy(Metric):
 
 
 class ConfusionJaccardIndex(MulticlassJaccardIndex):
-    """torchmetrics' mean IoU (``average="macro"``, ignore_index 255) whose update builds the
-    confusion matrix with one ``scatter_add_`` on the device: no boolean indexing, so no host
-    sync per batch. ``confmat`` (rows = ground truth) is summed across processes under DDP."""
+    """torchmetrics' mean IoU (macro, ignore_index 255), its confusion matrix (rows = ground
+    truth) built with one ``scatter_add_``: no host sync per batch."""
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, **kwargs) -> None:
         kwargs.setdefault("validate_args", False)
@@ -74,11 +72,8 @@ class ConfusionJaccardIndex(MulticlassJaccardIndex):
 def scores_from_confmat(
     hist: torch.Tensor, exclude_absent: bool = False
 ) -> dict[str, torch.Tensor]:
-    """All of score.py's numbers from a confusion matrix (rows = ground truth).
-
-    ``exclude_absent``: leave classes that never occur in the ground truth out of every mean
-    (the paper's SIFT Flow caveat), even where they were predicted.
-    """
+    """score.py's numbers from a confusion matrix (rows = ground truth); ``exclude_absent``:
+    classes absent from the ground truth leave every mean (the SIFT Flow caveat)."""
     hist = hist.double()
     diag = hist.diag()
     gt, pred = hist.sum(1), hist.sum(0)
@@ -114,9 +109,7 @@ class HeadMetrics(nn.Module):
         self.pixel_acc.update(preds, target)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        with (
-            self.jaccard.sync_context()
-        ):  # under DDP: the confusion matrices of all processes summed
+        with self.jaccard.sync_context():  # under DDP: summed over processes
             confmat = self.jaccard.confmat.clone()
         scores = scores_from_confmat(confmat, self.exclude_absent)
         if not self.exclude_absent:
@@ -133,9 +126,8 @@ class HeadMetrics(nn.Module):
 def summarize(
     scores: dict[str, torch.Tensor], class_names: Sequence[str], exclude_absent: bool = False
 ) -> dict[str, Any]:
-    """One head's scores as plain values, as metrics.json and eval.json hold them: the four
-    numbers, ``per_class_IoU`` by class name (None where the class is absent) and, with
-    ``exclude_absent``, the classes left out of the means."""
+    """One head's scores as metrics.json holds them: the four numbers, ``per_class_IoU`` by
+    class (None where absent) and, with ``exclude_absent``, the classes left out."""
     per_class = scores["per_class_IoU"].tolist()
     block: dict[str, Any] = {k: float(scores[k]) for k in METRIC_NAMES}
     block["per_class_IoU"] = {

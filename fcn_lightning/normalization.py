@@ -1,22 +1,9 @@
 """Input normalisation: what pretrained weights expect of an image in 0..1, both ways, and the
-statistics of the authors' reference code per dataset and input kind (written only here; their
-source is docs/PAPER.md, "Input statistics").
-
-The weights and their normalisation travel together (as torchvision's weight enums do), as a
-*scheme*:
-
-- ``imagenet``: torchvision's ImageNet VGG16, fed RGB in 0..1 normalised by the ImageNet mean
-  and std, the same for every dataset and every input kind (HHA too).
-- ``caffe``: the authors' Caffe VGG16 (converted to a state dict), fed 0..255 minus the mean of
-  the dataset, no std, as the reference code does: colour swapped to BGR, HHA (not a photo) in
-  its file's own channel order.
-
-A scheme is resolved per image group of an input (:func:`group_normalizations`): an RGB-HHA
-input (two groups of 3 channels) under ``caffe`` subtracts the NYUDv2 colour mean from its colour
-group and the HHA mean from its HHA group. The data transforms apply the result, the model
-records it, the image panels undo it. A depth channel is not an image group: its reader
-subtracts the mean log depth (:data:`LOG_DEPTH_MEANS`) under either scheme.
-"""
+reference code's statistics per dataset and input kind (docs/PAPER.md, "Input statistics").
+A scheme is ``imagenet`` (torchvision's weights: ImageNet mean and std, every input alike) or
+``caffe`` (the authors' weights: 0..255 minus the dataset's mean, photos as BGR, HHA as
+stored), resolved per image group (:func:`group_normalizations`). A depth channel is no image
+group: its reader subtracts the mean log depth (:data:`LOG_DEPTH_MEANS`)."""
 
 from __future__ import annotations
 
@@ -29,10 +16,8 @@ import torch
 
 @dataclass(frozen=True)
 class Normalization:
-    """Per-channel normalisation of a 3-channel image tensor in 0..1.
-
-    ``x' = (x[order] * scale - mean) / std``; ``bgr`` reverses the channel order first.
-    """
+    """Per-channel normalisation of a 3-channel image in 0..1:
+    ``x' = (x[order] * scale - mean) / std``; ``bgr`` reverses the channel order first."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -60,9 +45,8 @@ class Normalization:
         return f"{order}0..{self.scale:g} minus mean {list(self.mean)}{std}"
 
     def to_rgb(self, image: torch.Tensor) -> torch.Tensor:
-        """Undo the normalisation of a (3, H, W) model input (an image group): uint8 in the
-        channel order the input had before normalising (RGB for a photo; an HHA image in its
-        own order), for display."""
+        """Undo it on a (3, H, W) image group, for display: uint8 in the order the input had
+        (RGB for a photo, HHA as stored)."""
         x = image[:3].float()
         mean = torch.tensor(self.unit_mean).view(3, 1, 1)
         std = torch.tensor(self.unit_std).view(3, 1, 1)
@@ -74,28 +58,22 @@ class Normalization:
 
 IMAGENET = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
-# --------------------------------------------------------------------------- the statistics
-# The means the reference code subtracts (docs/PAPER.md, "Input statistics") on 0..255 values,
-# by (whose statistics, input kind), in the order the network sees the channels: B, G, R for
-# colour; the HHA file's own order for HHA. A user's folder and the synthetic scenes use VOC's.
+# The reference code's means on 0..255 values by (statistics, kind), in the order the network
+# sees the channels (B, G, R for colour; HHA as stored). Folders and synthetic scenes use VOC's.
 CAFFE_MEANS: dict[tuple[str, str], tuple[float, float, float]] = {
     ("voc", "rgb"): (104.00699, 116.66877, 122.67891),
     ("nyud", "rgb"): (116.190, 97.203, 92.318),
     ("nyud", "hha"): (132.431, 94.076, 118.477),
     ("siftflow", "rgb"): (114.578, 115.294, 108.353),
 }
-# Whether an input kind is fed with its channels reversed under ``caffe``: a photo is (Caffe's
-# BGR), an HHA image is not (its channels are disparity, height, angle, not colours).
+# Channels reversed under ``caffe``: a photo's (Caffe's BGR), not an HHA image's.
 CAFFE_BGR = {"rgb": True, "hha": False}
 # The mean of log(depth in mm) that the reference subtracts from a depth channel (any scheme).
 LOG_DEPTH_MEANS = {"nyud": 7.844}
 
-SCHEMES = ("imagenet", "caffe")
-
 
 def caffe_normalization(stats: str = "voc", kind: str = "rgb") -> Normalization:
-    """The ``caffe`` scheme for a ``kind`` input (rgb | hha) with the statistics of ``stats``
-    data (voc | nyud | siftflow)."""
+    """The ``caffe`` scheme for a ``kind`` input (rgb | hha) of ``stats`` data."""
     try:
         mean = CAFFE_MEANS[(stats, kind)]
     except KeyError:
@@ -134,9 +112,8 @@ def get_normalization(name: str | Normalization | Mapping[str, Any]) -> Normaliz
 def normalization_for(
     setting: str | Normalization | Mapping[str, Any], kind: str = "rgb", stats: str = "voc"
 ) -> Normalization:
-    """The normalisation of one image group: a scheme name resolved for a ``kind`` input with
-    the statistics of ``stats`` data (``imagenet`` is the same for all); a normalisation given
-    by its fields is taken as it is."""
+    """One image group's normalisation: a scheme name resolved for its ``kind`` and ``stats``;
+    a normalisation (or its fields) as it is."""
     if setting == "caffe":
         return caffe_normalization(stats, kind)
     return get_normalization(setting)
@@ -145,10 +122,8 @@ def normalization_for(
 def group_normalizations(
     setting: Any, groups: Sequence[tuple[str, str]]
 ) -> tuple[Normalization, ...]:
-    """One normalisation per image group of an input, ``groups`` giving each group's (kind,
-    stats) in input order. ``setting``: a scheme name (resolved per group), one normalisation
-    (a :class:`Normalization` or its fields: every group alike), or a list of them, one per
-    group (what a checkpoint records)."""
+    """One normalisation per image group (``groups``: each one's (kind, stats)); ``setting``: a
+    scheme name, one normalisation for all, or a list, one per group (as checkpoints record)."""
     if isinstance(setting, list | tuple):
         if len(setting) != len(groups):
             raise ValueError(

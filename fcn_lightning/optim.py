@@ -1,10 +1,6 @@
-"""The solver: optimizer and learning-rate schedule built from plain settings (the config's
-``optimizer`` and ``scheduler`` groups), with torch's own optimizers and schedulers.
-
-The paper's SGD (section 4.3, docs/PAPER.md "Training recipes") treats weights and biases apart:
-biases at ``bias_lr_factor`` times the lr (2) and without weight decay. The two parameter groups
-are named, so TensorBoard's learning-rate tags read ``lr-SGD/weights`` and ``lr-SGD/biases``.
-"""
+"""Optimizer and learning-rate schedule from plain settings, with torch's own classes. As the
+paper's SGD (section 4.3), biases get ``bias_lr_factor`` times the lr and no weight decay; the
+groups are named ``weights`` and ``biases`` (TensorBoard's ``lr-SGD/weights``)."""
 
 from __future__ import annotations
 
@@ -34,8 +30,8 @@ SCHEDULER_KEYS = {
 
 
 def check_optimizer(settings: Mapping[str, Any]) -> tuple[type[torch.optim.Optimizer], dict]:
-    """The optimizer class and its settings (without ``name``), checked: an unknown name or
-    key, or a learning rate that is not a positive number, is refused with the setting named."""
+    """The optimizer class and its settings (without ``name``), checked; a bad name, key or
+    learning rate is refused with the setting named."""
     opt = dict(settings)
     name = opt.pop("name", "sgd")
     if name not in OPTIMIZERS:
@@ -96,10 +92,8 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer,
     total_steps: int | Callable[[], int],
 ) -> lr_scheduler.LRScheduler | None:
-    """A per-step schedule over ``total_steps`` (a number, or a function asked only when a
-    schedule needs it; ``None`` for a fixed lr without warm-up):
-    ``poly`` is torch's PolynomialLR, ``cosine`` CosineAnnealingLR; ``warmup_steps`` puts a
-    LinearLR from ``warmup_factor`` x lr in front (SequentialLR)."""
+    """A per-step schedule over ``total_steps`` (or a function asked only when needed); None
+    for a fixed lr without warm-up. ``warmup_steps`` puts a LinearLR in front."""
     name = check_scheduler(settings)
     warmup = int(settings.get("warmup_steps", 0))
     if name == "fixed" and warmup == 0:

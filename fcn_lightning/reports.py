@@ -1,7 +1,5 @@
-"""Results as they leave the project: TensorBoard tags, the single-head short form of
-metrics.json / eval.json, and the printed table. Inside, results are always per head
-(``{head: block}``); the single-head short form (no head level when the only head is ``out``)
-is made only here."""
+"""Results as they leave the project: TensorBoard tags, metrics.json / eval.json's short form
+(no head level when the only head is ``SINGLE_HEAD``) and the printed table."""
 
 from __future__ import annotations
 
@@ -19,13 +17,12 @@ METRIC_TITLES = {
 
 
 def tag(split: str, head: str, name: str, single: bool) -> str:
-    """A TensorBoard / logged metric name: ``val/mIoU`` with one head, ``val/sem/mIoU`` with several."""
+    """A logged metric's name: ``val/mIoU`` with one head, ``val/sem/mIoU`` with several."""
     return f"{split}/{name}" if single else f"{split}/{head}/{name}"
 
 
 def short_form(results: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Per-head results as reports write them: the one head's block itself when the only head is
-    ``out``, else ``{head: block}``."""
+    """Per-head results as reports write them: the block alone for the single head."""
     return results[SINGLE_HEAD] if list(results) == [SINGLE_HEAD] else results
 
 
@@ -40,8 +37,8 @@ def headline(block: Mapping[str, Any]) -> float:
 
 
 def format_table(metrics: Mapping[str, Any]) -> str:
-    """One row per stage (and head, named when there are several) with the four metrics, in
-    percent; ``metrics`` maps a stage to its results in either form (see :func:`short_form`)."""
+    """One row per stage (and head, where several) with the four metrics in percent; results
+    in either form."""
     rows = []
     for stage, block in metrics.items():
         heads = long_form(block)
