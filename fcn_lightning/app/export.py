@@ -116,32 +116,22 @@ def sha256(path: Path) -> str:
 def input_groups(module: FCNModule) -> list[dict[str, Any]]:
     """The input's channel groups in order: kind, channels [from, to) and, for an image, its
     normalisation (the checkpoint's fields and the same on 0..1); for depth, its encoding."""
-    contract, norms = module.contract, iter(module.input_normalizations)
-    recorded = contract.inputs
-    kinds = (
-        [(g.kind, g.stats, g.channels, g.image) for g in recorded]
-        if recorded is not None
-        else [(k, s, 3, True) for k, s in contract.image_inputs]
-    )
+    norms = iter(module.input_normalizations)
     groups: list[dict[str, Any]] = []
     at = 0
-    for kind, stats, channels, image in kinds:
-        group: dict[str, Any] = {"kind": kind, "stats": stats, "channels": [at, at + channels]}
-        group["image"] = image
-        if image:
+    for g in module.contract.inputs:
+        group: dict[str, Any] = {"kind": g.kind, "stats": g.stats,
+                                 "channels": [at, at + g.channels], "image": g.image}  # fmt: skip
+        if g.image:
             norm = next(norms)
             fields = {k: list(v) if isinstance(v, tuple) else v for k, v in norm.as_dict().items()}
             group["normalization"] = {**fields, "unit_mean": norm.unit_mean,
                                       "unit_std": norm.unit_std}  # fmt: skip
-        elif kind == "depth":  # data/nyud.py read_depth: log(max(mm, 1)) - the mean log depth
-            mean = LOG_DEPTH_MEANS.get(stats)
+        elif g.kind == "depth":  # data/nyud.py read_depth: log(max(mm, 1)) - the mean log depth
+            mean = LOG_DEPTH_MEANS.get(g.stats)
             group["encoding"] = {"unit": "mm", "log": True, "min": 1.0, "minus": mean}
-        at += channels
+        at += g.channels
         groups.append(group)
-    if at < contract.in_channels:  # inputs not recorded: the rest is unknown
-        groups.append(
-            {"kind": "unrecorded", "channels": [at, contract.in_channels], "image": False}
-        )
     return groups
 
 
