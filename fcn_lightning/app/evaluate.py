@@ -78,13 +78,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"(e.g. output={out.parent / 'eval'})"
         )
     split = cfg.data.get("split") or cfg.data.get("val_split")
-    check_report(
-        out / REPORT, (str(cfg.ckpt_path), split, cfg.data.get("root"), cfg.get(SETTING, 1))
-    )
+    which = (str(cfg.ckpt_path), split, cfg.data.get("root"))
+    check_report(out / REPORT, (*which, cfg.get(SETTING, 1)))
     exclude = cfg.get("exclude_absent_classes")  # None: as the checkpoint was scored in training
-    module = load_module(
-        cfg.ckpt_path, **({} if exclude is None else {"exclude_absent_classes": bool(exclude)})
-    )
+    kept = {} if exclude is None else {"exclude_absent_classes": bool(exclude)}
+    module = load_module(cfg.ckpt_path, **kept)
     shifts = use_shift_and_stitch(module, cfg)
     data_cfg = cfg.data.copy()
     with open_dict(data_cfg):
@@ -99,7 +97,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     trainer.test(module, dm, verbose=False)
     results = module.results["test"]
     out.mkdir(parents=True, exist_ok=True)
-    report = dict(zip(SAME, (str(cfg.ckpt_path), split, cfg.data.get("root"), shifts), strict=True))
+    report = dict(zip(SAME, (*which, shifts), strict=True))
     report["metrics"] = short_form(results)
     write_json_atomic(out / REPORT, report)
     say(format_table({f"{module.model.spec.arch} {split}": results}))
