@@ -22,7 +22,7 @@ from fcn_lightning.app.board import ValidationImages
 from fcn_lightning.app.evaluate import evaluate
 from fcn_lightning.app.predict import input_normalization, predict
 from fcn_lightning.checkpoints import check_stream_checkpoints
-from fcn_lightning.contract import DataContract
+from fcn_lightning.contract import DataContract, Head, InputGroup
 from fcn_lightning.data import (
     FolderDataModule,
     NYUDDataModule,
@@ -224,6 +224,20 @@ def test_the_model_records_what_the_data_applies_stream_by_stream(nyud, tmp_path
     # under imagenet every stream is ImageNet's, HHA too
     plain = FCNModule({**TINY, "normalization": "imagenet"}, contract=dm.contract)
     assert {n.mean for n in stream_normalizations(plain).values()} == {IMAGENET_MEAN}
+
+
+def test_a_checkpoint_keeps_class_names_palette_and_outputs(tmp_path):
+    names = ["background", "blob", "bar", "dot", "ring"]
+    palette = [(0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128)]
+    contract = DataContract({"out": Head(tuple(names), tuple(palette))}, [InputGroup("rgb")])
+    module = FCNModule({**TINY}, contract=contract)
+    path = tmp_path / "m.ckpt"
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
+    again = load_checkpoint(path)
+    assert again.contract == contract and again.contract.class_names("out") == names
+    assert again.contract.heads["out"].palette[1] == (128, 0, 0)
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(again.eval()(x)["out"], module.eval()(x)["out"])
 
 
 def stream_normalizations(module: FCNModule) -> dict:
