@@ -1,9 +1,6 @@
 """Pretrained trunk weights: torchvision's ImageNet classifiers, or a local state dict file
-(docs/PAPER.md, Network geometry and Other trunks; docs/TRUNKS.md).
-
-The input normalisation each set of weights expects lives in :mod:`fcn_lightning.normalization`;
-it is re-exported here for older imports.
-"""
+(docs/PAPER.md, Network geometry and Other trunks; docs/TRUNKS.md); the normalisation each
+expects lives in :mod:`fcn_lightning.normalization`."""
 
 from __future__ import annotations
 
@@ -18,7 +15,6 @@ from torchvision.models import (
 )
 
 from ..checkpoints import load_weights_only
-from ..normalization import CAFFE, IMAGENET, Normalization, get_normalization  # noqa: F401
 
 # backbone -> torchvision's ImageNet weights, and the key prefix its state dict always has
 TORCHVISION_WEIGHTS = {
