@@ -5,16 +5,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import RESUMABLE, ROOT, TINY, cfg_of, final_state, run
+from helpers import CONF, RESUMABLE, ROOT, TINY, cfg_of, final_state, run
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf, open_dict
 
 from fcn_lightning.app import rundir
-from fcn_lightning.app.train import train
+from fcn_lightning.app.common import as_command
+from fcn_lightning.app.train import RunInterrupted, train
 from fcn_lightning.errors import RunFolderError
 
 
@@ -24,6 +29,26 @@ def snapshot(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
+
+
+def guarded(overrides: list[str], run_dir: Path | None = None):
+    """The config of ``python train.py <overrides>`` after Hydra's callback has claimed its run
+    folder (``hydra.run.dir``, or Hydra's default under the working directory) as Hydra calls
+    it, before Hydra writes ``.hydra/``; a refusal is the SystemExit the command ends with."""
+    GlobalHydra.instance().clear()
+    where = [f"hydra.run.dir={run_dir}"] if run_dir is not None else []
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            config_name="config", overrides=[*overrides, *where], return_hydra_config=True
+        )
+    try:
+        rundir.RunFolderGuard().on_run_start(cfg)
+    except SystemExit:
+        rundir.release()
+        raise
+    with open_dict(cfg):
+        cfg.paths.output_dir = OmegaConf.select(cfg, "hydra.run.dir")
+    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +87,13 @@ def test_resume_with_nothing_to_resume_says_where_it_looked(tmp_path, finished, 
     with pytest.raises(RunFolderError, match=r"nothing to resume in .*17-00-0\b[\s\S]*17-00-00"):
         train(cfg_of("config", [*TINY, "arch=fcn32s", "resume=true"], out))
     assert not (out / "fcn32s").exists() and not (out / "run.json").exists()
+
+
+def test_command_line_resume_without_a_folder_says_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Hydra's default folder: a new one under ./outputs
+    with pytest.raises(SystemExit, match="^Error: resume=true, but there is nothing to resume"):
+        guarded(["arch=fcn32s", *TINY, "resume=true"])
+    assert not list(tmp_path.glob("outputs/*/*/*"))
 
 
 def test_a_run_that_saved_nothing_leaves_its_folder_usable(tmp_path):
@@ -104,7 +136,7 @@ def test_slurm_requeue_resumes_its_own_folder_by_itself(tmp_path, monkeypatch, c
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
     kill = ["+callbacks.kill._target_=interrupts.SigtermAtStep", "+callbacks.kill.step=6"]
-    with pytest.raises(SystemExit, match="stopped by SIGTERM"):
+    with pytest.raises(RunInterrupted, match="stopped by SIGTERM"):
         train(cfg_of("config", [*RESUMABLE, *kill], job))
     assert json.loads((job / "run.json").read_text())["status"] == "interrupted"
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the same job, requeued: resume=false
@@ -137,8 +169,8 @@ def test_cli_refusals_keep_the_runs_hydra_record(tmp_path):
     assert again.returncode != 0 and "already holds a run" in again.stderr
     assert "Traceback" not in again.stderr
     assert snapshot(out) == before  # not even .hydra/ was rewritten
-    changed = run("train.py", *base, "arch.width=0.125", "resume=true", cwd=tmp_path)
-    assert changed.returncode != 0 and "arch.width: 0.0625 -> 0.125" in changed.stderr
+    with pytest.raises(SystemExit, match=r"^Error: [\s\S]*arch.width: 0.0625 -> 0.125"):
+        guarded([*RESUMABLE, "arch.width=0.125", "resume=true"], out)
     assert snapshot(out) == before  # refused before Hydra wrote anything
     resumed = run("train.py", *base, "resume=true", "data.num_workers=0", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -147,17 +179,17 @@ def test_cli_refusals_keep_the_runs_hydra_record(tmp_path):
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
 
 
-def test_cli_run_refused_by_a_setting_records_why(tmp_path):
+def test_command_line_run_refused_by_a_setting_records_why(tmp_path, capsys):
     out = tmp_path / "run"
-    result = run(
-        "train.py",
-        "arch=fcn32s",
-        *TINY,
-        "arch.init_from=/nowhere/x.ckpt",
-        f"hydra.run.dir={out}",
-        cwd=tmp_path,
-    )
-    assert result.returncode != 0 and "Error: arch.init_from: checkpoint not found" in result.stderr
+    cfg = guarded(["arch=fcn32s", *TINY, "arch.init_from=/nowhere/x.ckpt"], out)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            as_command(train, cfg)
+    finally:
+        rundir.release()
+    said = capsys.readouterr().err + str(stop.value.code)  # the message: printed, or the exit's
+    assert stop.value.code not in (0, None)
+    assert "Error: arch.init_from: checkpoint not found" in said
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "failed" and "arch.init_from" in record["reason"]  # not "running"
     assert not (out / "fcn32s").exists()
@@ -176,15 +208,7 @@ def test_cli_runs_started_together_get_their_own_folders(tmp_path):
     assert len(folders) == 2 and all((f / "metrics.json").is_file() for f in folders)
 
 
-def test_cli_resume_without_a_folder_says_so(tmp_path):
-    result = run("train.py", "arch=fcn32s", *TINY, "resume=true", cwd=tmp_path)
-    assert result.returncode != 0 and "nothing to resume" in result.stderr
-    assert not list(tmp_path.glob("outputs/*/*/fcn32s"))
-
-
 def test_resume_with_other_settings_is_refused_naming_them(finished, tmp_path):
-    import shutil
-
     out = tmp_path / "run"
     shutil.copytree(finished, out)
     with pytest.raises(
@@ -213,9 +237,18 @@ def test_cli_resumed_sweep_must_sweep_what_it_swept(tmp_path):
     sweep = [*TINY, "arch=fcn32s", f"hydra.sweep.dir={tmp_path}"]
     assert run("train.py", "-m", *sweep, "optimizer.lr=1e-3,1e-4", cwd=tmp_path).returncode == 0
     summary = (tmp_path / "summary.json").read_text()
-    other = run("train.py", "-m", *sweep, "optimizer.lr=2e-3,1e-3", "resume=true", cwd=tmp_path)
-    assert other.returncode != 0 and "optimizer.lr: 1e-3,1e-4 -> 2e-3,1e-3" in other.stderr
+    # the same command with other values, as Hydra's callback sees it before the jobs start
+    task = [*TINY, "arch=fcn32s", "optimizer.lr=2e-3,1e-3", "resume=true"]
+    other = OmegaConf.create(
+        {"resume": True, "hydra": {"sweep": {"dir": str(tmp_path)}, "overrides": {"task": task}}}
+    )
+    with pytest.raises(SystemExit, match=r"^Error: [\s\S]*optimizer.lr: 1e-3,1e-4 -> 2e-3,1e-3"):
+        rundir.RunFolderGuard().on_multirun_start(other)
     assert (tmp_path / "summary.json").read_text() == summary  # nothing relabelled
+    with open_dict(other):
+        other.resume = False  # and without resume=true: the folder holds another sweep
+    with pytest.raises(SystemExit, match=r"already holds the jobs of another sweep \(0, 1\)"):
+        rundir.RunFolderGuard().on_multirun_start(other)
     same = run("train.py", "-m", *sweep, "optimizer.lr=1e-3,1e-4", "resume=true", cwd=tmp_path)
     assert same.returncode == 0, same.stderr[-2000:]
     assert "finished before, skipped" in same.stderr + same.stdout
