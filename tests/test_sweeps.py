@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT, TINY
+from helpers import ROOT, TINY, cfg_of
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback
 
-from fcn_lightning.app.hydra_callbacks import (
+from fcn_lightning.app.sweeps import (
     NO_METRICS,
     STALE_METRICS,
     STILL_RUNNING,
     SweepSummary,
-    current_sweep,
     job_folders,
     read_job,
+    train_job,
 )
 
 TESTS = Path(__file__).resolve().parent
@@ -145,11 +145,12 @@ def test_ctrl_c_stops_the_whole_sweep(tmp_path):
     assert not (tmp_path / "summary.json").exists()
 
 
-def test_a_single_run_that_diverges_still_exits_non_zero(tmp_path):
-    result = cli("arch=fcn32s", POISON, "+callbacks.poison.step=0", *TINY,
-                 f"hydra.run.dir={tmp_path}", cwd=tmp_path)  # fmt: skip
-    assert result.returncode == 1
-    assert "training loss is" in result.stderr
+def test_a_single_run_that_diverges_still_exits_non_zero(tmp_path, capsys):
+    cfg = cfg_of("config", ["arch=fcn32s", POISON, "+callbacks.poison.step=0", *TINY], tmp_path)
+    with pytest.raises(SystemExit) as stop:  # train.py's job outside a sweep: the command
+        train_job(cfg)
+    assert stop.value.code not in (0, None)
+    assert "training loss is" in capsys.readouterr().err + str(stop.value.code)
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "failed"
 
 
@@ -159,7 +160,7 @@ def test_a_job_failing_before_it_claims_its_folder_is_recorded_there(tmp_path):
     (tmp_path / "1").mkdir()
     (tmp_path / "1" / "metrics.json").write_text(json.dumps(METRICS))
     result = cli("-m", "arch=fcn32s", "scheduler=poly", *TINY, "trainer.max_steps=-1",
-                 "stage_budget=null", "optimizer.lr=1,2", f"hydra.sweep.dir={tmp_path}",
+                 "stages.fcn32s.max_steps=null", "optimizer.lr=1,2", f"hydra.sweep.dir={tmp_path}",
                  cwd=tmp_path)  # fmt: skip
     assert result.returncode == 1, (result.stdout + result.stderr)[-3000:]
     record = json.loads((tmp_path / "0" / "run.json").read_text())
@@ -207,7 +208,7 @@ def test_summary_lists_every_job_with_status_and_reason(tmp_path, capsys):
     make_job(tmp_path, "7", ["arch=fcn32s", "optimizer.lr=0.8"], "[1, 2]", {"status": "finished"})
     callback = sweep_end(tmp_path)
     jobs = summary_of(tmp_path)
-    assert callback.jobs == jobs and current_sweep() is callback
+    assert callback.jobs == jobs and SweepSummary.current is callback
     assert [j["job"] for j in jobs] == [str(i) for i in range(8)]
     assert all(set(j) == {"job", "overrides", "metrics", "status", "reason"} for j in jobs)
     status = {j["job"]: (j["status"], j["reason"]) for j in jobs}
