@@ -23,7 +23,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
 from ..atomic import write_atomically
-from ..contract import SINGLE_HEAD, inputs_of
+from ..contract import SINGLE_HEAD, DataContract, inputs_of
 from ..data.images import ImageFiles, SizeBatches, collate
 from ..data.transforms import eval_transforms
 from ..errors import ConfigError, DataError
@@ -164,7 +164,9 @@ class PredictionFiles(BasePredictionWriter):
     """Writes each image's label maps and overlays (atomically) as its batch ends; keeps, by
     input index, the label maps written, unreadable images' messages and true sizes found."""
 
-    def __init__(self, out: Path, files: list[Path], stems: dict[Path, str], contract: Any):
+    def __init__(
+        self, out: Path, files: list[Path], stems: dict[Path, str], contract: DataContract
+    ):
         super().__init__(write_interval="batch")
         self.out, self.files, self.stems = out, files, stems
         black = [(0, 0, 0)] * 256  # each palette filled to the 256 entries of a palette PNG
