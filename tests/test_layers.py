@@ -22,7 +22,7 @@ LAYERS = {
 }  # fmt: skip
 # the commands that start from a checkpoint, and the training run they never import
 COMMANDS = ("app.evaluate", "app.predict", "app.export", "app.common")
-TRAINING = ("app.train", "app.stages", "app.checks", "app.sweeps", "app.hydra_callbacks",
+TRAINING = ("app.train", "app.stages", "app.checks", "app.sweeps",
             "app.rundir", "app.board", "app.callbacks")  # fmt: skip
 
 
