@@ -33,6 +33,16 @@ class ExportError(UserError, RuntimeError):
     """An exported model that does not run as the checkpoint does; nothing was written."""
 
 
+class RunInterrupted(UserError):
+    """Training stopped by SIGTERM or Ctrl+C; the message says how to continue. The entry point
+    decides the exit status (130, as for Ctrl+C)."""
+
+
+class TrainingDiverged(UserError):
+    """The training loss became NaN or infinite; the message names the stage, the epoch and
+    step, and the last good checkpoint."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: printed as their message, without a traceback."""
     return (UserError,)

@@ -14,7 +14,7 @@ from helpers import RESUMABLE, TINY, cfg_of, final_state
 
 from fcn_lightning.app.callbacks import AtomicCheckpointIO
 from fcn_lightning.app.train import train
-from fcn_lightning.errors import ConfigError
+from fcn_lightning.errors import ConfigError, RunInterrupted
 from fcn_lightning.module import FCNModule
 
 MODEL = {"arch": "fcn32s", "num_classes": 3, "width": 0.0625, "geometry": "same"}
@@ -25,9 +25,9 @@ def test_ctrl_c_stops_after_the_step_and_resumes_exactly(tmp_path):
     train(cfg_of("config", RESUMABLE, straight))
     out = tmp_path / "stopped"
     ctrl_c = ["+callbacks.stop._target_=interrupts.CtrlCAtStep", "+callbacks.stop.step=6"]
-    with pytest.raises(SystemExit) as stop:
+    with pytest.raises(RunInterrupted) as stop:
         train(cfg_of("config", [*RESUMABLE, *ctrl_c], out))
-    message = str(stop.value.code)
+    message = str(stop.value)
     assert "interrupted (Ctrl+C) at epoch 1, step 6" in message
     assert f"resume=true hydra.run.dir={out}" in message and "last.ckpt holds that step" in message
     ckpt = torch.load(out / "fcn32s/checkpoints/last.ckpt", weights_only=True)
@@ -42,7 +42,9 @@ def test_ctrl_c_stops_after_the_step_and_resumes_exactly(tmp_path):
 
 def test_ctrl_c_twice_stops_at_once_and_keeps_the_last_whole_checkpoint(tmp_path):
     ctrl_c = ["+callbacks.stop._target_=interrupts.CtrlCAtStep", "+callbacks.stop.step=6"]
-    with pytest.raises(SystemExit, match=r"stopped at once \(Ctrl\+C twice\)[\s\S]*holds step 4"):
+    with pytest.raises(
+        RunInterrupted, match=r"stopped at once \(Ctrl\+C twice\)[\s\S]*holds step 4"
+    ):
         train(cfg_of("config", [*RESUMABLE, *ctrl_c, "+callbacks.stop.times=2"], tmp_path))
     assert (
         torch.load(tmp_path / "fcn32s/checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
@@ -140,7 +142,7 @@ def test_last_checkpoint_is_where_the_stage_ended_after_a_resume(tmp_path):
     # 3 steps in an epoch of 4: no epoch end, no validation during fit
     short = [*RESUMABLE, "trainer.max_steps=3", "trainer.check_val_every_n_epoch=10"]
     kill = ["+callbacks.kill._target_=interrupts.SigtermAtStep", "+callbacks.kill.step=1"]
-    with pytest.raises(SystemExit, match="stopped by SIGTERM"):
+    with pytest.raises(RunInterrupted, match="stopped by SIGTERM"):
         train(cfg_of("config", [*short, *kill], tmp_path))
     train(cfg_of("config", [*short, "resume=true"], tmp_path))
     last = torch.load(tmp_path / "fcn32s/checkpoints/last.ckpt", weights_only=True)

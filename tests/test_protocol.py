@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from fcn_lightning.app.checks import check_settings
 from fcn_lightning.app.stages import budget, entry_of, stage_lr, stages_for, trainer_settings
 from fcn_lightning.app.train import train
-from fcn_lightning.errors import ConfigError
+from fcn_lightning.errors import ConfigError, RunInterrupted
 from fcn_lightning.models import build_fcn, transfer_stage
 
 # 3 steps per stage, lr cut 100x: 1e-3, 1e-5, 1e-7
@@ -58,7 +58,7 @@ def test_stage_lr_is_the_same_staged_by_init_from_and_after_a_resume(tmp_path):
     resumed = tmp_path / "resumed"
     stop = ["+callbacks.stop._target_=interrupts.SigtermAtStep", "+callbacks.stop.step=1",
             "+callbacks.stop.stage=fcn16s"]  # fmt: skip
-    with pytest.raises(SystemExit, match="fcn16s stopped by SIGTERM"):
+    with pytest.raises(RunInterrupted, match="fcn16s stopped by SIGTERM"):
         train(cfg_of("config", [*STAGED, *stop], resumed))
     assert used_lr(resumed, "fcn16s") == pytest.approx(want["fcn16s"], rel=1e-9)
     train(cfg_of("config", [*STAGED, "resume=true"], resumed))

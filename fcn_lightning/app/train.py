@@ -16,6 +16,7 @@ import logging
 import signal
 import threading
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from ..atomic import write_json_atomic
 from ..checkpoints import check_stream_checkpoints, load_weights_only
 from ..data.base import SegmentationDataModule
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, RunInterrupted, TrainingDiverged
 from ..models import LateFusionFCN, transfer_stage
 from ..module import FCNModule, NonFiniteLossError
 from ..reports import format_table, headline, short_form
@@ -59,9 +60,7 @@ from .stages import (
 
 log = logging.getLogger("fcn_lightning")
 
-
-class RunInterrupted(SystemExit):
-    """Training stopped by SIGTERM or Ctrl+C; the message says how to continue."""
+__all__ = ["RunInterrupted", "TrainingDiverged", "is_multirun", "run_stage", "train"]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -188,27 +187,57 @@ def init_streams(module: FCNModule, sources: Mapping[str, str]) -> None:
 
 
 # --------------------------------------------------------------------------- train
-_fitting = False
+class SigtermGuard:
+    """SIGTERM for the time of a run (``with``, on the main thread only): while ``trainer.fit``
+    runs (:meth:`fitting`) it is Lightning's to handle, at the end of the step; outside it
+    (loading data, the final validation) it stops the run with :class:`RunInterrupted`."""
+
+    def __init__(self) -> None:
+        self._fitting = False
+        self._installed = False
+        self._previous: Any = None
+
+    def __enter__(self) -> SigtermGuard:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            previous = self._previous if self._previous is not None else signal.SIG_DFL
+            signal.signal(signal.SIGTERM, previous)
+            self._installed = False
+
+    @contextlib.contextmanager
+    def fitting(self) -> Iterator[None]:
+        """Mark ``trainer.fit`` as running."""
+        self._fitting = True
+        try:
+            yield
+        finally:
+            self._fitting = False
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if not self._fitting:
+            raise RunInterrupted(
+                "stopped by SIGTERM outside training (while loading data or validating); "
+                "resume=true with the same hydra.run.dir continues the run"
+            )
 
 
-@contextlib.contextmanager
-def during_fit() -> Iterator[None]:
-    """Mark ``trainer.fit`` as running: SIGTERM is then Lightning's to handle (at the end of
-    the step); outside it (loading data, the final validation) :func:`_on_sigterm` stops."""
-    global _fitting
-    _fitting = True
-    try:
-        yield
-    finally:
-        _fitting = False
+@dataclass
+class Run:
+    """What the stages of one run share."""
 
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    if not _fitting:
-        raise RunInterrupted(
-            "stopped by SIGTERM outside training (while loading data or validating); "
-            "resume=true with the same hydra.run.dir continues the run"
-        )
+    cfg: DictConfig
+    out: Path
+    resume: bool  # continue the run in ``out`` (resume=true, or a SLURM requeue)
+    dm: SegmentationDataModule
+    stages: list[str]
+    plans: dict[str, dict[str, Any]]
+    metrics: dict[str, Any]  # metrics.json: every finished stage's val metrics
+    sigterm: SigtermGuard
 
 
 def _data_overrides(cfg: DictConfig) -> str:
@@ -236,7 +265,9 @@ def train(cfg: DictConfig) -> float:
     """Train the stages that ``cfg`` asks for; return the last stage's val mIoU.
 
     The run owns its folder (``fcn_lightning.rundir``): a folder that holds another run is
-    refused unless ``resume=true``, and ``run.json`` records how the run ended."""
+    refused unless ``resume=true``, and ``run.json`` records how the run ended. A run stopped
+    by SIGTERM or Ctrl+C raises :class:`RunInterrupted`, a diverged one
+    :class:`TrainingDiverged`; the entry point decides the exit status."""
     out = Path(cfg.paths.output_dir)
     try:
         check_settings(cfg)
@@ -247,27 +278,27 @@ def train(cfg: DictConfig) -> float:
     resume = rundir.claim(
         out, bool(cfg.resume), fresh_if_empty=is_multirun(), config=rundir.comparable(cfg)
     )
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
-    try:
-        score = _train(cfg, out, resume)
-    except (KeyboardInterrupt, SIGTERMException) as err:
-        rundir.mark(out, "interrupted", str(err) or type(err).__name__)
-        raise
-    except SystemExit as err:
-        interrupted = isinstance(err, RunInterrupted)
-        rundir.mark(out, "interrupted" if interrupted else "failed", str(err.code))
-        raise
-    except BaseException as err:
-        rundir.mark(out, "failed", f"{type(err).__name__}: {err}")
-        raise
-    else:
-        rundir.mark(out, "finished", mIoU=score)
-        return score
-    finally:
-        rundir.release()
-        if main:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    with SigtermGuard() as sigterm:
+        try:
+            score = _train_stages(cfg, out, resume, sigterm)
+        except (KeyboardInterrupt, SIGTERMException) as err:
+            rundir.mark(out, "interrupted", str(err) or type(err).__name__)
+            raise
+        except (RunInterrupted, TrainingDiverged) as err:
+            interrupted = isinstance(err, RunInterrupted)
+            rundir.mark(out, "interrupted" if interrupted else "failed", str(err))
+            raise
+        except SystemExit as err:
+            rundir.mark(out, "failed", str(err.code))
+            raise
+        except BaseException as err:
+            rundir.mark(out, "failed", f"{type(err).__name__}: {err}")
+            raise
+        else:
+            rundir.mark(out, "finished", mIoU=score)
+            return score
+        finally:
+            rundir.release()
 
 
 def is_multirun() -> bool:
@@ -275,120 +306,141 @@ def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _train(cfg: DictConfig, out: Path, resume: bool) -> float:
+def _train_stages(cfg: DictConfig, out: Path, resume: bool, sigterm: SigtermGuard) -> float:
+    """The data, each stage's plan, then each stage in turn; the table of their metrics."""
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(int(cfg.seed), workers=True)
     stages = stages_for(cfg)
     if resume and not cfg.resume:  # a SLURM requeue: its checkpoints are checked now
         check_inputs(cfg, out, resume)
-    metrics_path = out / "metrics.json"
-    metrics = read_metrics(metrics_path) if resume else {}
-    init_from = cfg.arch.get("init_from")
+    metrics = read_metrics(out / "metrics.json") if resume else {}
     dm = make_datamodule(cfg.data)
     dm.setup("fit")  # a missing or broken dataset fails here, before any training
     if rundir.is_rank_zero():  # every label of train / val / test, once (cached), before training
         say(label_report(dm))
-    previous_best: str | None = init_from
     select = selection(cfg, *held_out(dm))
     plans = {stage: stage_plan(cfg, stage, i, select) for i, stage in enumerate(stages)}
     if rundir.is_rank_zero():
         rundir.annotate(out, stages=plans)
     log.info("stages: %s; run folder: %s", " -> ".join(stages), out)
     log.info("best.ckpt of each stage: %s", select[1])
-    for i, stage in enumerate(stages):
-        plan = plans[stage]
-        ckpt_dir = out / stage / "checkpoints"
-        best, last = ckpt_dir / "best.ckpt", ckpt_dir / "last.ckpt"
-        if resume and stage in metrics and best.is_file():
-            log.info(
-                "[%d/%d] %s: finished before, skipped (resume=true)", i + 1, len(stages), stage
-            )
-            previous_best = str(best)
-            continue
-        first = i == 0 and not previous_best
-        try:
-            module = make_module(cfg, dm, stage, plan["lr"], cfg.arch.pretrained if first else None)
-        except ValueError as err:  # e.g. class weights that do not fit the data's classes
-            raise ConfigError(
-                f"loss.{err}" if str(err).startswith("class_weights") else str(err)
-            ) from None
-        check_free_space(out, stage, module)
-        resume_from = str(last) if resume and last.is_file() else None
-        if previous_best and not resume_from:
-            try:
-                transfer_stage(previous_best, module.model)
-            except ValueError as err:
-                where = "arch.init_from" if previous_best == init_from else previous_best
-                raise ConfigError(f"{where}: {err}") from None
-        elif i == 0 and cfg.arch.get("init_streams") and not resume_from:
-            init_streams(module, cfg.arch.init_streams)
-            previous_best = "the checkpoints of arch.init_streams"
-        source = (
-            f"from {previous_best}"
-            if previous_best
-            else (f"from {cfg.arch.backbone} weights" if cfg.arch.pretrained else "from scratch")
-        )
+    run = Run(cfg, out, resume, dm, stages, plans, metrics, sigterm)
+    previous_best: str | None = cfg.arch.get("init_from")
+    for i in range(len(stages)):
+        previous_best = run_stage(run, i, previous_best)
+    _say_results(run, select[0])
+    return headline(metrics[stages[-1]])
+
+
+def run_stage(run: Run, i: int, previous_best: str | None) -> str:
+    """Train the run's ``i``-th stage from ``previous_best`` (the stage before it, or
+    ``arch.init_from``; None: the trunk's weights or scratch), or skip it where a resumed run
+    finished it; record its val metrics. Returns its best.ckpt, where the next stage starts."""
+    cfg, stage = run.cfg, run.stages[i]
+    plan = run.plans[stage]
+    ckpt_dir = run.out / stage / "checkpoints"
+    best, last = ckpt_dir / "best.ckpt", ckpt_dir / "last.ckpt"
+    if run.resume and stage in run.metrics and best.is_file():
         log.info(
-            "[%d/%d] %s: %s%s; lr %.3g = %s; %s", i + 1, len(stages), stage, source,
-            f", resuming {resume_from}" if resume_from else "", plan["lr"], plan["lr_from"],
-            plan["budget_from"],
-        )  # fmt: skip
-        trainer = make_trainer(cfg, stage, out, module.monitor, plan)
-        resume_hint = (
-            f"Continue with: python train.py <the same overrides> resume=true hydra.run.dir={out}"
+            "[%d/%d] %s: finished before, skipped (resume=true)", i + 1, len(run.stages), stage
         )
-        stopper = next(c for c in trainer.callbacks if isinstance(c, InterruptCheckpoint))
+        return str(best)
+    first = i == 0 and not previous_best
+    try:
+        module = make_module(cfg, run.dm, stage, plan["lr"], cfg.arch.pretrained if first else None)
+    except ValueError as err:  # e.g. class weights that do not fit the data's classes
+        raise ConfigError(
+            f"loss.{err}" if str(err).startswith("class_weights") else str(err)
+        ) from None
+    check_free_space(run.out, stage, module)
+    resume_from = str(last) if run.resume and last.is_file() else None
+    if previous_best and not resume_from:
         try:
-            with during_fit():
-                trainer.fit(module, dm, ckpt_path=resume_from)
-        except SIGTERMException:
-            cause = "was interrupted (Ctrl+C)" if stopper.ctrl_c else "stopped by SIGTERM"
-            raise RunInterrupted(
-                f"{stage} {cause} at epoch {trainer.current_epoch}, step {trainer.global_step}; "
-                f"{last} holds that step. {resume_hint}"
-            ) from None
-        except NonFiniteLossError as err:
-            raise SystemExit(
-                f"{stage}: {err} ({last if last.is_file() else 'no checkpoint yet'})"
-            ) from None
-        except SystemExit:  # Lightning exits this way after Ctrl+C
-            if not trainer.interrupted:
-                raise
-        if trainer.interrupted:
-            kept = f"{last} holds step {_step_of(last)}" if last.is_file() else "no checkpoint yet"
-            raise RunInterrupted(
-                f"{stage} was stopped at once (Ctrl+C twice) at epoch {trainer.current_epoch}, "
-                f"step {trainer.global_step}; the step in progress was not saved: {kept}. "
-                + resume_hint
+            transfer_stage(previous_best, module.model)
+        except ValueError as err:
+            where = (
+                "arch.init_from" if previous_best == cfg.arch.get("init_from") else previous_best
             )
-        # the stage's final state, also when no epoch ended since the last save (a short
-        # max_steps, or a resume that finished mid-epoch): last.ckpt is where the stage ended
-        trainer.save_checkpoint(last, weights_only=False)
-        if plan["selection"] == "last" or not best.is_file():  # (best: no validation ran)
-            trainer.save_checkpoint(best, weights_only=False)
-        trainer.validate(module, dm, ckpt_path=str(best), verbose=False)
-        chosen = {
-            "selected": plan["selection"],
-            "step": _step_of(best),
-            "why": plan["selection_from"],
-        }
-        results = {h: {**b, "checkpoint": chosen} for h, b in module.results.get("val", {}).items()}
-        metrics[stage] = short_form(results)
-        if trainer.is_global_zero:
-            write_json_atomic(metrics_path, metrics)
-        previous_best = str(best)
-        log.info("%s done: val mIoU %.1f%%", stage, 100 * headline(metrics[stage]))
-    table = format_table({s: metrics[s] for s in stages if s in metrics})
-    which = "best" if select[0] == "best" else "last"
+            raise ConfigError(f"{where}: {err}") from None
+    elif i == 0 and cfg.arch.get("init_streams") and not resume_from:
+        init_streams(module, cfg.arch.init_streams)
+        previous_best = "the checkpoints of arch.init_streams"
+    source = (
+        f"from {previous_best}"
+        if previous_best
+        else (f"from {cfg.arch.backbone} weights" if cfg.arch.pretrained else "from scratch")
+    )
+    log.info(
+        "[%d/%d] %s: %s%s; lr %.3g = %s; %s", i + 1, len(run.stages), stage, source,
+        f", resuming {resume_from}" if resume_from else "", plan["lr"], plan["lr_from"],
+        plan["budget_from"],
+    )  # fmt: skip
+    trainer = make_trainer(cfg, stage, run.out, module.monitor, plan)
+    _fit(run, stage, trainer, module, resume_from)
+    # the stage's final state, also when no epoch ended since the last save (a short
+    # max_steps, or a resume that finished mid-epoch): last.ckpt is where the stage ended
+    trainer.save_checkpoint(last, weights_only=False)
+    if plan["selection"] == "last" or not best.is_file():  # (best: no validation ran)
+        trainer.save_checkpoint(best, weights_only=False)
+    trainer.validate(module, run.dm, ckpt_path=str(best), verbose=False)
+    chosen = {"selected": plan["selection"], "step": _step_of(best), "why": plan["selection_from"]}
+    results = {h: {**b, "checkpoint": chosen} for h, b in module.results.get("val", {}).items()}
+    run.metrics[stage] = short_form(results)
+    if trainer.is_global_zero:
+        write_json_atomic(run.out / "metrics.json", run.metrics)
+    log.info("%s done: val mIoU %.1f%%", stage, 100 * headline(run.metrics[stage]))
+    return str(best)
+
+
+def _fit(
+    run: Run, stage: str, trainer: pl.Trainer, module: FCNModule, resume_from: str | None
+) -> None:
+    """``trainer.fit``; a stop by SIGTERM or Ctrl+C raises :class:`RunInterrupted`, a
+    non-finite loss :class:`TrainingDiverged`, each saying where the stage stands."""
+    last = run.out / stage / "checkpoints" / "last.ckpt"
+    resume_hint = (
+        f"Continue with: python train.py <the same overrides> resume=true hydra.run.dir={run.out}"
+    )
+    stopper = next(c for c in trainer.callbacks if isinstance(c, InterruptCheckpoint))
+    try:
+        with run.sigterm.fitting():
+            trainer.fit(module, run.dm, ckpt_path=resume_from)
+    except SIGTERMException:
+        cause = "was interrupted (Ctrl+C)" if stopper.ctrl_c else "stopped by SIGTERM"
+        raise RunInterrupted(
+            f"{stage} {cause} at epoch {trainer.current_epoch}, step {trainer.global_step}; "
+            f"{last} holds that step. {resume_hint}"
+        ) from None
+    except NonFiniteLossError as err:
+        raise TrainingDiverged(
+            f"{stage}: {err} ({last if last.is_file() else 'no checkpoint yet'})"
+        ) from None
+    except SystemExit:  # Lightning exits this way after Ctrl+C
+        if not trainer.interrupted:
+            raise
+    if trainer.interrupted:
+        kept = f"{last} holds step {_step_of(last)}" if last.is_file() else "no checkpoint yet"
+        raise RunInterrupted(
+            f"{stage} was stopped at once (Ctrl+C twice) at epoch {trainer.current_epoch}, "
+            f"step {trainer.global_step}; the step in progress was not saved: {kept}. "
+            + resume_hint
+        )
+
+
+def _say_results(run: Run, selected: str) -> None:
+    """The table of each stage's metrics; where checkpoints were chosen on a held-out val
+    split, the eval.py command that scores the reported split."""
+    table = format_table({s: run.metrics[s] for s in run.stages if s in run.metrics})
+    which = "best" if selected == "best" else "last"
     say(
         f"\nValidation metrics of each stage ({which} checkpoint, best.ckpt):\n"
         + table
-        + f"\n\nrun folder: {out}"
+        + f"\n\nrun folder: {run.out}"
     )
-    if select[0] == "best" and dm.test_split != dm.val_split:
-        best = out / stages[-1] / "checkpoints" / "best.ckpt"
+    dm = run.dm
+    if selected == "best" and dm.test_split != dm.val_split:
+        best = run.out / run.stages[-1] / "checkpoints" / "best.ckpt"
         say(
             f"checkpoints were chosen on '{dm.val_split}'; score the reported split with:\n"
-            f"  python eval.py ckpt_path={best} {_data_overrides(cfg)} data.split={dm.test_split}"
+            f"  python eval.py ckpt_path={best} {_data_overrides(run.cfg)} data.split={dm.test_split}"
         )
-    return headline(metrics[stages[-1]])
