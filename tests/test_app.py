@@ -37,7 +37,7 @@ def test_heavy_preset_has_the_reference_solver():
     )
     assert (
         cfg.data.batch_size == 1
-        and cfg.stage_lr_factor == 0.01
+        and cfg.stages.fcn16s.lr_factor == cfg.stages.fcn8s.lr_factor == 0.01
         and cfg.data.val_split == "seg11valid"
     )
     assert stages_for(cfg) == ["fcn32s", "fcn16s", "fcn8s"]
@@ -236,8 +236,10 @@ def test_cli_staged_chain_transfers_best_checkpoint(tmp_path):
     result = run(
         "train.py",
         "arch=fcn16s",
-        "+stage_overrides.fcn16s.max_steps=0",
         *TINY,
+        "trainer.max_steps=-1",  # each stage its own budget: fcn32s 1 step, fcn16s none
+        "stages.fcn32s.max_steps=1",
+        "stages.fcn16s.max_steps=0",
         f"hydra.run.dir={tmp_path}",
         cwd=tmp_path,
     )

@@ -419,21 +419,21 @@ BAD = {
     ),
     "poly without a limit": (
         _train([*TINY, "scheduler=poly", "trainer.max_steps=-1", "trainer.max_epochs=-1",
-                "stage_budget=null"]),
+                "stages.fcn32s.max_steps=null"]),
         r"scheduler=poly decays the lr over the stage's length[\s\S]*trainer.max_steps",
     ),
     "cosine without a limit": (
         _train([*TINY, "scheduler=cosine", "trainer.max_steps=-1", "trainer.max_epochs=-1",
-                "stage_budget=null"]),
+                "stages.fcn32s.max_steps=null"]),
         r"scheduler=cosine decays",
     ),
-    "stage_overrides typo in the stage": (
-        _train([*TINY, "+stage_overrides.fcn16.max_steps=3"]),
-        r"stage_overrides.fcn16: no stage is called 'fcn16'",
+    "stages typo in the stage": (
+        _train([*TINY, "++stages.fcn16.max_steps=3"]),
+        r"stages.fcn16: no stage is called 'fcn16'",
     ),
-    "stage_overrides typo in the setting": (
-        _train([*TINY, "+stage_overrides.fcn16s.max_step=3"]),
-        r"stage_overrides.fcn16s.max_step is not a Lightning Trainer argument",
+    "stages typo in the setting": (
+        _train([*TINY, "++stages.fcn16s.max_step=3"]),
+        r"stages.fcn16s.max_step is not a Lightning Trainer argument",
     ),
     "unknown scheduler": (_train([*TINY, "scheduler.name=step"]), r"scheduler.name must be one of"),
     "loss reduction typo": (
