@@ -1,12 +1,14 @@
 """What the commands share: a user error turned into a message and an exit status, the
 DataModule from ``cfg.data``, a checkpoint loaded for eval / predict / export, shift-and-stitch
-put in place, and the label check's block."""
+put in place, the label check's block, and loggers kept quiet while a library works."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from hydra.utils import instantiate
@@ -99,3 +101,18 @@ def label_report(dm: SegmentationDataModule, splits: list[str] | None = None) ->
                 f"learn, and every score would read 100%.{hint}\n{report.format()}"
             )
     return report.format()
+
+
+@contextlib.contextmanager
+def quiet(*names: str) -> Iterator[None]:
+    """The named loggers' information (the exporter's steps, Lightning's notes) kept off the
+    console and the log: warnings only, while inside."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)

@@ -9,10 +9,9 @@ import contextlib
 import hashlib
 import importlib
 import json
-import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,7 +29,7 @@ from ..errors import ConfigError, ExportError
 from ..models.stitch import output_strides
 from ..module import FCNModule
 from ..normalization import LOG_DEPTH_MEANS
-from .common import load_module
+from .common import load_module, quiet
 
 FORMATS = {"onnx": ".onnx", "exported_program": ".pt2"}
 INPUT_NAME = "image"
@@ -233,20 +232,6 @@ def size_oblivious() -> contextlib.AbstractContextManager:
     if hasattr(fx_config, "backed_size_oblivious"):
         return fx_config.patch(backed_size_oblivious=True)
     return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def quiet(*names: str) -> Iterator[None]:
-    """The exporter's step-by-step information kept off the console and the log."""
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
 
 
 def writer(fmt: str, model: torch.nn.Module, example: torch.Tensor, meta: dict[str, Any]) -> Any:

@@ -6,7 +6,6 @@ a file it did not write. docs/DEPLOYING.md ("predict.py") gives the names and th
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import warnings
@@ -28,7 +27,7 @@ from ..data.images import ImageFiles, SizeBatches, collate
 from ..data.transforms import eval_transforms
 from ..errors import ConfigError, DataError
 from ..models.stitch import SETTING
-from .common import load_module, use_shift_and_stitch
+from .common import load_module, quiet, use_shift_and_stitch
 from .console import say
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
@@ -200,7 +199,6 @@ def run_batches(module: Any, dataset: ImageFiles, writer: PredictionFiles, cfg: 
     """``Trainer.predict`` over ``dataset`` in batches of one size; images whose header told
     another size are predicted in a second pass, at their true size."""
     accelerator = "cpu" if cfg.get("device", "auto") == "cpu" else "auto"
-    log = logging.getLogger("pytorch_lightning")
     for again in (False, True):
         batches = SizeBatches(dataset.sizes, int(cfg.get("batch_size", 8)))
         if not len(batches):
@@ -210,18 +208,13 @@ def run_batches(module: Any, dataset: ImageFiles, writer: PredictionFiles, cfg: 
             num_workers=int(cfg.get("num_workers", 0)),
             pin_memory=accelerator != "cpu" and torch.cuda.is_available(),
         )  # fmt: skip
-        level = log.level
-        with warnings.catch_warnings():  # the console keeps to predict's own lines
+        with warnings.catch_warnings(), quiet("pytorch_lightning"):  # predict's own lines only
             warnings.filterwarnings("ignore", ".*(many workers|custom batch sampler|LeafSpec)")
-            log.setLevel(logging.WARNING)
-            try:
-                pl.Trainer(
-                    accelerator=accelerator, devices=1, logger=False, callbacks=[writer],
-                    enable_checkpointing=False, enable_model_summary=False,
-                    enable_progress_bar=sys.stdout.isatty(),
-                ).predict(module, dataloaders=loader, return_predictions=False)  # fmt: skip
-            finally:
-                log.setLevel(level)
+            pl.Trainer(
+                accelerator=accelerator, devices=1, logger=False, callbacks=[writer],
+                enable_checkpointing=False, enable_model_summary=False,
+                enable_progress_bar=sys.stdout.isatty(),
+            ).predict(module, dataloaders=loader, return_predictions=False)  # fmt: skip
         dataset.sizes = [writer.resized.get(i) for i in range(len(dataset))]
         for i in writer.resized if again else ():  # its size changed again: being rewritten
             writer.skipped[i] = f"{dataset.files[i]}: changed while it was read"
