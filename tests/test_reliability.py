@@ -18,6 +18,7 @@ from fcn_lightning.app.callbacks import AtomicCheckpointIO
 from fcn_lightning.app.evaluate import evaluate
 from fcn_lightning.app.predict import predict
 from fcn_lightning.app.train import train
+from fcn_lightning.errors import RunInterrupted, TrainingDiverged
 
 # 16 images of 32 px, batch 4: 4 steps an epoch, 2 epochs; dropout on so the random state matters
 
@@ -28,7 +29,7 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, epoch,
     train(cfg_of("config", RESUMABLE, straight))
     killed = tmp_path / "killed"
     with pytest.raises(
-        SystemExit, match=rf"stopped by SIGTERM at epoch {epoch}, step {step};[\s\S]*resume=true"
+        RunInterrupted, match=rf"stopped by SIGTERM at epoch {epoch}, step {step};[\s\S]*resume=true"
     ):
         train(
             cfg_of(
@@ -60,7 +61,7 @@ def test_interrupt_at_an_epoch_end_then_resume_equals_uninterrupted_run(tmp_path
     train(cfg_of("config", RESUMABLE, straight))
     killed = tmp_path / "killed"
     kill = [f"+callbacks.kill._target_=interrupts.{signal_callback}", "+callbacks.kill.step=4"]
-    with pytest.raises(SystemExit, match=r"step 4;[\s\S]*resume=true"):
+    with pytest.raises(RunInterrupted, match=r"step 4;[\s\S]*resume=true"):
         train(cfg_of("config", [*RESUMABLE, *kill], killed))
     train(cfg_of("config", [*RESUMABLE, "resume=true"], killed))
     a, b = final_state(straight), final_state(killed)
@@ -78,7 +79,7 @@ def test_interrupt_at_an_epoch_end_then_resume_equals_uninterrupted_run(tmp_path
 
 def test_staged_run_killed_in_16s_resumes_16s_without_retraining_32s(tmp_path, caplog):
     overrides = [*RESUMABLE, "arch=fcn16s"]
-    with pytest.raises(SystemExit, match="fcn16s stopped by SIGTERM"):
+    with pytest.raises(RunInterrupted, match="fcn16s stopped by SIGTERM"):
         train(
             cfg_of(
                 "config",
@@ -128,7 +129,7 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_good_checkpoint(tmp
         tmp_path,
     )
     with pytest.raises(
-        SystemExit,
+        TrainingDiverged,
         match=r"training loss is (nan|inf) at epoch 1, step 5 \(batch 1\)[\s\S]*last good checkpoint is kept",
     ):
         train(cfg)
@@ -142,7 +143,7 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_good_checkpoint(tmp
 
 
 def test_resume_into_a_different_config_names_both_sides(tmp_path):
-    with pytest.raises(SystemExit):
+    with pytest.raises(RunInterrupted):
         train(
             cfg_of(
                 "config",

@@ -171,27 +171,6 @@ def test_tiny_fit_writes_every_tensorboard_tag(tmp_path):
     }
 
 
-def test_checkpoint_from_before_the_data_contract_still_loads(tmp_path):
-    # hyper-parameters as the previous version wrote them: classes and palette beside the
-    # model's heads, panel settings in the module
-    module = tiny_module()
-    old = {
-        "model": {**module.hparams.model, "num_classes": 5, "in_channels": 3},
-        "class_names": ["background", "blob", "bar", "dot", "ring"],
-        "palette": [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128]],
-        "panel_size": 4,
-        "log_images_every_n_epochs": 1,
-        **{k: v for k, v in module.hparams.items() if k not in ("model", "contract")},
-    }
-    path = tmp_path / "old.ckpt"
-    torch.save({"hyper_parameters": old, "state_dict": module.state_dict()}, path)
-    again = load_checkpoint(path)
-    assert again.contract.class_names("out") == old["class_names"]
-    assert again.contract.heads["out"].palette[1] == (128, 0, 0)
-    x = torch.randn(1, 3, 32, 32)
-    torch.testing.assert_close(again.eval()(x)["out"], module.eval()(x)["out"])
-
-
 def test_resume_from_last_checkpoint_restores_epoch_step_and_optimizer(tmp_path):
     pl.seed_everything(0)
     t = trainer(tmp_path)

@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.base import SegmentationDataModule
-from ..errors import CheckpointError, ConfigError, DataError, user_errors
+from ..errors import CheckpointError, ConfigError, DataError, RunInterrupted, user_errors
 from ..models.stitch import SETTING, check_factor, with_shift_and_stitch
 from ..module import FCNModule, load_checkpoint
 from ..prepare.datasets import download
@@ -34,11 +34,14 @@ def exit_status(err: BaseException) -> int | None:
 def as_command(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """``fn(cfg)`` for a command-line entry point, the one place where the library's typed
     errors end the process: ``Error: <message>`` and the status of :data:`EXIT_STATUS` (no
-    traceback through the project's code); Ctrl+C: ``Interrupted``, status 130."""
+    traceback through the project's code); Ctrl+C: ``Interrupted``, status 130; an interrupted training run: its message, 130."""
     try:
         return fn(cfg)
     except KeyboardInterrupt:
         print("Interrupted", file=sys.stderr)
+        raise SystemExit(INTERRUPTED) from None
+    except RunInterrupted as err:  # not an error: the message says how to continue
+        print(err, file=sys.stderr)
         raise SystemExit(INTERRUPTED) from None
     except Exception as err:
         status = exit_status(err)

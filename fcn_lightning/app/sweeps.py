@@ -221,15 +221,13 @@ def sweep_job(cfg: DictConfig) -> float:
     out, job = Path(cfg.paths.output_dir), HydraConfig.get().job.get("num", "?")
     try:
         return train(cfg)
-    # SystemExit: how the training run stopped on a non-finite loss or an interruption before
-    # it raised TrainingDiverged and RunInterrupted (fcn_lightning.errors) instead
-    except (Exception, SystemExit, KeyboardInterrupt) as err:
+    except (Exception, KeyboardInterrupt) as err:
         if _is_interruption(err):
             _interrupted = True
             raise
-        reason = str(err.code) if isinstance(err, SystemExit) else f"{type(err).__name__}: {err}"
+        reason = f"{type(err).__name__}: {err}"
         # a bug's traceback is worth keeping; a setting's or the pipeline's message says it all
-        expected = isinstance(err, (SystemExit, UserError, ValueError, OSError))
+        expected = isinstance(err, (UserError, ValueError, OSError))
         log.error("job %s failed (the sweep goes on): %s", job, reason, exc_info=not expected)
     try:  # failed before claiming its folder: mark it, unless it holds a record or a run's files
         if rundir.read_record(out) is None and not rundir.run_files(out):
@@ -242,11 +240,9 @@ def sweep_job(cfg: DictConfig) -> float:
 
 
 def _is_interruption(err: BaseException) -> bool:
-    """Ctrl+C or SIGTERM, whichever way it reached here: the pipeline's RunInterrupted, the
-    ``sys.exit(1)`` Lightning makes of Ctrl+C, or an error caused by either."""
-    if isinstance(err, RunInterrupted) or (
-        isinstance(err, SystemExit) and not isinstance(err.code, str)
-    ):
+    """Ctrl+C or SIGTERM, whichever way it reached here: the training run's RunInterrupted, or
+    an error caused by either."""
+    if isinstance(err, RunInterrupted):
         return True
     while err is not None and not isinstance(err, (KeyboardInterrupt, SIGTERMException)):
         err = err.__cause__ or err.__context__

@@ -315,6 +315,8 @@ def _train_stages(cfg: DictConfig, out: Path, resume: bool, sigterm: SigtermGuar
         check_inputs(cfg, out, resume)
     metrics = read_metrics(out / "metrics.json") if resume else {}
     dm = make_datamodule(cfg.data)
+    if rundir.is_rank_zero():  # data.download=true: only prepare_data downloads, on one process
+        dm.prepare_data()
     dm.setup("fit")  # a missing or broken dataset fails here, before any training
     if rundir.is_rank_zero():  # every label of train / val / test, once (cached), before training
         say(label_report(dm))

@@ -271,7 +271,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         """What this DataModule gives (heads, class names, palettes, inputs), the only thing the
         model, the LightningModule and the reports read of it. Here: one head of
         ``class_names`` in the VOC palette, a photo with VOC's statistics."""
-        return DataContract.of_inputs(
+        return DataContract(
             {SINGLE_HEAD: Head(tuple(self.class_names), tuple(voc_palette()))},
             [InputGroup("rgb", "voc")],
         )

@@ -89,7 +89,7 @@ class FolderDataModule(SegmentationDataModule):
     def contract(self) -> DataContract:
         """One head of the folder's classes, drawn in its label PNGs' own palette; photos,
         normalised with VOC's statistics (a folder has none of its own)."""
-        return DataContract.of_inputs(
+        return DataContract(
             {SINGLE_HEAD: Head(self.class_names, tuple(self.palette))}, [InputGroup("rgb", "voc")]
         )
 
