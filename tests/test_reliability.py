@@ -507,7 +507,7 @@ BAD = {
     ),
     "resume with another width": (
         lambda t, r: ("train", [*TINY, "arch=fcn32s", "resume=true", "arch.width=0.125"], _copy_run(t, r, _unfinish)),
-        r"differ from the run's own:\s+arch.width: 0.0625 -> 0.125",
+        r"these differ:\s+arch.width: 0.0625 -> 0.125",
     ),
     # --- eval
     "eval ckpt missing": (
