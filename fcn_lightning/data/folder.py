@@ -23,13 +23,7 @@ LAYOUT = """Expected layout under data.root (VOC layout):
 
 
 # conf/data/folder.yaml's training batches: random 320 px crops, scaled 0.5-2x and mirrored
-TRAINING = {
-    "batch_size": 8,
-    "batching": "crop",
-    "crop_size": 320,
-    "scale_range": (0.5, 2.0),
-    "hflip": True,
-}
+TRAINING = dict(batch_size=8, batching="crop", crop_size=320, scale_range=(0.5, 2.0), hflip=True)
 
 
 class FolderDataModule(SegmentationDataModule):
@@ -50,7 +44,6 @@ class FolderDataModule(SegmentationDataModule):
         self._names: tuple[str, ...] | None = None
         self._palette: list[tuple[int, int, int]] | None = None
 
-    # --- classes and palette, read lazily from the folder
     def _check_root(self) -> None:
         if self.root is None or not self.root.is_dir():
             raise DataError(f"data.root {self.root} does not exist.\n{LAYOUT}")
@@ -106,7 +99,6 @@ class FolderDataModule(SegmentationDataModule):
                         self._palette = [tuple(flat[i : i + 3]) for i in range(0, len(flat), 3)]
         return self._palette
 
-    # --- samples
     IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg")
 
     def image_path(self, i: str) -> Path:
@@ -152,12 +144,7 @@ class FolderDataModule(SegmentationDataModule):
     def make_dataset(self, split: str, transforms: Callable) -> Dataset:
         ids = self.split_ids(split)
         check_files_exist(ids, lambda i: (self.image_path(i), self.label_path(i)), split)
-        return self.dataset(
-            ids,
-            self._load,
-            transforms,
-            name=f"split {split!r} of {self.root}",
-        )
+        return self.dataset(ids, self._load, transforms, f"split {split!r} of {self.root}")
 
     def label_files(self, split: str) -> list[dict[str, Path]]:
         folder = self.root / "SegmentationClass"  # what label_path gives, joined once
@@ -168,9 +155,5 @@ class FolderDataModule(SegmentationDataModule):
         return read_label_png(path)
 
     def _load(self, i: str):
-        label_path = self.label_path(i)
-        return (
-            read_image(self.image_path(i)),
-            {SINGLE_HEAD: self.read_label(label_path)},
-            label_path,
-        )
+        label = self.label_path(i)
+        return read_image(self.image_path(i)), {SINGLE_HEAD: self.read_label(label)}, label

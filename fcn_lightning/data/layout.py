@@ -6,6 +6,7 @@ file that is absent is an error naming it. Training does not run it (docs/DATA.m
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,3 +108,9 @@ def count_split(
         else:
             count.missing.append(path)
     return count
+
+
+def layout_text(template: str, root: Path | None, **fields: object) -> str:
+    """A DataModule's expected layout under ``root``, with the root for the prepare command."""
+    arg = shlex.quote(str(root)) if root is not None else "<data.root>"
+    return template.format(where=f" ({root})" if root is not None else "", arg=arg, **fields)

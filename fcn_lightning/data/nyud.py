@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,52 +15,18 @@ from ..contract import SINGLE_HEAD, DataContract, Head, InputGroup
 from ..errors import DataError
 from ..normalization import LOG_DEPTH_MEANS
 from .base import SegmentationDataModule, check_files_exist, read_split_file
-from .layout import LayoutReport, Listing, count_split
+from .layout import LayoutReport, Listing, count_split, layout_text
 from .readers import read_image, read_mat
 from .sources import ARCHIVES
 
+# Gupta et al.'s 40 classes, 1..40 in the .mat files
 NYUD_CLASSES = (
-    "wall",
-    "floor",
-    "cabinet",
-    "bed",
-    "chair",
-    "sofa",
-    "table",
-    "door",
-    "window",
-    "bookshelf",
-    "picture",
-    "counter",
-    "blinds",
-    "desk",
-    "shelves",
-    "curtain",
-    "dresser",
-    "pillow",
-    "mirror",
-    "floor mat",
-    "clothes",
-    "ceiling",
-    "books",
-    "refridgerator",
-    "television",
-    "paper",
-    "towel",
-    "shower curtain",
-    "box",
-    "whiteboard",
-    "person",
-    "night stand",
-    "toilet",
-    "sink",
-    "lamp",
-    "bathtub",
-    "bag",
-    "otherstructure",
-    "otherfurniture",
-    "otherprop",
-)  # fmt: skip  (Gupta et al. 40 classes, 1..40 in the .mat files)
+    "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
+    "picture", "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror",
+    "floor mat", "clothes", "ceiling", "books", "refridgerator", "television", "paper", "towel",
+    "shower curtain", "box", "whiteboard", "person", "night stand", "toilet", "sink", "lamp",
+    "bathtub", "bag", "otherstructure", "otherfurniture", "otherprop",
+)  # fmt: skip
 
 MODALITIES = {
     "rgb": ("images",),
@@ -69,14 +34,6 @@ MODALITIES = {
     "depth": ("depth",),
     "rgbd": ("images", "depth"),
     "rgb+hha": ("images", "hha"),
-}
-# what each modality's input is, group by group, all with NYUDv2's statistics
-INPUTS = {
-    "rgb": ("rgb",),
-    "hha": ("hha",),
-    "depth": ("depth",),
-    "rgbd": ("rgb", "depth"),
-    "rgb+hha": ("rgb", "hha"),
 }
 SPLITS = ("train", "val", "test", "trainval")
 OFFICIAL_COUNTS = {"train": 381, "val": 414, "test": 654, "trainval": 795}
@@ -97,11 +54,7 @@ or: python -m fcn_lightning.prepare nyud --root {arg} (docs/DATA.md)"""
 
 
 def layout(root: Path | None) -> str:
-    """:data:`LAYOUT` under ``root``, with the address the prepare command downloads from."""
-    arg = shlex.quote(str(root)) if root is not None else "<data.root>"
-    return LAYOUT.format(
-        where=f" ({root})" if root is not None else "", arg=arg, url=ARCHIVES["nyud"].url
-    )
+    return layout_text(LAYOUT, root, url=ARCHIVES["nyud"].url)
 
 
 def load_nyud_label(path: Path) -> np.ndarray:
@@ -150,7 +103,7 @@ class NYUDDataModule(SegmentationDataModule):
         for late fusion, one network per stream with its channels."""
         return DataContract(
             {SINGLE_HEAD: Head(NYUD_CLASSES)},
-            [InputGroup(kind, "nyud") for kind in INPUTS[self.modality]],
+            [InputGroup("rgb" if f == "images" else f, "nyud") for f in MODALITIES[self.modality]],
             streams={"rgb": 3, "hha": 3} if self.modality == "rgb+hha" else None,
         )
 
@@ -220,16 +173,10 @@ class NYUDDataModule(SegmentationDataModule):
     def make_dataset(self, split: str, transforms: Callable) -> Dataset:
         ids = self.split_ids(split)
         check_files_exist(ids, self._paths, split)
-        return self.dataset(
-            ids,
-            self._load,
-            transforms,
-            name=f"NYUDv2 split {split!r}",
-        )
+        return self.dataset(ids, self._load, transforms, name=f"NYUDv2 split {split!r}")
 
     def label_files(self, split: str) -> list[dict[str, Path]]:
-        folder = self.label_folder
-        return [{"out": folder / f"img_{i}.mat"} for i in self.split_ids(split)]
+        return [{"out": self.label_folder / f"img_{i}.mat"} for i in self.split_ids(split)]
 
     @staticmethod
     def read_label(path: Path, head: str = "out") -> np.ndarray:
@@ -238,9 +185,7 @@ class NYUDDataModule(SegmentationDataModule):
     def _load(self, i: str):
         *inputs, label_path = self._paths(i)
         parts = [read_depth(p) if p.parent.name == "depth" else read_image(p) for p in inputs]
-        if any(
-            p.dtype != torch.uint8 for p in parts
-        ):  # with depth: everything as float, RGB in 0..1
+        if any(p.dtype != torch.uint8 for p in parts):  # with depth: all float, RGB in 0..1
             parts = [p.float() / 255 if p.dtype == torch.uint8 else p for p in parts]
         sizes = {tuple(p.shape[-2:]) for p in parts}
         if len(sizes) > 1:

@@ -15,24 +15,9 @@ from ..errors import DataError
 
 
 def read_image(path: Path, mode: str = "RGB", exif_transpose: bool = False) -> torch.Tensor:
-    """Decode an image file to a uint8 (C, H, W) tensor, ``mode`` 'RGB' (3 channels) or 'L' (1).
-
-    Every common PIL mode keeps its true brightness, where ``Image.convert`` would clip:
-
-    - 16-bit greyscale ('I;16', 'I;16B', ...) is scaled by the range of its type, 65535 -> 255,
-      never stretched per image: a 12-bit image stored in 16 bits comes out dark but faithful,
-      and one scene looks the same in every file. 'I' (32-bit) is read as 16-bit when its values
-      fit 0..65535 (older Pillow opens 16-bit PNGs so), else by the int32 range; 'F' as 0..1
-      when its values fit, else as 0..255 (clipped). Pillow opens 16-bit RGB PNGs as 8-bit RGB
-      (their high byte), the same scaling.
-    - Alpha ('RGBA', 'LA', 'PA', palette transparency) is dropped, not composited: the stored
-      colours stay, as the labels were drawn on them.
-    - 'P' gives its palette colours, 'CMYK' (JPEG) Pillow's CMYK -> RGB, '1' black and white.
-
-    ``exif_transpose`` turns the image as its EXIF orientation says (photos from phones, for
-    prediction); training leaves it off, since labels are drawn on the stored pixels. A missing,
-    corrupt or truncated file raises DataError naming it.
-    """
+    """Decode an image file of any common mode (docs/CONFIG.md) to a uint8 (C, H, W) tensor,
+    ``mode`` 'RGB' (3 channels) or 'L' (1). ``exif_transpose`` turns it as its EXIF orientation
+    says (prediction); training reads the stored pixels, on which labels are drawn."""
     if mode not in ("RGB", "L"):
         raise ValueError(f"read_image: mode must be 'RGB' or 'L', got {mode!r}")
     try:
@@ -57,7 +42,9 @@ def read_image(path: Path, mode: str = "RGB", exif_transpose: bool = False) -> t
 
 
 def _decode(img: Image.Image) -> np.ndarray:
-    """uint8 pixels of any PIL mode: (H, W) for greyscale sources, (H, W, 3) for colour."""
+    """uint8 pixels of any PIL mode: (H, W) for greyscale sources, (H, W, 3) for colour. Wide
+    modes are scaled by their type's range, never stretched per image ('I' as 16-bit where its
+    values fit, 'F' as 0..1 where they fit); alpha is dropped, not composited."""
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         values = np.asarray(img)
         top = float(values.max(initial=0))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +13,7 @@ from torch.utils.data import Dataset
 from ..contract import DataContract, Head, InputGroup
 from ..errors import DataError
 from .base import SegmentationDataModule
-from .layout import LayoutReport, Listing, SplitCount, count_split
+from .layout import LayoutReport, Listing, SplitCount, count_split, layout_text
 from .readers import read_image, read_mat
 from .sources import ARCHIVES
 
@@ -42,11 +41,7 @@ or: python -m fcn_lightning.prepare siftflow --root {{arg}} (docs/DATA.md)"""
 
 
 def layout(root: Path | None) -> str:
-    """:data:`LAYOUT` under ``root``, with the address the prepare command downloads from."""
-    arg = shlex.quote(str(root)) if root is not None else "<data.root>"
-    return LAYOUT.format(
-        where=f" ({root})" if root is not None else "", arg=arg, url=ARCHIVES["siftflow"].url
-    )
+    return layout_text(LAYOUT, root, url=ARCHIVES["siftflow"].url)
 
 
 def load_siftflow_label(path: Path, geometric: bool) -> np.ndarray:
@@ -157,12 +152,7 @@ class SiftFlowDataModule(SegmentationDataModule):
         return report
 
     def make_dataset(self, split: str, transforms: Callable) -> Dataset:
-        return self.dataset(
-            self.split_ids(split),
-            self._load,
-            transforms,
-            name=f"SIFT Flow {split}",
-        )
+        return self.dataset(self.split_ids(split), self._load, transforms, f"SIFT Flow {split}")
 
     def label_files(self, split: str) -> list[dict[str, Path]]:
         return [{"sem": sem, "geo": geo} for _, sem, geo in map(self._paths, self.split_ids(split))]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shlex
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -14,7 +13,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from ..errors import DataError
 from .base import SegmentationDataModule, check_files_exist, read_split_file
-from .layout import LayoutReport, Listing, count_split
+from .layout import LayoutReport, Listing, count_split, layout_text
 from .readers import read_image, read_label_png, read_mat
 from .sources import ARCHIVES
 
@@ -51,16 +50,7 @@ To fetch, check and extract them: python -m fcn_lightning.prepare voc --year {ye
 
 
 def layout(year: str, root: Path | None) -> str:
-    """:data:`LAYOUT` for VOC of ``year`` under ``root``: the archives' addresses are those
-    ``python -m fcn_lightning.prepare`` downloads from (:data:`ARCHIVES`)."""
-    arg = shlex.quote(str(root)) if root is not None else "<data.root>"
-    return LAYOUT.format(
-        year=year,
-        where=f" ({root})" if root is not None else "",
-        arg=arg,
-        voc=ARCHIVES[f"voc{year}"],
-        sbd=ARCHIVES["sbd"],
-    )
+    return layout_text(LAYOUT, root, year=year, voc=ARCHIVES[f"voc{year}"], sbd=ARCHIVES["sbd"])
 
 
 def load_sbd_label(path: Path) -> Any:
@@ -117,13 +107,9 @@ class VOCDataModule(SegmentationDataModule):
             state = (
                 "is a file, not a folder" if self.root and self.root.exists() else "does not exist"
             )
-            raise DataError(f"data.root {self.root} {state}.\n" + self.layout())
+            raise DataError(f"data.root {self.root} {state}.\n" + layout(self.year, self.root))
         if not path.exists():
-            raise DataError(f"{what} not found: {path}\n" + self.layout())
-
-    def layout(self) -> str:
-        """What :meth:`_require` prints: the layout expected, where to get it, the command."""
-        return layout(self.year, self.root)
+            raise DataError(f"{what} not found: {path}\n" + layout(self.year, self.root))
 
     def _voc_ids(self, split: str) -> list[str]:
         self._require(self.voc_dir, f"VOC{self.year}")
@@ -135,18 +121,14 @@ class VOCDataModule(SegmentationDataModule):
         self._require(self.sbd_dir, "SBD (benchmark_RELEASE/dataset)")
         return read_split_file(self.sbd_dir / f"{split}.txt", f"SBD {split}")
 
-    # --- download and layout check
     def needed(self) -> tuple[bool, bool]:
         """Whether the configured splits read VOC of ``year``, and whether they read SBD."""
         splits = {self.train_split, self.val_split, self.test_split}
         return bool(splits & set(NEEDS_VOC)), bool(splits & set(NEEDS_SBD))
 
     def prepare_data(self) -> None:
-        """With ``download``: fetch and extract what the configured splits read (VOC of
-        ``year``; SBD for the sbd splits and seg11valid) into ``root`` where it is missing.
-        ``download`` is the function that does it, ``fcn_lightning.prepare.datasets.download``
-        (``data.download=true`` passes it; docs/DATA.md). :meth:`setup` never downloads: call
-        this first, on one process (Lightning does, before its own ``setup``)."""
+        """With ``download`` (``fcn_lightning.prepare.datasets.download``): fetch what the
+        splits read where it is missing, on one process before ``setup`` (docs/DATA.md)."""
         if not self.download or self._prepared:
             return
         if self.root is None:
@@ -173,10 +155,8 @@ class VOCDataModule(SegmentationDataModule):
     def check_layout(
         self, splits: Sequence[str] | None = None, *, require_voc: bool = False
     ) -> LayoutReport:
-        """Per split (default: every split on disk), the ids its list names, the images and
-        labels found and the official count, from :meth:`split_ids` itself. ``require_voc``
-        (the check of a root, as training reads it): VOC of ``year`` absent is an error, which
-        names the folder expected and the other release if that one is there."""
+        """Per split (default: every split on disk) the ids of :meth:`split_ids`, the files found
+        and the official count. ``require_voc``: VOC of ``year`` absent is an error."""
         listed = splits is not None
         splits = list(splits) if listed else self.available_splits()
         parts = [f"VOC{self.year}"] * self.voc_dir.is_dir() + ["SBD"] * self.sbd_dir.is_dir()
@@ -247,13 +227,9 @@ class VOCDataModule(SegmentationDataModule):
         by_source: dict[str, list[str]] = {}
         for source, i in pairs:
             by_source.setdefault(source, []).append(i)
+        name = f"VOC split {split!r}"
         parts = [
-            self.dataset(
-                ids,
-                partial(self._load, source),
-                transforms,
-                name=f"VOC split {split!r}",
-            )
+            self.dataset(ids, partial(self._load, source), transforms, name)
             for source, ids in by_source.items()
         ]
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
