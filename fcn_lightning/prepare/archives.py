@@ -37,11 +37,10 @@ except ImportError:  # pragma: no cover - Windows: no lock between concurrent pr
 LOCK_NAME, STAGING_PREFIX = ".fcn_lightning-prepare.lock", ".prepare-tmp-"
 ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zipfile.BadZipFile, zlib.error, gzip.BadGzipFile)
 Say = Callable[[str], None]
-Hint = Callable[[Sequence[str]], str | None]  # what an archive holds instead, if known
+Hint = Callable[[Sequence[str]], str | None] | None  # what an archive holds instead, if known
 
 
 def mib(n: float) -> str:
-    """KiB below 0.1 MiB, one decimal below 10 MiB, none up to 1 GiB, then GiB."""
     if n < 0.1 * 2**20:
         return f"{n / 2**10:.0f} KiB"
     if n < 10 * 2**20:
@@ -50,7 +49,7 @@ def mib(n: float) -> str:
 
 
 def not_a_folder(root: Path) -> str | None:
-    """Why ``root`` cannot be a folder (it, or a folder above it, is a file), or None."""
+    """Why ``root`` cannot be a folder (it, or a folder above it, is a file)."""
     p = next((p for p in (root, *root.parents) if p.exists()), root)
     if p.is_dir() or not p.exists():
         return None
@@ -68,7 +67,7 @@ def verify(path: Path, md5: str | None, downloaded: bool = False) -> None:
 
 def fetch(info: Archive, root: Path, path: Path | None, command: str, say: Say, made: bool) -> Path:
     """The archive, md5 checked: ``path``, else ``root/<filename>``, else downloaded there
-    (resuming ``<filename>.part``). ``made``: this run made ``root`` (and removes it again)."""
+    (resuming ``<filename>.part``). ``made``: this run made ``root``."""
     dest = path or root / info.filename
     if dest.is_file():
         say(f"Using {dest}" + " (verifying its md5)" * bool(info.md5))
@@ -134,8 +133,8 @@ def damaged(path: Path) -> PrepareError:
 
 
 def read_index(path: Path) -> dict[str, int]:
-    """Member name -> size, of a zip or a tar (any compression) that reads to its end and that
-    tarfile's ``data`` filter accepts (zipfile keeps every member inside the folder itself)."""
+    """Member name -> size, of a zip, or of a tar that reads to its end and that tarfile's
+    ``data`` filter accepts (zipfile keeps every member inside the folder itself)."""
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as zf:
@@ -159,9 +158,7 @@ def read_index(path: Path) -> dict[str, int]:
         raise damaged(path) from None
 
 
-def find_prefix(
-    names: Sequence[str], pattern: str, what: str, path: Path, hint: Hint | None
-) -> str:
+def find_prefix(names: Sequence[str], pattern: str, what: str, path: Path, hint: Hint) -> str:
     """The shortest folder that ``pattern`` (group ``prefix``) finds; else say what is there."""
     found = sorted({m["prefix"].rstrip("/") for n in names if (m := re.match(pattern, n))}, key=len)
     if found:
@@ -182,8 +179,8 @@ def check_space(folder: Path, need: int, what: str) -> None:
 
 
 def extract(path: Path, names: Any, into: Path) -> None:
-    """The members ``names`` of ``path`` into ``into``: zip CRCs checked as it reads, tar with
-    the ``data`` filter (nothing outside ``into``, no links out, no device files)."""
+    """The members ``names`` of ``path`` into ``into``: zip CRCs checked, tar with the ``data``
+    filter."""
     desc = f"extracting {path.name}"
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
@@ -204,7 +201,7 @@ def install(
     moves: Sequence[tuple[str, str]],
     verify_staged: Callable[[Path], None],
     say: Say,
-    hint: Hint | None = None,
+    hint: Hint = None,
 ) -> None:
     """Extract the folder of ``path`` that ``pattern`` finds into a temporary folder in
     ``root``; once ``verify_staged(folder)`` passes, rename each ``(inside, target)`` of
@@ -249,8 +246,7 @@ def install(
 
 
 def remove_stale(root: Path, say: Say) -> None:
-    """Remove the temporary folders of killed runs (SIGKILL, a power cut): call it with the
-    lock held, since only its holder makes one."""
+    """Remove the temporary folders of killed runs (call it with the lock held)."""
     for p in sorted(root.glob(STAGING_PREFIX + "*")):
         shutil.rmtree(p, ignore_errors=True)
         done = "Could not remove" if p.exists() else "Removed"
@@ -259,9 +255,9 @@ def remove_stale(root: Path, say: Say) -> None:
 
 @contextlib.contextmanager
 def locked(root: Path, say: Say, wait: bool = True) -> Iterator[bool]:
-    """One preparation at a time in ``root``: yields whether this run made ``root``, which is
-    removed again (with the folders made above it) if nothing but the lock ended up in it.
-    Without ``wait``, a lock held elsewhere raises BlockingIOError."""
+    """One preparation at a time in ``root``: yields whether this run made ``root`` (removed
+    again, with the folders above it, if only the lock ended up in it). Without ``wait``, a
+    lock held elsewhere raises BlockingIOError."""
     made = [p for p in (root, *root.parents) if not p.exists()]  # deepest first
     root.mkdir(parents=True, exist_ok=True)
     with open(root / LOCK_NAME, "a") as handle:
@@ -283,9 +279,7 @@ def locked(root: Path, say: Say, wait: bool = True) -> Iterator[bool]:
                         p.rmdir()
 
 
-def already_prepared(
-    targets: Sequence[Path], check: Callable[[], Any], what: str, say: Say
-) -> bool:
+def already_prepared(targets: Sequence[Path], check: Callable, what: str, say: Say) -> bool:
     """True if the ``targets`` exist and ``check()`` finds them complete; False if none exists
     (an empty folder counts as absent); raises if they are incomplete (never overwritten)."""
     present = [t for t in targets if t.exists() and not (t.is_dir() and not any(t.iterdir()))]
@@ -316,11 +310,9 @@ def prepare_once(
     before: Callable[[], None] | None = None,
     **recipe: Any,
 ) -> None:
-    """Every preparation of ``kind`` (voc of ``year``, sbd, siftflow, nyud): the options
-    checked; nothing written where the ``targets`` are complete (a read-only root is fine);
-    else, under the lock, stale folders removed, ``before()`` run, the check made again
-    (another run may have finished) and the archive from :func:`fetch` installed
-    (:func:`install` with ``recipe``)."""
+    """Every preparation of ``kind`` (voc of ``year``, sbd, siftflow, nyud): nothing written
+    where the ``targets`` are complete; else, under the lock, stale folders removed,
+    ``before()`` run, the check made again and the archive :func:`fetch` gives installed."""
     if md5 is not None and not re.fullmatch(r"[0-9a-fA-F]{32}", md5):
         raise PrepareError(f"--md5 {md5!r} is not an md5: it is 32 hexadecimal digits")
     if url is not None and url.split("://")[0].lower() not in ("http", "https", "ftp", "file"):

@@ -35,17 +35,13 @@ EXAMPLES = """examples:
   python -m fcn_lightning.prepare nyud --root /data/nyud --archive nyud.tar.gz --lists fcn/data/nyud
   python -m fcn_lightning.prepare check voc --year 2011 --root /data/pascal
 Then train with data.root set to --root (e.g. data=voc data.root=/data/pascal data.year=2011)."""
-YEAR = {
-    "choices": ("2011", "2012"),
-    "default": "2011",
-    "help": "VOC release (default: %(default)s)",
-}
+YEAR = dict(choices=("2011", "2012"), default="2011", help="VOC release (default: %(default)s)")
 
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """SIGTERM and SIGHUP raise KeyboardInterrupt(<name>) in the block, once (a second one is
-    ignored, so that the clean-up finishes); the previous handlers come back after it."""
+    ignored, so that the clean-up finishes)."""
     stops = [s for n in ("SIGTERM", "SIGHUP") if (s := getattr(signal, n, None))]
     if threading.current_thread() is not threading.main_thread():
         stops = []  # signals are the main thread's
@@ -95,11 +91,7 @@ def parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> LayoutReport:
     root = args.root.expanduser()
     if args.command != "check":
-        options = {"archive": args.archive, "md5": args.md5, "url": args.url}
-        if args.command in ("voc", "sbd"):
-            options["year"] = args.year
-        if args.command == "nyud":
-            options["lists"] = args.lists
+        options = {k: v for k, v in vars(args).items() if k not in ("command", "root")}
         prepare = {"voc": prepare_voc, "sbd": prepare_sbd, "siftflow": prepare_siftflow}
         return prepare.get(args.command, prepare_nyud)(root, **options)
     if problem := not_a_folder(root):  # check: the layout as training reads it

@@ -9,6 +9,7 @@ import re
 import shutil
 import warnings
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,23 @@ def _check(root: Path, splits: Sequence[str], year: str = "2011") -> LayoutRepor
         return VOCDataModule(root, year=year).check_layout(splits)
 
 
+def _one_folder(root: Path, kind: str, year: str, wanted: str, splits: Sequence[str], **recipe):
+    """VOC or SBD: ``root/<wanted>`` from the archive's folder that ``<wanted>/<pattern>`` finds."""
+    check = partial(_check, splits=splits, year=year or "2011")
+    prepare_once(
+        root,
+        kind,
+        year,
+        targets=[root / wanted],
+        check=lambda: check(root),
+        wanted=wanted,
+        pattern=rf"^(?P<prefix>(?:.*/)?{wanted})/{recipe.pop('pattern')}",
+        moves=[(".", wanted)],
+        verify_staged=lambda at: check(at.parent.parent).raise_for_errors(),
+        **recipe,
+    )
+
+
 def prepare_voc(root: str | Path, year: int | str = 2011, **options: Any) -> LayoutReport:
     """``root/VOCdevkit/VOC<year>`` from the official trainval tar, md5 checked."""
     root, year = Path(root).expanduser(), str(year)
@@ -38,38 +56,18 @@ def prepare_voc(root: str | Path, year: int | str = 2011, **options: Any) -> Lay
         told = "it holds " + ", ".join(f"VOCdevkit/VOC{y}" for y in held)
         return (told + f": pass --year {usable[0]}" * bool(usable)) if held else None
 
-    prepare_once(
-        root,
-        "voc",
-        year,
-        targets=[VOCDataModule(root, year=year).voc_dir],
-        check=lambda: _check(root, VOC_SPLITS, year),
-        what=f"VOC{year}",
-        wanted=f"VOCdevkit/VOC{year}",
-        pattern=rf"^(?P<prefix>(?:.*/)?VOCdevkit/VOC{year})/ImageSets/Segmentation/",
-        moves=[(".", f"VOCdevkit/VOC{year}")],
-        verify_staged=lambda at: _check(at.parent.parent, VOC_SPLITS, year).raise_for_errors(),
-        hint=hint,
-        **options,
+    wanted, tail = f"VOCdevkit/VOC{year}", "ImageSets/Segmentation/"
+    _one_folder(
+        root, "voc", year, wanted, VOC_SPLITS, what=f"VOC{year}", pattern=tail, hint=hint, **options
     )
     return VOCDataModule(root, year=year).check_layout(require_voc=True)
 
 
 def prepare_sbd(root: str | Path, *, year: int | str = 2011, **options: Any) -> LayoutReport:
-    """``root/benchmark_RELEASE/dataset`` from benchmark.tgz, md5 checked; the check returned
-    includes VOC of ``year`` if present."""
-    root = Path(root).expanduser()
-    prepare_once(
-        root,
-        "sbd",
-        targets=[VOCDataModule(root).sbd_dir],
-        check=lambda: _check(root, SBD_SPLITS),
-        what="SBD",
-        wanted="benchmark_RELEASE/dataset",
-        pattern=r"^(?P<prefix>(?:.*/)?benchmark_RELEASE/dataset)/(train|val)\.txt$",
-        moves=[(".", "benchmark_RELEASE/dataset")],
-        verify_staged=lambda at: _check(at.parent.parent, SBD_SPLITS).raise_for_errors(),
-        **options,
+    """``root/benchmark_RELEASE/dataset`` from benchmark.tgz, md5 checked."""
+    root, wanted = Path(root).expanduser(), "benchmark_RELEASE/dataset"
+    _one_folder(
+        root, "sbd", "", wanted, SBD_SPLITS, what="SBD", pattern=r"(train|val)\.txt$", **options
     )
     return VOCDataModule(root, year=year).check_layout()
 
@@ -77,10 +75,8 @@ def prepare_sbd(root: str | Path, *, year: int | str = 2011, **options: Any) -> 
 def prepare_nyud(
     root: str | Path, *, lists: str | Path | None = None, **options: Any
 ) -> LayoutReport:
-    """``root`` as NYUDv2's data.root from the reference's nyud.tar.gz (no checksum published:
-    the tar must read to its end). The split lists come from the archive, else from ``lists``
-    (a folder of train.txt, val.txt, test.txt, copied in where absent), else the check names
-    them."""
+    """``root`` as NYUDv2's data.root from the reference's nyud.tar.gz; the split lists from
+    the archive, else from the folder ``lists`` (copied in where absent), else named missing."""
     root, say = Path(root).expanduser(), options.get("say", print)
     lists = Path(lists).expanduser() if lists is not None else None
     for name in LISTS if lists is not None else ():  # refused even where nothing needs doing
@@ -121,8 +117,7 @@ def prepare_nyud(
 
 
 def prepare_siftflow(root: str | Path, **options: Any) -> LayoutReport:
-    """``root`` as SIFT Flow's data.root from SiftFlowDataset.zip (no checksum published: the
-    zip's CRCs and the layout are checked)."""
+    """``root`` as SIFT Flow's data.root from SiftFlowDataset.zip."""
     root = Path(root).expanduser()
     prepare_once(
         root,
@@ -140,8 +135,7 @@ def prepare_siftflow(root: str | Path, **options: Any) -> LayoutReport:
 
 
 def download(dm: VOCDataModule) -> None:
-    """What ``data.download=true`` runs from ``VOCDataModule.prepare_data``: VOC of its year,
-    and SBD where its splits read SBD, into its root where they are missing."""
+    """``data.download=true``: VOC of ``dm``'s year, and SBD where its splits read SBD."""
     voc, sbd = dm.needed()
     if voc:
         prepare_voc(dm.root, dm.year, say=log.info)
