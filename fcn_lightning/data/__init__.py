@@ -17,31 +17,10 @@ from .transforms import NormalizeImage, RandomScale, eval_transforms, train_tran
 from .voc import VOC_CLASSES, VOCDataModule
 
 __all__ = [
-    "ARCHIVES",
-    "GEOMETRIC_CLASSES",
-    "IGNORE_INDEX",
-    "NYUD_CLASSES",
-    "SEMANTIC_CLASSES",
-    "VOC_CLASSES",
-    "DataError",
-    "FolderDataModule",
-    "LabelReport",
-    "LayoutReport",
-    "NYUDDataModule",
-    "NormalizeImage",
-    "PrepareError",
-    "RandomScale",
-    "SegmentationDataModule",
-    "SegmentationDataset",
-    "SiftFlowDataModule",
-    "SplitLabels",
-    "SyntheticDataModule",
-    "VOCDataModule",
-    "eval_transforms",
-    "pad_collate",
-    "read_image",
-    "read_label_png",
-    "render_scene",
-    "train_transforms",
-    "voc_palette",
-]
+    "ARCHIVES", "GEOMETRIC_CLASSES", "IGNORE_INDEX", "NYUD_CLASSES", "SEMANTIC_CLASSES",
+    "VOC_CLASSES", "DataError", "FolderDataModule", "LabelReport", "LayoutReport", "NYUDDataModule",
+    "NormalizeImage", "PrepareError", "RandomScale", "SegmentationDataModule",
+    "SegmentationDataset", "SiftFlowDataModule", "SplitLabels", "SyntheticDataModule",
+    "VOCDataModule", "eval_transforms", "pad_collate", "read_image", "read_label_png",
+    "render_scene", "train_transforms", "voc_palette"
+]  # fmt: skip

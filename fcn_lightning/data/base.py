@@ -1,9 +1,6 @@
-"""Common base of the segmentation datasets and DataModules.
-
-A sample is ``(image, targets)``: a float tensor (C, H, W) normalised for the model, and a dict
-from head name to an int64 label map (H, W) with 255 = ignore (one head: ``SINGLE_HEAD``). A
-DataModule publishes what it gives as its ``contract`` (:mod:`fcn_lightning.contract`).
-"""
+"""Common base of the segmentation datasets and DataModules. A sample is ``(image, targets)``:
+a normalised float (C, H, W) tensor and ``{head: int64 (H, W) labels}``, 255 = ignore; a
+DataModule publishes what it gives as its ``contract`` (:mod:`fcn_lightning.contract`)."""
 
 from __future__ import annotations
 
@@ -29,6 +26,11 @@ from .readers import check_label, map_labels
 from .transforms import eval_transforms, train_transforms
 
 BATCHING = ("crop", "pad", "whole")
+TURNED = (
+    ": turned by 90 degrees. Was the mask drawn on the photo as a viewer shows it (EXIF "
+    "orientation)? Training reads the stored pixels: save the photo turned "
+    "(PIL.ImageOps.exif_transpose), or the mask to match the stored image"
+)
 
 
 class SegmentationDataset(Dataset):
@@ -59,19 +61,9 @@ class SegmentationDataset(Dataset):
         checked = {}
         for head, lab in labels.items():
             lab = check_label(map_labels(lab, self.label_map), self.num_classes[head], where)
-            if tuple(lab.shape) != tuple(image.shape[-2:]):
-                turned = tuple(lab.shape) == tuple(image.shape[-2:])[::-1]
-                raise DataError(
-                    f"{where}: label is {tuple(lab.shape)} (H, W) but its image is "
-                    f"{tuple(image.shape[-2:])}"
-                    + (
-                        ": turned by 90 degrees. Was the mask drawn on the photo as a viewer shows "
-                        "it (EXIF orientation)? Training reads the stored pixels: save the photo "
-                        "turned (PIL.ImageOps.exif_transpose), or the mask to match the stored image"
-                        if turned
-                        else ""
-                    )
-                )
+            if (shape := tuple(lab.shape)) != (size := tuple(image.shape[-2:])):
+                hint = TURNED if shape == size[::-1] else ""
+                raise DataError(f"{where}: label is {shape} (H, W) but its image is {size}{hint}")
             checked[head] = tv_tensors.Mask(lab)
         image = tv_tensors.Image(image)
         if self.transforms is not None:
@@ -87,8 +79,7 @@ class ResumableSampler(Sampler):
     ``resume_at(epoch, n)`` skips the first ``n`` samples of that epoch."""
 
     def __init__(self, size: int, seed: int = 0, shuffle: bool = True) -> None:
-        self.size, self.seed, self.shuffle = size, seed, shuffle
-        self.epoch = 0
+        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
         self._skip: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls this before each epoch
@@ -98,21 +89,18 @@ class ResumableSampler(Sampler):
         self._skip = (epoch, samples_done)
 
     def __iter__(self):
+        order = list(range(self.size))
         if self.shuffle:
-            order = torch.randperm(
-                self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            ).tolist()
-        else:
-            order = list(range(self.size))
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.size, generator=generator).tolist()
         if self._skip is not None and self._skip[0] == self.epoch:
             order = order[self._skip[1] :]
             self._skip = None
         return iter([(self.epoch, i) for i in order])
 
     def __len__(self) -> int:
-        # always a whole epoch: Lightning counts an epoch's batches once, from the first
-        # loader, so a shorter length while resuming in epoch 0 would shorten every epoch (the
-        # resumed epoch itself ends when its iterator does; Lightning knows where it stopped)
+        # a whole epoch even while resuming: Lightning counts an epoch's batches once, from the
+        # first loader, so a shorter length would shorten every epoch
         return self.size
 
 
@@ -157,11 +145,8 @@ def loader_workers(setting: int | str) -> int:
     """``data.num_workers``: a count, or ``auto``: :data:`AUTO_WORKERS`, but no more than the
     cores this process may use (PyTorch warns about more, and they only compete)."""
     if setting == "auto":
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            cores = os.cpu_count() or 1
-        return min(AUTO_WORKERS, cores)
+        linux = hasattr(os, "sched_getaffinity")
+        return min(AUTO_WORKERS, len(os.sched_getaffinity(0)) if linux else os.cpu_count() or 1)
     try:
         workers = int(setting)
     except (TypeError, ValueError):
@@ -173,17 +158,9 @@ def loader_workers(setting: int | str) -> int:
 
 class SegmentationDataModule(pl.LightningDataModule):
     """Base DataModule: loaders, batching and transforms; subclasses say where samples come from.
-    Its defaults are ``conf/base/data.yaml``'s: whole images one at a time, no jitter (the paper).
-
-    Batching: ``crop`` (fixed-size random crops, labels padded with 255), ``pad`` (each batch
-    padded to its largest image) or ``whole``; validation and test always see whole images.
-    ``normalization``: a scheme (``imagenet`` | ``caffe``) resolved per image group of the
-    contract, one normalisation's fields, or a list of them, one per group. ``label_map``
-    replaces label values (after the dataset's own conversion, every head alike) before the
-    range check, e.g. ``{255: 1}`` for masks saved as 0/255, ``{3: 255}`` to ignore class 3.
-    """
-
-    ignore_index = IGNORE_INDEX
+    Its defaults are ``conf/base/data.yaml``'s (the paper's); the settings: docs/CONFIG.md.
+    ``normalization``: a scheme resolved per image group of the contract, one normalisation's
+    fields, or a list of them, one per group."""
 
     def __init__(
         self,
@@ -231,15 +208,13 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.label_map = {int(k): int(v) for k, v in (label_map or {}).items()}
         self.datasets: dict[str, Dataset] = {}
         # the shuffling order and per-sample transforms of training depend on this seed only
-        self.loader_seed = (
-            int(loader_seed) if loader_seed is not None else torch.initial_seed() % 2**31
-        )
+        seed = loader_seed if loader_seed is not None else torch.initial_seed() % 2**31
+        self.loader_seed = int(seed)
         self._resume: dict[str, int] | None = None
         self._said: set[str] = set()  # data warnings given (warn_once)
 
     def warn_once(self, message: str) -> None:
-        """A warning about the data, said once per DataModule (setup, the label check and each
-        stage list the splits again)."""
+        """A warning about the data, once per DataModule (each stage lists the splits again)."""
         if message not in self._said:
             self._said.add(message)
             warnings.warn(message, stacklevel=3)
@@ -252,25 +227,20 @@ class SegmentationDataModule(pl.LightningDataModule):
         done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
         if done == 0 or done >= trainer.num_training_batches:
             return {}  # at an epoch boundary: the next epoch starts from its beginning
-        # samples seen this epoch, over all processes
-        return {
-            "epoch": trainer.current_epoch,
-            "samples_done": done * self.batch_size * trainer.world_size,
-        }
+        samples = done * self.batch_size * trainer.world_size  # this epoch, all processes
+        return {"epoch": trainer.current_epoch, "samples_done": samples}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         trainer = getattr(self, "trainer", None)
         fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
         self._resume = dict(state) if state and fitting else None
 
-    # --- what subclasses provide
     class_names: tuple[str, ...] = ()  # a one-head dataset's classes, index 0 first
 
     @property
     def contract(self) -> DataContract:
-        """What this DataModule gives (heads, class names, palettes, inputs), the only thing the
-        model, the LightningModule and the reports read of it. Here: one head of
-        ``class_names`` in the VOC palette, a photo with VOC's statistics."""
+        """What this DataModule gives, all the model and the reports read of it. Here: one head
+        of ``class_names`` in the VOC palette, a photo with VOC's statistics."""
         return DataContract(
             {SINGLE_HEAD: Head(tuple(self.class_names), tuple(voc_palette()))},
             [InputGroup("rgb", "voc")],
@@ -305,13 +275,10 @@ class SegmentationDataModule(pl.LightningDataModule):
     def check_labels(
         self, splits: Sequence[str] | None = None, *, workers: int | None = None
     ) -> LabelReport:
-        """Every label file of ``splits`` (default: train, val, test) read once, by ``workers``
-        loader processes (default ``num_workers``), cached per file: histograms, ignored share,
-        absent classes. Out-of-range values raise DataError; likely mistakes warn
-        (:mod:`.labelcheck`)."""
+        """Every label file of ``splits`` (default: train, val, test) read and counted, by
+        ``workers`` loader processes (default ``num_workers``): :mod:`.labelcheck`."""
         return run_label_check(self, splits, workers=workers)
 
-    # --- Lightning hooks
     def train_transforms(self) -> Callable:
         return train_transforms(
             crop_size=self.crop_size if self.batching == "crop" else None,

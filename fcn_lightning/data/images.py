@@ -1,13 +1,7 @@
-"""Image files to predict: each decoded as a photo viewer shows it (EXIF orientation applied) and
-normalised for the model, batched only with images of its own size.
-
-Sizes are read from the files' headers up front. A file that cannot be decoded never stops the
-loader: its sample carries the error message in place of the image, and :func:`collate` leaves
-it out of the batch's images (a batch whose every file failed has none: shape (0, 3, H, W)).
-A file whose decoded size is not the one its header gave (orientation metadata found only past
-the pixel data, or a file replaced meanwhile) is returned with its true size and no image, to be
-read again in a batch of that size.
-"""
+"""Image files to predict, decoded as a photo viewer shows them (EXIF orientation applied) and
+batched by the size their headers give. A file that cannot be decoded carries its error in place
+of the image; one whose decoded size differs from its header's comes back with its true size and
+no image, to be read again in a batch of that size (docs/DEPLOYING.md)."""
 
 from __future__ import annotations
 

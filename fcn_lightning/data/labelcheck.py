@@ -1,12 +1,5 @@
-"""The label check run once before training: ``SegmentationDataModule.check_labels()``.
-
-Every label file of the splits is read once as training reads it (the dataset's reader, then
-``label_map``) by a DataLoader with the DataModule's ``num_workers``, and counted: pixels per
-class, ignored (255), out of range. A wrong class count, masks saved as 0/255 or a bad file in
-the validation split show in seconds, before training. Per-file counts are cached under
-``$FCN_LIGHTNING_CACHE`` (else ``~/.cache/fcn_lightning/labels/``), one JSON file per DataModule
-class, data root and label map, stamped with each file's size, mtime and inode change time.
-"""
+"""The label check run once before training, ``SegmentationDataModule.check_labels()``: every
+label file read as training reads it and counted, the counts cached per file (docs/TRAINING.md)."""
 
 from __future__ import annotations
 
@@ -60,8 +53,7 @@ class SplitLabels:
         return self.ignored / self.pixels if self.pixels else 0.0
 
     @property
-    def absent(self) -> list[str]:
-        """Classes that never occur in this split."""
+    def absent(self) -> list[str]:  # classes that never occur in this split
         return [n for n, c in zip(self.class_names, self.histogram, strict=True) if c == 0]
 
     @property
@@ -86,12 +78,10 @@ class LabelReport:
     note: str = ""
 
     @property
-    def from_cache(self) -> bool:
-        """Whether every label came from the cache (no label file was read)."""
+    def from_cache(self) -> bool:  # no label file was read
         return bool(self.splits) and all(s.from_cache for s in self.splits.values())
 
-    def format(self) -> str:
-        """One short block: a line per split, then the warnings."""
+    def format(self) -> str:  # a line per split, then the warnings
         if not self.splits:
             return f"label check: {self.note or 'no labels to check'}"
         source = "from the cache" if self.from_cache else f"cache {self.cache_file}"

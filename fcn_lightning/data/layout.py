@@ -1,7 +1,6 @@
-"""The layout check of a dataset on disk (each DataModule's ``check_layout``; printed by
-``python -m fcn_lightning.prepare``): per split, the ids listed, the files found per column and
-the official count. A count off the official one is a warning (a subset is fine); a listed
-file that is absent is an error naming it. Training does not run it (docs/DATA.md)."""
+"""The layout check of a dataset on disk (each DataModule's ``check_layout``, printed by
+``python -m fcn_lightning.prepare``; docs/DATA.md): per split, the ids listed, the files found
+per column and the official count."""
 
 from __future__ import annotations
 
@@ -70,6 +69,24 @@ class LayoutReport:
         lines += [f"  warning: {n}" for n in self.warnings]
         lines += [f"  error: {n}" for n in self.errors]
         return "\n".join([*lines, "  layout: complete" if self.ok else "  layout: INCOMPLETE"])
+
+    def count_splits(
+        self,
+        splits: Sequence[str],
+        split_ids: Callable[[str], Sequence[object]],
+        files: Callable[[object], dict[str, Path]],
+        official: dict[str, int],
+        listing: Listing | None = None,
+    ) -> None:
+        """:func:`count_split` for each split; one whose ids cannot be listed is a problem."""
+        listing = listing or Listing()
+        for split in splits:
+            try:
+                ids = split_ids(split)
+            except DataError as err:
+                self.problems.append(f"{split}: {str(err).splitlines()[0]}")
+                continue
+            self.splits.append(count_split(split, ids, files, official.get(split), listing))
 
     def raise_for_errors(self) -> None:
         if not self.ok:

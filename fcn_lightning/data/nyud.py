@@ -15,7 +15,7 @@ from ..contract import SINGLE_HEAD, DataContract, Head, InputGroup
 from ..errors import DataError
 from ..normalization import LOG_DEPTH_MEANS
 from .base import SegmentationDataModule, check_files_exist, read_split_file
-from .layout import LayoutReport, Listing, count_split, layout_text
+from .layout import LayoutReport, layout_text
 from .readers import read_image, read_mat
 from .sources import ARCHIVES
 
@@ -155,19 +155,14 @@ class NYUDDataModule(SegmentationDataModule):
             )
         if "images" not in present or absent:
             return report
-        listing = Listing()
 
         def files(i: str) -> dict[str, Path]:
             out = {c: self.root / f / f"img_{i}.png" for c, f in present.items()}
             return {**out, "labels": self.label_folder / f"img_{i}.mat"}
 
-        for split in ("train", "val", "trainval", "test"):
-            try:
-                ids = self.split_ids(split)
-            except DataError as err:
-                report.problems.append(f"{split}: {str(err).splitlines()[0]}")
-                continue
-            report.splits.append(count_split(split, ids, files, OFFICIAL_COUNTS[split], listing))
+        report.count_splits(
+            ("train", "val", "trainval", "test"), self.split_ids, files, OFFICIAL_COUNTS
+        )
         return report
 
     def make_dataset(self, split: str, transforms: Callable) -> Dataset:

@@ -53,12 +53,9 @@ def load_siftflow_label(path: Path, geometric: bool) -> np.ndarray:
 
 
 class SiftFlowDataModule(SegmentationDataModule):
-    """SIFT Flow with two label maps per image: ``sem`` (33 classes) and ``geo`` (3 classes).
-
-    Splits: ``test`` (the 200 images of TestSet1.txt) and ``train`` (the rest). Images without
-    both annotations are left out with a warning (two in the official release). ``label_map``
-    acts on both heads, on their 0-based classes.
-    """
+    """SIFT Flow with two heads, ``sem`` (33 classes) and ``geo`` (3). Splits: ``test`` (the 200
+    of TestSet1.txt) and ``train`` (the rest); images without both annotations are left out with
+    a warning. ``label_map`` acts on both heads, on their 0-based classes."""
 
     contract = DataContract(
         {"sem": Head(SEMANTIC_CLASSES), "geo": Head(GEOMETRIC_CLASSES)},
@@ -140,15 +137,9 @@ class SiftFlowDataModule(SegmentationDataModule):
                 f"{len(bare)} image(s) without annotation, left out of training{known}: "
                 + ", ".join(bare[:5])
             )
-        for split in ("train", "test"):
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # the unannotated images: in the note
-                    ids = self.split_ids(split)
-            except DataError as err:
-                report.problems.append(f"{split}: {str(err).splitlines()[0]}")
-                continue
-            report.splits.append(count_split(split, ids, files, OFFICIAL_COUNTS[split], listing))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the unannotated images: in the note
+            report.count_splits(("train", "test"), self.split_ids, files, OFFICIAL_COUNTS, listing)
         return report
 
     def make_dataset(self, split: str, transforms: Callable) -> Dataset:

@@ -1,9 +1,6 @@
-"""Procedural scenes: the embedded dataset that lets ``python train.py`` run with no download.
-
-Each sample is a pure function of (seed, split, index). Classes have fine structure that a
-stride-32 prediction cannot draw (thin bars, small dots, thin rings) beside large blobs, so the
-skips of FCN-16s/8s measurably help, as on real data.
-"""
+"""Procedural scenes, each a pure function of (seed, split, index): the embedded dataset that
+lets ``python train.py`` run with no download. Thin bars, small dots and thin rings beside large
+blobs: structure a stride-32 prediction cannot draw, so the skips of FCN-16s/8s help."""
 
 from __future__ import annotations
 
@@ -33,11 +30,8 @@ _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
 def render_scene(
     seed: int, split: str, index: int, size: int | tuple[int, int] = 96, thickness: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One scene: (uint8 image (H, W, 3), uint8 label (H, W)).
-
-    ``thickness`` scales the fine structures (bar width, dot size, ring width): 1.0 gives 2-4 px
-    bars that a stride-32 prediction cannot draw; larger values make every class coarse.
-    """
+    """One scene: (uint8 image (H, W, 3), uint8 label (H, W)). ``thickness`` scales the fine
+    structures: 1.0 gives 2-4 px bars; larger values make every class coarse."""
     h, w = (size, size) if isinstance(size, int) else size
     rng = np.random.default_rng([seed, _SPLIT_CODE.get(split, 3), index])
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -108,12 +102,8 @@ class SyntheticDataModule(SegmentationDataModule):
         if split not in self.sizes:
             raise ValueError(f"synthetic data has splits {sorted(self.sizes)}, got {split!r}")
         ids = [str(i) for i in range(self.sizes[split])]
-        return self.dataset(
-            ids,
-            partial(_load_scene, self.seed, split, self.image_size, self.thickness),
-            transforms,
-            name=f"synthetic {split}",
-        )
+        load = partial(_load_scene, self.seed, split, self.image_size, self.thickness)
+        return self.dataset(ids, load, transforms, f"synthetic {split}")
 
     def check_labels(
         self, splits: Sequence[str] | None = None, *, workers: int | None = None
@@ -131,9 +121,8 @@ class SyntheticDataModule(SegmentationDataModule):
         """Write the scenes in VOC layout (lossless PNG images, palette PNG labels, split lists,
         classes.txt), readable by the folder DataModule."""
         root = Path(root)
-        (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
-        (root / "SegmentationClass").mkdir(parents=True, exist_ok=True)
-        (root / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+        for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
         flat_palette = [v for c in voc_palette() for v in c]
         for split in splits:
             ids = []

@@ -1,8 +1,5 @@
-"""Joint image/label transforms on torchvision.transforms.v2 and tv_tensors.
-
-Images are ``tv_tensors.Image`` (uint8 until ``ToDtype``), labels ``tv_tensors.Mask``: v2 resizes
-masks with nearest interpolation, and every padding fills labels with the ignore index 255.
-"""
+"""Joint image/label transforms on torchvision.transforms.v2: labels are ``tv_tensors.Mask``
+(resized with nearest interpolation, padded with the ignore index 255)."""
 
 from __future__ import annotations
 
@@ -43,13 +40,9 @@ class RandomScale(v2.Transform):
 
 
 class NormalizeImage(v2.Transform):
-    """Float image in 0..1 -> the normalisation the model's weights expect.
-
-    The first ``image_groups`` groups of 3 channels are images (RGB, or HHA encoded as an image)
-    and are normalised, each by its own normalisation when ``normalization`` is a list of them
-    (one per group: an RGB-HHA input's colour and HHA groups differ under ``caffe``), else all
-    by the one given; any further channels (depth) pass unchanged.
-    """
+    """Float image in 0..1 -> the normalisation the model's weights expect: the first
+    ``image_groups`` groups of 3 channels (RGB, HHA), each by its own normalisation when given a
+    list of them, else all by the one given; further channels (depth) pass unchanged."""
 
     _transformed_types = (tv_tensors.Image,)
 

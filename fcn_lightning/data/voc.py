@@ -13,7 +13,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from ..errors import DataError
 from .base import SegmentationDataModule, check_files_exist, read_split_file
-from .layout import LayoutReport, Listing, count_split, layout_text
+from .layout import LayoutReport, layout_text
 from .readers import read_image, read_label_png, read_mat
 from .sources import ARCHIVES
 
@@ -67,10 +67,8 @@ def load_sbd_label(path: Path) -> Any:
 class VOCDataModule(SegmentationDataModule):
     """PASCAL VOC segmentation with the SBD extra annotations.
 
-    Splits: ``train``, ``val``, ``trainval`` (VOC lists of ``year``), ``sbd_train``, ``sbd_val``,
-    ``seg11valid`` (VOC2011 val minus SBD train: the paper's 736 validation images) and
-    ``sbd_train+voc_train``. The paper trains on ``sbd_train`` and validates on ``seg11valid``.
-    """
+    Splits: :data:`SPLITS` (docs/DATA.md); the paper trains on ``sbd_train`` and validates on
+    ``seg11valid``, VOC2011 val minus SBD train."""
 
     class_names = VOC_CLASSES
 
@@ -164,19 +162,11 @@ class VOCDataModule(SegmentationDataModule):
             f"{' + '.join(parts) or 'PASCAL VOC'} under {self.root}:", ("images", "labels")
         )
         official = {**OFFICIAL_COUNTS[self.year], **OFFICIAL_COUNTS["sbd"]}
-        listing = Listing()
 
         def files(pair: tuple[str, str]) -> dict[str, Path]:
-            image, label = self._paths(*pair)
-            return {"images": image, "labels": label}
+            return dict(zip(("images", "labels"), self._paths(*pair), strict=True))
 
-        for split in splits:
-            try:
-                ids = self.split_ids(split)
-            except DataError as err:
-                report.problems.append(f"{split}: {str(err).splitlines()[0]}")
-                continue
-            report.splits.append(count_split(split, ids, files, official.get(split), listing))
+        report.count_splits(splits, self.split_ids, files, official)
         other = self.other_year() if not self.voc_dir.is_dir() else None
         also = (
             f" ({self.root / 'VOCdevkit' / f'VOC{other}'} is there: that is --year {other}, "
