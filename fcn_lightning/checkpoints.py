@@ -1,7 +1,5 @@
-"""Reading checkpoints safely: every load goes through :func:`load_weights_only`
-(``torch.load(weights_only=True)``: tensors and plain values only, so a planted file runs no
-code); an empty, truncated or foreign file gets an error naming it. A model refuses a starting
-checkpoint trained on other inputs (:func:`check_stream_checkpoints`); the random state."""
+"""Reading checkpoints safely (``weights_only``: a planted file runs no code; a broken file named),
+refusing a starting checkpoint trained on other inputs, and the random state."""
 
 from __future__ import annotations
 
@@ -20,8 +18,7 @@ from .normalization import Normalization, get_normalization
 
 
 def check_readable(path: str | Path, what: str = "checkpoint", archive: bool = True) -> Path:
-    """Cheap checks before any work: the file exists, is not empty and (``archive``; not for
-    old torch files such as torchvision's VGG16) is a whole torch zip archive."""
+    """The file exists, is not empty and (``archive``; not for old torch files) is a whole zip."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"{what}: checkpoint not found: {path}")
@@ -63,8 +60,8 @@ def load_weights_only(
 def recorded_inputs(
     path: str | Path, what: str = "checkpoint"
 ) -> tuple[DataContract, tuple[Normalization, ...]] | None:
-    """The data contract and per-image-group input normalisation a checkpoint was trained with;
-    None for a file without hyper-parameters (a plain state dict, e.g. converted weights)."""
+    """The contract and input normalisations a checkpoint was trained with; None for a file
+    without hyper-parameters (converted weights)."""
     hparams = load_weights_only(path, what=what).get("hyper_parameters")
     if not isinstance(hparams, Mapping) or "model" not in hparams:
         return None
@@ -81,9 +78,8 @@ def check_init_checkpoint(
     what: str = "checkpoint",
     takes: str = "the model",
 ) -> None:
-    """Refuse to start a model of ``contract`` (and ``normalizations``, one per image group)
-    from ``path`` when it was trained on another kind of input (HHA for RGB) or with another
-    input normalisation. A file without hyper-parameters is not compared."""
+    """Refuse to start a model of ``contract`` (and ``normalizations``) from ``path`` trained on
+    another kind of input or normalisation; a file without hyper-parameters passes."""
     found = recorded_inputs(path, what)
     if found is None:
         return
@@ -110,10 +106,8 @@ def check_stream_checkpoints(
     normalizations: Sequence[Normalization] | None = None,
     what: str = "arch.init_streams",
 ) -> None:
-    """Refuse a checkpoint for a late-fusion stream (``sources``: stream name -> checkpoint)
-    trained on another input than its stream takes (the two swapped?) or with another
-    normalisation; ``contract`` and ``normalizations`` are the fused model's. Stream names the
-    model lacks are left to the caller."""
+    """:func:`check_init_checkpoint` for each late-fusion stream (``sources``: name -> file) of
+    the fused model's ``contract``; names the model lacks are left to the caller."""
     spans = contract.stream_channels()
     for name, path in sources.items():
         if name not in spans:
@@ -137,7 +131,7 @@ def check_stream_checkpoints(
 
 
 def random_state() -> dict[str, Any]:
-    """torch's and Python's random states as plain values, for a checkpoint."""
+    """torch's and Python's random states as plain values."""
     version, state, gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),

@@ -32,11 +32,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 class FCNModule(pl.LightningModule):
-    """An FCN with the paper's per-pixel cross-entropy. ``model``: ``build_fcn``'s settings, its
-    ``normalization`` scheme resolved per image group of ``contract`` unless
-    ``input_normalization`` (what a checkpoint records) gives them; without a contract,
-    ``heads`` or ``num_classes`` (a photo input). ``loss_reduction``: ``mean`` over labelled
-    pixels or ``sum`` (the heavy recipe); ``loss_sample_prob``: the paper's loss sampling."""
+    """An FCN with the paper's per-pixel cross-entropy. ``model``: ``build_fcn``'s settings (its
+    ``normalization`` per image group unless ``input_normalization`` gives them; without a
+    ``contract``, ``heads`` or ``num_classes``); docs/CONFIG.md lists the loss settings."""
 
     def __init__(
         self,
@@ -108,7 +106,6 @@ class FCNModule(pl.LightningModule):
         for split in SPLITS:
             for head, n in contract.num_classes.items():
                 self.metrics[split][head] = HeadMetrics(n, exclude_absent_classes)
-        # per split, per head: the last epoch's numbers and confusion matrix
         self.results: dict[str, dict[str, dict[str, Any]]] = {}
         self.confmats: dict[str, dict[str, Tensor]] = {}
 

@@ -12,10 +12,7 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler
 
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "sgd": torch.optim.SGD,
-    "adamw": torch.optim.AdamW,
-}
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
 SCHEDULERS = ("fixed", "poly", "cosine")
 COMMON_KEYS = {"name", "lr", "weight_decay", "bias_lr_factor", "bias_weight_decay"}
 OWN_KEYS = {

@@ -1,10 +1,5 @@
-"""What TensorBoard shows beyond the logged scalars, as Lightning callbacks: image panels of
-validation predictions, confusion matrices, and the HParams tab.
-
-Both read what the LightningModule publishes (its data contract, each validation batch's
-predictions, ``results`` and ``confmats`` after each validation) and draw nothing themselves
-into the module.
-"""
+"""What TensorBoard shows beyond the logged scalars, as Lightning callbacks reading what the
+module publishes: image panels of validation predictions, confusion matrices, the HParams tab."""
 
 from __future__ import annotations
 
@@ -24,10 +19,8 @@ from ..contract import METRIC_NAMES
 
 
 def stack_rows(rows: Sequence[torch.Tensor], fill: int = 0) -> torch.Tensor:
-    """Panel rows of any widths and heights, one under the other: each row is padded on the
-    right with ``fill`` to the widest row (padded, not resized, so every pixel stays the image's
-    own and the label colours stay exact). Validation images come whole and of their own size
-    (PASCAL VOC mixes 500x375 and 375x500)."""
+    """Panel rows of any sizes, one under the other, padded on the right (not resized: the label
+    colours stay exact) to the widest."""
     width = max(r.shape[-1] for r in rows)
     return torch.cat([F.pad(r, (0, width - r.shape[-1]), value=fill) for r in rows], dim=1)
 
@@ -58,18 +51,14 @@ def _log_image(trainer: pl.Trainer, tag: str, image: torch.Tensor) -> None:
 
 
 class ValidationImages(Callback):
-    """Per head, a panel of the first ``panel_size`` validation images (input | ground truth |
-    prediction, in the dataset's palette; a late-fusion input shows each image group: colour |
-    HHA) and the confusion matrix, on the 1st, (n+1)th,
-    (2n+1)th... validation run (``every_n_validations``; 0 = never). Runs are counted, not epoch
-    indices: with ``check_val_every_n_epoch=4`` validation follows epochs 3, 7, 11, and an
-    epoch-index rule would never draw. The count is saved in checkpoints."""
+    """Per head, a panel of the first ``panel_size`` validation images (input | truth |
+    prediction) and the confusion matrix, on every ``every_n_validations``-th validation run
+    from the first (0: never). Runs are counted, not epochs (``check_val_every_n_epoch=4`` would
+    never meet an epoch rule); the count is saved in checkpoints."""
 
     def __init__(self, panel_size: int = 4, every_n_validations: int = 1) -> None:
         self.panel_size, self.every = int(panel_size), int(every_n_validations)
-        self.validation_runs = 0
-        self._drawing = False
-        self._rows: list[tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+        self.validation_runs, self._drawing, self._rows = 0, False, []
 
     def state_dict(self) -> dict[str, Any]:
         return {"validation_runs": self.validation_runs}
@@ -88,21 +77,13 @@ class ValidationImages(Callback):
     def on_validation_batch_end(
         self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if (
-            not self._drawing
-            or len(self._rows) >= self.panel_size
-            or not isinstance(outputs, Mapping)
-        ):
+        if not self._drawing or len(self._rows) >= self.panel_size:
             return
-        images, targets = batch
-        for i in range(min(images.shape[0], self.panel_size - len(self._rows))):
-            self._rows.append(
-                (
-                    images[i].detach().cpu(),
-                    {k: v[i].cpu() for k, v in targets.items()},
-                    {k: v[i].cpu() for k, v in outputs.items()},
-                )
-            )
+        if isinstance(outputs, Mapping):
+            images, targets = batch
+            for i in range(min(images.shape[0], self.panel_size - len(self._rows))):
+                item = [{k: v[i].cpu() for k, v in d.items()} for d in (targets, outputs)]
+                self._rows.append((images[i].detach().cpu(), *item))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -114,35 +95,22 @@ class ValidationImages(Callback):
         for head in contract:
             confmat = pl_module.confmats.get("val", {}).get(head)
             if confmat is not None:
-                _log_image(
-                    trainer,
-                    pl_module.tag("val", head, "confusion_matrix"),
-                    confusion_image(confmat),
-                )
+                tag = pl_module.tag("val", head, "confusion_matrix")
+                _log_image(trainer, tag, confusion_image(confmat))
             if self._rows:
-                palette, ignore = contract.heads[head].palette, contract.ignore_index
+                lut = contract.heads[head].palette, contract.ignore_index
                 rows = [
-                    torch.cat(
-                        [
-                            self._input(pl_module, image),
-                            colour(gt[head], palette, ignore),
-                            colour(pred[head], palette, ignore),
-                        ],
-                        dim=2,
-                    )
-                    for image, gt, pred in self._rows
+                    torch.cat([self._input(pl_module, x), *(colour(y[head], *lut) for y in ys)], 2)
+                    for x, *ys in self._rows
                 ]
                 _log_image(trainer, pl_module.tag("val", head, "predictions"), stack_rows(rows))
         self._rows = []
 
     @staticmethod
     def _input(pl_module: pl.LightningModule, image: torch.Tensor) -> torch.Tensor:
-        """The model input for display, uint8: each image group with its own normalisation
-        undone, side by side (a photo in true colours; an HHA image as its file stores it, its
-        three channels shown as red, green, blue); depth alone as grey levels."""
-        norms = getattr(pl_module, "input_normalizations", None)
-        if norms is None:  # a module that records one normalisation for its input
-            norms = (pl_module.model.normalization,) * pl_module.contract.image_groups
+        """The input for display, uint8: each image group un-normalised, side by side; depth
+        alone as grey levels."""
+        norms = pl_module.input_normalizations
         if not norms:
             d = image[:1].float()
             d = (d - d.min()) / (d.max() - d.min()).clamp(min=1e-6)
@@ -151,26 +119,15 @@ class ValidationImages(Callback):
         return torch.cat(groups, dim=2)
 
 
-# The columns TensorBoard's HParams table opens with (it shows those marked as differing): what
-# tells the stages of a run apart and the usual sweep axes; every other column is a click away.
-SHOWN = (
-    "model/arch",
-    "model/backbone",
-    "model/geometry",
-    "optimizer/name",
-    "optimizer/lr",
-    "run/seed",
-)
+# The columns TensorBoard's HParams table opens with (it shows those marked as differing)
+SHOWN = ("model/arch", "model/backbone", "model/geometry", "optimizer/name", "optimizer/lr",
+         "run/seed")  # fmt: skip
 
 
 @rank_zero_only  # as the logger's own methods: other processes have no event file
-def write_hparams(
-    logger: TensorBoardLogger, params: dict[str, Any], metrics: dict[str, float]
-) -> None:
-    """What ``logger.log_hyperparams(params, metrics)`` writes (the hparams.yaml entry and the
-    HParams summaries), with :data:`SHOWN` marked as the columns to show. Lightning marks none,
-    and TensorBoard then opens the table on the first five columns by name (channels_last,
-    class_weights, ...)."""
+def write_hparams(logger: TensorBoardLogger, params: dict[str, Any], metrics: dict) -> None:
+    """What ``logger.log_hyperparams(params, metrics)`` writes, with :data:`SHOWN` marked as the
+    columns to show (Lightning marks none: TensorBoard then shows the first five by name)."""
     logger.log_hyperparams(params)  # hparams.yaml; without metrics no summary is written
     experiment, start, end = hparams_summaries(params, metrics)
     value = experiment.value[0]
@@ -199,10 +156,9 @@ def flat_hparams(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any]
 
 
 class HParamsTab(Callback):
-    """TensorBoard's HParams tab: the module's hyper-parameters (not the data contract's class
-    lists nor the resolved input statistics: ``model/normalization`` names the scheme) and ``run`` settings from outside the module (seed, data, stage lr factor: what a
-    sweep may vary) against ``hp/<metric>`` (``hp/<head>/<metric>`` for each head of a
-    several-headed net, as its ``val/<head>/<metric>`` curves), written after each validation."""
+    """TensorBoard's HParams tab: the module's hyper-parameters (not the contract nor the input
+    statistics) and ``run`` settings (seed, data: what a sweep varies) against ``hp/<metric>``
+    (``hp/<head>/<metric>`` per head), written after each validation."""
 
     def __init__(self, run: Mapping[str, Any] | None = None) -> None:
         self.run = dict(run or {})

@@ -33,22 +33,16 @@ def best_checkpoint(dirpath: str | Path, monitor: str = "val/mIoU") -> ModelChec
 
 
 def last_checkpoint(dirpath: str | Path) -> ModelCheckpoint:
-    """``last.ckpt``, rewritten after every epoch. (Lightning's own ``save_last`` writes it only
-    when the monitored checkpoint is also saved, so a run could resume from a stale epoch.)"""
+    """``last.ckpt``, rewritten after every epoch (Lightning's ``save_last`` can go stale)."""
     return ModelCheckpoint(
         dirpath=dirpath, filename="last", monitor=None, save_top_k=1, enable_version_counter=False
     )
 
 
 class InterruptCheckpoint(Callback):
-    """On SIGTERM (a pre-empted job) or Ctrl+C, write ``last.ckpt`` so that ``resume=true``
-    continues from the step where training stopped, exactly.
-
-    Both stop at the end of the current step, never inside it: Lightning does so for SIGTERM,
-    and during training this callback turns the first Ctrl+C into the same request (a
-    checkpoint written in the middle of a step would make the resumed run skip that step). A
-    second Ctrl+C stops at once and writes nothing: the previous ``last.ckpt`` stays. Weights
-    that are no longer finite are never written either."""
+    """On SIGTERM or a first Ctrl+C, stop at the end of the step and write ``last.ckpt`` for an
+    exact ``resume=true``; a second Ctrl+C stops at once and writes nothing, nor do non-finite
+    weights. docs/TRAINING.md tells the rest."""
 
     def __init__(self, dirpath: str | Path) -> None:
         self.path = Path(dirpath) / "last.ckpt"
@@ -91,38 +85,25 @@ class InterruptCheckpoint(Callback):
     ) -> None:
         self._restore()
         if isinstance(exception, KeyboardInterrupt):
-            log.warning("stopped at once (Ctrl+C twice): %s left as it was", self.path)
-            return
+            return log.warning("stopped at once (Ctrl+C twice): %s left as it was", self.path)
         if not isinstance(exception, SIGTERMException):
             return
         if not all(torch.isfinite(p).all() for p in pl_module.parameters()):
-            log.warning("interrupted with non-finite weights: %s left as it was", self.path)
-            return
-        # Stopped between two epochs (after the last step of one): the finished epoch's batch
-        # count is still in the loop's state, and a resume would take it for the next epoch's
-        # and skip that epoch. The next epoch starts from its first batch.
-        epochs, batches = (
-            trainer.fit_loop.epoch_progress.current,
-            trainer.fit_loop.epoch_loop.batch_progress,
-        )
+            return log.warning("interrupted with non-finite weights: %s left as it was", self.path)
+        # Stopped between two epochs: the finished epoch's batch count would make a resume skip
+        # the next epoch, which starts from its first batch.
+        epochs = trainer.fit_loop.epoch_progress.current
+        batches = trainer.fit_loop.epoch_loop.batch_progress
         if epochs.completed == epochs.started and batches.current.ready:
             batches.reset_on_run()
         trainer.save_checkpoint(self.path, weights_only=False)
-        log.warning(
-            "interrupted at epoch %d, step %d: wrote %s",
-            trainer.current_epoch,
-            trainer.global_step,
-            self.path,
-        )
+        at = trainer.current_epoch, trainer.global_step, self.path
+        log.warning("interrupted at epoch %d, step %d: wrote %s", *at)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoint reads and writes for every Trainer of the project.
-
-    Writes go to a temporary file that is renamed into place, so a kill while writing leaves the
-    previous checkpoint intact; a failed write (a full disk) removes the temporary file and says
-    which file and what to do. Reads (resuming, ``validate(ckpt_path=...)``) are always
-    ``weights_only``: a planted checkpoint cannot run code, whatever torch's default is."""
+    """Checkpoint IO for every Trainer: writes renamed into place (a failed one removed, a full
+    disk named); reads always ``weights_only``, so a planted checkpoint cannot run code."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
@@ -164,34 +145,15 @@ def _disk_full(err: BaseException, path: Path) -> bool:
 
 
 class ParameterSummary(ModelSummary):
-    """The model summary as one line of the run's log: the model's parameters, trained and
-    fixed (e.g. the frozen bilinear upsampling), and their size. It replaces Lightning's table,
-    whose FLOPs column reads 0 unless the module carries an example input (a forward at a size
-    the data does not fix): ``python -m fcn_lightning.bench.model_cost`` counts FLOPs per input
-    size instead."""
+    """The model summary as one line of the run's log (parameters trained and fixed, size), in
+    place of Lightning's table, whose FLOPs read 0 (``fcn_lightning.bench.model_cost`` counts)."""
 
     @staticmethod
-    def summarize(
-        summary_data: list[tuple[str, list[str]]],
-        total_parameters: int,
-        trainable_parameters: int,
-        model_size: float,
-        total_training_modes: dict[str, int],
-        total_flops: int,
-        **summarize_kwargs: Any,
-    ) -> None:
+    def summarize(summary_data, total: int, trained: int, model_size: float, *_, **__) -> None:
         columns = dict(summary_data)
-        models = [
-            f"{t}"
-            for n, t in zip(columns.get("Name", []), columns.get("Type", []), strict=False)
-            if n == "model"
-        ]
-        fixed = total_parameters - trainable_parameters
+        names = zip(columns.get("Name", []), columns.get("Type", []), strict=False)
+        model = next((f"{t}" for n, t in names if n == "model"), "?")
+        counts = [get_human_readable_count(n) for n in (total, trained, total - trained)]
         log.info(
-            "model: %s, %s parameters (%s trained, %s fixed), %.1f MB",
-            models[0] if models else "?",
-            get_human_readable_count(total_parameters),
-            get_human_readable_count(trainable_parameters),
-            get_human_readable_count(fixed),
-            model_size,
+            "model: %s, %s parameters (%s trained, %s fixed), %.1f MB", model, *counts, model_size
         )

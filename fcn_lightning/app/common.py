@@ -1,6 +1,5 @@
-"""What the commands share: a user error turned into a message and an exit status, the
-DataModule from ``cfg.data``, a checkpoint loaded for eval / predict / export, shift-and-stitch
-put in place, the label check's block, and loggers kept quiet while a library works."""
+"""What the commands share: exit statuses, the DataModule, a checkpoint loaded, shift-and-stitch,
+the label check's block, and loggers kept quiet while a library works."""
 
 from __future__ import annotations
 
@@ -21,8 +20,7 @@ from ..module import FCNModule, load_checkpoint
 from ..prepare.datasets import download
 from .console import say
 
-# error type -> exit status, first match wins; anything else keeps its traceback. The training
-# run's typed stops join this table, in front of UserError if they derive from it.
+# error type -> exit status, first match wins; anything else keeps its traceback
 EXIT_STATUS: list[tuple[type[BaseException], int]] = [(t, 1) for t in user_errors()]
 INTERRUPTED = 130  # Ctrl+C: what the commands write is written atomically
 
@@ -32,9 +30,8 @@ def exit_status(err: BaseException) -> int | None:
 
 
 def as_command(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """``fn(cfg)`` for a command-line entry point, the one place where the library's typed
-    errors end the process: ``Error: <message>`` and the status of :data:`EXIT_STATUS` (no
-    traceback through the project's code); Ctrl+C: ``Interrupted``, status 130; an interrupted training run: its message, 130."""
+    """``fn(cfg)`` for an entry point: a typed error prints ``Error: <message>`` and exits with
+    :data:`EXIT_STATUS`; Ctrl+C or an interrupted run exits 130."""
     try:
         return fn(cfg)
     except KeyboardInterrupt:
@@ -71,8 +68,7 @@ def load_module(path: Any, **overrides: Any) -> FCNModule:
 
 
 def use_shift_and_stitch(module: FCNModule, cfg: DictConfig) -> int:
-    """Put shift-and-stitch (``cfg.shift_stitch``, 1: off) in place of the module's plain
-    forward; return the factor. A factor the net cannot take names the allowed values."""
+    """Put shift-and-stitch (``cfg.shift_stitch``, 1: off) in place; return the factor."""
     try:
         shifts = check_factor(cfg.get(SETTING, 1), module.model)
     except ValueError as err:
@@ -84,32 +80,26 @@ def use_shift_and_stitch(module: FCNModule, cfg: DictConfig) -> int:
 
 
 def label_report(dm: SegmentationDataModule, splits: list[str] | None = None) -> str:
-    """The label check's block; its warnings are printed in it, not again as Python warnings.
-    Training labels with a single class (the rest ignored) are refused: nothing to learn, and
-    the scores would read 100%."""
+    """The label check's block (its warnings in it, not again); one-class training labels fail."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="label check: ")
         report = dm.check_labels(splits)
     for key, split in report.splits.items():
         present = [n for n, c in zip(split.class_names, split.histogram, strict=True) if c > 0]
         if split.split == dm.train_split and splits is None and len(present) <= 1:
-            hint = (
-                " Masks saved as 0/255 (object = 255 = ignore)? set data.label_map={255: 1}."
-                if split.ignored
-                else ""
-            )
+            hint = " Masks saved as 0/255 (object = 255 = ignore)? set data.label_map={255: 1}."
             raise DataError(
                 f"the training split '{key}' holds only class {present or 'none'} "
                 f"({100 * split.ignored_share:.1f}% of its pixels ignored): there is nothing to "
-                f"learn, and every score would read 100%.{hint}\n{report.format()}"
+                f"learn, and every score would read 100%.{hint * bool(split.ignored)}\n"
+                + report.format()
             )
     return report.format()
 
 
 @contextlib.contextmanager
 def quiet(*names: str) -> Iterator[None]:
-    """The named loggers' information (the exporter's steps, Lightning's notes) kept off the
-    console and the log: warnings only, while inside."""
+    """The named loggers at WARNING while inside (the exporter's steps, Lightning's notes)."""
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:

@@ -1,22 +1,6 @@
-"""What the console shows: the project's own messages, progress bars and real warnings.
-
-The commands (train, eval, predict, export) run under Hydra, whose job logging
-(``conf/hydra/job_logging/quiet.yaml``) writes to the console, filtered by
-:class:`ConsoleFilter` (information on stdout, warnings and errors on stderr), and to the run
-folder's ``<command>.log``, which keeps every record.
-:func:`route_third_party_logs` sends Lightning's messages and Python's warnings through those
-handlers (Lightning otherwise prints on a handler of its own, and warnings go straight to
-stderr), so that nothing is lost: what the console leaves out is in the log file, and
-``hydra/job_logging=verbose`` prints it all.
-
-Left out of the console:
-
-- Lightning's informational lines (accelerator found, "Restoring states from...", the seed):
-  the project says what it runs in its own words; its tips advertising its cloud services are
-  dropped from the log file too;
-- third-party warnings that do not apply to this project (:data:`NOT_APPLICABLE`), each with
-  the reason. A warning the project's own code triggers is fixed at its cause instead.
-"""
+"""What the console shows (the project's messages, progress bars, real warnings) and what only
+``<command>.log`` keeps, with Hydra's ``conf/hydra/job_logging/``; docs/TRAINING.md ("What a run
+prints and logs"). A warning the project's own code triggers is fixed at its cause instead."""
 
 from __future__ import annotations
 
@@ -25,20 +9,18 @@ import re
 import warnings
 from pathlib import Path
 
-# Loggers of Lightning: their records below WARNING stay off the console.
 LIGHTNING = ("pytorch_lightning", "lightning", "lightning_fabric")
 
 # Warnings raised inside third-party code that a user of this project cannot act on.
 NOT_APPLICABLE = {
     # Lightning's own pytree helper calls torch's deprecated LeafSpec check on every batch
     # transfer; nothing the project (or its user) calls.
-    "LeafSpec": re.compile(r"isinstance\(treespec, LeafSpec\)` is deprecated"),
+    "LeafSpec": re.compile(r"isinstance\(treespec, LeafSpec\)` is deprecated")
 }
 
 
 class NoAdvertisements(logging.Filter):
-    """Drops Lightning's tips that advertise its cloud services (litlogger, litmodels), from the
-    console and the log file alike: they say nothing about the run."""
+    """Drops Lightning's tips advertising its cloud services, from the console and the log."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("💡 Tip")
@@ -51,8 +33,7 @@ _other_format = warnings.formatwarning  # the form other warnings keep (Lightnin
 
 
 def say(text: str) -> None:
-    """Print ``text`` (a block: the label check, a results table) as it is, and write it to the
-    run's log file too (its console handlers leave this record out: it is printed already)."""
+    """Print ``text`` as it is, and log it for the run's log file (not again on the console)."""
     print(text)
     logging.getLogger(PRINTED).info(text)
 
@@ -65,8 +46,7 @@ class NotPrinted(logging.Filter):
 
 
 def format_warning(message, category, filename, lineno, line=None) -> str:
-    """A warning the project raises reads ``warning: <message>`` (its message names the file
-    or setting); others keep Python's form, with the file and line that raised them."""
+    """``warning: <message>`` for the project's warnings; others keep Python's form."""
     try:
         ours = Path(filename).resolve().is_relative_to(PACKAGE)
     except (OSError, ValueError):
@@ -81,8 +61,7 @@ def _is_lightning(name: str) -> bool:
 
 
 class ConsoleFilter(logging.Filter):
-    """Keeps a record off the console when it is Lightning's information or a warning of
-    :data:`NOT_APPLICABLE`; every record still reaches the log file."""
+    """Keeps Lightning's information and :data:`NOT_APPLICABLE` warnings off the console."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == PRINTED or (
@@ -103,10 +82,8 @@ class BelowWarning(logging.Filter):
 
 
 def route_third_party_logs() -> None:
-    """Send Lightning's log records and Python's warnings to the root logger's handlers (the
-    console, filtered, and the run's log file). Lightning installs a console handler of its
-    own when it is imported before logging is configured; that one is removed. Does nothing
-    when the root logger has no handlers (outside a command, e.g. in a notebook)."""
+    """Send Lightning's records (without its own console handler) and Python's warnings to the
+    root logger's handlers; nothing without them (outside a command, e.g. in a notebook)."""
     if not logging.getLogger().handlers:
         return
     for name in LIGHTNING:

@@ -1,6 +1,4 @@
-"""What eval.py runs: a checkpoint scored on one split of a dataset (mean IoU, pixel and mean
-accuracy, f.w. IoU, IoU per class), written to eval.json. README.md and conf/eval.yaml give the
-settings."""
+"""What eval.py runs: a checkpoint scored on one split, written to eval.json (README.md)."""
 
 from __future__ import annotations
 
@@ -87,8 +85,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     data_cfg = cfg.data.copy()
     with open_dict(data_cfg):
         data_cfg.pop("split", None)
-        # the checkpoint decides the normalisation its weights expect, image group by image
-        # group (an RGB-HHA net: its colour stream's and its HHA stream's own)
+        # the checkpoint decides the normalisation its weights expect, per image group
         data_cfg.normalization = [n.as_dict() for n in module.input_normalizations]
     dm = make_datamodule(data_cfg, val_split=split, test_split=split)  # eval reads this split alone
     check_inputs(module, dm, cfg)

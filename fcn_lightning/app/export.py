@@ -1,7 +1,5 @@
-"""What export.py runs: a checkpoint's network (its plain forward) as an ONNX model or a
-torch.export ExportedProgram, batch, height and width dynamic, written under a temporary name,
-checked against the checkpoint at two sizes, then renamed; the metadata goes inside the model and
-into ``<output>.json``. docs/DEPLOYING.md describes the files, the check and the metadata."""
+"""What export.py runs: a checkpoint's network as ONNX or an ExportedProgram, verified against the
+checkpoint before it is renamed into place; docs/DEPLOYING.md describes the files and metadata."""
 
 from __future__ import annotations
 
@@ -75,8 +73,7 @@ def sidecar_path(out: Path) -> Path:
 
 
 def check_output(out: Path, fmt: str, ckpt: Path, overwrite: bool) -> None:
-    """Refuse an output that is the checkpoint, a folder, of another suffix, or (unless
-    ``overwrite``) already there, model or sidecar."""
+    """Refuse the checkpoint, a folder, another suffix, or (unless ``overwrite``) a file there."""
     suffix, sidecar = FORMATS[fmt], sidecar_path(out)
     same = [os.path.samefile(p, ckpt) if p.exists() and ckpt.exists() else p.resolve() == ckpt.resolve()
             for p in (out, sidecar)]  # fmt: skip
@@ -105,19 +102,13 @@ def check_output(out: Path, fmt: str, ckpt: Path, overwrite: bool) -> None:
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def input_groups(module: FCNModule) -> list[dict[str, Any]]:
-    """The input's channel groups in order: kind, channels [from, to) and, for an image, its
-    normalisation (the checkpoint's fields and the same on 0..1); for depth, its encoding."""
-    norms = iter(module.input_normalizations)
-    groups: list[dict[str, Any]] = []
-    at = 0
+    """The input's channel groups in order: kind, channels [from, to), normalisation or encoding."""
+    norms, groups, at = iter(module.input_normalizations), [], 0
     for g in module.contract.inputs:
         group: dict[str, Any] = {"kind": g.kind, "stats": g.stats,
                                  "channels": [at, at + g.channels], "image": g.image}  # fmt: skip
@@ -143,13 +134,8 @@ def metadata(module: FCNModule, ckpt: Path, fmt: str, out: Path) -> dict[str, An
         "torch": torch.__version__,
         "model_file": out.name,
         "checkpoint": {"file": ckpt.name, "sha256": sha256(ckpt)},
-        "model": {
-            "arch": spec.arch,
-            "backbone": spec.backbone,
-            "width": spec.width,
-            "geometry": spec.geometry,
-            "output_stride": max(output_strides(module.model)),
-        },
+        "model": {k: getattr(spec, k) for k in ("arch", "backbone", "width", "geometry")}
+        | {"output_stride": max(output_strides(module.model))},
         "input": {
             "name": INPUT_NAME,
             "shape": ["batch", contract.in_channels, "height", "width"],
@@ -181,15 +167,13 @@ def other_size(h: int, w: int) -> tuple[int, int]:
 def normalize(x: torch.Tensor, module: FCNModule) -> torch.Tensor:
     """An input whose image groups are in 0..1 (N, C, H, W), normalised as the data does it."""
     transform = eval_transforms(
-        normalization=list(module.input_normalizations),
-        image_groups=module.contract.image_groups,
+        normalization=list(module.input_normalizations), image_groups=module.contract.image_groups
     )
     return torch.stack([transform(tv_tensors.Image(s)).as_subclass(torch.Tensor) for s in x])
 
 
 def random_input(module: FCNModule, n: int, h: int, w: int, seed: int) -> torch.Tensor:
-    """A seeded test input of the checkpoint's channels: image groups uniform in 0..1 and then
-    normalised; a depth channel as read_depth encodes 0.5 m to 10 m; anything else N(0, 1)."""
+    """Seeded: images uniform in 0..1 then normalised, depth 0.5 m to 10 m encoded, else N(0, 1)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, module.contract.in_channels, h, w, generator=g)
     for group in input_groups(module):
@@ -203,8 +187,7 @@ def random_input(module: FCNModule, n: int, h: int, w: int, seed: int) -> torch.
 
 
 def test_inputs(module: FCNModule, image: Any) -> list[tuple[str, torch.Tensor]]:
-    """(what, input) at two sizes: ``image`` (read as predict.py reads it) and it resized, else
-    seeded random ones (batch 1, then batch 2)."""
+    """(what, input) at two sizes: ``image`` and it resized, else random ones (batch 1, 2)."""
     if not image:
         h2, w2 = other_size(*SIZE)
         return [
@@ -226,9 +209,7 @@ def test_inputs(module: FCNModule, image: Any) -> list[tuple[str, torch.Tensor]]
 
 
 def size_oblivious() -> contextlib.AbstractContextManager:
-    """torch's size-oblivious reasoning for the traced sizes, where this torch has it: without
-    it the graph would guard on sizes the example happens to have (a feature map 1 pixel wide,
-    a side that is a multiple of 32) and refuse other inputs. The check runs such sizes."""
+    """Without it the graph guards on the example's sizes (a 1-pixel map) and refuses others."""
     if hasattr(fx_config, "backed_size_oblivious"):
         return fx_config.patch(backed_size_oblivious=True)
     return contextlib.nullcontext()
@@ -318,8 +299,7 @@ def compare(runner: ExportedRunner, model: torch.nn.Module, inputs: list, tolera
 def write_and_verify(f: IO[bytes], write: Callable[[IO[bytes]], Any], fmt: str,
                      meta: dict[str, Any], module: FCNModule, inputs: list,
                      cfg: DictConfig) -> None:  # fmt: skip
-    """Inside write_atomically: write the model to the temporary file ``f``, run it from there
-    and compare; a failure raises ExportError (the temporary file is then removed)."""
+    """Write the model to the temporary ``f``, run it from there and compare (ExportError)."""
     write(f)
     f.flush()
     runner = ExportedRunner(Path(f.name), fmt, list(module.contract))
@@ -335,9 +315,7 @@ def write_and_verify(f: IO[bytes], write: Callable[[IO[bytes]], Any], fmt: str,
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:
-    """Export ``cfg.ckpt_path``'s network (``cfg.format``) to ``cfg.output`` (default
-    ``model.<suffix>`` in this run's folder), verified; returns the metadata written beside it
-    (and into it). Settings that cannot work are refused before the checkpoint is read."""
+    """Export ``cfg.ckpt_path``'s network to ``cfg.output``, verified; return the metadata."""
     fmt = cfg.get("format", "onnx")
     if fmt not in FORMATS:
         raise ConfigError(f"format must be one of {tuple(FORMATS)}, got {fmt!r}")

@@ -1,7 +1,5 @@
-"""What predict.py runs: per input image, at its own size, a palette label PNG and a colour overlay
-per head, and ``predictions.json`` (each file written -> its input and its ``shift_stitch``),
-through Lightning's predict loop on batches of one image size. It never writes over an input or
-a file it did not write. docs/DEPLOYING.md ("predict.py") gives the names and the rules."""
+"""What predict.py runs: a label PNG and an overlay per image and head, and ``predictions.json``;
+docs/DEPLOYING.md ("predict.py") gives the names and the rules."""
 
 from __future__ import annotations
 
@@ -40,15 +38,14 @@ def input_normalization(module: Any) -> Any:
 
 
 def output_files(stem: str, heads: list[str]) -> list[str]:
-    """The files one input writes: a label and an overlay per head (``<stem>_<head>`` where the
-    model has several)."""
+    """A label and an overlay per head (``<stem>_<head>`` where the model has several)."""
     names = [stem if h == SINGLE_HEAD else f"{stem}_{h}" for h in heads]
     return [f"{name}{end}" for name in names for end in (".png", "_overlay.jpg")]
 
 
 def output_stems(files: list[Path], heads: list[str]) -> dict[Path, str]:
-    """The stem of each input's outputs: its own stem, or where outputs would share a name
-    (compared case-insensitively) its whole file name, then ``-2``, ``-3``... in sorted order."""
+    """Each input's stem, or where outputs would share a name (ignoring case) its file name, then
+    ``-2``, ``-3``..."""
     count = Counter(n.casefold() for f in files for n in output_files(f.stem, heads))
     clash = {f for f in files if any(count[n.casefold()] > 1 for n in output_files(f.stem, heads))}
     stems: dict[Path, str] = {}
@@ -65,9 +62,8 @@ def output_stems(files: list[Path], heads: list[str]) -> dict[Path, str]:
 
 
 def read_manifest(folder: Path) -> tuple[dict[str, str], dict[str, int]] | None:
-    """(output name -> input, output name -> ``shift_stitch``) of the files an earlier run wrote
-    in ``folder`` that still exist (1 where it does not say); empty without a manifest, None if
-    ``predictions.json`` there is not one predict wrote."""
+    """(output -> input, output -> ``shift_stitch``) of an earlier run's files that still exist;
+    empty without a manifest, None for a ``predictions.json`` predict did not write."""
     path = folder / MANIFEST
     if not (path.exists() or path.is_symlink()):
         return {}, {}
@@ -118,15 +114,9 @@ def list_inputs(source: Path) -> list[Path]:
     return files
 
 
-def identity(path: Path) -> tuple[int, int]:
-    """Equal for two paths to one file (through symlinks, hard links, case-insensitive names)."""
-    st = path.stat()
-    return st.st_dev, st.st_ino
-
-
 def check_output(out: Path, source: Path, planned: dict[str, Path]) -> tuple[dict, dict]:
-    """Refuse an output folder where writing ``planned`` (name -> input) would replace an input
-    or a file predict did not write; return what the folder's manifest lists."""
+    """Refuse a folder where ``planned`` (name -> input) would replace an input or a file predict
+    did not write; return what its manifest lists."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output {out} is a file, not a folder")
     if not out.is_dir():
@@ -142,6 +132,7 @@ def check_output(out: Path, source: Path, planned: dict[str, Path]) -> tuple[dic
             f"{out / MANIFEST} exists and predict did not write it; refusing to replace it: "
             "pass another output="
         )
+    identity = lambda p: (p.stat().st_dev, p.stat().st_ino)  # noqa: E731 (links, case)
     inputs = {identity(p): p for p in planned.values()}
     for target in (out / name for name in [*planned, MANIFEST]):
         if target.exists() and (found := inputs.get(identity(target))):
@@ -160,12 +151,10 @@ def check_output(out: Path, source: Path, planned: dict[str, Path]) -> tuple[dic
 
 
 class PredictionFiles(BasePredictionWriter):
-    """Writes each image's label maps and overlays (atomically) as its batch ends; keeps, by
-    input index, the label maps written, unreadable images' messages and true sizes found."""
+    """Writes each batch's label maps and overlays; keeps, by input index, the maps written,
+    unreadable images' messages and the true sizes found."""
 
-    def __init__(
-        self, out: Path, files: list[Path], stems: dict[Path, str], contract: DataContract
-    ):
+    def __init__(self, out: Path, files: list, stems: dict[Path, str], contract: DataContract):
         super().__init__(write_interval="batch")
         self.out, self.files, self.stems = out, files, stems
         black = [(0, 0, 0)] * 256  # each palette filled to the 256 entries of a palette PNG
@@ -196,8 +185,7 @@ class PredictionFiles(BasePredictionWriter):
 
 
 def run_batches(module: Any, dataset: ImageFiles, writer: PredictionFiles, cfg: DictConfig) -> None:
-    """``Trainer.predict`` over ``dataset`` in batches of one size; images whose header told
-    another size are predicted in a second pass, at their true size."""
+    """``Trainer.predict`` in batches of one size; images whose header lied get a second pass."""
     accelerator = "cpu" if cfg.get("device", "auto") == "cpu" else "auto"
     for again in (False, True):
         batches = SizeBatches(dataset.sizes, int(cfg.get("batch_size", 8)))
@@ -222,8 +210,8 @@ def run_batches(module: Any, dataset: ImageFiles, writer: PredictionFiles, cfg: 
 
 
 def predict(cfg: DictConfig) -> list[Path]:
-    """Predict ``cfg.input`` (an image or a folder) into ``cfg.output``; return the label maps
-    written. Undecodable images are skipped, the others predicted, then DataError names them."""
+    """Predict ``cfg.input`` into ``cfg.output``; return the label maps written. Undecodable
+    images are skipped, the others predicted, then DataError names them."""
     if not cfg.get("input"):
         raise ConfigError("input is not set: pass input=<image or folder>")
     if int(cfg.get("batch_size", 8)) < 1 or int(cfg.get("num_workers", 0)) < 0:
@@ -240,12 +228,11 @@ def predict(cfg: DictConfig) -> list[Path]:
     shifts = use_shift_and_stitch(module, cfg)
     heads = list(module.contract)
     stems = output_stems(files, heads)
-    renamed = [
-        f"{p.name} -> {output_files(stems[p], heads)[0]}" for p in files if stems[p] != p.stem
-    ]
+    planned_of = lambda p: output_files(stems[p], heads)  # noqa: E731
+    renamed = [f"{p.name} -> {planned_of(p)[0]}" for p in files if stems[p] != p.stem]
     if renamed:
         say(f"inputs share a name; their outputs are named after the file: {', '.join(renamed)}")
-    planned = {name: p for p in files for name in output_files(stems[p], heads)}
+    planned = {name: p for p in files for name in planned_of(p)}
     out = Path(cfg.output).expanduser() if cfg.get("output") else Path(cfg.paths.output_dir)
     earlier, made = check_output(out, source, planned)
     out.mkdir(parents=True, exist_ok=True)
@@ -257,11 +244,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     dataset = ImageFiles(files, eval_transforms(normalization=input_normalization(module)))
     writer.skipped.update(dataset.read_unopened())  # files that do not even open, named now
     run_batches(module, dataset, writer, cfg)
-    done = {
-        n: str(files[i].resolve())
-        for i in writer.written
-        for n in output_files(stems[files[i]], heads)
-    }
+    done = {n: str(files[i].resolve()) for i in writer.written for n in planned_of(files[i])}
     write_manifest(out, {**earlier, **done}, {**made, **dict.fromkeys(done, shifts)})
     written = [p for i in sorted(writer.written) for p in writer.written[i]]
     skipped = [writer.skipped[i] for i in sorted(writer.skipped)]
