@@ -1,7 +1,7 @@
 """FCN models on a trunk with named feature taps (VGG16, AlexNet, GoogLeNet; docs/PAPER.md,
 Network geometry; docs/TRUNKS.md).
 
-Import order, no module importing a later one: state, upsample, trunk, weights, vgg, alexnet,
+Import order, no module importing a later one: state, upsample, weights, trunk, vgg, alexnet,
 googlenet, trunks, base, fcn, fusion, transfer, build, torchfcn."""
 
 from ..normalization import CAFFE, IMAGENET, Normalization, get_normalization
@@ -14,44 +14,17 @@ from .googlenet import GoogLeNetTrunk, googlenet_fc_as_conv
 from .state import model_state_dict
 from .torchfcn import export_torchfcn, import_torchfcn
 from .transfer import transfer_stage
-from .trunk import GEOMETRIES, HALF_PIXEL, Tap, Trunk, coord_map, receptive_field
+from .trunk import GEOMETRIES, HALF_PIXEL, Tap, Trunk, expand_input_channels, receptive_field
 from .trunks import BACKBONES, TRUNKS
 from .upsample import bilinear_kernel, upsampler
-from .vgg import VGG16Trunk, expand_input_channels
+from .vgg import VGG16Trunk
 from .weights import PretrainedWeightsUnavailable
 
 __all__ = [
-    "ARCHS",
-    "BACKBONES",
-    "CAFFE",
-    "FCN",
-    "GEOMETRIES",
-    "HALF_PIXEL",
-    "IMAGENET",
-    "TRUNKS",
-    "AlexNetTrunk",
-    "FCNHead",
-    "FCNSpec",
-    "GoogLeNetTrunk",
-    "LateFusionFCN",
-    "Normalization",
-    "PretrainedWeightsUnavailable",
-    "SegmentationNet",
-    "Tap",
-    "Trunk",
-    "VGG16Trunk",
-    "alexnet_fc8_as_conv",
-    "bilinear_kernel",
-    "build_fcn",
-    "compose_late_fusion",
-    "coord_map",
-    "expand_input_channels",
-    "export_torchfcn",
-    "get_normalization",
-    "googlenet_fc_as_conv",
-    "import_torchfcn",
-    "model_state_dict",
-    "receptive_field",
-    "transfer_stage",
-    "upsampler",
-]
+    "ARCHS", "BACKBONES", "CAFFE", "FCN", "GEOMETRIES", "HALF_PIXEL", "IMAGENET", "TRUNKS",
+    "AlexNetTrunk", "FCNHead", "FCNSpec", "GoogLeNetTrunk", "LateFusionFCN", "Normalization",
+    "PretrainedWeightsUnavailable", "SegmentationNet", "Tap", "Trunk", "VGG16Trunk",
+    "alexnet_fc8_as_conv", "bilinear_kernel", "build_fcn", "compose_late_fusion",
+    "expand_input_channels", "export_torchfcn", "get_normalization", "googlenet_fc_as_conv",
+    "import_torchfcn", "model_state_dict", "receptive_field", "transfer_stage", "upsampler"
+]  # fmt: skip

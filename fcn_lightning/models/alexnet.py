@@ -1,16 +1,8 @@
-"""AlexNet trunk for the FCN (paper, Table 1: FCN-AlexNet): torchvision's AlexNet feature
-layers, its classifier's fc6 / fc7 as convolutions (fc6 6x6 over pool5's 256 channels, fc7 1x1).
-
-Keys follow torchvision (``features.N.*``) so that its ImageNet state dict loads as it is. The
-1000-way fc8 is not part of the trunk (the FCN's zero-initialised score_fr takes its place);
-:func:`alexnet_fc8_as_conv` gives it as a 1x1 convolution, to show the convolutionalised net
-computes torchvision's classifier. torchvision's AlexNet is not the Caffe AlexNet of the paper
-(64 / 192 filters in conv1 / conv2, not 96 / 256; no LRN; no filter groups): docs/TRUNKS.md.
-"""
+"""AlexNet trunk (paper, Table 1): torchvision's AlexNet feature layers (its keys), fc6 (6x6) /
+fc7 (1x1) as convolutions; fc8 is left to :func:`alexnet_fc8_as_conv`. Not the paper's Caffe
+AlexNet: docs/TRUNKS.md."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torchvision
@@ -20,12 +12,13 @@ from .trunk import (
     HALF_PIXEL,
     Trunk,
     check_trunk_args,
+    convolutionalized,
     half_pixel_resampler,
+    linear_as_conv,
     load_mapped_state_dict,
     scaled,
     tap_of,
 )
-from .weights import load_trunk_state_dict
 
 # (conv1 padding, padding of each 3x3 pooling, fc6's zero padding left/top and right/bottom)
 _GEOMETRY = {
@@ -41,29 +34,16 @@ def _torchvision_features() -> nn.Sequential:
 
 
 def alexnet_fc8_as_conv(state: dict[str, torch.Tensor]) -> nn.Conv2d:
-    """torchvision's 1000-way classifier (``classifier.6``) as the 1x1 convolution that follows
-    fc7 in the convolutionalised net (the FCN discards it)."""
-    weight, bias = state["classifier.6.weight"], state["classifier.6.bias"]
-    conv = nn.Conv2d(weight.shape[1], weight.shape[0], 1)
-    with torch.no_grad():
-        conv.weight.copy_(weight[:, :, None, None])
-        conv.bias.copy_(bias)
-    return conv
+    """torchvision's 1000-way classifier (``classifier.6``) as the 1x1 convolution after fc7."""
+    return linear_as_conv(state["classifier.6.weight"], state["classifier.6.bias"])
 
 
 class AlexNetTrunk(Trunk):
     """AlexNet conv1 .. fc7; ``forward`` returns the taps pool3 (its pool1, stride 8), pool4 (its
     pool2, stride 16) and final (fc7 after ReLU and dropout, stride 32).
 
-    ``geometry="paper"``: conv1 padding 100, ceil-mode pooling, fc6 unpadded, as the
-    reference's FCN-AlexNet. ``geometry="same"``: conv1 padding 6, each pooling padded by 1, fc6
-    zero-padded by 2 before and 3 after, so every tap covers the input with no margin and every
-    crop offset is 0.
-
-    AlexNet's kernels are all odd, so its maps sit on whole pixels: the taps are declared
-    :data:`HALF_PIXEL` further on (the output is registered to within half a pixel), and the
-    skip taps (pool1, pool2) are resampled half their own pixel further on
-    (:func:`half_pixel_resampler`), where the heads' 2x upsamplings expect them.
+    Geometries (``_GEOMETRY``) and the half-pixel taps: docs/TRUNKS.md, Geometry and the half
+    pixel.
     """
 
     def __init__(
@@ -126,27 +106,8 @@ class AlexNetTrunk(Trunk):
         out["final"] = self.drop7(self.relu7(self.fc7(x)))
         return out
 
-    def load_pretrained(self, source: str | Path, *, progress: bool = True) -> None:
-        """Load ``"imagenet"`` (torchvision's AlexNet_Weights.IMAGENET1K_V1) or a
-        torchvision-layout AlexNet file."""
-        self.load_torchvision_state_dict(
-            load_trunk_state_dict(source, "alexnet", progress=progress)
-        )
-
     def load_torchvision_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load a torchvision AlexNet state dict, convolutionalising classifier.1 / classifier.4
         into fc6 (6x6) / fc7 (1x1); classifier.6 (the 1000-way fc8) is left out."""
-        mapped: dict[str, torch.Tensor] = {}
-        for key, value in state.items():
-            if key.startswith("features."):
-                mapped[key] = value
-            elif key.startswith("classifier.1."):
-                mapped["fc6." + key.split(".")[-1]] = value
-            elif key.startswith("classifier.4."):
-                mapped["fc7." + key.split(".")[-1]] = value
-        if "fc6.weight" in mapped:
-            w = mapped["fc6.weight"]
-            mapped["fc6.weight"] = w.reshape(w.shape[0], -1, 6, 6)
-        if "fc7.weight" in mapped:
-            mapped["fc7.weight"] = mapped["fc7.weight"].reshape(*mapped["fc7.weight"].shape, 1, 1)
+        mapped = convolutionalized(state, "classifier.1.", "classifier.4.", 6)
         load_mapped_state_dict(self, mapped, what="AlexNet", first_conv="features.0.weight")

@@ -1,18 +1,8 @@
-"""GoogLeNet trunk for the FCN (paper, Table 1: FCN-GoogLeNet): torchvision's GoogLeNet up to
-its last Inception module, without the auxiliary classifiers and without the final average
-pooling (the paper found dropping it helped), then dropout.
-
-Keys follow torchvision (``conv1.conv.weight``, ``inception3a.branch1.conv.weight``, ...) so
-that its ImageNet state dict loads as it is; its ``aux1`` / ``aux2`` heads are ignored, and its
-1000-way ``fc`` is the classifier the FCN discards (:func:`googlenet_fc_as_conv` gives it as the
-1x1 convolution that follows the ``final`` tap). torchvision's GoogLeNet is a batch-norm variant
-with 3x3 convolutions in the "5x5" branches and a 2x2 pool4, not the paper's Caffe GoogLeNet
-(docs/TRUNKS.md).
-"""
+"""GoogLeNet trunk (paper, Table 1): torchvision's GoogLeNet (its keys) up to its last
+Inception module, without the auxiliary classifiers and the final average pooling, then dropout;
+``fc`` is left to :func:`googlenet_fc_as_conv`. Not the paper's Caffe GoogLeNet: docs/TRUNKS.md."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,11 +13,11 @@ from .trunk import (
     Trunk,
     check_trunk_args,
     half_pixel_resampler,
+    linear_as_conv,
     load_mapped_state_dict,
     scaled,
     tap_of,
 )
-from .weights import load_trunk_state_dict
 
 STEM = ("conv1", "maxpool1", "conv2", "conv3", "maxpool2")
 INCEPTIONS = ("inception3a", "inception3b", "maxpool3", "inception4a", "inception4b",
@@ -63,35 +53,18 @@ def _branches(m: nn.Module) -> nn.Module | tuple[nn.Module, ...]:
 
 
 def googlenet_fc_as_conv(state: dict[str, torch.Tensor]) -> nn.Conv2d:
-    """torchvision's 1000-way classifier (``fc``) as the 1x1 convolution on the ``final`` tap.
-
-    Averaged over a 224x224 input's 7x7 map it gives torchvision's logits (the average pooling
-    and the 1x1 convolution commute); the FCN discards it, and the average pooling."""
-    weight, bias = state["fc.weight"], state["fc.bias"]
-    conv = nn.Conv2d(weight.shape[1], weight.shape[0], 1)
-    with torch.no_grad():
-        conv.weight.copy_(weight[:, :, None, None])
-        conv.bias.copy_(bias)
-    return conv
+    """torchvision's 1000-way classifier (``fc``) as the 1x1 convolution on the ``final`` tap
+    (averaged over a 224x224 input's 7x7 map: torchvision's logits)."""
+    return linear_as_conv(state["fc.weight"], state["fc.bias"])
 
 
 class GoogLeNetTrunk(Trunk):
     """GoogLeNet conv1 .. inception5b; ``forward`` returns the taps pool3 (inception3b, stride
     8), pool4 (inception4e, stride 16) and final (inception5b and dropout, stride 32).
 
-    ``geometry="paper"``: conv1 padding 100, ceil-mode pooling (as torchvision's). ``"same"``:
-    conv1 padding 4, maxpool1 and maxpool2 padded by 1, so every tap covers the input with no
-    margin and every crop offset is 0.
-
-    GoogLeNet's 3x3 poolings put its maps on whole pixels: the taps are declared
-    :data:`HALF_PIXEL` further on (the output is registered to within half a pixel), and the
-    pool3 tap is resampled half its own pixel further on (:func:`half_pixel_resampler`), where
-    the heads' 2x upsampling expects it (the 2x2 pool4 already puts inception4e there).
-
-    ``transform_input`` (on by default, as torchvision's pretrained GoogLeNet): the first three
-    input channels, normalised by the ImageNet mean and std, are mapped to the (x - 0.5) / 0.5
-    normalisation the weights were trained on, so the trunk computes what torchvision's
-    pretrained model computes for the same input.
+    Geometries (``_GEOMETRY``) and the half-pixel taps: docs/TRUNKS.md, Geometry and the half
+    pixel. ``transform_input`` (as torchvision's pretrained GoogLeNet) maps ImageNet-normalised
+    RGB to the (x - 0.5) / 0.5 its weights were trained on.
     """
 
     def __init__(
@@ -166,13 +139,6 @@ class GoogLeNetTrunk(Trunk):
                 out["pool4"] = x
         out["final"] = self.dropout(x)
         return out
-
-    def load_pretrained(self, source: str | Path, *, progress: bool = True) -> None:
-        """Load ``"imagenet"`` (torchvision's GoogLeNet_Weights.IMAGENET1K_V1) or a
-        torchvision-layout GoogLeNet file."""
-        self.load_torchvision_state_dict(
-            load_trunk_state_dict(source, "googlenet", progress=progress)
-        )
 
     def load_torchvision_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load a torchvision GoogLeNet state dict; its auxiliary classifiers (``aux1``,

@@ -1,11 +1,6 @@
-"""The trunk interface: a backbone that hands the FCN heads named feature maps ("taps").
-
-Each tap carries its coordinate map, as the authors' reference code computes it (Caffe's
-``coord_map``): feature pixel ``i`` sits at input coordinate ``origin + stride * i``. The heads
-derive their upsampling factors and crop offsets from these (docs/PAPER.md, Network geometry),
-so any trunk with the taps an arch needs works (docs/PAPER.md, Other trunks; docs/TRUNKS.md).
-A tap also carries its receptive field and its depth in convolutions (:func:`layer_map`).
-"""
+"""The trunk interface: a backbone that hands the FCN heads named feature maps ("taps"), each
+with its coordinate map (pixel ``i`` at input coordinate ``origin + stride * i``), receptive
+field and depth (docs/PAPER.md, Network geometry and Other trunks; docs/TRUNKS.md)."""
 
 from __future__ import annotations
 
@@ -17,15 +12,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .weights import load_trunk_state_dict
+
 # paper: the reference's geometry (a margin on the input, upsamplings unpadded, crops from the
 # coordinate maps); same: no margin, each upsampling of factor f padded by f // 2, crops at 0.
 GEOMETRIES = ("paper", "same")
 
-# The heads upsample a factor f with a kernel of 2f (the reference's), whose output pixels land
-# on whole input pixels only when the map it upsamples sits on half pixels, as the taps of
-# VGG16 do (its 2x2 poolings). A trunk of odd kernels only (AlexNet, GoogLeNet) has its taps on
-# whole pixels: it declares them HALF_PIXEL further on (``Tap.shift``), so its output is
-# registered to within half an input pixel of its exact coordinate map (docs/TRUNKS.md).
+# How far a trunk of odd kernels only declares its taps further on (docs/TRUNKS.md, Geometry
+# and the half pixel).
 HALF_PIXEL = 0.5
 
 _PADS = (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReplicationPad2d, nn.ReflectionPad2d)
@@ -58,16 +52,9 @@ def _side(value: int | tuple[int, ...]) -> int:
 
 
 def layer_map(layers: Iterable[nn.Module | tuple], start: LayerMap | None = None) -> LayerMap:
-    """Stride, coordinate map, receptive field and convolution depth after ``layers``.
-
-    A convolution or pooling of kernel k, stride s, padding p (dilation d) maps output pixel i to
-    input coordinate ``s * i + d * (k - 1) / 2 - p`` and widens the receptive field by
-    ``d * (k - 1)`` pixels of its input; a padding layer (``nn.ZeroPad2d`` ...) moves the map by
-    its left (= top) padding; a module with children runs them in order (``nn.Sequential``);
-    a tuple holds parallel branches (an Inception module's), each a module or a list of layers,
-    whose maps must agree: the receptive field and depth are those of the widest and deepest
-    branch. Other layers (activations, batch norm, dropout) keep the map.
-    """
+    """Stride, coordinate map, receptive field and convolution depth after ``layers``: convs,
+    poolings, padding layers, modules with children (run in order) and tuples of parallel
+    branches (an Inception module's; their maps must agree). Other layers keep the map."""
     m = start or LayerMap()
     stride, origin, field, depth = m.stride, m.origin, m.field, m.depth
     for layer in layers:
@@ -96,23 +83,8 @@ def layer_map(layers: Iterable[nn.Module | tuple], start: LayerMap | None = None
     return m
 
 
-def coord_map(
-    layers: Iterable[nn.Module | tuple], stride: int = 1, origin: float = 0.0
-) -> tuple[int, float]:
-    """(stride, origin) of the map after ``layers``, starting from a map at (stride, origin).
-
-    See :func:`layer_map` for the layers it reads.
-    """
-    m = layer_map(layers, LayerMap(stride, origin))
-    return m.stride, m.origin
-
-
 def receptive_field(layers: Iterable[nn.Module | tuple]) -> int:
-    """The side, in input pixels, of the input square one pixel after ``layers`` depends on.
-
-    The geometric ("theoretical") receptive field, as in the paper's Table 1 (VGG16's fc7: 404):
-    the layers' kernels only, whatever their weights and the input's borders.
-    """
+    """The geometric receptive field after ``layers``, in input pixels (Table 1: fc7's 404)."""
     return layer_map(layers).field
 
 
@@ -123,13 +95,8 @@ def tap_of(channels: int, layers: Iterable[nn.Module | tuple], *, shift: float =
 
 
 def half_pixel_resampler() -> nn.Sequential:
-    """Resample a map half its own pixel further on (origin + stride / 2, same size): the mean
-    of each 2x2 neighbourhood, the last row and column repeated. No parameters.
-
-    A trunk whose poolings have odd kernels (3x3, stride 2) puts a coarse pixel on a fine one,
-    where the heads' 2x upsamplings (kernel 4, from VGG16's 2x2 poolings) expect it between two:
-    such a trunk hands its skip taps through this, so that every crop lands on a whole pixel.
-    """
+    """Resample a map half its own pixel further on (same size): the mean of each 2x2
+    neighbourhood, the last row and column repeated (docs/TRUNKS.md, the half pixel)."""
     return nn.Sequential(nn.ReplicationPad2d((0, 1, 0, 1)), nn.AvgPool2d(2, stride=1))
 
 
@@ -139,11 +106,8 @@ def scaled(channels: int, width: float) -> int:
 
 
 def expand_input_channels(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
-    """Adapt RGB conv1_1 filters (out, 3, k, k) to ``in_channels`` inputs.
-
-    The RGB filters are kept; every extra channel starts as the mean of the RGB filters (the
-    paper's RGB-D early fusion). With fewer than 3 channels every channel is that mean.
-    """
+    """RGB conv1_1 filters (out, 3, k, k) for ``in_channels`` inputs: extra channels start as
+    the RGB filters' mean (RGB-D early fusion); with fewer than 3, every channel is that mean."""
     mean = weight.mean(dim=1, keepdim=True)
     if in_channels < weight.shape[1]:
         return mean.expand(-1, in_channels, -1, -1).clone()
@@ -165,13 +129,8 @@ def check_trunk_args(geometry: str, width: float, in_channels: int) -> None:
 def load_mapped_state_dict(
     module: nn.Module, mapped: Mapping[str, torch.Tensor], *, what: str, first_conv: str
 ) -> None:
-    """Load a state dict already renamed to ``module``'s keys, checking it first.
-
-    The first convolution's RGB filters (``first_conv``) are adapted to the module's input
-    channels (:func:`expand_input_channels`); a batch norm's ``num_batches_tracked`` missing from
-    older files is kept as it is. Raises ``ValueError`` naming missing keys, or a key whose shape
-    differs (pretrained weights need width 1.0 and the matching backbone).
-    """
+    """Load a state dict already renamed to ``module``'s keys, checked first; ``first_conv``'s
+    filters are adapted to the input channels, a missing ``num_batches_tracked`` kept."""
     own, mapped = module.state_dict(), dict(mapped)
     w = mapped.get(first_conv)
     if w is not None and w.shape[1] != own[first_conv].shape[1]:
@@ -196,6 +155,34 @@ def load_mapped_state_dict(
     module.load_state_dict(mapped, strict=True)
 
 
+def convolutionalized(
+    state: Mapping[str, torch.Tensor], fc6: str, fc7: str, fc6_size: int
+) -> dict[str, torch.Tensor]:
+    """A torchvision VGG16 / AlexNet state dict's ``features.*``, with its classifier layers
+    ``fc6`` and ``fc7`` (key prefixes) reshaped into the 1x1-or-wider convolutions fc6 / fc7."""
+    mapped: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith("features."):
+            mapped[key] = value
+        elif key.startswith((fc6, fc7)):
+            mapped[("fc6." if key.startswith(fc6) else "fc7.") + key.split(".")[-1]] = value
+    if "fc6.weight" in mapped:
+        w = mapped["fc6.weight"]
+        mapped["fc6.weight"] = w.reshape(w.shape[0], -1, fc6_size, fc6_size)
+    if "fc7.weight" in mapped:
+        mapped["fc7.weight"] = mapped["fc7.weight"].reshape(*mapped["fc7.weight"].shape, 1, 1)
+    return mapped
+
+
+def linear_as_conv(weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
+    """A classifier's Linear layer as the equivalent 1x1 convolution."""
+    conv = nn.Conv2d(weight.shape[1], weight.shape[0], 1)
+    with torch.no_grad():
+        conv.weight.copy_(weight[:, :, None, None])
+        conv.bias.copy_(bias)
+    return conv
+
+
 class Trunk(nn.Module, ABC):
     """A backbone: ``forward(x)`` returns one tensor per tap, named as in ``taps``.
 
@@ -206,10 +193,14 @@ class Trunk(nn.Module, ABC):
 
     taps: dict[str, Tap]
     geometry: str
+    backbone: str
 
     @abstractmethod
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
-    @abstractmethod
     def load_pretrained(self, source: str | Path, *, progress: bool = True) -> None:
-        """Load pretrained classifier weights (a name such as ``"imagenet"``, or a file)."""
+        """Load ``"imagenet"`` (torchvision's weights) or a torchvision-layout file of the
+        backbone, through the trunk's ``load_torchvision_state_dict``."""
+        self.load_torchvision_state_dict(
+            load_trunk_state_dict(source, self.backbone, progress=progress)
+        )

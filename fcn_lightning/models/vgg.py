@@ -1,13 +1,7 @@
-"""VGG16 trunk for the FCN: torchvision's VGG16 feature layers, fc6/fc7 as convolutions.
-
-Keys follow torchvision (``features.N.*``) so that its ImageNet state dict loads as it is; the
-classifier's first two Linear layers are reshaped ("convolutionalized", paper, section 3.1) into
-``fc6`` (7x7) and ``fc7`` (1x1).
-"""
+"""VGG16 trunk: torchvision's VGG16 feature layers (its keys), fc6 (7x7) / fc7 (1x1) as
+convolutions (paper, section 3.1; docs/TRUNKS.md, Made convolutional)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -16,27 +10,18 @@ from torchvision.models.vgg import cfgs, make_layers
 from .trunk import (
     Trunk,
     check_trunk_args,
-    expand_input_channels,
+    convolutionalized,
     load_mapped_state_dict,
     scaled,
     tap_of,
 )
-from .weights import load_trunk_state_dict
-
-# expand_input_channels and scaled live in trunk.py since other trunks share them
-__all__ = ["VGG16Trunk", "expand_input_channels", "scaled"]
 
 
 class VGG16Trunk(Trunk):
     """VGG16 conv1_1 .. fc7; ``forward`` returns the taps pool3, pool4 and final (fc7).
 
-    ``geometry="paper"``: conv1_1 padding 100, ceil-mode pooling, fc6 unpadded (docs/PAPER.md,
-    Network geometry). ``geometry="same"``: conv1_1 padding 1, ceil-mode pooling, fc6 padded by
-    3, so the stride-32 map covers the input without the 100-pixel margin.
-
-    Tap origins follow from the layers (:func:`coord_map`): conv1_1 moves the origin by 1 - pad,
-    each pool by half the stride before it, fc6 by 32 * (3 - pad): pool3 8i - 95.5, pool4
-    16i - 91.5, final 32i + 12.5 (paper); 8i + 3.5, 16i + 7.5, 32i + 15.5 (same).
+    ``paper``: conv1_1 padding 100, fc6 unpadded; ``same``: conv1_1 padding 1, fc6 padded by 3;
+    ceil-mode pooling in both (docs/PAPER.md, Network geometry).
     """
 
     def __init__(
@@ -94,27 +79,8 @@ class VGG16Trunk(Trunk):
         out["final"] = self.drop7(self.relu7(self.fc7(x)))
         return out
 
-    def load_pretrained(self, source: str | Path, *, progress: bool = True) -> None:
-        """Load ``"imagenet"`` (torchvision's weights) or a torchvision-layout VGG16 file."""
-        self.load_torchvision_state_dict(
-            load_trunk_state_dict(source, self.backbone, progress=progress)
-        )
-
     @torch.no_grad()
     def load_torchvision_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load a torchvision VGG16 state dict, convolutionalizing classifier.0/3 into fc6/fc7."""
-        mapped: dict[str, torch.Tensor] = {}
-        for key, value in state.items():
-            if key.startswith("features."):
-                mapped[key] = value
-            elif key.startswith("classifier.0."):
-                mapped["fc6." + key.split(".")[-1]] = value
-            elif key.startswith("classifier.3."):
-                mapped["fc7." + key.split(".")[-1]] = value
-        if "fc6.weight" in mapped:
-            mapped["fc6.weight"] = mapped["fc6.weight"].reshape(
-                mapped["fc6.weight"].shape[0], -1, 7, 7
-            )
-        if "fc7.weight" in mapped:
-            mapped["fc7.weight"] = mapped["fc7.weight"].reshape(*mapped["fc7.weight"].shape, 1, 1)
+        mapped = convolutionalized(state, "classifier.0.", "classifier.3.", 7)
         load_mapped_state_dict(self, mapped, what="VGG16", first_conv="features.0.weight")
