@@ -294,13 +294,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
-        wanted = {
-            "fit": [("train", self.train_split, True), ("val", self.val_split, False)],
-            "validate": [("val", self.val_split, False)],
-            "test": [("test", self.test_split, False)],
-            "predict": [("test", self.test_split, False)],
-        }
-        for key, split, train in wanted.get(stage or "fit", wanted["fit"]):
+        val, test = ("val", self.val_split, False), ("test", self.test_split, False)
+        wanted = {"validate": [val], "test": [test], "predict": [test]}
+        for key, split, train in wanted.get(stage, [("train", self.train_split, True), val]):
             if key not in self.datasets:
                 self.datasets[key] = self.make_dataset(
                     split, self.train_transforms() if train else self.eval_transforms()
@@ -355,10 +351,14 @@ class SegmentationDataModule(pl.LightningDataModule):
 def read_split_file(path: Path, what: str) -> list[str]:
     if not path.is_file():
         raise DataError(f"split list not found: {path} ({what})")
-    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not ids:
+    if not (ids := read_lines(path)):
         raise DataError(f"split list {path} is empty")
     return ids
+
+
+def read_lines(path: Path) -> list[str]:
+    """The lines of a text file that are not blank, stripped."""
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 def check_files_exist(

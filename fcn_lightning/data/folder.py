@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from ..contract import SINGLE_HEAD, DataContract, Head, InputGroup, voc_palette
 from ..errors import DataError
-from .base import SegmentationDataModule, check_files_exist, read_split_file
+from .base import SegmentationDataModule, check_files_exist, read_lines, read_split_file
 from .readers import read_image, read_label_png
 
 LAYOUT = """Expected layout under data.root (VOC layout):
@@ -57,10 +57,7 @@ class FolderDataModule(SegmentationDataModule):
             names = self._class_names_cfg
             classes_txt = self.root / "classes.txt" if self.root else None
             if names is None and classes_txt is not None and classes_txt.is_file():
-                names = [
-                    line.strip() for line in classes_txt.read_text().splitlines() if line.strip()
-                ]
-                if not names:
+                if not (names := read_lines(classes_txt)):
                     raise DataError(f"{classes_txt} lists no class names")
             n = self._num_classes_cfg
             if names is not None and n is not None and len(names) != n:
@@ -94,8 +91,7 @@ class FolderDataModule(SegmentationDataModule):
             labels = sorted((self.root / "SegmentationClass").glob("*.png")) if self.root else []
             if labels:
                 with Image.open(labels[0]) as img:
-                    if img.mode == "P" and img.getpalette():
-                        flat = img.getpalette()
+                    if img.mode == "P" and (flat := img.getpalette()):
                         self._palette = [tuple(flat[i : i + 3]) for i in range(0, len(flat), 3)]
         return self._palette
 
@@ -126,15 +122,11 @@ class FolderDataModule(SegmentationDataModule):
             raise DataError(f"no label PNGs in {self.root / 'SegmentationClass'}.\n{LAYOUT}")
         images = {p.stem for p in (self.root / "JPEGImages").iterdir() if p.is_file()}
         unlabelled = sorted(images - set(ids))
+        left = f"; {len(unlabelled)} image(s) without a label left out: {', '.join(unlabelled[:5])}"
         self.warn_once(
             f"{lists} not found: split '{split}' uses all {len(ids)} labelled images (so "
             "validation scores the training images: write ImageSets/Segmentation/train.txt and "
-            "val.txt for a held-out score)"
-            + (
-                f"; {len(unlabelled)} image(s) without a label left out: {', '.join(unlabelled[:5])}"
-                if unlabelled
-                else ""
-            )
+            f"val.txt for a held-out score){left * bool(unlabelled)}"
         )
         return ids
 

@@ -119,9 +119,8 @@ def _histograms(reader: Callable, label_map: dict, batch: list[tuple]) -> list[d
         try:
             results.append(count_labels(map_labels(reader(Path(path), head), label_map), n))
         except Exception as err:
-            results.append(
-                {"error": str(err) if isinstance(err, DataError) else f"{path}: {err!r}"}
-            )
+            error = str(err) if isinstance(err, DataError) else f"{path}: {err!r}"
+            results.append({"error": error})
     return results
 
 

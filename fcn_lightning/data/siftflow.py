@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from ..contract import DataContract, Head, InputGroup
 from ..errors import DataError
-from .base import SegmentationDataModule
+from .base import SegmentationDataModule, read_lines
 from .layout import LayoutReport, Listing, SplitCount, count_split, layout_text
 from .readers import read_image, read_mat
 from .sources import ARCHIVES
@@ -88,11 +88,7 @@ class SiftFlowDataModule(SegmentationDataModule):
                 f"{test_file} not found: it defines the test split.\n{layout(self.root)}"
             )
         # lines look like 'spatial_envelope_256x256_static_8outdoorcategories\coast_arnat59.jpg'
-        test = [
-            Path(line.strip().replace("\\", "/")).stem
-            for line in test_file.read_text().splitlines()
-            if line.strip()
-        ]
+        test = [Path(line.replace("\\", "/")).stem for line in read_lines(test_file)]
         if split == "test":
             ids = test
             missing = [i for i in ids if not self._paths(i)[0].is_file()]
@@ -103,9 +99,7 @@ class SiftFlowDataModule(SegmentationDataModule):
         else:
             test_set = set(test)
             ids = sorted(p.stem for p in images.glob("*.jpg") if p.stem not in test_set)
-        unlabelled = [
-            i for i in ids if not (self._paths(i)[1].is_file() and self._paths(i)[2].is_file())
-        ]
+        unlabelled = [i for i in ids if not all(p.is_file() for p in self._paths(i)[1:])]
         if unlabelled:
             self.warn_once(
                 f"SIFT Flow {split}: {len(unlabelled)} image(s) without annotation left out: "

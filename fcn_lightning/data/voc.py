@@ -87,10 +87,13 @@ class VOCDataModule(SegmentationDataModule):
         if self.year not in ("2011", "2012"):
             raise ValueError(f"data.year must be 2011 or 2012, got {year!r}")
         for split in (self.train_split, self.val_split, self.test_split):
-            if split not in SPLITS:
-                raise ValueError(f"unknown VOC split {split!r}; expected one of {SPLITS}")
-            if split == "seg11valid" and self.year != "2011":
-                raise ValueError("seg11valid is VOC2011 val minus SBD train: set data.year=2011")
+            self._check_split(split)
+
+    def _check_split(self, split: str) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"unknown VOC split {split!r}; expected one of {SPLITS}")
+        if split == "seg11valid" and self.year != "2011":
+            raise ValueError("seg11valid is VOC2011 val minus SBD train: set data.year=2011")
 
     @property
     def voc_dir(self) -> Path:
@@ -168,12 +171,8 @@ class VOCDataModule(SegmentationDataModule):
 
         report.count_splits(splits, self.split_ids, files, official)
         other = self.other_year() if not self.voc_dir.is_dir() else None
-        also = (
-            f" ({self.root / 'VOCdevkit' / f'VOC{other}'} is there: that is --year {other}, "
-            f"data.year={other})"
-            if other
-            else ""
-        )
+        there = self.root / "VOCdevkit" / f"VOC{other}"
+        also = f" ({there} is there: that is --year {other}, data.year={other})" if other else ""
         if require_voc and not self.voc_dir.is_dir():
             report.problems.append(f"VOC{self.year} not found: {self.voc_dir} does not exist{also}")
         elif not splits and not listed:
@@ -184,22 +183,18 @@ class VOCDataModule(SegmentationDataModule):
 
     def split_ids(self, split: str) -> list[tuple[str, str]]:
         """(source, id) pairs of a split; source is ``voc`` or ``sbd``."""
+        self._check_split(split)
         if split in VOC_SPLITS:
             return [("voc", i) for i in self._voc_ids(split)]
         if split in SBD_SPLITS:
             return [("sbd", i) for i in self._sbd_ids(split.removeprefix("sbd_"))]
+        sbd = self._sbd_ids("train")
+        seen = set(sbd)
         if split == "seg11valid":
-            if self.year != "2011":
-                raise ValueError("seg11valid is VOC2011 val minus SBD train: set data.year=2011")
-            sbd_train = set(self._sbd_ids("train"))
-            return [("voc", i) for i in self._voc_ids("val") if i not in sbd_train]
-        if split == "sbd_train+voc_train":
-            sbd = self._sbd_ids("train")
-            seen = set(sbd)
-            return [("sbd", i) for i in sbd] + [
-                ("voc", i) for i in self._voc_ids("train") if i not in seen
-            ]
-        raise ValueError(f"unknown VOC split {split!r}; expected one of {SPLITS}")
+            return [("voc", i) for i in self._voc_ids("val") if i not in seen]
+        return [("sbd", i) for i in sbd] + [
+            ("voc", i) for i in self._voc_ids("train") if i not in seen
+        ]
 
     def _folders(self, source: str) -> tuple[Path, Path, str]:
         """Image folder, label folder and label suffix of ``voc`` or ``sbd``."""
@@ -225,9 +220,7 @@ class VOCDataModule(SegmentationDataModule):
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
     def label_files(self, split: str) -> list[dict[str, Path]]:
-        pairs = self.split_ids(split)
-        folders = {source: self._folders(source)[1:] for source in {s for s, _ in pairs}}
-        return [{"out": folders[s][0] / f"{i}{folders[s][1]}"} for s, i in pairs]
+        return [{"out": self._paths(*pair)[1]} for pair in self.split_ids(split)]
 
     @staticmethod
     def read_label(path: Path, head: str = "out") -> np.ndarray:
