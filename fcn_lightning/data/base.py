@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -105,8 +106,7 @@ class ResumableSampler(Sampler):
 
 
 class SeededDataset(Dataset):
-    """Training samples whose random transforms depend only on (seed, epoch, index), not on the
-    global random state: prefetching and restarts do not change what a sample looks like."""
+    """Training samples whose random transforms depend only on (seed, epoch, index)."""
 
     def __init__(self, dataset: Dataset, seed: int = 0) -> None:
         self.dataset, self.seed = dataset, seed
@@ -125,8 +125,7 @@ def pad_collate(
     batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Pad every sample to the largest in the batch: image with 0, labels with 255 (ignored)."""
-    h = max(img.shape[-2] for img, _ in batch)
-    w = max(img.shape[-1] for img, _ in batch)
+    h, w = (max(img.shape[d] for img, _ in batch) for d in (-2, -1))
     images = torch.zeros(len(batch), batch[0][0].shape[0], h, w, dtype=batch[0][0].dtype)
     labels = {
         k: torch.full((len(batch), h, w), IGNORE_INDEX, dtype=torch.long) for k in batch[0][1]
@@ -239,8 +238,7 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     @property
     def contract(self) -> DataContract:
-        """What this DataModule gives, all the model and the reports read of it. Here: one head
-        of ``class_names`` in the VOC palette, a photo with VOC's statistics."""
+        """What this DataModule gives: one head of ``class_names`` in the VOC palette, a photo."""
         return DataContract(
             {SINGLE_HEAD: Head(tuple(self.class_names), tuple(voc_palette()))},
             [InputGroup("rgb", "voc")],
@@ -275,8 +273,7 @@ class SegmentationDataModule(pl.LightningDataModule):
     def check_labels(
         self, splits: Sequence[str] | None = None, *, workers: int | None = None
     ) -> LabelReport:
-        """Every label file of ``splits`` (default: train, val, test) read and counted, by
-        ``workers`` loader processes (default ``num_workers``): :mod:`.labelcheck`."""
+        """The label files of ``splits`` (default: train, val, test) read and counted."""
         return run_label_check(self, splits, workers=workers)
 
     def train_transforms(self) -> Callable:
@@ -298,27 +295,20 @@ class SegmentationDataModule(pl.LightningDataModule):
         wanted = {"validate": [val], "test": [test], "predict": [test]}
         for key, split, train in wanted.get(stage, [("train", self.train_split, True), val]):
             if key not in self.datasets:
-                self.datasets[key] = self.make_dataset(
-                    split, self.train_transforms() if train else self.eval_transforms()
-                )
+                transforms = self.train_transforms() if train else self.eval_transforms()
+                self.datasets[key] = self.make_dataset(split, transforms)
 
-    def _loader(
-        self, key: str, batch_size: int, shuffle: bool, collate: Callable | None
-    ) -> DataLoader:
+    def _loader(self, key: str, batch_size: int, collate: Callable | None) -> DataLoader:
         if key not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[key])
         dataset, sampler = self.datasets[key], None
         if key == "train":
-            sampler = ResumableSampler(len(dataset), self.loader_seed, shuffle=shuffle)
+            sampler = ResumableSampler(len(dataset), self.loader_seed)
             if self._resume:
                 sampler.resume_at(self._resume["epoch"], self._resume["samples_done"])
                 self._resume = None
             dataset = SeededDataset(dataset, self.loader_seed)
-        elif (
-            torch.distributed.is_available()
-            and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1
-        ):
+        elif dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # every sample exactly once across processes: no padding with repeated samples
             sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
         return DataLoader(
@@ -331,18 +321,17 @@ class SegmentationDataModule(pl.LightningDataModule):
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers,
             collate_fn=collate,
-            drop_last=False,
         )
 
     def train_dataloader(self) -> DataLoader:
         collate = pad_collate if self.batching == "pad" else None
-        return self._loader("train", self.batch_size, True, collate)
+        return self._loader("train", self.batch_size, collate)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.val_batch_size, False, pad_collate)
+        return self._loader("val", self.val_batch_size, pad_collate)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.val_batch_size, False, pad_collate)
+        return self._loader("test", self.val_batch_size, pad_collate)
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,6 @@ class FolderDataModule(SegmentationDataModule):
         super().__init__(root, **(TRAINING | kwargs))
         self._num_classes_cfg = num_classes
         self._class_names_cfg = list(class_names) if class_names else None
-        self._names: tuple[str, ...] | None = None
         self._palette: list[tuple[int, int, int]] | None = None
 
     def _check_root(self) -> None:
@@ -51,34 +51,31 @@ class FolderDataModule(SegmentationDataModule):
             if not (self.root / sub).is_dir():
                 raise DataError(f"{self.root / sub} not found.\n{LAYOUT}")
 
-    @property
+    @cached_property
     def class_names(self) -> tuple[str, ...]:  # type: ignore[override]
-        if self._names is None:
-            names = self._class_names_cfg
-            classes_txt = self.root / "classes.txt" if self.root else None
-            if names is None and classes_txt is not None and classes_txt.is_file():
-                if not (names := read_lines(classes_txt)):
-                    raise DataError(f"{classes_txt} lists no class names")
-            n = self._num_classes_cfg
-            if names is not None and n is not None and len(names) != n:
-                source = "data.class_names" if self._class_names_cfg else str(classes_txt)
+        names = self._class_names_cfg
+        classes_txt = self.root / "classes.txt" if self.root else None
+        if names is None and classes_txt is not None and classes_txt.is_file():
+            if not (names := read_lines(classes_txt)):
+                raise DataError(f"{classes_txt} lists no class names")
+        n = self._num_classes_cfg
+        if names is not None and n is not None and len(names) != n:
+            source = "data.class_names" if self._class_names_cfg else str(classes_txt)
+            raise DataError(
+                f"data.num_classes={n} disagrees with the {len(names)} classes in {source}"
+            )
+        if names is None:
+            if n is None:
                 raise DataError(
-                    f"data.num_classes={n} disagrees with the {len(names)} classes in {source}"
+                    f"the number of classes is unknown: set data.num_classes or write {classes_txt} "
+                    "(one class name per line, index 0 first)"
                 )
-            if names is None:
-                if n is None:
-                    raise DataError(
-                        f"the number of classes is unknown: set data.num_classes or write {classes_txt} "
-                        "(one class name per line, index 0 first)"
-                    )
-                names = [f"class_{i}" for i in range(n)]
-            self._names = tuple(names)
-        return self._names
+            names = [f"class_{i}" for i in range(n)]
+        return tuple(names)
 
     @property
     def contract(self) -> DataContract:
-        """One head of the folder's classes, drawn in its label PNGs' own palette; photos,
-        normalised with VOC's statistics (a folder has none of its own)."""
+        """One head of the folder's classes in its labels' palette; photos with VOC's statistics."""
         return DataContract(
             {SINGLE_HEAD: Head(self.class_names, tuple(self.palette))}, [InputGroup("rgb", "voc")]
         )
@@ -99,18 +96,15 @@ class FolderDataModule(SegmentationDataModule):
 
     def image_path(self, i: str) -> Path:
         """``JPEGImages/<id>.jpg|.png|.jpeg``; two of them for one id are refused, not guessed."""
-        found = [
-            p
-            for ext in self.IMAGE_EXTENSIONS
-            if (p := self.root / "JPEGImages" / f"{i}{ext}").is_file()
-        ]
+        folder = self.root / "JPEGImages"
+        found = [p for ext in self.IMAGE_EXTENSIONS if (p := folder / f"{i}{ext}").is_file()]
         if len(found) > 1:
             raise DataError(
                 f"image id '{i}' has {len(found)} files: {', '.join(str(p) for p in found)}; "
                 f"its label {self.label_path(i).name} can belong to one only: rename or move "
                 "the others"
             )
-        return found[0] if found else self.root / "JPEGImages" / f"{i}.jpg"
+        return found[0] if found else folder / f"{i}.jpg"
 
     def split_ids(self, split: str) -> list[str]:
         self._check_root()

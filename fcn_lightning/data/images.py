@@ -39,8 +39,7 @@ class ImageFiles(Dataset):
     True`` and its decoded size where that is not ``sizes[i]``."""
 
     def __init__(self, files: Sequence[Path], transform: Callable[[Any], Any]) -> None:
-        self.files = list(files)
-        self.transform = transform
+        self.files, self.transform = list(files), transform
         self.sizes = [displayed_size(p) for p in self.files]
 
     def __len__(self) -> int:
@@ -59,8 +58,7 @@ class ImageFiles(Dataset):
         return {**sample, "image": x, "rgb": image[:3].permute(1, 2, 0).numpy()}
 
     def read_unopened(self) -> dict[int, str]:
-        """Read the files whose header did not open now: their error messages, by index (one
-        that opens after all gets its size)."""
+        """Read the files whose header did not open: their errors by index (or their size)."""
         errors = {}
         for i in [i for i, size in enumerate(self.sizes) if size is None]:
             sample = self[i]
@@ -71,8 +69,7 @@ class ImageFiles(Dataset):
 
 
 class SizeBatches(Sampler[list[int]]):
-    """Batches of up to ``size`` indices of one image size, in order of first appearance; files
-    of unknown size (None) are left out."""
+    """Batches of up to ``size`` indices of one image size; unknown sizes (None) left out."""
 
     def __init__(self, sizes: Sequence[Size | None], size: int) -> None:
         if size < 1:
@@ -91,9 +88,6 @@ class SizeBatches(Sampler[list[int]]):
 
 
 def collate(samples: list[dict[str, Any]]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """(images (N, C, H, W) of the decoded samples, every sample without its tensor); the
-    images come first, where ``predict_step`` looks for them."""
+    """(images (N, C, H, W) of the decoded samples, every sample without its tensor)."""
     good = [s.pop("image") for s in samples if "image" in s]
-    if good:
-        return torch.stack(good), samples
-    return torch.empty(0, 3, *samples[0]["size"]), samples
+    return (torch.stack(good) if good else torch.empty(0, 3, *samples[0]["size"])), samples

@@ -125,8 +125,7 @@ def _histograms(reader: Callable, label_map: dict, batch: list[tuple]) -> list[d
 
 
 def cache_file(dm: Any) -> Path:
-    """One file per DataModule class (hence reader), data root and label map, in
-    ``$FCN_LIGHTNING_CACHE``, else ``~/.cache/fcn_lightning/labels``."""
+    """One file per DataModule class (hence reader), data root and label map."""
     env = os.environ.get("FCN_LIGHTNING_CACHE")
     folder = Path(env).expanduser() if env else Path.home() / ".cache" / "fcn_lightning" / "labels"
     kind = f"{type(dm).__module__}.{type(dm).__qualname__}|{os.path.abspath(dm.root or '')}"
@@ -196,8 +195,7 @@ def _counts(dm: Any, splits: list[str], entries: dict, workers: int) -> tuple[di
 def run_label_check(
     dm: Any, splits: Sequence[str] | None = None, *, workers: int | None = None
 ) -> LabelReport:
-    """Check the labels of ``splits`` (default: the train, val and test splits of ``dm``, a
-    ``SegmentationDataModule``), read by ``workers`` loader processes (default its own)."""
+    """Check the labels of ``splits`` of ``dm``, read by ``workers`` loader processes."""
     start = time.perf_counter()
     contract, heads = dm.contract, dm.contract.num_classes
     report = LabelReport(cache_file=cache_file(dm))

@@ -29,12 +29,9 @@ NYUD_CLASSES = (
 )  # fmt: skip
 
 MODALITIES = {
-    "rgb": ("images",),
-    "hha": ("hha",),
-    "depth": ("depth",),
-    "rgbd": ("images", "depth"),
+    "rgb": ("images",), "hha": ("hha",), "depth": ("depth",), "rgbd": ("images", "depth"),
     "rgb+hha": ("images", "hha"),
-}
+}  # fmt: skip
 SPLITS = ("train", "val", "test", "trainval")
 OFFICIAL_COUNTS = {"train": 381, "val": 414, "test": 654, "trainval": 795}
 LISTS = ("train.txt", "val.txt", "test.txt")
@@ -98,9 +95,7 @@ class NYUDDataModule(SegmentationDataModule):
 
     @property
     def contract(self) -> DataContract:
-        """40 classes; the modality decides the inputs (colour, HHA, depth: each with NYUDv2's
-        statistics), hence the input channels and how many of them are images (normalised) and,
-        for late fusion, one network per stream with its channels."""
+        """40 classes; the modality decides the inputs and, for late fusion, the streams."""
         return DataContract(
             {SINGLE_HEAD: Head(NYUD_CLASSES)},
             [InputGroup("rgb" if f == "images" else f, "nyud") for f in MODALITIES[self.modality]],
@@ -108,10 +103,8 @@ class NYUDDataModule(SegmentationDataModule):
         )
 
     def _paths(self, i: str) -> list[Path]:
-        folders = MODALITIES[self.modality]
-        return [self.root / "data" / f / f"img_{i}.png" for f in folders] + [
-            self.label_folder / f"img_{i}.mat"
-        ]
+        images = [self.root / "data" / f / f"img_{i}.png" for f in MODALITIES[self.modality]]
+        return [*images, self.label_folder / f"img_{i}.mat"]
 
     @property
     def label_folder(self) -> Path:
@@ -131,9 +124,8 @@ class NYUDDataModule(SegmentationDataModule):
         return read_split_file(self.root / f"{split}.txt", f"NYUDv2 {split}")
 
     def check_layout(self) -> LayoutReport:
-        """Per split (ids from :meth:`split_ids`), the RGB, HHA and depth images and the labels
-        found, against the official counts; a missing modality folder or split list is named
-        with where to get it."""
+        """Per split, the images of each modality and the labels found, against the official
+        counts; a missing modality folder or split list is named with where to get it."""
         present = {c: f for c, f in FOLDERS.items() if (self.root / f).is_dir()}
         columns = (*present, "labels")
         report = LayoutReport(f"NYUDv2 under {self.root}:", columns)

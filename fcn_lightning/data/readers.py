@@ -74,8 +74,7 @@ def read_label_png(path: Path) -> np.ndarray:
         with Image.open(path) as img:
             if img.mode not in LABEL_MODES:
                 raise DataError(_colour_label_message(path, img))
-            label = np.asarray(img)
-            mode = img.mode
+            label, mode = np.asarray(img), img.mode
     except FileNotFoundError:
         raise DataError(f"label file not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:

@@ -91,8 +91,7 @@ class SiftFlowDataModule(SegmentationDataModule):
         test = [Path(line.replace("\\", "/")).stem for line in read_lines(test_file)]
         if split == "test":
             ids = test
-            missing = [i for i in ids if not self._paths(i)[0].is_file()]
-            if missing:
+            if missing := [i for i in ids if not self._paths(i)[0].is_file()]:
                 raise DataError(
                     f"TestSet1.txt lists '{missing[0]}' but {self._paths(missing[0])[0]} does not exist"
                 )
@@ -111,8 +110,7 @@ class SiftFlowDataModule(SegmentationDataModule):
         return ids
 
     def check_layout(self) -> LayoutReport:
-        """Every image with its two labels, then the train and test splits as
-        :meth:`split_ids` makes them, against the official counts."""
+        """Every image with its two labels, then the train and test splits, against the counts."""
         columns = ("images", "sem", "geo")
         report = LayoutReport(f"SIFT Flow under {self.root}:", columns)
         listing = Listing()

@@ -118,8 +118,7 @@ class SyntheticDataModule(SegmentationDataModule):
         )
 
     def write_voc(self, root: str | Path, splits: tuple[str, ...] = ("train", "val")) -> Path:
-        """Write the scenes in VOC layout (lossless PNG images, palette PNG labels, split lists,
-        classes.txt), readable by the folder DataModule."""
+        """Write the scenes in VOC layout, readable by the folder DataModule."""
         root = Path(root)
         for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
             (root / sub).mkdir(parents=True, exist_ok=True)

@@ -88,9 +88,8 @@ def train_transforms(
         ops.append(v2.RandomCrop(crop_size, pad_if_needed=True, fill=FILL))
     if hflip:
         ops.append(v2.RandomHorizontalFlip())
-    return v2.Compose(
-        [*ops, *eval_transforms(normalization=normalization, image_groups=image_groups).transforms]
-    )
+    ops += eval_transforms(normalization=normalization, image_groups=image_groups).transforms
+    return v2.Compose(ops)
 
 
 def eval_transforms(
@@ -98,9 +97,5 @@ def eval_transforms(
 ) -> v2.Compose:
     """Whole images: only the dtype conversion (uint8 -> 0..1; float passes) and normalisation
     (one for every image group, or a list of them, one per group)."""
-    return v2.Compose(
-        [
-            v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
-            NormalizeImage(normalization, image_groups),
-        ]
-    )
+    to_float = v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)
+    return v2.Compose([to_float, NormalizeImage(normalization, image_groups)])

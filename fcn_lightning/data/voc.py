@@ -105,9 +105,8 @@ class VOCDataModule(SegmentationDataModule):
 
     def _require(self, path: Path, what: str) -> None:
         if self.root is None or not self.root.is_dir():
-            state = (
-                "is a file, not a folder" if self.root and self.root.exists() else "does not exist"
-            )
+            file = self.root is not None and self.root.exists()
+            state = "is a file, not a folder" if file else "does not exist"
             raise DataError(f"data.root {self.root} {state}.\n" + layout(self.year, self.root))
         if not path.exists():
             raise DataError(f"{what} not found: {path}\n" + layout(self.year, self.root))
@@ -128,8 +127,7 @@ class VOCDataModule(SegmentationDataModule):
         return bool(splits & set(NEEDS_VOC)), bool(splits & set(NEEDS_SBD))
 
     def prepare_data(self) -> None:
-        """With ``download`` (``fcn_lightning.prepare.datasets.download``): fetch what the
-        splits read where it is missing, on one process before ``setup`` (docs/DATA.md)."""
+        """With ``download``: fetch what the splits read where it is missing (docs/DATA.md)."""
         if not self.download or self._prepared:
             return
         if self.root is None:
@@ -196,15 +194,12 @@ class VOCDataModule(SegmentationDataModule):
             ("voc", i) for i in self._voc_ids("train") if i not in seen
         ]
 
-    def _folders(self, source: str) -> tuple[Path, Path, str]:
-        """Image folder, label folder and label suffix of ``voc`` or ``sbd``."""
-        if source == "voc":
-            return self.voc_dir / "JPEGImages", self.voc_dir / "SegmentationClass", ".png"
-        return self.sbd_dir / "img", self.sbd_dir / "cls", ".mat"
-
     def _paths(self, source: str, i: str) -> tuple[Path, Path]:
-        images, labels, suffix = self._folders(source)
-        return images / f"{i}.jpg", labels / f"{i}{suffix}"
+        """Image and label file of id ``i`` of ``voc`` or ``sbd``."""
+        if source == "sbd":
+            return self.sbd_dir / "img" / f"{i}.jpg", self.sbd_dir / "cls" / f"{i}.mat"
+        voc = self.voc_dir
+        return voc / "JPEGImages" / f"{i}.jpg", voc / "SegmentationClass" / f"{i}.png"
 
     def make_dataset(self, split: str, transforms: Callable) -> Dataset:
         pairs = self.split_ids(split)
