@@ -1,6 +1,5 @@
-"""Segmentation DataModules: PASCAL VOC (+ SBD), VOC-layout folders, NYUDv2, SIFT Flow,
-synthetic scenes; image and label readers; the label check run before training; the
-datasets' archives and layout check (docs/DATA.md)."""
+"""Segmentation DataModules (VOC + SBD, VOC-layout folders, NYUDv2, SIFT Flow, synthetic
+scenes), their readers, label check, archives and layout check (docs/DATA.md)."""
 
 from ..contract import IGNORE_INDEX, voc_palette
 from ..errors import DataError, PrepareError

@@ -1,6 +1,5 @@
-"""Common base of the segmentation datasets and DataModules. A sample is ``(image, targets)``:
-a normalised float (C, H, W) tensor and ``{head: int64 (H, W) labels}``, 255 = ignore; a
-DataModule publishes what it gives as its ``contract`` (:mod:`fcn_lightning.contract`)."""
+"""Common base of the segmentation datasets and DataModules: a sample is a normalised float
+(C, H, W) image and ``{head: int64 (H, W) labels}``, 255 = ignore; see :mod:`..contract`."""
 
 from __future__ import annotations
 
@@ -35,9 +34,8 @@ TURNED = (
 
 
 class SegmentationDataset(Dataset):
-    """Samples ``(image, {head: int64 labels})`` of ``ids``, each read by ``load(id)`` as
-    ``(image, {head: labels}, where)``; labels mapped by ``label_map``, then checked against
-    ``num_classes`` (``{head: classes}``) and the image's size."""
+    """Samples ``(image, {head: int64 labels})`` of ``ids``, read by ``load(id)``; the labels
+    mapped by ``label_map``, then checked against ``num_classes`` and the image's size."""
 
     def __init__(
         self,
@@ -75,9 +73,8 @@ class SegmentationDataset(Dataset):
 
 
 class ResumableSampler(Sampler):
-    """Shuffles by (seed, epoch) and yields ``(epoch, index)``, so that an epoch's order and each
-    sample's transforms (:class:`SeededDataset`) are known again after a restart;
-    ``resume_at(epoch, n)`` skips the first ``n`` samples of that epoch."""
+    """Shuffles by (seed, epoch) and yields ``(epoch, index)``, so that a restart sees the same
+    order and transforms; ``resume_at(epoch, n)`` skips the first ``n`` samples of that epoch."""
 
     def __init__(self, size: int, seed: int = 0, shuffle: bool = True) -> None:
         self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
@@ -157,9 +154,7 @@ def loader_workers(setting: int | str) -> int:
 
 class SegmentationDataModule(pl.LightningDataModule):
     """Base DataModule: loaders, batching and transforms; subclasses say where samples come from.
-    Its defaults are ``conf/base/data.yaml``'s (the paper's); the settings: docs/CONFIG.md.
-    ``normalization``: a scheme resolved per image group of the contract, one normalisation's
-    fields, or a list of them, one per group."""
+    Its defaults are ``conf/base/data.yaml``'s, the paper's; the settings: docs/CONFIG.md."""
 
     def __init__(
         self,

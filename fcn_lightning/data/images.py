@@ -1,7 +1,5 @@
-"""Image files to predict, decoded as a photo viewer shows them (EXIF orientation applied) and
-batched by the size their headers give. A file that cannot be decoded carries its error in place
-of the image; one whose decoded size differs from its header's comes back with its true size and
-no image, to be read again in a batch of that size (docs/DEPLOYING.md)."""
+"""Image files to predict, decoded as a photo viewer shows them and batched by the size their
+headers give; an undecodable file carries its error, a resized one its true size."""
 
 from __future__ import annotations
 
@@ -33,10 +31,8 @@ def displayed_size(path: Path) -> Size | None:
 
 
 class ImageFiles(Dataset):
-    """Sample ``i``: ``{"index", "path", "size"}`` with ``"image"`` (the normalised (C, H, W)
-    float tensor) and ``"rgb"`` (the decoded (H, W, 3) uint8 array, for overlays); or with
-    ``"error"`` (a message naming the file) where it cannot be decoded; or with ``"resized":
-    True`` and its decoded size where that is not ``sizes[i]``."""
+    """Sample ``i``: ``{"index", "path", "size"}`` with ``"image"`` (normalised) and ``"rgb"``
+    (for overlays), or ``"error"``, or ``"resized": True`` and the size decoded."""
 
     def __init__(self, files: Sequence[Path], transform: Callable[[Any], Any]) -> None:
         self.files, self.transform = list(files), transform

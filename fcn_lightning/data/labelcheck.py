@@ -112,8 +112,7 @@ def count_labels(label: np.ndarray, num_classes: int) -> dict[str, Any]:
 
 
 def _histograms(reader: Callable, label_map: dict, batch: list[tuple]) -> list[dict[str, Any]]:
-    """The loader's collate, run in its workers: the counts of each label file of the batch, read
-    as training reads it, or the error it raised (reported once the split is read)."""
+    """The loader's collate, run in its workers: each label file's counts, or its error."""
     results = []
     for path, head, n in batch:
         try:
@@ -151,9 +150,8 @@ def _cached(entries: dict[str, Any], key: str, stamp: list[int]) -> dict[str, An
 
 
 def _counts(dm: Any, splits: list[str], entries: dict, workers: int) -> tuple[dict, ...]:
-    """The label files of each split; the counts of each ``(path, head)``: from ``entries`` (the
-    cache, updated here) where the file's stamp is unchanged, else read now by one loader for all
-    splits; the ones read now; the seconds each split took (its files listed, then read)."""
+    """Label files by split; counts by ``(path, head)``, cached (``entries``, updated) or read now
+    by one loader; the keys read now; the seconds each split took."""
     t0, heads = time.perf_counter(), dm.contract.num_classes
     files, results, misses, owner = {}, {}, [], []
     for split in splits:

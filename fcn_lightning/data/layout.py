@@ -1,6 +1,5 @@
-"""The layout check of a dataset on disk (each DataModule's ``check_layout``, printed by
-``python -m fcn_lightning.prepare``; docs/DATA.md): per split, the ids listed, the files found
-per column and the official count."""
+"""The layout check of a dataset on disk (``check_layout``, printed by ``python -m
+fcn_lightning.prepare``; docs/DATA.md): per split, the ids, the files found, the official count."""
 
 from __future__ import annotations
 

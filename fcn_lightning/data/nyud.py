@@ -77,8 +77,7 @@ def read_depth(path: Path) -> torch.Tensor:
 
 
 class NYUDDataModule(SegmentationDataModule):
-    """NYUDv2, 40 classes. ``modality``: ``rgb``, ``hha``, ``depth``, ``rgbd`` (early fusion: a
-    4-channel input) or ``rgb+hha`` (late fusion: two streams whose scores are averaged)."""
+    """NYUDv2, 40 classes; ``modality``: rgb, hha, depth, rgbd (early fusion), rgb+hha (late)."""
 
     class_names = NYUD_CLASSES
 

@@ -15,9 +15,8 @@ from ..errors import DataError
 
 
 def read_image(path: Path, mode: str = "RGB", exif_transpose: bool = False) -> torch.Tensor:
-    """Decode an image file of any common mode (docs/CONFIG.md) to a uint8 (C, H, W) tensor,
-    ``mode`` 'RGB' (3 channels) or 'L' (1). ``exif_transpose`` turns it as its EXIF orientation
-    says (prediction); training reads the stored pixels, on which labels are drawn."""
+    """An image file of any common mode (docs/CONFIG.md) as a uint8 (C, H, W) tensor, 'RGB' or
+    'L'; ``exif_transpose`` for prediction (training reads the stored pixels)."""
     if mode not in ("RGB", "L"):
         raise ValueError(f"read_image: mode must be 'RGB' or 'L', got {mode!r}")
     try:
@@ -42,9 +41,8 @@ def read_image(path: Path, mode: str = "RGB", exif_transpose: bool = False) -> t
 
 
 def _decode(img: Image.Image) -> np.ndarray:
-    """uint8 pixels of any PIL mode: (H, W) for greyscale sources, (H, W, 3) for colour. Wide
-    modes are scaled by their type's range, never stretched per image ('I' as 16-bit where its
-    values fit, 'F' as 0..1 where they fit); alpha is dropped, not composited."""
+    """uint8 (H, W) or (H, W, 3) pixels of any mode: wide modes scaled by their type's range, never
+    per image ('I' as 16-bit, 'F' as 0..1 where they fit); alpha dropped."""
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         values = np.asarray(img)
         top = float(values.max(initial=0))
@@ -66,10 +64,8 @@ LABEL_MODES = ("P", "L", "1", "I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 def read_label_png(path: Path) -> np.ndarray:
-    """uint8 class indices of a label PNG: palette ('P'), 8-bit ('L'), 1-bit ('1': 0 / 1) or
-    16-bit ('I;16', 'I') whose values stay within 0..255. A larger 16-bit value is refused, never
-    wrapped modulo 256 into some other class; colour (RGB) labels are refused too: their pixels
-    are colours, not class indices."""
+    """uint8 class indices of a palette, 8-bit, 1-bit or 16-bit label PNG; a 16-bit value above
+    255 is refused, never wrapped, and so are colour (RGB) labels."""
     try:
         with Image.open(path) as img:
             if img.mode not in LABEL_MODES:

@@ -53,9 +53,8 @@ def load_siftflow_label(path: Path, geometric: bool) -> np.ndarray:
 
 
 class SiftFlowDataModule(SegmentationDataModule):
-    """SIFT Flow with two heads, ``sem`` (33 classes) and ``geo`` (3). Splits: ``test`` (the 200
-    of TestSet1.txt) and ``train`` (the rest); images without both annotations are left out with
-    a warning. ``label_map`` acts on both heads, on their 0-based classes."""
+    """SIFT Flow with two heads, ``sem`` (33 classes) and ``geo`` (3); ``test`` is TestSet1.txt,
+    ``train`` the rest, images without both annotations left out with a warning."""
 
     contract = DataContract(
         {"sem": Head(SEMANTIC_CLASSES), "geo": Head(GEOMETRIC_CLASSES)},

@@ -1,6 +1,5 @@
 """Where each dataset's official archive lives: address, file name and published md5 (VOC and
-SBD from torchvision's own tables; SIFT Flow and NYUDv2 publish none). The layout messages name
-them; ``python -m fcn_lightning.prepare`` downloads them (docs/DATA.md)."""
+SBD from torchvision's tables; SIFT Flow and NYUDv2 publish none); docs/DATA.md."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""Procedural scenes, each a pure function of (seed, split, index): the embedded dataset that
-lets ``python train.py`` run with no download. Thin bars, small dots and thin rings beside large
-blobs: structure a stride-32 prediction cannot draw, so the skips of FCN-16s/8s help."""
+"""Procedural scenes, each a pure function of (seed, split, index), so that ``python train.py``
+runs with no download; fine structures a stride-32 prediction cannot draw beside large blobs."""
 
 from __future__ import annotations
 
@@ -74,8 +73,7 @@ LOADER = {"batch_size": 8, "val_batch_size": 8, "num_workers": 0, "batching": "p
 
 
 class SyntheticDataModule(SegmentationDataModule):
-    """Deterministic procedural scenes, ``train_size`` / ``val_size`` of ``image_size`` pixels;
-    :data:`LOADER`'s settings unless told otherwise, as ``conf/data/synthetic.yaml``."""
+    """Deterministic procedural scenes; :data:`LOADER`'s settings unless told otherwise."""
 
     class_names = CLASSES
 

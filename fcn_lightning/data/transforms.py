@@ -40,9 +40,8 @@ class RandomScale(v2.Transform):
 
 
 class NormalizeImage(v2.Transform):
-    """Float image in 0..1 -> the normalisation the model's weights expect: the first
-    ``image_groups`` groups of 3 channels (RGB, HHA), each by its own normalisation when given a
-    list of them, else all by the one given; further channels (depth) pass unchanged."""
+    """Float image in 0..1 -> the model's normalisation, for the first ``image_groups`` groups of
+    3 channels, each by its own (a list) or all by one; further channels (depth) pass."""
 
     _transformed_types = (tv_tensors.Image,)
 

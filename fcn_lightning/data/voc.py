@@ -65,10 +65,8 @@ def load_sbd_label(path: Path) -> Any:
 
 
 class VOCDataModule(SegmentationDataModule):
-    """PASCAL VOC segmentation with the SBD extra annotations.
-
-    Splits: :data:`SPLITS` (docs/DATA.md); the paper trains on ``sbd_train`` and validates on
-    ``seg11valid``, VOC2011 val minus SBD train."""
+    """PASCAL VOC segmentation with the SBD extra annotations; splits: :data:`SPLITS`
+    (docs/DATA.md). The paper trains on ``sbd_train``, validates on ``seg11valid``."""
 
     class_names = VOC_CLASSES
 
