@@ -1,15 +1,7 @@
-"""One run per folder.
-
-``run.json`` says who made the run (command, host, pid, SLURM job) and how it went (``status``:
-running, finished, interrupted, failed, with the ``reason``); a resume keeps the earlier
-launches under ``history``. A folder holding a run (``run.json``, ``metrics.json`` or a
-checkpoint) is refused to a new run unless ``resume=true``, and a resume must keep the run's
-settings. A SLURM job requeued (same job, higher ``SLURM_RESTART_COUNT``) is the same run and
-resumes by itself (from ``last.ckpt``: Lightning's ``ckpt_path``). DDP workers inherit
-``FCN_LIGHTNING_RUN_ID`` from the process that claimed the folder; the tasks of one SLURM job
-derive it from the job. :class:`RunFolderGuard` claims the folder before Hydra writes
-``.hydra/`` (a refused run changes nothing; a resume's command goes to ``.hydra/resume-<n>/``);
-``train`` claims it again (a no-op then) for Python callers.
+"""One run per folder: ``run.json`` (who made the run, how it went, earlier launches under
+``history``), the refusals and the resume check (docs/TRAINING.md, "Outputs" and "Resume").
+DDP workers inherit ``FCN_LIGHTNING_RUN_ID`` from the process that claimed the folder; the tasks
+of one SLURM job derive it from the job, and a requeued job resumes its own run.
 """
 
 from __future__ import annotations
@@ -34,8 +26,7 @@ log = logging.getLogger("fcn_lightning")
 
 RECORD = "run.json"
 ENV_ID = "FCN_LIGHTNING_RUN_ID"
-# what a resume may change: where things are, how many processes, what is logged, how long the
-# unfinished stage trains; anything else would mix two runs in one folder
+# what a resume may change; anything else would mix two runs in one folder
 RESUME_MAY_CHANGE = (
     "resume", "paths", "data.root", "data.num_workers", "data.pin_memory",
     "data.persistent_workers", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
@@ -58,7 +49,7 @@ def read_record(out: Path) -> dict[str, Any] | None:
 
 def _write_record(out: Path, record: dict[str, Any], exclusive: bool = False) -> None:
     text = json.dumps(record, indent=2) + "\n"
-    if exclusive:  # the claim itself: exactly one of two racing runs creates the file
+    if exclusive:  # a new claim: exactly one of two racing runs creates the file
         with open(Path(out) / RECORD, "x") as f:
             f.write(text)
     else:
@@ -67,7 +58,7 @@ def _write_record(out: Path, record: dict[str, Any], exclusive: bool = False) ->
 
 def run_files(out: Path) -> list[Path]:
     """What a run leaves that is worth keeping: its metrics and its checkpoints."""
-    metrics = [Path(out) / "metrics.json"] if (Path(out) / "metrics.json").is_file() else []
+    metrics = [m for m in [Path(out) / "metrics.json"] if m.is_file()]
     return metrics + sorted(Path(out).glob("*/checkpoints/*.ckpt"))
 
 
@@ -93,7 +84,7 @@ def _slurm() -> dict[str, Any] | None:
 
 
 def launch_id() -> str | None:
-    """The id every process of this launch shares, if one is known yet."""
+    """The id every process of this launch shares, if known yet."""
     slurm = _slurm()
     if ENV_ID not in os.environ and slurm and os.environ.get("SLURM_NTASKS", "1") != "1":
         return f"slurm-{slurm['job_id']}-{slurm['restart_count']}"
@@ -116,18 +107,13 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
 
 
-def _settings(overrides: Any) -> dict[str, str]:
-    return dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
-
-
 def _now() -> str:
     return dt.datetime.now().isoformat(timespec="seconds")
 
 
 def comparable(config: Any) -> dict[str, Any]:
     """A run's config as run.json keeps it: unresolved, without Hydra's own node."""
-    tree = config if isinstance(config, dict) else OmegaConf.to_container(config, resolve=False)
-    return {k: v for k, v in tree.items() if k != "hydra"}
+    return {k: v for k, v in OmegaConf.to_container(config, resolve=False).items() if k != "hydra"}
 
 
 def claim(out: str | Path, resume: bool, *, fresh_if_empty: bool = False, config=None) -> bool:
@@ -182,11 +168,9 @@ def claim(out: str | Path, resume: bool, *, fresh_if_empty: bool = False, config
         "config": (record or {}).get("config", config) if resume else config,
     }  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    if record is not None:  # a resume, or a new run where the last one saved nothing
-        _write_record(out, {**entry, "history": [*record.pop("history", []), record]})
-        return resume
+    history = [*record.pop("history", []), record] if record is not None else []
     try:
-        _write_record(out, {**entry, "history": []}, exclusive=True)
+        _write_record(out, {**entry, "history": history}, exclusive=record is None)
     except FileExistsError:
         release()
         raise RunFolderError(f"another run claimed {out} a moment ago: {NEW_FOLDER}") from None
@@ -217,8 +201,8 @@ def mark(out: str | Path, status: str, reason: str | None = None, **extra: Any) 
 
 
 def refused(out: str | Path, reason: str) -> None:
-    """A run refused before any work: if this launch claimed ``out`` already (the Hydra callback
-    does), its record says ``failed`` with the reason, not ``running``."""
+    """A run refused before any work: its record, if this launch claimed ``out`` already (the
+    Hydra callback does), says ``failed``."""
     try:
         record = read_record(Path(out)) or {}
     except RunFolderError:
@@ -232,9 +216,9 @@ def is_rank_zero() -> bool:
 
 
 class RunFolderGuard(Callback):
-    """Hydra callback: claims the run folder before Hydra writes ``.hydra/`` into it; refuses a
-    sweep folder holding another sweep, or a resumed sweep that sweeps other values (they would
-    relabel the old jobs). Hydra turns a callback's exceptions into warnings: a refusal exits."""
+    """Hydra callback: claims the run folder before Hydra writes ``.hydra/`` (a resume's command
+    goes to ``.hydra/resume-<n>/``); refuses a sweep folder holding another sweep, or a resumed
+    sweep of other values. Hydra turns a callback's exceptions into warnings: a refusal exits."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if "resume" not in config or (not is_rank_zero() and launch_id()):
@@ -257,7 +241,9 @@ class RunFolderGuard(Callback):
             return
         if config.resume:
             then = OmegaConf.select(OmegaConf.load(saved), "hydra.overrides.task") or []
-            if diff := differences(_settings(then), _settings(config.hydra.overrides.task)):
+            now = config.hydra.overrides.task
+            pairs = [dict(o.lstrip("+~").split("=", 1) for o in t if "=" in o) for t in (then, now)]
+            if diff := differences(*pairs):
                 raise SystemExit(
                     f"Error: resume=true continues the sweep in {root} with its own overrides "
                     "(multirun.yaml there); these differ:\n  " + "\n  ".join(diff) + "\n"

@@ -1,15 +1,8 @@
-"""Sweeps: a failing job is recorded and the sweep goes on; a summary of every job; the exit
-status.
-
-A single run stops with a non-zero exit status when training fails. In a sweep (``-m``, Optuna
-included) a job that fails (a non-finite loss, a bad setting, any error) is marked failed in
-its run.json and the sweep goes on; Ctrl+C or SIGTERM stops the whole sweep. When the sweep
-ends, :class:`SweepSummary` (a Hydra callback) writes ``summary.json`` and ``summary.txt`` at
-its root: every job (a numbered folder holding ``.hydra/`` or ``run.json``; 10 after 9) with its
-overrides, the val metrics of its finished stages, its ``status`` (finished, failed,
-interrupted) and the ``reason``. The exit status follows ``fail_when``: ``any`` (grid sweeps):
-non-zero when a job did not finish, so that scripts notice; ``all`` (``hparams_search=optuna``):
-only when none finished (a study with a best trial did its work); ``never``.
+"""Sweeps (``-m``, Optuna included): a failing job is marked failed in its run.json and the
+sweep goes on (Ctrl+C or SIGTERM stops it all); when it ends, :class:`SweepSummary` writes
+``summary.json`` and ``summary.txt`` at its root and sets the exit status (docs/TRAINING.md,
+"Several GPUs, SLURM, sweeps"). ``fail_when``: ``any`` (grid sweeps) exits non-zero when a job
+did not finish; ``all`` (``hparams_search=optuna``) only when none finished; ``never``.
 """
 
 from __future__ import annotations
@@ -43,8 +36,7 @@ STALE_METRICS = (
     "before it could use its folder (see the job's log)"
 )
 FAIL_WHEN = ("any", "all", "never")
-# sweepers told of a failed job by an exception (a NaN breaks them): Optuna's records the trial
-# as FAIL and, within hydra.sweeper.max_failure_rate, goes on
+# sweepers told of a failed job by an exception (a NaN breaks them; Optuna records a FAIL)
 RAISE_TO = ("optuna",)
 
 
@@ -52,9 +44,8 @@ class SweepJobFailed(RuntimeError):
     """A sweep job failed (raised to the sweepers of :data:`RAISE_TO`)."""
 
 
-# --------------------------------------------------------------------------- the summary
 def job_folders(root: Path) -> list[Path]:
-    """The job folders of the sweep at ``root``, in numeric order."""
+    """The job folders (numbered, holding ``.hydra/`` or ``run.json``) in numeric order."""
     jobs = [p for p in Path(root).glob("*") if p.is_dir() and p.name.isdigit()]
     jobs = [p for p in jobs if (p / ".hydra").is_dir() or (p / "run.json").exists()]
     return sorted(jobs, key=lambda p: int(p.name))
@@ -81,8 +72,7 @@ def _mtime(path: Path) -> float:
 
 
 def read_job(folder: Path) -> dict[str, Any]:
-    """One job's entry: ``job``, ``overrides``, ``metrics``, ``status``, ``reason`` (None for a
-    finished job)."""
+    """One job's entry: ``job``, ``overrides``, ``metrics``, ``status``, ``reason``."""
     folder = Path(folder)
     metrics, metrics_problem = _read(folder / "metrics.json")
     record, record_problem = _read(folder / "run.json")
@@ -93,13 +83,9 @@ def read_job(folder: Path) -> dict[str, Any]:
     elif said == "running":
         status, reason = "failed", STILL_RUNNING
     elif metrics is None:
-        status = "failed"
-        missing = metrics_problem or "there is no metrics.json"
-        reason = (
-            (metrics_problem or NO_METRICS)
-            if said is None
-            else f"run.json says {said}, but {missing}"
-        )
+        status, reason = "failed", metrics_problem or NO_METRICS
+        if said is not None:
+            reason = f"run.json says {said}, but {metrics_problem or 'there is no metrics.json'}"
         reason += f"; {record_problem}" if record_problem else ""
     elif record is None and _mtime(folder / "metrics.json") < _mtime(folder / ".hydra/config.yaml"):
         status, reason, metrics = "failed", STALE_METRICS, None  # an earlier run's metrics
@@ -148,9 +134,8 @@ def outcome(jobs: list[dict[str, Any]]) -> str:
 
 
 class SweepSummary(Callback):
-    """Hydra callback: writes the summary when a sweep ends; ``fail_when`` (``any`` | ``all`` |
-    ``never``): when the sweep's process exits non-zero. ``SweepSummary.current``: the callback
-    of the sweep this process launched (None outside ``-m``)."""
+    """Hydra callback: writes the summary when a sweep ends. ``SweepSummary.current``: the
+    callback of the sweep this process launched (None outside ``-m``)."""
 
     current: ClassVar[SweepSummary | None] = None
 
@@ -169,8 +154,7 @@ class SweepSummary(Callback):
         self.summarize()
 
     def jobs_started(self) -> bool:
-        """Whether Hydra wrote a job's config since the sweep began: a sweep refused at its
-        start has nothing of its own to summarise."""
+        """Whether Hydra wrote a job's config since the sweep began (not a refused sweep)."""
         since = (self.started or float("inf")) - 2  # coarse file-system clocks
         return self.root is not None and any(
             max(_mtime(p / ".hydra" / "config.yaml"), _mtime(p / "run.json")) >= since
@@ -203,14 +187,12 @@ class SweepSummary(Callback):
         return None
 
 
-# --------------------------------------------------------------------------- the jobs
 _interrupted = False  # a job of this process was interrupted: the sweep stops, unsummarised
 
 
 def train_job(cfg: DictConfig) -> float:
     """train.py's task: ``train`` for a single run, :func:`sweep_job` for a job of a sweep, as a
-    command (an interruption, the only error a job lets through, ends the sweep: Hydra's
-    launchers go on after a job's exception, not after SystemExit)."""
+    command (an interruption, the only error a job lets through, ends the sweep as SystemExit)."""
     return as_command(sweep_job if is_multirun() else train, cfg)
 
 
@@ -240,8 +222,7 @@ def sweep_job(cfg: DictConfig) -> float:
 
 
 def _is_interruption(err: BaseException) -> bool:
-    """Ctrl+C or SIGTERM, whichever way it reached here: the training run's RunInterrupted, or
-    an error caused by either."""
+    """Ctrl+C or SIGTERM: the training run's RunInterrupted, or an error caused by either."""
     if isinstance(err, RunInterrupted):
         return True
     while err is not None and not isinstance(err, (KeyboardInterrupt, SIGTERMException)):
@@ -250,8 +231,7 @@ def _is_interruption(err: BaseException) -> bool:
 
 
 def run_with_sweep_status(main: Callable[[], Any]) -> None:
-    """Run a ``@hydra.main`` function, then give the sweep's exit status: non-zero when jobs
-    failed (after the summary is written)."""
+    """Run a ``@hydra.main`` function, then exit with the sweep's status (after its summary)."""
     try:
         main()
     except SystemExit as stop:  # Hydra's own exit: the sweeper failed after its jobs ran?
