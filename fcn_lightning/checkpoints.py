@@ -71,63 +71,41 @@ def recorded_inputs(
     )
 
 
-def check_init_checkpoint(
-    path: str | Path,
-    contract: DataContract,
-    normalizations: Sequence[Normalization] | None = None,
-    what: str = "checkpoint",
-    takes: str = "the model",
-) -> None:
-    """Refuse to start a model of ``contract`` (and ``normalizations``) from ``path`` trained on
-    another kind of input or normalisation; a file without hyper-parameters passes."""
-    found = recorded_inputs(path, what)
-    if found is None:
-        return
-    source, used = found
-    if [g.kind for g in source.inputs] != [g.kind for g in contract.inputs]:
-        raise CheckpointError(
-            f"{what}: {path} was trained on {modality_of(source)}, but {takes} takes "
-            f"{modality_of(contract)}"
-        )
-    if normalizations is not None and len(used) == len(normalizations):
-        for g, (a, b) in enumerate(zip(used, normalizations, strict=True)):
-            if a != b:
-                kind = contract.image_inputs[g][0] if g < contract.image_groups else "image"
-                raise CheckpointError(
-                    f"{what}: {path} expects its {kind} input normalised as {a.describe()}, "
-                    f"but {takes} is fed {b.describe()}: train it with this run's "
-                    "arch.normalization, or run with the one it was trained with"
-                )
-
-
 def check_stream_checkpoints(
     sources: Mapping[str, str | Path],
     contract: DataContract,
     normalizations: Sequence[Normalization] | None = None,
     what: str = "arch.init_streams",
 ) -> None:
-    """:func:`check_init_checkpoint` for each late-fusion stream (``sources``: name -> file) of
-    the fused model's ``contract``; names the model lacks are left to the caller."""
+    """Refuse a late-fusion stream's checkpoint (``sources``: name -> file) trained on another
+    kind of input or normalisation than its stream of ``contract`` takes (a file without
+    hyper-parameters passes; names the model lacks are left to the caller)."""
     spans = contract.stream_channels()
     for name, path in sources.items():
-        if name not in spans:
+        found = recorded_inputs(path, f"{what}.{name}") if name in spans else None
+        if found is None:
             continue
-        groups = contract.image_groups_in(*spans[name])
-        norms = [normalizations[g] for g in groups] if normalizations is not None else None
-        try:
-            check_init_checkpoint(
-                path, contract.stream_contract(name), norms, f"{what}.{name}", f"the {name} stream"
+        (source, used), stream = found, contract.stream_contract(name)
+        at, takes = f"{what}.{name}: {path}", f"the {name} stream"
+        others = [o for o in spans if o != name]
+        others = [o for o in others if contract.stream_contract(o).modality == source.modality]
+        hint = f" (the {others[0]} stream's checkpoint? are the two swapped?)" if others else ""
+        if [g.kind for g in source.inputs] != [g.kind for g in stream.inputs]:
+            raise CheckpointError(
+                f"{at} was trained on {modality_of(source)}, but {takes} takes "
+                f"{modality_of(stream)}{hint}"
             )
-        except CheckpointError as err:
-            found = recorded_inputs(path)
-            trained = found[0].modality if found else None
-            others = [
-                other
-                for other in spans
-                if other != name and contract.stream_contract(other).modality == trained
-            ]
-            hint = f" (the {others[0]} stream's checkpoint? are the two swapped?)" if others else ""
-            raise CheckpointError(f"{err}{hint}") from None
+        groups = contract.image_groups_in(*spans[name])
+        norms = [normalizations[g] for g in groups] if normalizations is not None else []
+        pairs = enumerate(zip(used, norms, strict=True)) if len(used) == len(norms) else ()
+        for g, (a, b) in pairs:
+            if a != b:
+                kind = stream.image_inputs[g][0] if g < stream.image_groups else "image"
+                raise CheckpointError(
+                    f"{at} expects its {kind} input normalised as {a.describe()}, but {takes} is "
+                    f"fed {b.describe()}: train it with this run's arch.normalization, or run "
+                    f"with the one it was trained with{hint}"
+                )
 
 
 def random_state() -> dict[str, Any]:

@@ -8,12 +8,7 @@ from typing import Any
 
 from .contract import METRIC_NAMES, SINGLE_HEAD
 
-METRIC_TITLES = {
-    "mIoU": "mIoU %",
-    "pixel_acc": "pixel acc",
-    "mean_acc": "mean acc",
-    "fwIoU": "fwIoU",
-}
+METRIC_TITLES = dict(mIoU="mIoU %", pixel_acc="pixel acc", mean_acc="mean acc", fwIoU="fwIoU")
 
 
 def tag(split: str, head: str, name: str, single: bool) -> str:

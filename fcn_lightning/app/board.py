@@ -68,11 +68,8 @@ class ValidationImages(Callback):
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._rows = []
-        self._drawing = (
-            self.every > 0
-            and self.validation_runs % self.every == 0
-            and not trainer.sanity_checking
-        )
+        every, runs = self.every, self.validation_runs
+        self._drawing = every > 0 and runs % every == 0 and not trainer.sanity_checking
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0

@@ -34,11 +34,8 @@ def as_command(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     :data:`EXIT_STATUS`; Ctrl+C or an interrupted run exits 130."""
     try:
         return fn(cfg)
-    except KeyboardInterrupt:
-        print("Interrupted", file=sys.stderr)
-        raise SystemExit(INTERRUPTED) from None
-    except RunInterrupted as err:  # not an error: the message says how to continue
-        print(err, file=sys.stderr)
+    except (KeyboardInterrupt, RunInterrupted) as err:  # RunInterrupted says how to continue
+        print(err if isinstance(err, RunInterrupted) else "Interrupted", file=sys.stderr)
         raise SystemExit(INTERRUPTED) from None
     except Exception as err:
         status = exit_status(err)

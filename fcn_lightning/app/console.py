@@ -56,17 +56,12 @@ def format_warning(message, category, filename, lineno, line=None) -> str:
     return _other_format(message, category, filename, lineno, line)
 
 
-def _is_lightning(name: str) -> bool:
-    return any(name == n or name.startswith(n + ".") for n in LIGHTNING)
-
-
 class ConsoleFilter(logging.Filter):
     """Keeps Lightning's information and :data:`NOT_APPLICABLE` warnings off the console."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name == PRINTED or (
-            _is_lightning(record.name) and record.levelno < logging.WARNING
-        ):
+        lightning = record.name.split(".")[0] in LIGHTNING
+        if record.name == PRINTED or (lightning and record.levelno < logging.WARNING):
             return False
         if record.name == "py.warnings":
             message = record.getMessage()

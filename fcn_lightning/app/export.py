@@ -36,8 +36,6 @@ EXTRA_FILE = f"{METADATA_KEY}.json"
 WRITTEN_BY = "fcn-lightning export"
 SIZE = (75, 93)  # the random test input's first size (H, W); the second: other_size(*SIZE)
 EXAMPLE = (2, 75, 93)  # the traced example: batch 2 and sizes of no special value (not 1, not 32k)
-ONNX_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")
-INSTALL = 'pip install -e ".[export]"'
 
 
 def allowance(cfg: DictConfig) -> tuple[float, float]:
@@ -62,7 +60,7 @@ def onnx_modules() -> tuple[Any, Any]:
         except ImportError:
             raise ConfigError(
                 f"format=onnx needs onnx, onnxscript and onnxruntime ({name} is not installed): "
-                f"{INSTALL}"
+                'pip install -e ".[export]"'
             ) from None
     return found[0], found[2]
 
@@ -189,11 +187,8 @@ def random_input(module: FCNModule, n: int, h: int, w: int, seed: int) -> torch.
 def test_inputs(module: FCNModule, image: Any) -> list[tuple[str, torch.Tensor]]:
     """(what, input) at two sizes: ``image`` and it resized, else random ones (batch 1, 2)."""
     if not image:
-        h2, w2 = other_size(*SIZE)
-        return [
-            ("random", random_input(module, 1, *SIZE, seed=0)),
-            ("random", random_input(module, 2, h2, w2, seed=1)),
-        ]
+        sizes = [(1, *SIZE), (2, *other_size(*SIZE))]
+        return [("random", random_input(module, *s, seed=i)) for i, s in enumerate(sizes)]
     path = Path(str(image)).expanduser()
     if module.contract.in_channels != 3:
         raise ConfigError(
@@ -220,13 +215,11 @@ def writer(fmt: str, model: torch.nn.Module, example: torch.Tensor, meta: dict[s
     if fmt == "exported_program":
         d = torch.export.Dim.DYNAMIC
         with size_oblivious():
-            program = torch.export.export(
-                model, (example,), dynamic_shapes={"x": {0: d, 2: d, 3: d}}
-            )
+            ep = torch.export.export(model, (example,), dynamic_shapes={"x": {0: d, 2: d, 3: d}})
         text = json.dumps(meta)
-        return lambda f: torch.export.save(program, f, extra_files={EXTRA_FILE: text})
+        return lambda f: torch.export.save(ep, f, extra_files={EXTRA_FILE: text})
     onnx, _ = onnx_modules()
-    with size_oblivious(), quiet(*ONNX_LOGGERS):
+    with size_oblivious(), quiet("onnxscript", "onnx_ir", "torch.onnx"):
         proto = torch.onnx.export(
             model, (example,), dynamo=True, verbose=False,
             dynamic_shapes={"x": {0: "batch", 2: "height", 3: "width"}},
@@ -274,8 +267,7 @@ def compare(runner: ExportedRunner, model: torch.nn.Module, inputs: list, tolera
         size = "x".join(map(str, x.shape))
         for head, ref in want.items():
             out, at = got.get(head), f"input {size} ({what}), head {head}"
-            if out is None or tuple(out.shape) != tuple(ref.shape):
-                shape = None if out is None else tuple(out.shape)
+            if (shape := None if out is None else tuple(out.shape)) != tuple(ref.shape):
                 failures.append(f"{at}: shape {shape}, wanted {tuple(ref.shape)}")
                 print(failures[-1])
                 continue

@@ -48,8 +48,7 @@ def output_stems(files: list[Path], heads: list[str]) -> dict[Path, str]:
     ``-2``, ``-3``..."""
     count = Counter(n.casefold() for f in files for n in output_files(f.stem, heads))
     clash = {f for f in files if any(count[n.casefold()] > 1 for n in output_files(f.stem, heads))}
-    stems: dict[Path, str] = {}
-    taken: set[str] = set()
+    stems, taken = {}, set()
     for f in sorted(files, key=lambda f: (f in clash, f.name)):  # unclashed first: keep their name
         base = f.name if f in clash else f.stem
         stem, i = base, 1
@@ -160,9 +159,8 @@ class PredictionFiles(BasePredictionWriter):
         black = [(0, 0, 0)] * 256  # each palette filled to the 256 entries of a palette PNG
         self.palettes = {h: [v for c in [*head.palette, *black][:256] for v in c]
                          for h, head in contract.heads.items()}  # fmt: skip
-        self.written: dict[int, list[Path]] = {}
-        self.skipped: dict[int, str] = {}
-        self.resized: dict[int, tuple[int, int]] = {}
+        # by input index: the label maps written, why it was skipped, its true size
+        self.written, self.skipped, self.resized = {}, {}, {}
 
     def write_on_batch_end(self, trainer, pl_module, prediction, indices, batch, *_) -> None:
         self.skipped.update((s["index"], s["error"]) for s in batch[1] if "error" in s)
@@ -178,9 +176,7 @@ class PredictionFiles(BasePredictionWriter):
                 overlay = 0.5 * rgb + 0.5 * np.asarray(lab.convert("RGB"), dtype=np.float32)
                 blend = Image.fromarray(overlay.round().astype(np.uint8))
                 write_atomically(self.out / png, lambda f, im=lab: im.save(f, "PNG"))
-                write_atomically(
-                    self.out / jpg, lambda f, im=blend: im.save(f, format="JPEG", quality=92)
-                )
+                write_atomically(self.out / jpg, lambda f, im=blend: im.save(f, "JPEG", quality=92))
                 self.written.setdefault(sample["index"], []).append(self.out / png)
 
 
