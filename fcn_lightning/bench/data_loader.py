@@ -1,7 +1,6 @@
-"""Data loader: images per second of one loader worker, on one CPU thread. It writes 500x375
-JPEGs + palette labels (synthetic scenes, VOC layout) to a temporary folder, then times decoding
-alone and decoding + checks + the training transforms (random scale 0.5-2, crop, flip,
-normalise); the best of ``--repeat`` passes.
+"""Data loader: images per second of one loader worker, on one CPU thread, decoding alone and
+decoding + checks + the training transforms, on synthetic 500x375 JPEGs in VOC's layout; the best
+of ``--repeat`` passes (docs/PERFORMANCE.md).
 
     python -m fcn_lightning.bench.data_loader [--images 64] [--crop 320] [--repeat 3]
 """
@@ -47,9 +46,8 @@ def _measure(args: argparse.Namespace) -> tuple[float, float]:
         for png in (root / "JPEGImages").glob("*.png"):  # 500x375 JPEGs, as in VOC
             Image.open(png).resize((500, 375)).save(png.with_suffix(".jpg"), quality=90)
             png.unlink()
-        for png in (root / "SegmentationClass").glob("*.png"):
-            lab = Image.open(png)
-            lab.resize((500, 375), Image.NEAREST).save(png)
+        for png in (seg := root / "SegmentationClass").glob("*.png"):
+            Image.open(png).resize((500, 375), Image.NEAREST).save(png)
         dm = FolderDataModule(root, train_split="train", crop_size=args.crop)
         ds = dm.make_dataset("train", dm.train_transforms())
         ids = ds.ids
@@ -63,14 +61,10 @@ def _measure(args: argparse.Namespace) -> tuple[float, float]:
                 best = max(best, len(ids) / (time.perf_counter() - t0))
             return best
 
-        decode = rate(
-            lambda i: (
-                read_image(dm.image_path(ids[i])),
-                read_label_png(root / "SegmentationClass" / f"{ids[i]}.png"),
-            )
-        )
-        full = rate(lambda i: ds[i])
-    return decode, full
+        def decode(i: int) -> tuple:
+            return read_image(dm.image_path(ids[i])), read_label_png(seg / f"{ids[i]}.png")
+
+        return rate(decode), rate(lambda i: ds[i])
 
 
 if __name__ == "__main__":

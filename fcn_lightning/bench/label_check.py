@@ -1,14 +1,9 @@
 """Label check: its time on a VOC + SBD sized corpus, the first check and the cached re-check.
-
-The corpus is made in a temporary folder with the real files' sizes and formats: VOC2012 train
-(1,464) and val (1,449) palette PNGs with 255 borders, and SBD train (8,498) cls/<id>.mat files
-holding the GTcls struct (segmentation, sparse boundaries, categories present), 500x375 mostly,
-some portrait. The check reads labels only, so no JPEG is written. ``--n`` shrinks the corpus
-in the same proportions.
+The corpus (temporary, or kept in ``--root`` and reused) has the real label files' sizes and
+formats: VOC2012 train and val palette PNGs with 255 borders, SBD train cls/<id>.mat GTcls
+structs; ``--n`` shrinks it in the same proportions (docs/PERFORMANCE.md).
 
     python -m fcn_lightning.bench.label_check [--n 11411] [--workers auto|N] [--root DIR]
-
-``--root`` keeps the corpus in DIR (made there once, reused when its lists are there).
 """
 
 from __future__ import annotations
@@ -33,6 +28,7 @@ from ..data.base import loader_workers
 
 SPLITS = {"voc_train": 1464, "voc_val": 1449, "sbd_train": 8498}
 SIZES = [(375, 500)] * 7 + [(500, 375)] * 2 + [(333, 500)]  # (H, W), as VOC's mix
+FOLDERS = {"voc": "VOCdevkit/VOC2012/SegmentationClass", "sbd": "benchmark_RELEASE/dataset/cls"}
 FLAT_PALETTE = [v for c in voc_palette() for v in c]
 
 
@@ -77,29 +73,20 @@ def write_one(job: tuple[str, int, Path]) -> None:
 
 
 def lists(root: Path) -> dict[str, Path]:
-    voc = root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation"
-    return {
-        "voc_train": voc / "train.txt",
-        "voc_val": voc / "val.txt",
-        "sbd_train": root / "benchmark_RELEASE" / "dataset" / "train.txt",
-    }
+    voc = root / "VOCdevkit/VOC2012/ImageSets/Segmentation"
+    sbd = root / "benchmark_RELEASE/dataset/train.txt"
+    return {"voc_train": voc / "train.txt", "voc_val": voc / "val.txt", "sbd_train": sbd}
 
 
 def build(root: Path, n: int, workers: int) -> dict[str, int]:
     counts = {k: max(1, round(v * n / sum(SPLITS.values()))) for k, v in SPLITS.items()}
-    folders = {
-        "voc": root / "VOCdevkit" / "VOC2012" / "SegmentationClass",
-        "sbd": root / "benchmark_RELEASE" / "dataset" / "cls",
-    }
     jobs, ids, index = [], {}, 0
     for split, count in counts.items():
-        kind = split[:3]
+        kind, folder = split[:3], root / FOLDERS[split[:3]]
         ids[split] = [f"{2008 + (index + k) // 3000}_{index + k:06d}" for k in range(count)]
-        folders[kind].mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         suffix = ".mat" if kind == "sbd" else ".png"
-        jobs += [
-            (kind, index + k, folders[kind] / f"{i}{suffix}") for k, i in enumerate(ids[split])
-        ]
+        jobs += [(kind, index + k, folder / f"{i}{suffix}") for k, i in enumerate(ids[split])]
         index += count
     with ProcessPoolExecutor(workers) as pool:
         list(pool.map(write_one, jobs, chunksize=64))
@@ -128,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["FCN_LIGHTNING_CACHE"] = str(cache)  # a cold cache each run
         root = args.root or Path(tmp) / "data"
         t0 = time.perf_counter()
-        reused = (root / "benchmark_RELEASE" / "dataset" / "train.txt").is_file()
+        reused = lists(root)["sbd_train"].is_file()
         if reused:
             counts = {k: len(v.read_text().split()) for k, v in lists(root).items()}
         else:
@@ -150,9 +137,8 @@ def main(argv: list[str] | None = None) -> None:
             + (f"reused from {root}" if reused else f"written in {built:.1f} s")
         )
         print(f"first check:  {cold:6.2f} s  ({files / cold:.0f} files/s, {workers} workers)")
-        print(
-            f"cached check: {warm:6.2f} s  (cache file {cache_file.stat().st_size / 2**20:.1f} MiB)"
-        )
+        cache_mib = cache_file.stat().st_size / 2**20
+        print(f"cached check: {warm:6.2f} s  (cache file {cache_mib:.1f} MiB)")
         print(first.format())
 
 

@@ -1,17 +1,9 @@
 """Model cost: parameters and forward FLOPs of every arch in both geometries (default 500x500),
-or, with ``--trunks``, the paper's Table 1 columns for FCN-32s on every backbone.
+or, with ``--trunks``, the paper's Table 1 columns for FCN-32s on every backbone; counted with
+torch's FlopCounterMode on the meta device (docs/PERFORMANCE.md, docs/TRUNKS.md).
 
     python -m fcn_lightning.bench.model_cost [--size 500 500] [--classes 21] [--width 1.0]
-                                             [--backbone vgg16]
-    python -m fcn_lightning.bench.model_cost --trunks [--size 500 500]
-
-Counted with torch's FlopCounterMode on the meta device: no memory, no compute, any machine.
-The paper geometry's FCN-8s costs 363 GFLOP at 500x500 (docs/PAPER.md, Network geometry); the
-trunks' table is in docs/TRUNKS.md. Max stride, receptive field and conv layers are read from the
-trunk's ``final`` tap (:func:`fcn_lightning.models.receptive_field`): the receptive field of one
-pixel of the last feature map, and the convolutions on the longest path to the class scores
-(score_fr counted, as the paper counts the classifier). Table 1's parameters are the learnt
-ones: the fixed bilinear upsampling (1.9M weights in FCN-32s's 64x64 kernels) is left out.
+                                             [--backbone vgg16] [--trunks]
 """
 
 from __future__ import annotations
@@ -27,9 +19,9 @@ from ..models import ARCHS, BACKBONES, GEOMETRIES, build_fcn
 def measure(
     arch: str, backbone: str, geometry: str, size: tuple[int, int], classes: int, width: float
 ) -> dict[str, float]:
-    """Parameters (M; all, and the learnt ones: without the fixed bilinear upsampling), GFLOP of
-    one forward pass, max stride, receptive field and conv layers of one model, built on the
-    meta device."""
+    """Parameters (M; all, and the learnt ones: Table 1 leaves out the fixed bilinear
+    upsampling), GFLOP of one forward pass, and from the trunk's ``final`` tap the max stride,
+    receptive field and conv layers (score_fr counted, as the paper counts the classifier)."""
     with torch.device("meta"):
         model = build_fcn(
             arch, num_classes=classes, backbone=backbone, geometry=geometry, width=width
@@ -56,26 +48,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classes", type=int, default=21)
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--backbone", choices=BACKBONES, default="vgg16")
-    parser.add_argument(
-        "--trunks", action="store_true", help="FCN-32s on every backbone (the paper's Table 1)"
-    )
+    parser.add_argument("--trunks", action="store_true", help="FCN-32s on every backbone")
     args = parser.parse_args(argv)
     if min(args.size) < 1 or args.classes < 1 or args.width <= 0:
         parser.error("--size needs two sizes of 1 pixel or more, --classes 1 or more, --width > 0")
     size = tuple(args.size)
     print(f"input {size[0]}x{size[1]}, {args.classes} classes, width {args.width}")
     if args.trunks:
-        print(
-            f"{'backbone':<11}{'geometry':<10}{'learnt params (M)':>18}{'GFLOP/fwd':>11}"
-            f"{'max stride':>12}{'rf size':>9}{'conv layers':>13}"
-        )
+        print(f"{'backbone':<11}{'geometry':<10}{'learnt params (M)':>18}{'GFLOP/fwd':>11}{'max stride':>12}{'rf size':>9}{'conv layers':>13}")  # fmt: skip
         for backbone in BACKBONES:
             for geometry in GEOMETRIES:
                 m = measure("fcn32s", backbone, geometry, size, args.classes, args.width)
-                print(
-                    f"{backbone:<11}{geometry:<10}{m['learnt']:>18.1f}{m['gflop']:>11.1f}"
-                    f"{m['stride']:>12}{m['field']:>9}{m['convs']:>13}"
-                )
+                print(f"{backbone:<11}{geometry:<10}{m['learnt']:>18.1f}{m['gflop']:>11.1f}{m['stride']:>12}{m['field']:>9}{m['convs']:>13}")  # fmt: skip
         return
     print(f"backbone {args.backbone}")
     print(f"{'arch':<14}{'geometry':<10}{'params (M)':>12}{'GFLOP/fwd':>12}")

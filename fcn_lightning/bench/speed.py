@@ -1,14 +1,8 @@
-"""Speed: training and inference of FCN-8s, in one process, with the card's name.
+"""Speed: training and inference of FCN-8s, in one process, with the card's name; its rows (a)
+to (d) and what to compare them with: docs/PERFORMANCE.md.
 
     python -m fcn_lightning.bench            # on a GPU: the settings of docs/PERFORMANCE.md
     python -m fcn_lightning.bench --quick    # tiny sizes on any device (what the tests run)
-
-Rows: (a) a plain PyTorch loop, fp32, batch 1, 500x500 (the paper's setting): the baseline;
-(b) our training step at that setting, and at batch 8, 512x512, bf16 with the speed switches,
-in both geometries; (c) the whole Lightning loop (synthetic data in memory, metrics and logging
-on) at (b)'s second setting; (d) inference latency, batch 1, 500x500, fp32 and bf16. For each:
-img/s or ms, achieved TFLOP/s and its share of the matrix-product ceiling measured in the same
-run, peak GPU memory, and the ratio to (a). The figures to compare with: docs/PAPER.md, Speed.
 """
 
 from __future__ import annotations
@@ -24,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
-from torch.utils.data import DataLoader, TensorDataset, default_collate
+from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..models import build_fcn
@@ -59,18 +53,20 @@ def _timed(fn: Callable[[], object], device: torch.device, warmup: int, iters: i
 
 
 def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: int) -> float:
-    """Achieved TFLOP/s of an n x n matrix product: the ceiling the model's rate is compared to."""
+    """Achieved TFLOP/s of an n x n matrix product: the ceiling rates are compared to."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     seconds = _timed(lambda: a @ b, device, 3, 10)
     return 2 * n**3 / seconds / 1e12
 
 
-def forward_flops(setting: Setting, classes: int = 21) -> float:
+def _arch(setting: Setting) -> dict[str, object]:
+    return dict(arch="fcn8s", num_classes=21, width=setting.width, geometry=setting.geometry)
+
+
+def forward_flops(setting: Setting) -> float:
     with torch.device("meta"):
-        model = build_fcn(
-            "fcn8s", num_classes=classes, width=setting.width, geometry=setting.geometry
-        ).eval()
+        model = build_fcn(**_arch(setting)).eval()
         x = torch.empty(setting.batch, 3, setting.size, setting.size)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
@@ -82,26 +78,13 @@ def _autocast(device: torch.device, bf16: bool):
 
 
 def _model(setting: Setting, device: torch.device, module: FCNModule | None = None):
-    """FCN-8s (21 classes) on ``device`` in train mode, its score layers made non-zero so that
-    every layer gets gradients; ``module``'s own model when given."""
-    model = (
-        module.model
-        if module is not None
-        else build_fcn("fcn8s", num_classes=21, width=setting.width, geometry=setting.geometry)
-    )
-    model = model.to(device).train()
+    """FCN-8s (or ``module``'s) in train mode, its score layers non-zero so that all get grads."""
+    model = (module.model if module is not None else build_fcn(**_arch(setting))).to(device)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in model.train().named_parameters():
             if name.split(".")[2].startswith("score"):  # score_fr, score_pool4, score_pool3
                 p.normal_(std=0.01)
     return model
-
-
-def _module(setting: Setting, **kwargs) -> FCNModule:
-    return FCNModule(
-        {"arch": "fcn8s", "num_classes": 21, "width": setting.width, "geometry": setting.geometry},
-        **kwargs,
-    )
 
 
 def train_step_fn(setting: Setting, device: torch.device, plain: bool) -> Callable[[], object]:
@@ -110,20 +93,9 @@ def train_step_fn(setting: Setting, device: torch.device, plain: bool) -> Callab
     gpu = device.type == "cuda"
     x = torch.randn(setting.batch, 3, setting.size, setting.size, device=device)
     y = torch.randint(0, 21, (setting.batch, setting.size, setting.size), device=device)
-    if plain:
-        model = _model(setting, device)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-10, momentum=0.99)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x)["out"], y, ignore_index=255)
-            loss.backward()
-            opt.step()
-
-        return step
-    module = _module(setting)
+    module = None if plain else FCNModule(_arch(setting))
     model = _model(setting, device, module)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = model.parameters() if plain else [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-10, momentum=0.99, fused=(gpu and setting.fast) or None)
     if setting.fast and gpu:
         model.to(memory_format=torch.channels_last)
@@ -132,8 +104,13 @@ def train_step_fn(setting: Setting, device: torch.device, plain: bool) -> Callab
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with _autocast(device, setting.bf16):
-            loss = module.loss(model(x), {"out": y})
+        with _autocast(device, setting.bf16 and not plain):
+            out = model(x)
+            loss = (
+                F.cross_entropy(out["out"], y, ignore_index=255)
+                if plain
+                else module.loss(out, {"out": y})
+            )
         loss.backward()
         opt.step()
 
@@ -141,28 +118,16 @@ def train_step_fn(setting: Setting, device: torch.device, plain: bool) -> Callab
 
 
 def lightning_loop_rate(setting: Setting, device: torch.device, steps: int) -> float:
-    """Images per second of a whole Lightning fit: in-memory synthetic batches, metrics and
-    TensorBoard logging on, validation excluded."""
+    """Images per second of a whole Lightning fit (in-memory data, metrics and logging on)."""
     n = setting.batch * (steps + 3)
     images = torch.randn(n, 3, setting.size, setting.size)
     labels = torch.randint(0, 21, (n, setting.size, setting.size))
-    loader = DataLoader(
-        TensorDataset(images, labels),
-        batch_size=setting.batch,
-        collate_fn=_head_batch,
-        pin_memory=device.type == "cuda",
-    )
-    module = _module(
-        setting,
-        optimizer={
-            "name": "sgd",
-            "lr": 1e-10,
-            "momentum": 0.99,
-            "fused": (device.type == "cuda" and setting.fast) or None,
-        },
-        channels_last=setting.fast,
-        compile="default" if setting.fast else None,
-    )
+    batches = [(images[i], {"out": labels[i]}) for i in range(n)]  # as the DataModules give them
+    loader = DataLoader(batches, batch_size=setting.batch, pin_memory=device.type == "cuda")
+    fused = (device.type == "cuda" and setting.fast) or None
+    opt = {"name": "sgd", "lr": 1e-10, "momentum": 0.99, "fused": fused}
+    mode = "default" if setting.fast else None
+    module = FCNModule(_arch(setting), optimizer=opt, channels_last=setting.fast, compile=mode)
     timer = _StepTimer(warmup=3)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = pl.Trainer(
@@ -176,12 +141,6 @@ def lightning_loop_rate(setting: Setting, device: torch.device, steps: int) -> f
         # validation_step, and Lightning warns about one without a loader
         trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
     return timer.images_per_second(setting.batch)
-
-
-def _head_batch(samples: list[tuple[torch.Tensor, torch.Tensor]]):
-    """(images, {"out": labels}): a batch as the project's DataModules give it."""
-    images, labels = default_collate(samples)
-    return images, {"out": labels}
 
 
 class _StepTimer(Callback):
@@ -208,14 +167,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser = argparse.ArgumentParser(
         prog="python -m fcn_lightning.bench", description="FCN-8s training and inference speed"
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny sizes: checks the script, measures nothing"
-    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: measures nothing")
     parser.add_argument("--iters", type=int, default=None)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    gpu = device.type == "cuda"
-    quick = args.quick
+    gpu, quick = device.type == "cuda", args.quick
     iters = args.iters or (2 if quick else 30)
     card = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
     if gpu:
@@ -226,28 +182,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     big = Setting(2 if quick else 8, 64 if quick else 512, w, bf16=True, fast=True)
     big_same = Setting(big.batch, big.size, w, bf16=True, fast=True, geometry="same")
     n = 256 if quick else 8192
-    ceiling = {
-        "fp32": matmul_ceiling(device, torch.float32, n),
-        "bf16": matmul_ceiling(device, torch.bfloat16, n),
-    }
+    c32, c16 = (matmul_ceiling(device, t, n) for t in (torch.float32, torch.bfloat16))
+    ceiling = {"fp32": c32, "bf16": c16}
     rows: list[dict[str, object]] = []
 
-    def add(
-        name: str, setting: Setting, seconds: float, flops: float, per_image: bool = True
-    ) -> None:
+    def add(prefix: str, st: Setting, seconds: float, flops: float) -> None:
+        mode = "bf16+fast" if st.bf16 and st.fast else ("bf16" if st.bf16 else "fp32")
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if gpu else float("nan")
         tflops = flops / seconds / 1e12
-        ceil = ceiling["bf16" if setting.bf16 else "fp32"]
         rows.append({
-            "row": name, "img_s": setting.batch / seconds if per_image else None, "ms": seconds * 1e3,
-            "tflops": tflops, "ceiling_share": tflops / ceil, "peak_gib": peak,
+            "row": f"{prefix} {mode}, b{st.batch}, {st.size}px, {st.geometry}", "img_s": st.batch / seconds,
+            "ms": seconds * 1e3, "tflops": tflops, "ceiling_share": tflops / ceiling["bf16" if st.bf16 else "fp32"], "peak_gib": peak,
         })  # fmt: skip
         if gpu:
             torch.cuda.reset_peak_memory_stats(device)
-
-    def label(prefix: str, st: Setting) -> str:
-        mode = "bf16+fast" if st.bf16 and st.fast else ("bf16" if st.bf16 else "fp32")
-        return f"{prefix} {mode}, b{st.batch}, {st.size}px, {st.geometry}"
 
     for prefix, setting, plain in (
         ("a  plain loop,", paper, True),
@@ -256,14 +204,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         ("b3 our step,", big_same, False),
     ):
         step = train_step_fn(setting, device, plain)
-        add(
-            label(prefix, setting),
-            setting,
-            _timed(step, device, 2 if quick else 5, iters),
-            3 * forward_flops(setting),
-        )
+        seconds = _timed(step, device, 2 if quick else 5, iters)
+        add(prefix, setting, seconds, 3 * forward_flops(setting))
     rate = lightning_loop_rate(big, device, iters)
-    add(label("c  Lightning,", big), big, big.batch / rate, 3 * forward_flops(big))
+    add("c  Lightning,", big, big.batch / rate, 3 * forward_flops(big))
     for bf16 in (False, True):
         setting = Setting(1, paper.size, w, bf16=bf16, fast=bf16)
         model = _model(setting, device).eval()
@@ -277,7 +221,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
                 return model(x)
 
         seconds = _timed(infer, device, 2 if quick else 10, iters * 2)
-        add(label("d  inference,", setting), setting, seconds, forward_flops(setting))
+        add("d  inference,", setting, seconds, forward_flops(setting))
     base = rows[0]["img_s"]
     print(
         f"device: {card}; matmul ceiling fp32/tf32 {ceiling['fp32']:.1f}, bf16 {ceiling['bf16']:.1f} TFLOP/s"
@@ -289,9 +233,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     for r in rows:
         img = f"{r['img_s']:.1f}" if r["img_s"] else "-"
         ratio = f"{r['img_s'] / base:.2f}" if r["img_s"] and base else "-"
-        print(
-            f"{r['row']:<46}{img:>9}{r['ms']:>9.2f}{r['tflops']:>9.2f}{100 * r['ceiling_share']:>8.1f}%{r['peak_gib']:>10.2f}{ratio:>8}"
-        )
+        print(f"{r['row']:<46}{img:>9}{r['ms']:>9.2f}{r['tflops']:>9.2f}{100 * r['ceiling_share']:>8.1f}%{r['peak_gib']:>10.2f}{ratio:>8}")  # fmt: skip
     return rows
 
 
