@@ -245,19 +245,12 @@ def install(
         raise
 
 
-def remove_stale(root: Path, say: Say) -> None:
-    """Remove the temporary folders of killed runs (call it with the lock held)."""
-    for p in sorted(root.glob(STAGING_PREFIX + "*")):
-        shutil.rmtree(p, ignore_errors=True)
-        done = "Could not remove" if p.exists() else "Removed"
-        say(f"{done} an unfinished extraction left by an earlier run: {p}")
-
-
 @contextlib.contextmanager
 def locked(root: Path, say: Say, wait: bool = True) -> Iterator[bool]:
-    """One preparation at a time in ``root``: yields whether this run made ``root`` (removed
-    again, with the folders above it, if only the lock ended up in it). Without ``wait``, a
-    lock held elsewhere raises BlockingIOError."""
+    """One preparation at a time in ``root``, which it first rids of the temporary folders of
+    killed runs (only the lock's holder makes one); yields whether this run made ``root``
+    (removed again, with the folders above it, if only the lock ended up in it). Without
+    ``wait``, a lock held elsewhere raises BlockingIOError."""
     made = [p for p in (root, *root.parents) if not p.exists()]  # deepest first
     root.mkdir(parents=True, exist_ok=True)
     with open(root / LOCK_NAME, "a") as handle:
@@ -269,6 +262,10 @@ def locked(root: Path, say: Say, wait: bool = True) -> Iterator[bool]:
                 raise
             say(f"Another process is preparing {root}; waiting for it")
             fcntl.flock(handle, fcntl.LOCK_EX)
+        for p in sorted(root.glob(STAGING_PREFIX + "*")):
+            shutil.rmtree(p, ignore_errors=True)
+            done = "Could not remove" if p.exists() else "Removed"
+            say(f"{done} an unfinished extraction left by an earlier run: {p}")
         try:
             yield bool(made)
         finally:
@@ -334,13 +331,12 @@ def prepare_once(
             if already_prepared(targets, check, what, say):
                 if any(root.glob(STAGING_PREFIX + "*")):  # unless a live run holds the lock
                     with contextlib.suppress(OSError), locked(root, say, wait=False):
-                        remove_stale(root, say)
+                        pass  # taking the lock removes them
                 return
         except PrepareError as err:  # said again under the lock (another run may be finishing)
             incomplete = err
     try:
         with locked(root, say) as made:
-            remove_stale(root, say)
             if before is not None:
                 before()
             if not already_prepared(targets, check, what, say):

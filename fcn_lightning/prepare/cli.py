@@ -23,11 +23,9 @@ from .datasets import prepare_nyud, prepare_sbd, prepare_siftflow, prepare_voc
 
 ABOUT = {
     "voc": "PASCAL VOC segmentation (VOCdevkit/VOC<year>) from the trainval tar; md5 checked",
-    "sbd": "SBD (benchmark_RELEASE/dataset) from benchmark.tgz; md5 checked. With VOC2011: "
-    "seg11valid",
-    "siftflow": "SIFT Flow from its zip (no checksum published: the CRCs and layout are checked)",
-    "nyud": "NYUDv2 as the FCN reference prepared it (no checksum published: the tar must read "
-    "to its end and the layout is checked)",
+    "sbd": "SBD (benchmark_RELEASE/dataset) from benchmark.tgz; md5 checked",
+    "siftflow": "SIFT Flow from its zip (no checksum published: its CRCs and layout checked)",
+    "nyud": "NYUDv2 as the FCN reference prepared it (no checksum published: layout checked)",
 }
 EXAMPLES = """examples:
   python -m fcn_lightning.prepare voc --year 2011 --root /data/pascal
@@ -63,8 +61,7 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="python -m fcn_lightning.prepare",
         description="Fetch (or take with --archive), verify and extract a dataset into the "
-        "layout its DataModule reads, then print the layout check. Nothing is moved into place "
-        "before it is complete; a complete dataset is left alone. See docs/DATA.md.",
+        "layout its DataModule reads, then print the layout check. See docs/DATA.md.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
