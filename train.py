@@ -1,6 +1,5 @@
-"""Train an FCN: `python train.py` runs the embedded quickstart (staged 32s -> 16s -> 8s on
-synthetic data); `python train.py arch=fcn16s data=voc data.root=/data/pascal` the paper's chain.
-In a sweep (`-m`) a failed job is recorded and the sweep goes on (fcn_lightning/sweeps.py)."""
+"""Train an FCN: `python train.py` runs the quickstart (staged 32s -> 16s -> 8s on synthetic data);
+docs/TRAINING.md has the rest."""
 
 import sys
 
@@ -22,8 +21,7 @@ def main(cfg: DictConfig) -> float:
 
 
 def refuse_replaced_keys(args: list[str]) -> None:
-    """A key the ``stages`` node replaced (stage_lr_factor, ...) on the command line, refused
-    with its new spelling; Hydra would only say that the config has no such key."""
+    """A key the ``stages`` node replaced, on the command line, refused with its new spelling."""
     for arg in args:
         key = arg.split("=", 1)[0]
         if key.lstrip("+~").split(".")[0] not in REPLACED:

@@ -1,9 +1,5 @@
-"""Checks made before any work, and the errors that are the user's to fix.
-
-A run is refused with a message that names the setting or the file while nothing has been
-written: the settings (:func:`check_settings`), the files it will read (:func:`check_inputs`),
-the room its checkpoints need (:func:`check_free_space`) and its labels (:func:`label_report`).
-"""
+"""Checks made before any work: a refused run names the setting or the file to fix while nothing
+has been written."""
 
 from __future__ import annotations
 
@@ -34,10 +30,6 @@ from .stages import (
 )
 
 log = logging.getLogger("fcn_lightning")
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _one_of(name: str, value: Any, allowed: Sequence[Any]) -> None:
@@ -81,19 +73,14 @@ def check_settings(cfg: DictConfig) -> None:
         if own and stage not in stages:
             log.warning("stages.%s.%s: this run does not train %s", stage, own[0], stage)
     scheduler = (cfg.get("scheduler") or {}).get("name", "fixed")
+    decays = f"scheduler={scheduler} decays the lr over the stage's length, and "
     for i, stage in enumerate(stages):
         t = trainer_settings(cfg, stage, warn=i == 0)  # said once, before any work
-        steps, epochs = t.get("max_steps"), t.get("max_epochs")
-        unlimited = (steps is None or steps < 0) and (epochs is None or epochs < 0)
-        if unlimited and not t.get("fast_dev_run"):
-            decays = (
-                f"scheduler={scheduler} decays the lr over the stage's length, and "
-                if scheduler in ("poly", "cosine")
-                else ""
-            )
+        if max(t.max_steps, t.max_epochs) < 0 and not t.get("fast_dev_run"):
             raise ConfigError(
-                f"{decays}{stage} has no step or epoch limit (it would train until stopped): set "
-                f"trainer.max_steps=N or trainer.max_epochs=N (every stage), or "
+                f"{decays if scheduler in ('poly', 'cosine') else ''}{stage} has no step or epoch "
+                "limit (it would train until stopped): set trainer.max_steps=N or "
+                "trainer.max_epochs=N (every stage), or "
                 f"stages.{stage}.max_steps=N (this stage)"
             )
 
@@ -101,7 +88,7 @@ def check_settings(cfg: DictConfig) -> None:
 def read_metrics(path: Path) -> dict[str, Any]:
     """A run's metrics.json (empty if there is none); a damaged one stops with what to do."""
     try:
-        metrics = read_json(path)
+        metrics = json.loads(path.read_text()) if path.is_file() else {}
     except ValueError as err:
         raise ConfigError(
             f"{path} is damaged ({err}); it records which stages finished. Delete it and resume "
@@ -114,9 +101,8 @@ def read_metrics(path: Path) -> dict[str, Any]:
 
 
 def check_free_space(out: Path, stage: str, module: FCNModule) -> None:
-    """Refuse to start a stage when the run folder's disk cannot hold its checkpoints: best and
-    last (weights and optimizer state), and a temporary copy while one is written. Checkpoints
-    the stage already has (a resume) will be replaced, so their room counts as free."""
+    """Refuse a stage whose checkpoints (best, last and a temporary copy; those it has count as
+    free) the run folder's disk cannot hold."""
     weights = sum(p.numel() * p.element_size() for p in module.parameters())
     ckpt = weights * (3 if module.hparams.optimizer.get("name") == "adamw" else 2)
     have = sum(p.stat().st_size for p in (out / stage / "checkpoints").glob("*.ckpt"))
@@ -131,8 +117,7 @@ def check_free_space(out: Path, stage: str, module: FCNModule) -> None:
 
 
 def check_inputs(cfg: DictConfig, out: Path, resume: bool) -> None:
-    """The files a run will read, named now if they are missing or damaged (reads nothing
-    but their size and index)."""
+    """The files a run will read, named now if they are missing or damaged."""
     init_from = cfg.arch.get("init_from")
     if init_from:
         if not Path(init_from).expanduser().is_file():

@@ -1,23 +1,10 @@
-"""The staged protocol (paper, section 4.2): which stages a run trains, and for each stage its
-learning rate, its budget and how its checkpoint is chosen, with the reason for each.
-
-Each stage's own settings live side by side under ``stages.<stage>`` (``fcn32s``, ``fcn16s``,
-``fcn8s``, ``fcn8s_atonce``; ``fusion`` holds the lr cut of a late fusion of trained streams):
-``lr_factor`` (the cut into it), ``lr`` (outright), ``max_steps`` / ``max_epochs`` (its budget) and
-any other Lightning Trainer argument for that stage alone.
-
-A stage's learning rate depends on the stage, not on how the run reached it: FCN-16s started
-from an FCN-32s checkpoint (``arch.init_from``) gets the lr it gets after FCN-32s in a staged
-run, and a resumed stage the lr it had. Its budget is ``trainer.max_steps`` /
-``max_epochs`` when one is set (the same for every stage), else the stage's own
-``stages.<stage>.max_steps`` / ``max_epochs``, so a preset's per-stage budget never beats a limit
-given on the command line.
-"""
+"""The staged protocol (paper, section 4.2): which stages a run trains, and each stage's lr,
+budget and checkpoint selection with the reason for each; docs/TRAINING.md explains the rules."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -29,14 +16,10 @@ log = logging.getLogger("fcn_lightning")
 
 CHAIN = ("fcn32s", "fcn16s", "fcn8s")
 STAGES = (*CHAIN, "fcn8s_atonce")
-# the lr cuts, each under stages.<cut>.lr_factor: entering fcn16s, entering fcn8s, fusing trained
-# streams
 CUTS = ("fcn16s", "fcn8s", "fusion")
 SELECTIONS = ("auto", "best", "last")
 LIMITS = ("max_steps", "max_epochs")
-# a stage's protocol settings; any other key of stages.<stage> is a Lightning Trainer argument
 PROTOCOL_KEYS = ("lr_factor", "lr", *LIMITS)
-# the keys the stages node replaced, each with the new spelling of a value it held
 REPLACED = ("stage_lr_factor", "stage_lr", "stage_budget", "stage_overrides")
 _REPLACED_HINT = {
     "stage_lr_factor": "stages.fcn16s.lr_factor=... stages.fcn8s.lr_factor=... (a late fusion of "
@@ -50,27 +33,21 @@ _REPLACED_HINT = {
 
 
 def settings_of(cfg: DictConfig, stage: str) -> Mapping[str, Any]:
-    """``stages.<stage>``: the stage's own settings (empty if it has none)."""
     return (cfg.get("stages") or {}).get(stage) or {}
 
 
 def stages_for(cfg: DictConfig) -> list[str]:
     """The stages to train: the chain up to ``arch.name`` when staged, else the arch alone."""
     arch = cfg.arch.name
-    if (
-        cfg.arch.get("init_from")
-        or cfg.arch.get("init_streams")
-        or not cfg.staged
-        or arch not in CHAIN
-    ):
+    single = cfg.arch.get("init_from") or cfg.arch.get("init_streams") or not cfg.staged
+    if single or arch not in CHAIN:
         return [arch]
     return list(CHAIN[: CHAIN.index(arch) + 1])
 
 
 def entry_of(cfg: DictConfig, index: int) -> str:
-    """How the run's ``index``-th stage starts: ``previous`` (the stage before it in this
-    run), ``init_from``, ``init_streams`` (a late fusion of trained single-input nets),
-    ``pretrained`` (ImageNet or a local trunk file) or ``scratch``."""
+    """How the run's ``index``-th stage starts: previous, init_from, init_streams, pretrained
+    or scratch."""
     if index > 0:
         return "previous"
     if cfg.arch.get("init_from"):
@@ -81,17 +58,11 @@ def entry_of(cfg: DictConfig, index: int) -> str:
 
 
 def cut(cfg: DictConfig, into: str) -> float:
-    """The lr cut into ``into`` (a stage of the chain, or ``fusion``): ``stages.<into>.lr_factor``."""
     return float(settings_of(cfg, into)["lr_factor"])
 
 
 def stage_lr(cfg: DictConfig, stage: str, entry: str) -> tuple[float, str]:
-    """The stage's learning rate and why. ``stages.<stage>.lr`` wins outright. A stage that
-    starts from trained FCN weights (the previous stage, ``arch.init_from``, a resume of
-    either) has the lr its place in the chain gives: ``optimizer.lr`` for FCN-32s, times the
-    cut into FCN-16s, times the cut into FCN-8s; a late fusion of trained streams one cut more
-    (``stages.fusion.lr_factor``). A stage that starts from ImageNet or from scratch has
-    ``optimizer.lr``."""
+    """The stage's learning rate and why (docs/TRAINING.md, "Learning rate")."""
     explicit = settings_of(cfg, stage).get("lr")
     if explicit is not None:
         return float(explicit), f"stages.{stage}.lr"
@@ -99,15 +70,12 @@ def stage_lr(cfg: DictConfig, stage: str, entry: str) -> tuple[float, str]:
     if entry in ("pretrained", "scratch"):
         start = "ImageNet weights" if entry == "pretrained" else "scratch"
         return lr, f"{why[0]} ({stage} starts from {start})"
-    if stage in CHAIN:
-        for into in CHAIN[1 : CHAIN.index(stage) + 1]:
-            lr *= cut(cfg, into)
-            why.append(f"stages.{into}.lr_factor {cut(cfg, into):g}")
+    cuts = list(CHAIN[1 : CHAIN.index(stage) + 1]) if stage in CHAIN else []
+    for into in cuts + (["fusion"] if entry == "init_streams" else []):
+        lr *= cut(cfg, into)
+        why.append(f"stages.{into}.lr_factor {cut(cfg, into):g}")
     if entry == "init_streams":
-        lr *= cut(cfg, "fusion")
-        why.append(
-            f"stages.fusion.lr_factor {cut(cfg, 'fusion'):g} (late fusion of trained streams)"
-        )
+        why[-1] += " (late fusion of trained streams)"
     source = {"previous": "the stage before", "init_from": "arch.init_from"}.get(
         entry, "arch.init_streams"
     )
@@ -115,10 +83,7 @@ def stage_lr(cfg: DictConfig, stage: str, entry: str) -> tuple[float, str]:
 
 
 def budget(cfg: DictConfig, stage: str) -> tuple[dict[str, int], str]:
-    """The stage's step / epoch limits and why: ``trainer.max_steps`` / ``max_epochs`` when
-    either is set (>= 0), the same limit for every stage; else the stage's own
-    ``stages.<stage>.max_steps`` / ``max_epochs`` (the presets' per-stage budgets, e.g. FCN-32s
-    three times as long as FCN-16s and FCN-8s, as the paper trained)."""
+    """The stage's step / epoch limits and why (docs/TRAINING.md, "Budget")."""
     given = {k: int(v) for k in LIMITS if (v := cfg.trainer.get(k)) is not None and int(v) >= 0}
     if given:
         limits = given
@@ -133,8 +98,8 @@ def budget(cfg: DictConfig, stage: str) -> tuple[dict[str, int], str]:
 
 
 def trainer_settings(cfg: DictConfig, stage: str, warn: bool = False) -> DictConfig:
-    """``cfg.trainer`` with the stage's own Trainer arguments and budget, made workable: sync
-    batch norm only where it works (GPUs); ``warn`` says so when it turns it off."""
+    """``cfg.trainer`` with the stage's own Trainer arguments and budget; sync batch norm off on
+    the CPU (``warn``: say so)."""
     args = trainer_args(cfg, stage)
     own = OmegaConf.masked_copy(cfg.stages[stage], args) if args else {}
     merged = OmegaConf.merge(cfg.trainer, own)
@@ -152,19 +117,21 @@ def trainer_settings(cfg: DictConfig, stage: str, warn: bool = False) -> DictCon
 
 
 def trainer_args(cfg: DictConfig, stage: str) -> list[str]:
-    """The Lightning Trainer arguments ``stages.<stage>`` sets for that stage alone."""
     return [k for k in settings_of(cfg, stage) if k not in PROTOCOL_KEYS]
 
 
-def selection(cfg: DictConfig, held_out: bool, why_not: str) -> tuple[str, str]:
-    """How ``best.ckpt`` is chosen: ``best`` (the highest val mIoU over the stage's validations)
-    or ``last`` (the stage's final weights: a fixed schedule, as the reference's fixed iteration
-    counts). ``auto`` picks ``best`` only where validation data is held out, neither trained on
-    nor the split the run reports; ``why_not`` says why it is not."""
+def selection(cfg: DictConfig, val_split: str, test_split: str) -> tuple[str, str]:
+    """How ``best.ckpt`` is chosen, ``best`` or ``last``, and why (docs/TRAINING.md, "Checkpoint
+    selection"): the val split may choose only when the run reports another split."""
+    held_out = test_split != val_split
+    why_not = (
+        f"the val split '{val_split}' is the split this run reports; to choose checkpoints "
+        "on a held-out split set data.val_split=<it> data.test_split=<the reported split>"
+    )
     mode = str(cfg.get("selection", "auto"))
     if mode == "best":
         return "best", "selection=best: the highest val mIoU" + (
-            f" (note: {why_not})" if not held_out else ""
+            "" if held_out else f" (note: {why_not})"
         )
     if mode == "last":
         return "last", "selection=last: the stage's last checkpoint (a fixed schedule)"
@@ -173,45 +140,34 @@ def selection(cfg: DictConfig, held_out: bool, why_not: str) -> tuple[str, str]:
     return "last", f"the stage's last checkpoint, a fixed schedule: {why_not}"
 
 
-def _leaves(key: str, value: Any) -> Iterable[tuple[list[str], Any]]:
-    """(the dotted key's parts, value) of each value under ``key``, nested mappings walked."""
+def _new_spelling(key: str, value: Any) -> str | None:
+    """The stages-node overrides that set what the old dotted ``key`` set to ``value`` (each leaf
+    of a mapping); None where it does not say which stage."""
     if isinstance(value, Mapping | DictConfig) and value:
-        for k, v in value.items():
-            yield from _leaves(f"{key}.{k}", v)
-    else:
-        yield key.split("."), value
-
-
-def _new_spelling(parts: list[str], value: Any) -> list[str] | None:
-    """The stages-node overrides that set what the old key ``parts`` set to ``value``; None
-    where it does not say which stage (or holds nothing)."""
-    head, rest = parts[0], parts[1:]
+        spellings = [_new_spelling(f"{key}.{k}", v) for k, v in value.items()]
+        return None if None in spellings else " ".join(spellings)
+    head, *rest = key.split(".")
     if isinstance(value, Mapping | DictConfig) or value is None:
         return None
     if head == "stage_lr_factor":
-        return [f"stages.{c}.lr_factor={value}" for c in (rest[:1] or CUTS)]
+        return " ".join(f"stages.{c}.lr_factor={value}" for c in (rest[:1] or CUTS))
     if head == "stage_lr" and len(rest) == 1:
-        return [f"stages.{rest[0]}.lr={value}"]
+        return f"stages.{rest[0]}.lr={value}"
     if head in ("stage_budget", "stage_overrides") and len(rest) == 2:
         plus = "" if rest[1] in LIMITS else "++"
-        return [f"{plus}stages.{rest[0]}.{rest[1]}={value}"]
+        return f"{plus}stages.{rest[0]}.{rest[1]}={value}"
     return None
 
 
 def check_replaced(given: Mapping[str, Any]) -> None:
-    """Refuse the keys the stages node replaced (``given``: top-level keys, from a config or the
-    command line, with their values) with the new spelling; raises ``ConfigError``."""
+    """Refuse the keys the stages node replaced (``given``: top-level keys and their values)
+    with the new spelling."""
     for key in given:  # the values of other keys are not read (nor resolved)
-        head = str(key).lstrip("+~").split(".")[0]
-        if head not in REPLACED:
-            continue
-        value = given[key]
-        spellings = [_new_spelling(p, v) for p, v in _leaves(str(key).lstrip("+~"), value)]
-        if spellings and all(s is not None for s in spellings):
-            use = " ".join(s for group in spellings for s in group)
-        else:
-            use = _REPLACED_HINT[head]
-        raise ConfigError(f"{head} was replaced: use {use}")
+        name = str(key).lstrip("+~")
+        head = name.split(".")[0]
+        if head in REPLACED:
+            use = _new_spelling(name, given[key]) or _REPLACED_HINT[head]
+            raise ConfigError(f"{head} was replaced: use {use}")
 
 
 def check_protocol(cfg: DictConfig) -> None:

@@ -1,12 +1,5 @@
 """What train.py runs: the staged pipeline, 32s -> 16s -> 8s (paper section 4.2), each stage a
-Lightning fit of an FCNModule on the DataModule, started from the previous stage's best weights.
-
-Run folder of ``train``::
-
-    <output_dir>/.hydra/config.yaml         the resolved config (Hydra)
-    <output_dir>/<stage>/checkpoints/{best,last}.ckpt
-    <output_dir>/tensorboard/<stage>/       one TensorBoard run per stage
-    <output_dir>/metrics.json               every finished stage's final val metrics
+Lightning fit started from the previous stage's best weights; docs/TRAINING.md shows its run folder.
 """
 
 from __future__ import annotations
@@ -47,47 +40,29 @@ from .callbacks import (
 from .checks import check_free_space, check_inputs, check_settings, read_metrics
 from .common import label_report, make_datamodule
 from .console import say
-from .stages import (
-    CUTS,
-    budget,
-    cut,
-    entry_of,
-    selection,
-    stage_lr,
-    stages_for,
-    trainer_settings,
-)
+from .stages import CUTS, budget, cut, entry_of, selection, stage_lr, stages_for, trainer_settings
 
 log = logging.getLogger("fcn_lightning")
 
 __all__ = ["RunInterrupted", "TrainingDiverged", "is_multirun", "run_stage", "train"]
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def model_settings(cfg: DictConfig, stage: str, pretrained: Any) -> dict[str, Any]:
-    """The model's settings that the arch group decides (the data contract gives the rest)."""
-    arch = cfg.arch
-    return {
-        "arch": stage,
-        "backbone": arch.backbone,
-        "geometry": arch.geometry,
-        "width": float(arch.width),
-        "pretrained": pretrained,
-        "learnable_upsampling": bool(arch.learnable_upsampling),
-        "dropout": float(arch.dropout),
-        "normalization": arch.normalization,
-    }
-
-
 def make_module(
     cfg: DictConfig, dm: SegmentationDataModule, stage: str, lr: float, pretrained: Any
 ) -> FCNModule:
-    optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    arch, optimizer = cfg.arch, OmegaConf.to_container(cfg.optimizer, resolve=True)
     optimizer["lr"] = lr
     return FCNModule(
-        model_settings(cfg, stage, pretrained),
+        {
+            "arch": stage,
+            "backbone": arch.backbone,
+            "geometry": arch.geometry,
+            "width": float(arch.width),
+            "pretrained": pretrained,
+            "learnable_upsampling": bool(arch.learnable_upsampling),
+            "dropout": float(arch.dropout),
+            "normalization": arch.normalization,
+        },
         contract=dm.contract,
         loss_reduction=cfg.loss.reduction,
         class_weights=OmegaConf.to_container(cfg.loss.class_weights)
@@ -102,18 +77,13 @@ def make_module(
     )
 
 
-def run_settings(cfg: DictConfig, plan: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """What the HParams tab shows beside the module's own settings: seed, the lr cuts
-    (``stages.<cut>.lr_factor``), the stage's plan (where its lr and budget come from, how its
-    checkpoint is chosen) and the data settings (those of the loader and the splits; not the
-    root, not the class)."""
+def run_settings(cfg: DictConfig, plan: Mapping[str, Any]) -> dict[str, Any]:
+    """What the HParams tab shows beside the module's own: seed, lr cuts, the stage's plan, data."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
     data = {k: v for k, v in data.items() if k not in ("_target_", "root")}
     cuts = {into: {"lr_factor": cut(cfg, into)} for into in CUTS}
-    settings = {"seed": cfg.seed, "stages": cuts, "data": data}
-    if plan:
-        settings["stage"] = {k: plan[k] for k in ("lr_from", "budget_from", "selection")}
-    return settings
+    stage = {k: plan[k] for k in ("lr_from", "budget_from", "selection")}
+    return {"seed": cfg.seed, "stages": cuts, "data": data, "stage": stage}
 
 
 def stage_plan(cfg: DictConfig, stage: str, index: int, select: tuple[str, str]) -> dict[str, Any]:
@@ -124,24 +94,12 @@ def stage_plan(cfg: DictConfig, stage: str, index: int, select: tuple[str, str])
             "selection": select[0], "selection_from": select[1]}  # fmt: skip
 
 
-def held_out(dm: SegmentationDataModule) -> tuple[bool, str]:
-    """Whether the val split may choose checkpoints: only when the run reports another split
-    (``data.test_split``); else choosing the best of many validations would report the
-    maximum over checkpoints of the very score being reported."""
-    if dm.test_split != dm.val_split:
-        return True, ""
-    return False, (
-        f"the val split '{dm.val_split}' is the split this run reports; to choose checkpoints "
-        "on a held-out split set data.val_split=<it> data.test_split=<the reported split>"
-    )
-
-
 def make_trainer(
-    cfg: DictConfig, stage: str, out: Path, monitor: str, plan: Mapping[str, Any] | None = None
+    cfg: DictConfig, stage: str, out: Path, monitor: str, plan: Mapping[str, Any]
 ) -> pl.Trainer:
     ckpt_dir = out / stage / "checkpoints"
     trainer_cfg = trainer_settings(cfg, stage)
-    choose = [best_checkpoint(ckpt_dir, monitor)] if (plan or {}).get("selection") != "last" else []
+    choose = [best_checkpoint(ckpt_dir, monitor)] if plan["selection"] != "last" else []
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if not trainer_cfg.get("enable_progress_bar", True):  # Lightning refuses a bar it may not show
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
@@ -165,8 +123,7 @@ def make_trainer(
 
 
 def init_streams(module: FCNModule, sources: Mapping[str, str]) -> None:
-    """Start each late-fusion stream from its own trained checkpoint (the paper's RGB-HHA); a
-    checkpoint trained on another input than its stream's (the two swapped) is refused."""
+    """Start each late-fusion stream from its own trained checkpoint (the paper's RGB-HHA)."""
     model = module.model
     if not isinstance(model, LateFusionFCN):
         raise ConfigError("arch.init_streams needs a late-fusion model (data.modality=rgb+hha)")
@@ -186,16 +143,12 @@ def init_streams(module: FCNModule, sources: Mapping[str, str]) -> None:
         transfer_stage(path, streams[name])
 
 
-# --------------------------------------------------------------------------- train
 class SigtermGuard:
-    """SIGTERM for the time of a run (``with``, on the main thread only): while ``trainer.fit``
-    runs (:meth:`fitting`) it is Lightning's to handle, at the end of the step; outside it
-    (loading data, the final validation) it stops the run with :class:`RunInterrupted`."""
+    """SIGTERM during a run (main thread only): Lightning's to handle while ``trainer.fit`` runs
+    (:meth:`fitting`), elsewhere it raises :class:`RunInterrupted`."""
 
-    def __init__(self) -> None:
-        self._fitting = False
-        self._installed = False
-        self._previous: Any = None
+    _fitting = _installed = False
+    _previous: Any = None
 
     def __enter__(self) -> SigtermGuard:
         if threading.current_thread() is threading.main_thread():
@@ -205,13 +158,11 @@ class SigtermGuard:
 
     def __exit__(self, *exc: object) -> None:
         if self._installed:
-            previous = self._previous if self._previous is not None else signal.SIG_DFL
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
             self._installed = False
 
     @contextlib.contextmanager
     def fitting(self) -> Iterator[None]:
-        """Mark ``trainer.fit`` as running."""
         self._fitting = True
         try:
             yield
@@ -241,8 +192,7 @@ class Run:
 
 
 def _data_overrides(cfg: DictConfig) -> str:
-    """The command line's data settings (the data group and every ``data.*`` key but the
-    splits), for the eval.py command printed at the end: the data must be read the same way."""
+    """The command line's data settings but the splits, for the eval.py command printed at the end."""
     if not HydraConfig.initialized():
         return f"data.root={cfg.data.root}" if cfg.data.get("root") else ""
     splits = ("data.train_split=", "data.val_split=", "data.test_split=")
@@ -262,12 +212,8 @@ def _step_of(path: Path) -> Any:
 
 
 def train(cfg: DictConfig) -> float:
-    """Train the stages that ``cfg`` asks for; return the last stage's val mIoU.
-
-    The run owns its folder (``fcn_lightning.rundir``): a folder that holds another run is
-    refused unless ``resume=true``, and ``run.json`` records how the run ended. A run stopped
-    by SIGTERM or Ctrl+C raises :class:`RunInterrupted`, a diverged one
-    :class:`TrainingDiverged`; the entry point decides the exit status."""
+    """Train the stages that ``cfg`` asks for in the run folder it owns (``rundir``); return the
+    last stage's val mIoU. Stopped: :class:`RunInterrupted`; diverged: :class:`TrainingDiverged`."""
     out = Path(cfg.paths.output_dir)
     try:
         check_settings(cfg)
@@ -281,18 +227,15 @@ def train(cfg: DictConfig) -> float:
     with SigtermGuard() as sigterm:
         try:
             score = _train_stages(cfg, out, resume, sigterm)
-        except (KeyboardInterrupt, SIGTERMException) as err:
-            rundir.mark(out, "interrupted", str(err) or type(err).__name__)
-            raise
-        except (RunInterrupted, TrainingDiverged) as err:
-            interrupted = isinstance(err, RunInterrupted)
-            rundir.mark(out, "interrupted" if interrupted else "failed", str(err))
-            raise
-        except SystemExit as err:
-            rundir.mark(out, "failed", str(err.code))
-            raise
         except BaseException as err:
-            rundir.mark(out, "failed", f"{type(err).__name__}: {err}")
+            stopped = isinstance(err, KeyboardInterrupt | SIGTERMException | RunInterrupted)
+            if stopped or isinstance(err, TrainingDiverged):
+                why = str(err) or type(err).__name__
+            elif isinstance(err, SystemExit):
+                why = str(err.code)
+            else:
+                why = f"{type(err).__name__}: {err}"
+            rundir.mark(out, "interrupted" if stopped else "failed", why)
             raise
         else:
             rundir.mark(out, "finished", mIoU=score)
@@ -318,11 +261,10 @@ def _train_stages(cfg: DictConfig, out: Path, resume: bool, sigterm: SigtermGuar
     if rundir.is_rank_zero():  # data.download=true: only prepare_data downloads, on one process
         dm.prepare_data()
     dm.setup("fit")  # a missing or broken dataset fails here, before any training
+    select = selection(cfg, dm.val_split, dm.test_split)
+    plans = {stage: stage_plan(cfg, stage, i, select) for i, stage in enumerate(stages)}
     if rundir.is_rank_zero():  # every label of train / val / test, once (cached), before training
         say(label_report(dm))
-    select = selection(cfg, *held_out(dm))
-    plans = {stage: stage_plan(cfg, stage, i, select) for i, stage in enumerate(stages)}
-    if rundir.is_rank_zero():
         rundir.annotate(out, stages=plans)
     log.info("stages: %s; run folder: %s", " -> ".join(stages), out)
     log.info("best.ckpt of each stage: %s", select[1])
@@ -335,9 +277,8 @@ def _train_stages(cfg: DictConfig, out: Path, resume: bool, sigterm: SigtermGuar
 
 
 def run_stage(run: Run, i: int, previous_best: str | None) -> str:
-    """Train the run's ``i``-th stage from ``previous_best`` (the stage before it, or
-    ``arch.init_from``; None: the trunk's weights or scratch), or skip it where a resumed run
-    finished it; record its val metrics. Returns its best.ckpt, where the next stage starts."""
+    """Train (or, resumed and finished, skip) the run's ``i``-th stage from ``previous_best``;
+    record its val metrics; return its best.ckpt, where the next stage starts."""
     cfg, stage = run.cfg, run.stages[i]
     plan = run.plans[stage]
     ckpt_dir = run.out / stage / "checkpoints"
@@ -367,20 +308,15 @@ def run_stage(run: Run, i: int, previous_best: str | None) -> str:
     elif i == 0 and cfg.arch.get("init_streams") and not resume_from:
         init_streams(module, cfg.arch.init_streams)
         previous_best = "the checkpoints of arch.init_streams"
-    source = (
-        f"from {previous_best}"
-        if previous_best
-        else (f"from {cfg.arch.backbone} weights" if cfg.arch.pretrained else "from scratch")
-    )
+    source = previous_best or (f"{cfg.arch.backbone} weights" if cfg.arch.pretrained else "scratch")
     log.info(
-        "[%d/%d] %s: %s%s; lr %.3g = %s; %s", i + 1, len(run.stages), stage, source,
+        "[%d/%d] %s: from %s%s; lr %.3g = %s; %s", i + 1, len(run.stages), stage, source,
         f", resuming {resume_from}" if resume_from else "", plan["lr"], plan["lr_from"],
         plan["budget_from"],
     )  # fmt: skip
     trainer = make_trainer(cfg, stage, run.out, module.monitor, plan)
     _fit(run, stage, trainer, module, resume_from)
-    # the stage's final state, also when no epoch ended since the last save (a short
-    # max_steps, or a resume that finished mid-epoch): last.ckpt is where the stage ended
+    # last.ckpt is where the stage ended, also when no epoch ended since the last save
     trainer.save_checkpoint(last, weights_only=False)
     if plan["selection"] == "last" or not best.is_file():  # (best: no validation ran)
         trainer.save_checkpoint(best, weights_only=False)
@@ -397,8 +333,7 @@ def run_stage(run: Run, i: int, previous_best: str | None) -> str:
 def _fit(
     run: Run, stage: str, trainer: pl.Trainer, module: FCNModule, resume_from: str | None
 ) -> None:
-    """``trainer.fit``; a stop by SIGTERM or Ctrl+C raises :class:`RunInterrupted`, a
-    non-finite loss :class:`TrainingDiverged`, each saying where the stage stands."""
+    """``trainer.fit``; stopped: :class:`RunInterrupted`, diverged: :class:`TrainingDiverged`."""
     last = run.out / stage / "checkpoints" / "last.ckpt"
     resume_hint = (
         f"Continue with: python train.py <the same overrides> resume=true hydra.run.dir={run.out}"
@@ -430,12 +365,11 @@ def _fit(
 
 
 def _say_results(run: Run, selected: str) -> None:
-    """The table of each stage's metrics; where checkpoints were chosen on a held-out val
-    split, the eval.py command that scores the reported split."""
+    """The table of each stage's metrics; after a held-out val split chose the checkpoints, the
+    eval.py command that scores the reported split."""
     table = format_table({s: run.metrics[s] for s in run.stages if s in run.metrics})
-    which = "best" if selected == "best" else "last"
     say(
-        f"\nValidation metrics of each stage ({which} checkpoint, best.ckpt):\n"
+        f"\nValidation metrics of each stage ({selected} checkpoint, best.ckpt):\n"
         + table
         + f"\n\nrun folder: {run.out}"
     )
