@@ -140,7 +140,7 @@ def lightning_loop_rate(setting: Setting, device: torch.device, steps: int) -> f
         # the val loader is given and skipped (limit_val_batches=0): the module has a
         # validation_step, and Lightning warns about one without a loader
         trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
-    return timer.images_per_second(setting.batch)
+    return timer.steps * setting.batch / max(timer.end - timer.start, 1e-9)
 
 
 class _StepTimer(Callback):
@@ -158,9 +158,6 @@ class _StepTimer(Callback):
         if batch_idx >= self.warmup:
             _sync(pl_module.device)
             self.steps, self.end = self.steps + 1, time.perf_counter()
-
-    def images_per_second(self, batch: int) -> float:
-        return self.steps * batch / max(self.end - self.start, 1e-9)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
