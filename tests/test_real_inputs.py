@@ -1,7 +1,7 @@
 """The whole path on data as varied as the real thing: images of several sizes, portrait and
 landscape, greyscale, CMYK, RGBA, 16-bit, palette and plain labels with 255 borders, in the
-official layouts: train.py (staged, with validation panels) and eval.py as commands, predict
-in-process (its command is run by test_predict.py)."""
+official layouts: train.py (staged, with validation panels) and eval.py as commands, the folder
+runs and predict in-process (predict's command is run by test_predict.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ from helpers.datasets import (
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from fcn_lightning.app.common import as_command
 from fcn_lightning.app.predict import predict
+from fcn_lightning.app.train import train
 
 SMALL = [
     "arch.width=0.0625",
@@ -103,33 +105,27 @@ def test_predict_on_every_image_format(voc_run, tmp_path):
 
 def test_folder_run_on_every_image_format(tmp_path):
     root = write_varied_folder(tmp_path / "mine")
-    result = run(
-        "train.py", "arch=fcn32s", "data=folder", f"data.root={root}", "data.batching=pad",
-        "data.batch_size=2", "data.scale_range=null", *SMALL, f"hydra.run.dir={tmp_path / 'run'}",
-        cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
+    overrides = ["arch=fcn32s", "data=folder", f"data.root={root}", "data.batching=pad",
+                 "data.batch_size=2", "data.scale_range=null", *SMALL]  # fmt: skip
+    train(cfg_of("config", overrides, tmp_path / "run"))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["fcn32s"]
     assert set(metrics["per_class_IoU"]) == {"background", "cat", "dog", "car"}
     assert panels(tmp_path / "run", "fcn32s")
 
 
-def test_binary_masks_saved_as_0_255_are_named_and_mapped(tmp_path):
+def test_binary_masks_saved_as_0_255_are_named_and_mapped(tmp_path, capsys):
+    # as the command runs it (as_command: a typed error is printed, no traceback, an exit status)
     root = write_binary_masks_folder(tmp_path / "masks")
     args = ["arch=fcn32s", "data=folder", f"data.root={root}", "data.batching=pad",
             "data.batch_size=2", "data.scale_range=null", *SMALL]  # fmt: skip
-    plain = run("train.py", *args, f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
-    assert plain.returncode != 0  # not a run that reports 100% on ignored objects
-    assert "holds only class ['background']" in plain.stderr
-    assert "data.label_map={255: 1}" in plain.stderr and "Traceback" not in plain.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as plain:
+        as_command(train, cfg_of("config", args, tmp_path / "a"))
+    assert plain.value.code not in (0, None)  # not a run that reports 100% on ignored objects
+    said = capsys.readouterr().err
+    assert "holds only class ['background']" in said
+    assert "data.label_map={255: 1}" in said and "Traceback" not in said
     assert not list((tmp_path / "a").glob("fcn32s/checkpoints/*.ckpt"))
-    mapped = run(
-        "train.py",
-        *args,
-        "data.label_map={255: 1}",
-        f"hydra.run.dir={tmp_path / 'b'}",
-        cwd=tmp_path,
-    )
-    assert mapped.returncode == 0, mapped.stderr[-4000:]
+    as_command(train, cfg_of("config", [*args, "data.label_map={255: 1}"], tmp_path / "b"))
     metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())["fcn32s"]
     assert metrics["per_class_IoU"]["object"] is not None  # foreground is a class, not ignored
