@@ -14,7 +14,7 @@ from helpers import TINY, cfg_of, run
 from PIL import Image
 from torchvision import tv_tensors
 
-from fcn_lightning.app.common import load_module
+from fcn_lightning.app.common import as_command, load_module
 from fcn_lightning.app.evaluate import evaluate
 from fcn_lightning.app.predict import MANIFEST, predict
 from fcn_lightning.app.train import train
@@ -287,7 +287,7 @@ def labels_of(ckpt: Path, image: Path, f: int) -> np.ndarray:
         return shift_and_stitch(module.model, x[None], f)["out"][0].argmax(0).numpy()
 
 
-def test_predict_cli_with_shift_stitch(ckpt, tmp_path):
+def test_predict_cli_with_shift_stitch(ckpt, tmp_path, capsys):
     photos = tmp_path / "photos"
     photos.mkdir()
     rng = np.random.default_rng(0)
@@ -311,14 +311,16 @@ def test_predict_cli_with_shift_stitch(ckpt, tmp_path):
         differs |= not np.array_equal(expected, labels_of(ckpt, photos / name, 1))
     assert differs  # the stitched labels are not the plain ones
 
-    # a factor the net cannot take: refused before any work, with the values it can
+    # a factor the net cannot take: refused before any work, with the values it can (as
+    # predict.py runs it: as_command, in-process; the command itself ran above)
     refused = tmp_path / "refused"
-    result = run(
-        "predict.py", *args[:2], f"output={refused}", "device=cpu", "shift_stitch=3",
-        f"hydra.run.dir={tmp_path / 'run2'}", cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 1
-    assert "shift_stitch=3" in result.stderr and "allowed values: 1, 2, 4, 8, 16 " in result.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        as_command(predict, cfg_of("predict", [*args[:2], f"output={refused}", "device=cpu",
+                                               "shift_stitch=3"], tmp_path / "run2"))  # fmt: skip
+    assert stop.value.code == 1
+    said = capsys.readouterr().err
+    assert "shift_stitch=3" in said and "allowed values: 1, 2, 4, 8, 16 " in said
     assert not refused.exists()
 
 
