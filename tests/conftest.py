@@ -27,3 +27,12 @@ def tiny_run(tmp_path_factory):
     the test files: (run folder, the score train returned). Read it; copy it to change it."""
     out = tmp_path_factory.mktemp("tiny_run")
     return out, train(cfg_of("config", ["arch=fcn16s", *TINY], out))
+
+
+@pytest.fixture(scope="session")
+def tiny_run32(tmp_path_factory):
+    """One tiny finished FCN-32s run (no stages), trained once per test process: its run folder.
+    Read it; copy it to change it."""
+    out = tmp_path_factory.mktemp("tiny_run32")
+    train(cfg_of("config", [*TINY, "arch=fcn32s"], out))
+    return out

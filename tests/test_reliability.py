@@ -164,12 +164,14 @@ def test_resume_into_a_different_config_names_both_sides(tmp_path):
         train(cfg_of("config", [*RESUMABLE, "resume=true", "arch.width=0.125"], tmp_path))
 
 
-def test_ddp_validation_metrics_equal_single_process(tmp_path):
-    for devices in (1, 2):
-        result = run(
-            "tests/ddp_validate.py", str(devices), str(tmp_path / f"{devices}.json"), cwd=ROOT
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
+def test_ddp_validation_metrics_equal_single_process(tmp_path, monkeypatch):
+    import ddp_validate
+
+    with monkeypatch.context() as m:  # one process: this one
+        m.setattr(sys, "argv", ["ddp_validate.py", "1", str(tmp_path / "1.json")])
+        ddp_validate.main()
+    result = run("tests/ddp_validate.py", "2", str(tmp_path / "2.json"), cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
     one = json.loads((tmp_path / "1.json").read_text())
     two = json.loads((tmp_path / "2.json").read_text())
     assert one == two  # to the last digit: every image counted once, confusion matrices summed
@@ -195,10 +197,9 @@ def test_cli_ddp_two_cpu_processes_write_one_run_folder(tmp_path):
 # its message, and that every file that existed before (the case's own files and a finished
 # run's) is byte-identical afterwards: a refused command loses nothing already written.
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("finished")
-    train(cfg_of("config", [*TINY, "arch=fcn32s"], out))
-    return out
+def finished_run(tiny_run32) -> Path:
+    # [*TINY, "arch=fcn32s"], trained once per test process (test_run_folder's too): only read here
+    return tiny_run32
 
 
 def _ckpt(t: Path, run: Path) -> Path:

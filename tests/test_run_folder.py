@@ -52,10 +52,8 @@ def guarded(overrides: list[str], run_dir: Path | None = None):
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("finished")
-    train(cfg_of("config", [*TINY, "arch=fcn32s"], out))
-    return out
+def finished(tiny_run32) -> Path:
+    return tiny_run32  # [*TINY, "arch=fcn32s"], trained once per test process: copy it to change it
 
 
 @pytest.mark.parametrize(
