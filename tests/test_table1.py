@@ -7,9 +7,6 @@ torchvision models.
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 import urllib.error
 from pathlib import Path
 
@@ -17,12 +14,14 @@ import pytest
 import torch
 import torchvision
 from helpers import TINY as TINY_RUN
+from helpers import cfg_of
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from torch import nn
 from torchvision.models.googlenet import GoogLeNet
 
 from fcn_lightning.app.checks import check_settings
+from fcn_lightning.app.train import train
 from fcn_lightning.bench import model_cost
 from fcn_lightning.errors import ConfigError
 from fcn_lightning.models import (
@@ -360,30 +359,14 @@ def test_dropout_after_fc7_and_after_the_last_inception():
     assert not hasattr(g, "aux1") and not hasattr(g, "fc")
 
 
-def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONWARNINGS="ignore", HYDRA_FULL_ERROR="0")
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-
-
 @pytest.mark.parametrize("backbone", NEW)
-def test_tiny_staged_run_through_the_command_line(backbone, tmp_path):
-    result = _run(
-        "arch=fcn8s",
-        f"arch.backbone={backbone}",
-        *TINY_RUN,
-        f"hydra.run.dir={tmp_path}",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_tiny_staged_run(backbone, tmp_path, caplog, capsys):
+    # in-process (train.py's command is run by test_app, test_console and others)
+    with caplog.at_level("INFO", logger="fcn_lightning"):
+        train(cfg_of("config", ["arch=fcn8s", f"arch.backbone={backbone}", *TINY_RUN], tmp_path))
+    said = caplog.text + capsys.readouterr().out
     for stage in ("fcn32s", "fcn16s", "fcn8s"):
-        assert stage in result.stdout
+        assert f"{stage} done" in said
     ckpt = {
         s: torch.load(tmp_path / f"{s}/checkpoints/best.ckpt", weights_only=True)["state_dict"]
         for s in ("fcn32s", "fcn16s", "fcn8s")
