@@ -75,6 +75,7 @@ def quiet_run(tmp_path_factory):
     return train(tmp_path_factory.mktemp("quiet"))
 
 
+@pytest.mark.xdist_group("console_quiet_run")  # one worker computes the module fixture once
 def test_console_shows_the_stages_and_no_third_party_noise(quiet_run):
     console, _ = quiet_run
     for line in ("[1/2] fcn32s", "[2/2] fcn16s", "fcn16s done: val mIoU", "run folder:"):
@@ -84,6 +85,7 @@ def test_console_shows_the_stages_and_no_third_party_noise(quiet_run):
     assert not found, (found, console[-3000:])
 
 
+@pytest.mark.xdist_group("console_quiet_run")  # one worker computes the module fixture once
 def test_the_log_file_keeps_every_record_but_the_advertisements(quiet_run):
     _, out = quiet_run
     log = (out / "train.log").read_text()
@@ -95,6 +97,7 @@ def test_the_log_file_keeps_every_record_but_the_advertisements(quiet_run):
     assert "Validation metrics of each stage" in log and "mIoU %" in log
 
 
+@pytest.mark.xdist_group("console_quiet_run")  # one worker computes the module fixture once
 def test_eval_console_has_its_table_and_no_warning_of_the_projects_making(quiet_run, tmp_path):
     _, out = quiet_run
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}

@@ -122,6 +122,7 @@ def sift_onnx(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- equal to the checkpoint
+@pytest.mark.xdist_group("export_fcn8s_onnx")  # one worker computes the module fixture once
 def test_fcn8s_to_onnx_equals_the_checkpoint(fcn8s_onnx):
     ckpt, out, _, _ = fcn8s_onnx
     assert_equal_to_checkpoint(ckpt, out)
@@ -189,6 +190,7 @@ def test_late_fusion_rgb_hha_to_onnx(tmp_path):
 
 
 # --------------------------------------------------------------------------- the metadata
+@pytest.mark.xdist_group("export_fcn8s_onnx")  # one worker computes the module fixture once
 def test_the_sidecar_says_what_a_deployer_needs(fcn8s_onnx):
     ckpt, out, sidecar, returned = fcn8s_onnx
     meta = json.loads(sidecar.read_text())
@@ -251,6 +253,7 @@ def deploying_snippet() -> str:
     return snippet
 
 
+@pytest.mark.xdist_group("export_fcn8s_onnx")  # one worker computes the module fixture once
 def test_the_deploying_snippet_runs_and_labels_as_the_checkpoint(fcn8s_onnx, tmp_path, monkeypatch):
     ckpt, out, sidecar, _ = fcn8s_onnx
     shutil.copy(out, tmp_path / "model.onnx")
@@ -275,6 +278,7 @@ def test_the_deploying_snippet_runs_and_labels_as_the_checkpoint(fcn8s_onnx, tmp
     assert (labels == want.numpy()).mean() > 0.999
 
 
+@pytest.mark.xdist_group("export_fcn8s_onnx")  # one worker computes the module fixture once
 def test_the_readme_snippet_runs_and_labels_as_the_checkpoint(fcn8s_onnx, tmp_path, monkeypatch):
     ckpt, out, sidecar, _ = fcn8s_onnx
     (tmp_path / "deploy").mkdir()
@@ -297,6 +301,7 @@ def test_the_readme_snippet_runs_and_labels_as_the_checkpoint(fcn8s_onnx, tmp_pa
     assert (scope["labels"] == want.numpy()).mean() > 0.999
 
 
+@pytest.mark.xdist_group("export_fcn8s_onnx")  # one worker computes the module fixture once
 @pytest.mark.parametrize("kind", ["16-bit grey PNG", "EXIF-rotated JPEG"])
 def test_the_deploying_snippet_reads_images_as_predict_does(
     kind, fcn8s_onnx, tmp_path, monkeypatch

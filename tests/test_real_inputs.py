@@ -63,6 +63,7 @@ def voc_run(tmp_path_factory):
     return root, out, result
 
 
+@pytest.mark.xdist_group("real_inputs_voc_run")  # one worker computes the module fixture once
 def test_staged_voc_run_on_varied_images(voc_run):
     _, out, result = voc_run
     assert list(json.loads((out / "metrics.json").read_text())) == ["fcn32s", "fcn16s"]
@@ -76,6 +77,7 @@ def test_staged_voc_run_on_varied_images(voc_run):
         assert panels(out, stage, "val/confusion_matrix")
 
 
+@pytest.mark.xdist_group("real_inputs_voc_run")  # one worker computes the module fixture once
 def test_eval_on_varied_images(voc_run, tmp_path):
     root, out, _ = voc_run
     ckpt = out / "fcn16s/checkpoints/best.ckpt"
@@ -90,6 +92,7 @@ def test_eval_on_varied_images(voc_run, tmp_path):
     assert report["metrics"]["mIoU"] == pytest.approx(trained["mIoU"], abs=1e-6)
 
 
+@pytest.mark.xdist_group("real_inputs_voc_run")  # one worker computes the module fixture once
 def test_predict_on_every_image_format(voc_run, tmp_path):
     _, out, _ = voc_run
     folder = write_varied_folder(tmp_path / "mine") / "JPEGImages"

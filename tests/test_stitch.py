@@ -287,6 +287,7 @@ def labels_of(ckpt: Path, image: Path, f: int) -> np.ndarray:
         return shift_and_stitch(module.model, x[None], f)["out"][0].argmax(0).numpy()
 
 
+@pytest.mark.xdist_group("stitch_ckpt")  # one worker computes the module fixture once
 def test_predict_cli_with_shift_stitch(ckpt, tmp_path, capsys):
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -324,6 +325,7 @@ def test_predict_cli_with_shift_stitch(ckpt, tmp_path, capsys):
     assert not refused.exists()
 
 
+@pytest.mark.xdist_group("stitch_ckpt")  # one worker computes the module fixture once
 def test_manifest_records_each_outputs_setting_across_runs(ckpt, tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -349,6 +351,7 @@ def test_manifest_records_each_outputs_setting_across_runs(ckpt, tmp_path):
     }  # fmt: skip
 
 
+@pytest.mark.xdist_group("stitch_ckpt")  # one worker computes the module fixture once
 def test_eval_with_shift_stitch_records_it_and_keeps_another_evaluation(ckpt, tmp_path):
     data = [o for o in TINY if o.startswith("data.")]
     out = tmp_path / "eval"
