@@ -26,17 +26,11 @@ METRIC_NAMES = ("mIoU", "pixel_acc", "mean_acc", "fwIoU")
 
 def voc_palette(n: int = 256) -> list[tuple[int, int, int]]:
     """The PASCAL VOC colour map (bit-interleaved), the de facto segmentation palette."""
-    palette = []
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette.append((r, g, b))
-    return palette
+
+    def channel(i: int, bit: int) -> int:
+        return sum(((i >> (3 * j + bit)) & 1) << (7 - j) for j in range(8))
+
+    return [(channel(i, 0), channel(i, 1), channel(i, 2)) for i in range(n)]
 
 
 @dataclass(frozen=True)
@@ -122,7 +116,6 @@ class DataContract:
             if start not in bounds or stop not in bounds:
                 raise ValueError(f"stream {name!r} splits an input group of {kinds}")
 
-    # --- reading
     @property
     def in_channels(self) -> int:
         return sum(g.channels for g in self.inputs)
@@ -159,7 +152,6 @@ class DataContract:
     def __iter__(self) -> Iterator[str]:
         return iter(self.heads)
 
-    # --- inputs
     @property
     def modality(self) -> str:
         """``rgb``, ``hha``, ``depth``, ``rgbd``; late fusion: the streams' joined by "+"."""
@@ -200,7 +192,6 @@ class DataContract:
         """The indices of the image groups within channels ``start:stop``."""
         return [g for g in range(self.image_groups) if start <= 3 * g and 3 * g + 3 <= stop]
 
-    # --- plain values (checkpoint hyper-parameters)
     def as_dict(self) -> dict[str, Any]:
         return {
             "heads": {
@@ -251,7 +242,6 @@ def _modality(groups: Sequence[InputGroup]) -> str:
     return MODALITIES.get(kinds, "+".join(kinds))
 
 
-# --------------------------------------------------------------------------- edges
 def inputs_of(contract: DataContract) -> str:
     """The input a contract describes, in words: ``6 channels (streams rgb 3, hha 3)``."""
     streams = contract.streams
@@ -273,9 +263,8 @@ def modality_of(contract: DataContract) -> str:
 def input_mismatch(wants: DataContract, gives: DataContract) -> str | None:
     """Why data of contract ``gives`` cannot feed a model trained on ``wants`` (their input
     kinds or streams differ: an RGB net on HHA images), or None."""
-    if [g.kind for g in wants.inputs] == [g.kind for g in gives.inputs] and dict(
-        wants.streams or {}
-    ) == dict(gives.streams or {}):
+    same_streams = dict(wants.streams or {}) == dict(gives.streams or {})
+    if [g.kind for g in wants.inputs] == [g.kind for g in gives.inputs] and same_streams:
         return None
     return f"takes {modality_of(wants)} but the data gives {modality_of(gives)}"
 

@@ -75,23 +75,19 @@ def scores_from_confmat(
     """score.py's numbers from a confusion matrix (rows = ground truth); ``exclude_absent``:
     classes absent from the ground truth leave every mean (the SIFT Flow caveat)."""
     hist = hist.double()
-    diag = hist.diag()
-    gt, pred = hist.sum(1), hist.sum(0)
-    total = hist.sum()
-    with torch.no_grad():
-        acc_per_class = diag / gt  # NaN where the class is absent from the ground truth
-        iou = diag / (gt + pred - diag)  # NaN where absent from both
-        if exclude_absent:
-            iou = torch.where(gt > 0, iou, torch.nan)
-        freq = gt / total
-        present = freq > 0
-        return {
-            "pixel_acc": diag.sum() / total,
-            "mean_acc": acc_per_class.nanmean(),
-            "mIoU": iou.nanmean(),
-            "fwIoU": (freq[present] * iou[present]).sum(),
-            "per_class_IoU": iou,
-        }
+    diag, gt, pred, total = hist.diag(), hist.sum(1), hist.sum(0), hist.sum()
+    iou = diag / (gt + pred - diag)  # NaN where absent from both
+    if exclude_absent:
+        iou = torch.where(gt > 0, iou, torch.nan)
+    freq = gt / total
+    present = freq > 0
+    return {
+        "pixel_acc": diag.sum() / total,
+        "mean_acc": (diag / gt).nanmean(),  # NaN per class absent from the ground truth
+        "mIoU": iou.nanmean(),
+        "fwIoU": (freq[present] * iou[present]).sum(),
+        "per_class_IoU": iou,
+    }
 
 
 class HeadMetrics(nn.Module):

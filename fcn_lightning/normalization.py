@@ -1,9 +1,6 @@
-"""Input normalisation: what pretrained weights expect of an image in 0..1, both ways, and the
-reference code's statistics per dataset and input kind (docs/PAPER.md, "Input statistics").
-A scheme is ``imagenet`` (torchvision's weights: ImageNet mean and std, every input alike) or
-``caffe`` (the authors' weights: 0..255 minus the dataset's mean, photos as BGR, HHA as
-stored), resolved per image group (:func:`group_normalizations`). A depth channel is no image
-group: its reader subtracts the mean log depth (:data:`LOG_DEPTH_MEANS`)."""
+"""Input normalisation, both ways: ``imagenet`` (torchvision's weights) or ``caffe`` (the
+authors' weights: 0..255 minus the dataset's mean, photos as BGR), resolved per image group;
+a depth channel's mean log depth (docs/PAPER.md, "Input statistics")."""
 
 from __future__ import annotations
 
@@ -47,13 +44,9 @@ class Normalization:
     def to_rgb(self, image: torch.Tensor) -> torch.Tensor:
         """Undo it on a (3, H, W) image group, for display: uint8 in the order the input had
         (RGB for a photo, HHA as stored)."""
-        x = image[:3].float()
-        mean = torch.tensor(self.unit_mean).view(3, 1, 1)
-        std = torch.tensor(self.unit_std).view(3, 1, 1)
-        rgb = x * std + mean
-        if self.bgr:
-            rgb = rgb.flip(0)
-        return rgb.clamp(0, 1).mul(255).to(torch.uint8)
+        mean, std = (torch.tensor(v).view(3, 1, 1) for v in (self.unit_mean, self.unit_std))
+        rgb = image[:3].float() * std + mean
+        return (rgb.flip(0) if self.bgr else rgb).clamp(0, 1).mul(255).to(torch.uint8)
 
 
 IMAGENET = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -95,12 +88,11 @@ def get_normalization(name: str | Normalization | Mapping[str, Any]) -> Normaliz
     if isinstance(name, Normalization):
         return name
     if isinstance(name, Mapping):
-        return Normalization(
-            **{
-                k: tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v
-                for k, v in name.items()
-            }
-        )
+        fields = {
+            k: tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v
+            for k, v in name.items()
+        }
+        return Normalization(**fields)
     try:
         return NORMALIZATIONS[name]
     except (KeyError, TypeError):

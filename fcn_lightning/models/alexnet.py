@@ -27,12 +27,6 @@ _GEOMETRY = {
 }
 
 
-def _torchvision_features() -> nn.Sequential:
-    """torchvision's AlexNet feature layers (on the meta device: their shapes, no weights)."""
-    with torch.device("meta"):
-        return torchvision.models.alexnet(weights=None).features
-
-
 def alexnet_fc8_as_conv(state: dict[str, torch.Tensor]) -> nn.Conv2d:
     """torchvision's 1000-way classifier (``classifier.6``) as the 1x1 convolution after fc7."""
     return linear_as_conv(state["classifier.6.weight"], state["classifier.6.bias"])
@@ -60,7 +54,9 @@ class AlexNetTrunk(Trunk):
         conv1_pad, pool_pad, fc6_pad = _GEOMETRY[geometry]
         layers: list[nn.Module] = []
         channels, pools = in_channels, []
-        for layer in _torchvision_features():
+        with torch.device("meta"):  # torchvision's layer shapes, no weights
+            reference = torchvision.models.alexnet(weights=None).features
+        for layer in reference:
             if isinstance(layer, nn.Conv2d):
                 out = scaled(layer.out_channels, width)
                 pad = conv1_pad if not layers else layer.padding

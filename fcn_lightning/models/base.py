@@ -34,12 +34,9 @@ class FCNSpec:
     in_channels: int = 3
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
-        if self.geometry not in GEOMETRIES:
-            raise ValueError(f"geometry must be one of {GEOMETRIES}, got {self.geometry!r}")
+        for field, known in (("arch", ARCHS), ("backbone", BACKBONES), ("geometry", GEOMETRIES)):
+            if getattr(self, field) not in known:
+                raise ValueError(f"{field} must be one of {known}, got {getattr(self, field)!r}")
         if not self.heads:
             raise ValueError("a model needs at least one head")
         for name, n in self.heads:
@@ -59,11 +56,8 @@ class FCNSpec:
 
 
 class SegmentationNet(nn.Module, ABC):
-    """The interface the training code relies on, shared by ``FCN`` and ``LateFusionFCN``.
-
-    ``spec`` says how the model was built and travels in its state dict (``get_extra_state``);
-    ``normalization`` is what its input must be normalised by.
-    """
+    """The interface the training code relies on: ``spec`` (how the model was built; in its
+    state dict) and ``normalization`` (what its input must be normalised by)."""
 
     spec: FCNSpec
     normalization: Normalization
@@ -84,8 +78,7 @@ class SegmentationNet(nn.Module, ABC):
 
     @property
     def anchor(self) -> str:
-        """The key of the first parameter: marks where this model's keys start in a larger state
-        dict (``model.`` in a Lightning checkpoint)."""
+        """The key of the first parameter: where this model's keys start in a larger state dict."""
         return next(name for name, _ in self.named_parameters())
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:

@@ -28,25 +28,10 @@ def build_fcn(
     streams: Mapping[str, int] | None = None,
     progress: bool = True,
 ) -> FCN | LateFusionFCN:
-    """Build an FCN from plain arguments (docs/PAPER.md, Network geometry).
-
-    Args:
-        arch: ``fcn32s``, ``fcn16s``, ``fcn8s`` or ``fcn8s_atonce``.
-        num_classes: classes of the single head ``SINGLE_HEAD`` (ignored when ``heads`` is given).
-        heads: several heads sharing the trunk, e.g. ``{"sem": 33, "geo": 3}`` (SIFT Flow).
-        backbone: ``vgg16``, ``vgg16_bn`` (batch norm, for training from scratch), ``alexnet`` or
-            ``googlenet`` (the paper's Table 1; docs/TRUNKS.md).
-        geometry: ``paper`` (pad 100, the reference crops) or ``same`` (no margin, ~0.6x the FLOPs).
-        width: multiplier on every channel count; 1.0 is the paper's (torchvision's) network.
-        pretrained: ``None`` (random trunk), ``"imagenet"`` (torchvision's weights API) or the
-            path of a local torchvision-layout state dict of the backbone.
-        in_channels: input channels; extra channels' conv1_1 filters start as the RGB mean.
-        learnable_upsampling: learn the intermediate 2x upsamplings (the final one stays fixed).
-        normalization: ``imagenet`` or ``caffe`` input normalisation the model expects; defaults
-            to ``imagenet`` (what torchvision's weights need).
-        streams: late fusion, e.g. ``{"rgb": 3, "hha": 3}``: one FCN per stream on its own input
-            channels (in that order), score maps averaged. ``in_channels`` is then ignored.
-    """
+    """Build an FCN from plain arguments (the ``arch`` settings: docs/CONFIG.md; geometry:
+    docs/PAPER.md; trunks: docs/TRUNKS.md). ``heads`` (name -> classes) replaces the single head
+    of ``num_classes``; ``streams`` (name -> input channels, in order) builds a late-fusion net of
+    one FCN per stream, ``in_channels`` then ignored."""
     if streams:
         kw = dict(num_classes=num_classes, heads=heads, backbone=backbone, geometry=geometry, width=width,
                   pretrained=pretrained, learnable_upsampling=learnable_upsampling, dropout=dropout,
@@ -54,16 +39,9 @@ def build_fcn(
         return LateFusionFCN(
             {name: build_fcn(arch, in_channels=int(c), **kw) for name, c in streams.items()}
         )
-    spec = FCNSpec(
-        arch=arch,
-        heads=tuple((str(k), int(v)) for k, v in heads.items())
-        if heads
-        else ((SINGLE_HEAD, int(num_classes)),),
-        backbone=backbone,
-        geometry=geometry,
-        width=float(width),
-        in_channels=int(in_channels),
-    )
+    named = heads.items() if heads else [(SINGLE_HEAD, num_classes)]
+    heads_ = tuple((str(k), int(v)) for k, v in named)
+    spec = FCNSpec(arch, heads_, backbone, geometry, float(width), int(in_channels))
     model = FCN(
         spec,
         learnable_upsampling=learnable_upsampling,

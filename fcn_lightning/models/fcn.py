@@ -1,9 +1,5 @@
-"""FCN-32s, FCN-16s, FCN-8s and FCN-8s at-once heads on any trunk (Long et al. 2015, section 4.2).
-
-The heads read the trunk's taps and derive everything geometric from them: each upsampling
-factor from the ratio of two tap strides, each crop offset from the taps' coordinate maps
-(docs/PAPER.md, Network geometry).
-"""
+"""FCN-32s, 16s, 8s and 8s at-once heads on any trunk (paper, section 4.2): upsampling factors
+and crop offsets derived from the taps' coordinate maps (docs/PAPER.md, Network geometry)."""
 
 from __future__ import annotations
 
@@ -22,19 +18,16 @@ from .trunk import Trunk
 from .trunks import TRUNKS
 from .upsample import upsampler
 
-# The taps each arch fuses after ``final``, coarse to fine; their count is the arch's stage in
-# the staged pipeline (32s -> 16s -> 8s).
+# The taps each arch fuses after ``final``, coarse to fine; their count is its stage.
 SKIPS = {"fcn32s": (), "fcn16s": ("pool4",), "fcn8s": ("pool4", "pool3")}
 SKIPS["fcn8s_atonce"] = SKIPS["fcn8s"]
 STAGE = {arch: len(skips) for arch, skips in SKIPS.items()}
-# The paper's layer names: the upsampling that brings the scores to a skip's stride, and the
-# last one, by the number of skips.
+# The paper's layer names: the upsampling to a skip's stride; the last one, by skip count.
 UPSCORE = {"pool4": "upscore2", "pool3": "upscore_pool4"}
 FINAL_UPSCORE = ("upscore", "upscore16", "upscore8")
 # FCN-8s at-once (PAMI): skips scaled before scoring so training straight from VGG16 is stable.
 AT_ONCE_SCALES = {"pool4": 0.01, "pool3": 1e-4}
-# Layers that exist in a later stage but not in the earlier one: left at their initial values
-# (zero scores, bilinear upsampling) by the stage transfer.
+# Layers a later stage adds: the stage transfer leaves them at their initial values.
 NEW_IN_STAGE = (*(f"score_{t}" for t in UPSCORE), *UPSCORE.values(), *FINAL_UPSCORE)
 
 
@@ -45,30 +38,25 @@ def _index(value: float, what: str) -> int:
 
 
 def _upsampled(stride: int, origin: float, factor: int, padding: int) -> tuple[int, float]:
-    """(stride, origin) after a transposed convolution of kernel 2f, stride f, padding p, which
-    maps input pixel i to output pixel ``f * i + (2f - 1) / 2 - p``."""
+    """(stride, origin) after a transposed convolution of kernel 2f, stride f, padding p."""
     stride //= factor
     return stride, origin - stride * ((2 * factor - 1) / 2 - padding)
 
 
 def upsampling_padding(geometry: str, factor: int) -> int:
-    """The padding of an upsampling of ``factor``: none in the paper geometry (the reference's
-    crops take its margins off), f // 2 in the same geometry."""
+    """An upsampling's padding: none in the paper geometry, f // 2 in the same geometry."""
     return factor // 2 if geometry == "same" else 0
 
 
 def output_offset(stride: int, origin: float, padding: int, what: str) -> int:
-    """The crop offset of the final upsampling (factor ``stride``, ``padding``) of a map whose
-    pixel i sits at input coordinate ``origin + stride * i``: the output pixel over input pixel 0."""
+    """The crop offset of the final upsampling (factor ``stride``) of a map on (stride, origin)."""
     _, origin = _upsampled(stride, origin, stride, padding)
     return _index(-origin, what)
 
 
 def crop(t: torch.Tensor, offset: int, height: int, width: int) -> torch.Tensor:
-    """Rows and columns ``offset`` .. ``offset + height`` / ``+ width`` of ``t``. Where they pass
-    its edges (never in a plain forward; a stitched map can stop short of the image's bottom /
-    right edge) the nearest row or column is repeated, so those pixels take the nearest
-    prediction rather than all-zero scores (which argmax would read as class 0)."""
+    """Rows and columns ``offset`` .. ``offset + height`` / ``+ width`` of ``t``; past its edges
+    (a stitched map only) the nearest row or column is repeated."""
     h, w = t.shape[-2], t.shape[-1]
     if 0 <= offset and offset + height <= h and offset + width <= w:
         return t[:, :, offset : offset + height, offset : offset + width]
@@ -90,13 +78,8 @@ def _fuse(up: torch.Tensor, skip: torch.Tensor, offset: int) -> torch.Tensor:
 
 
 class FCNHead(nn.Module):
-    """Score layers and upsampling of one output head (its own score_fr and skips).
-
-    Carrying each map's (stride, origin) through the upsamplings gives the crop offset of every
-    skip and of the output (``offsets``). The paper geometry leaves the upsamplings unpadded
-    (offsets 19; 5, 27; 5, 9, 31, as in the reference); the same geometry pads them by f // 2
-    (every offset 0).
-    """
+    """Score layers and upsampling of one output head; ``offsets``: the crop of every skip and of
+    the output (paper: 19; 5, 27; 5, 9, 31, as the reference; same: 0; docs/PAPER.md)."""
 
     def __init__(
         self, arch: str, num_classes: int, trunk: Trunk, learnable_upsampling: bool = True
@@ -124,8 +107,7 @@ class FCNHead(nn.Module):
             stride, origin = _upsampled(stride, origin, f, pad(f))
             self.offsets[name] = _index((origin - tap.origin) / tap.stride, f"{arch}'s {name} crop")
             origin = max(origin, tap.origin)  # the fused map: where both maps are
-        # the fused scores before the final upsampling: pixel i at input coordinate
-        # origin + stride * i (shift-and-stitch interlaces these maps, models/stitch.py)
+        # the fused scores before the final upsampling (what shift-and-stitch interlaces)
         self.grid: tuple[int, float] = (stride, origin)
         self.final = FINAL_UPSCORE[len(self.skips)]
         setattr(self, self.final, upsampler(n, stride, padding=pad(stride), learnable=False))
@@ -169,12 +151,8 @@ class FCN(SegmentationNet):
         self.trunk = TRUNKS[spec.backbone](
             width=spec.width, geometry=spec.geometry, in_channels=spec.in_channels, dropout=dropout
         )
-        self.heads = nn.ModuleDict(
-            {
-                name: FCNHead(spec.arch, n, self.trunk, learnable_upsampling)
-                for name, n in spec.heads
-            }
-        )
+        heads = {n: FCNHead(spec.arch, c, self.trunk, learnable_upsampling) for n, c in spec.heads}
+        self.heads = nn.ModuleDict(heads)
 
     def coarse(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per head, the fused scores before the final upsampling (on the head's ``grid``)."""
@@ -190,8 +168,6 @@ class FCN(SegmentationNet):
         height, width = x.shape[-2], x.shape[-1]
         return {name: self.heads[name].upsample(s, height, width) for name, s in scores.items()}
 
-    # The spec travels in the state dict, so a checkpoint says what it was built as, and loading
-    # it into a differently built model fails with both sides named.
     def get_extra_state(self) -> dict[str, Any]:
         return self.spec.as_dict()
 

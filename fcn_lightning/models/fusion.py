@@ -26,10 +26,10 @@ class LateFusionFCN(SegmentationNet):
         first_name, first = next(iter(streams.items()))
         for name, stream in streams.items():
             for field in ("arch", "heads", "geometry"):
-                if getattr(stream.spec, field) != getattr(first.spec, field):
+                a, b = getattr(first.spec, field), getattr(stream.spec, field)
+                if a != b:
                     raise ValueError(
-                        f"late fusion streams disagree on {field}: {first_name!r} has "
-                        f"{getattr(first.spec, field)!r}, {name!r} has {getattr(stream.spec, field)!r}"
+                        f"late fusion streams disagree on {field}: {first_name!r} has {a!r}, {name!r} has {b!r}"
                     )
         self.streams = nn.ModuleDict(streams)
         self.channels = [s.spec.in_channels for s in streams.values()]
@@ -47,14 +47,11 @@ class LateFusionFCN(SegmentationNet):
 
     @staticmethod
     def average(outs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """The streams' score maps averaged, per head."""
         return {head: torch.stack([o[head] for o in outs]).mean(0) for head in outs[0]}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        parts = self.split(x)
-        return self.average(
-            [stream(part) for stream, part in zip(self.streams.values(), parts, strict=True)]
-        )
+        parts = zip(self.streams.values(), self.split(x), strict=True)
+        return self.average([stream(part) for stream, part in parts])
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"fusion": "late", "streams": {n: s.spec.as_dict() for n, s in self.streams.items()}}

@@ -33,12 +33,6 @@ _GEOMETRY = {
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def _torchvision_googlenet() -> GoogLeNet:
-    """torchvision's GoogLeNet (on the meta device: its layer shapes, no weights)."""
-    with torch.device("meta"):
-        return GoogLeNet(aux_logits=False, init_weights=False)
-
-
 def _inception_channels(m: Inception) -> tuple[int, ...]:
     """(ch1x1, ch3x3red, ch3x3, ch5x5red, ch5x5, pool_proj) of an Inception module."""
     convs = [m.branch1, *m.branch2, *m.branch3, m.branch4[1]]
@@ -80,7 +74,8 @@ class GoogLeNetTrunk(Trunk):
         check_trunk_args(geometry, width, in_channels)
         self.geometry, self.backbone, self.transform_input = geometry, "googlenet", transform_input
         conv1_pad, pool_pads = _GEOMETRY[geometry]
-        ref, pools = _torchvision_googlenet(), iter(pool_pads)
+        with torch.device("meta"):  # torchvision's layer shapes, no weights
+            ref, pools = GoogLeNet(aux_logits=False, init_weights=False), iter(pool_pads)
         channels, outputs = in_channels, {}
         for name in STEM + INCEPTIONS:
             layer = getattr(ref, name)

@@ -17,9 +17,7 @@ EXTRA_STATE = "_extra_state"
 
 def model_state_dict(source: StateSource, anchor: str = EXTRA_STATE) -> dict[str, torch.Tensor]:
     """The model state dict of a model, a state dict, or a file (a Lightning checkpoint or a
-    ``torch.save``'d state dict); any prefix before ``anchor`` (``model.`` in a
-    LightningModule's checkpoint) is stripped. ``anchor`` is a key of the model, e.g. its
-    ``SegmentationNet.anchor``."""
+    saved state dict), with any prefix before ``anchor`` (a key of the model) stripped."""
     if isinstance(source, nn.Module):
         state = source.state_dict()
     elif isinstance(source, str | Path):

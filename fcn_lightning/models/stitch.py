@@ -1,30 +1,12 @@
-"""Shift-and-stitch (paper, section 3.2), an evaluation / prediction option the paper compared
-with its skip architecture and did not adopt.
+"""Shift-and-stitch (paper, section 3.2; docs/PAPER.md, Shift-and-stitch; docs/TRAINING.md).
 
-For a head whose coarse (fused, pre-upsampling) scores have stride ``s`` (32, 16 or 8) and the
-option ``f`` (shifts per axis, a divisor of ``s``), with ``u = s / f``: the net runs on the input
-shifted right by ``bx * u`` and down by ``by * u`` pixels for every ``0 <= bx, by < f`` (zeros, in
-normalised input space, enter on the top / left; the content that moves past the bottom / right
-edge is dropped, so every shifted input keeps the input's size). Coarse pixel ``j`` of the
-shift ``b * u`` sits at input coordinate ``origin + s * j - b * u``, so the ``f x f`` coarse maps
-interlace into one map of stride ``u`` whose pixel ``m = f * j + (f - 1 - b)`` sits at
-``origin - (f - 1) * u + u * m``: each prediction at the centre of its receptive field. That map
-is brought to the input's resolution as the net brings its own: a fixed bilinear transposed
-convolution, of factor ``u`` here, cropped where the coordinate maps say
-(``fcn.output_offset``). ``f = 1`` is the plain forward (the same operations on the one
-unshifted input); ``f = s`` is the paper's fully dense version, equivalent to removing the
-subsampling and dilating the later filters.
-
-The stitched samples reach ``(f - 1) * u`` pixels further up / left than the plain ones and no
-further down / right, and the finer upsampling kernel (2u wide, not 2s) reaches less past the
-last sample: where the output passes that reach the scores are zero, as the transposed
-convolution gives them there (in the same geometry a strip of up to s / 2 - u pixels at the
-bottom and right; in the paper geometry, whose margin leaves more room, a few pixels at some
-sizes).
-
-Late fusion: everything after the coarse maps is linear, so each stream is stitched (with its own
-grid) and the streams' outputs are averaged as ``LateFusionFCN`` averages them.
-"""
+For coarse scores of stride ``s`` and ``f`` shifts per axis (``f`` divides ``s``), ``u = s / f``:
+the net runs on the input shifted right / down by ``bx * u``, ``by * u`` (zeros entering, same
+size) for ``0 <= bx, by < f``; the ``f x f`` coarse maps interlace into one map of stride ``u``
+(:func:`interlace`, :func:`stitched_grid`), brought to the input's size by a fixed bilinear
+upsampling of factor ``u`` cropped where the coordinate maps say (:func:`upsample`). ``f = 1`` is
+the plain forward. Past the stitched samples' reach (a strip at the bottom / right) the scores
+are zero. Late fusion: each stream is stitched, then the streams averaged."""
 
 from __future__ import annotations
 
@@ -44,8 +26,7 @@ SETTING = "shift_stitch"  # the option's name in conf/predict.yaml and conf/eval
 
 
 def output_strides(net: SegmentationNet) -> tuple[int, ...]:
-    """The strides of the net's coarse score maps (one per head and stream; all equal for the
-    package's FCNs), sorted and without repeats."""
+    """The strides of the net's coarse score maps (per head and stream), sorted, no repeats."""
     if isinstance(net, LateFusionFCN):
         return tuple(sorted({s for stream in net.streams.values() for s in output_strides(stream)}))
     if isinstance(net, FCN):
@@ -63,8 +44,7 @@ def allowed_factors(net: SegmentationNet) -> list[int]:
 
 
 def check_factor(f: Any, net: SegmentationNet, setting: str = SETTING) -> int:
-    """``f`` as an int, if it is a whole number >= 1 that divides the net's output stride;
-    otherwise a ValueError naming ``setting`` and the values allowed."""
+    """``f`` as an int if it is a whole number >= 1 dividing the net's output stride(s)."""
     strides = output_strides(net)
     allowed = ", ".join(map(str, allowed_factors(net)))
     what = (
@@ -85,8 +65,7 @@ def check_factor(f: Any, net: SegmentationNet, setting: str = SETTING) -> int:
 
 
 def shift(x: torch.Tensor, down: int, right: int) -> torch.Tensor:
-    """``x`` with its content moved ``down`` and ``right`` pixels (zeros entering on the top and
-    left, what passes the bottom and right edges dropped): same size."""
+    """``x`` with its content moved ``down`` and ``right`` pixels (zeros entering), same size."""
     height, width = x.shape[-2], x.shape[-1]
     return F.pad(x, (right, 0, down, 0))[..., :height, :width]
 
@@ -98,14 +77,12 @@ def interlace(maps: Sequence[torch.Tensor], f: int) -> torch.Tensor:
     if len(maps) != f * f:
         raise ValueError(f"interlacing f={f} needs {f * f} maps, got {len(maps)}")
     n, c, h, w = maps[0].shape
-    # (f, f, ...) indexed by (by, bx); flipped: by f - 1 - by, the row within each block of f
     grid = torch.stack(list(maps)).reshape(f, f, n, c, h, w).flip(0, 1)
     return grid.permute(2, 3, 4, 0, 5, 1).reshape(n, c, h * f, w * f)
 
 
 def stitched_grid(grid: tuple[int, float], f: int) -> tuple[int, float]:
-    """(stride, origin) of the interlaced map of coarse maps on ``grid`` (pixel i at input
-    coordinate origin + stride * i)."""
+    """(stride, origin) of the interlaced map of coarse maps on ``grid`` (stride, origin)."""
     stride, origin = grid
     step = stride // f
     return step, origin - (f - 1) * step
@@ -114,12 +91,9 @@ def stitched_grid(grid: tuple[int, float], f: int) -> tuple[int, float]:
 def upsample(
     score: torch.Tensor, grid: tuple[int, float], geometry: str, height: int, width: int
 ) -> torch.Tensor:
-    """The net's kind of final upsampling of a map on ``grid``: a fixed bilinear transposed
-    convolution of factor ``grid[0]``, cropped to the input where the coordinate map says.
-
-    It is padded as ``geometry`` pads it (paper: 0, same: f // 2; the plain forward's operation)
-    unless the crop needs the pixels that padding trims: then less (the same values, and the
-    kernel's reach past the last sample). Beyond that reach the output is zero."""
+    """A fixed bilinear upsampling of factor ``grid[0]`` of a map on ``grid``, cropped to the
+    input where the coordinate map says; padded as ``geometry`` pads it, or less where the crop
+    needs the pixels that padding trims."""
     factor, origin = grid
     start = output_offset(factor, origin, 0, "the stitched output crop")  # with padding 0
     full_h, full_w = (score.shape[-2] + 1) * factor, (score.shape[-1] + 1) * factor
@@ -149,8 +123,7 @@ def stitch_fcn(net: FCN, x: torch.Tensor, f: int) -> dict[str, torch.Tensor]:
 
 
 def shift_and_stitch(net: SegmentationNet, x: torch.Tensor, f: int) -> dict[str, torch.Tensor]:
-    """``net``'s scores per head for ``x`` (N, C, H, W) by shift-and-stitch with ``f`` shifts per
-    axis; a late-fusion net's streams are each stitched, then averaged as its forward does."""
+    """``net``'s scores per head for ``x`` by shift-and-stitch with ``f`` shifts per axis."""
     check_factor(f, net)  # also refuses a net without coarse score maps, naming what it needs
     if isinstance(net, LateFusionFCN):
         parts = net.split(x)
@@ -161,9 +134,8 @@ def shift_and_stitch(net: SegmentationNet, x: torch.Tensor, f: int) -> dict[str,
 
 
 class ShiftAndStitch(SegmentationNet):
-    """A net whose forward is shift-and-stitch with ``f`` shifts per axis; it keeps what the
-    module, the panels and the writers read of the model (``spec``, ``normalization``,
-    ``head_names``). Put it in place of ``module.model`` to evaluate or predict with it."""
+    """A net whose forward is shift-and-stitch with ``f`` shifts per axis, with the ``spec`` and
+    ``normalization`` of ``net``: put it in place of ``module.model`` to evaluate or predict."""
 
     def __init__(self, net: SegmentationNet, f: int, *, setting: str = SETTING) -> None:
         super().__init__()
@@ -194,6 +166,5 @@ class ShiftAndStitch(SegmentationNet):
 def with_shift_and_stitch(
     net: SegmentationNet, f: Any, *, setting: str = SETTING
 ) -> SegmentationNet:
-    """``net`` for ``f = 1`` (off: the plain forward, which shift-and-stitch with one shift
-    equals), else ``ShiftAndStitch(net, f)``; a bad ``f`` is refused either way."""
+    """``net`` for ``f = 1`` (the plain forward), else ``ShiftAndStitch(net, f)``."""
     return net if check_factor(f, net, setting) == 1 else ShiftAndStitch(net, f, setting=setting)

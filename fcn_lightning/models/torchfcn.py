@@ -1,10 +1,6 @@
-"""Import and export state dicts of the PyTorch port pytorch-fcn (``torchfcn``).
-
-Its keys are the Caffe layer names (``conv1_1.weight`` ... ``fc7.bias``, ``score_fr``,
-``score_pool4``, ``score_pool3``, ``upscore*``). Its released FCN-32s/16s/8s weights, converted
-from the authors' Caffe models, load into our paper-geometry FCN and give the same outputs.
-Those weights expect the Caffe input normalisation (BGR 0..255 minus the mean).
-"""
+"""Import and export state dicts of the PyTorch port pytorch-fcn (``torchfcn``): keys are the
+Caffe layer names (``conv1_1`` ... ``fc7``, ``score_*``, ``upscore*``); its released weights load
+into our paper-geometry FCN with the Caffe normalisation and give the same outputs."""
 
 from __future__ import annotations
 
@@ -19,16 +15,12 @@ from .build import build_fcn
 from .fcn import FCN
 
 _BLOCKS = (2, 2, 3, 3, 3)  # convs per VGG16 block
-# upsampling layer that tells the arch apart
+# the upsampling layer that tells the arch apart
 _ARCH_BY_KEY = {
     "upscore8.weight": "fcn8s",
     "upscore16.weight": "fcn16s",
     "upscore.weight": "fcn32s",
 }
-
-
-def _conv_names() -> list[str]:
-    return [f"conv{b + 1}_{i + 1}" for b, n in enumerate(_BLOCKS) for i in range(n)]
 
 
 def _key_map(model: FCN) -> dict[str, str]:
@@ -43,7 +35,8 @@ def _key_map(model: FCN) -> dict[str, str]:
         )
     conv_idx = [i for i, m in enumerate(model.trunk.features) if isinstance(m, nn.Conv2d)]
     mapping: dict[str, str] = {}
-    for name, i in zip(_conv_names(), conv_idx, strict=True):
+    names = [f"conv{b + 1}_{i + 1}" for b, n in enumerate(_BLOCKS) for i in range(n)]
+    for name, i in zip(names, conv_idx, strict=True):
         for p in ("weight", "bias"):
             mapping[f"trunk.features.{i}.{p}"] = f"{name}.{p}"
     for key in model.state_dict():
@@ -63,19 +56,14 @@ def export_torchfcn(model: FCN) -> dict[str, torch.Tensor]:
 def import_torchfcn(
     source: Mapping[str, torch.Tensor] | str | Path, *, at_once: bool = False
 ) -> FCN:
-    """Build a paper-geometry FCN (width 1, Caffe normalisation) from a torchfcn state dict or file.
-
-    The arch is read from the upsampling keys, the classes from ``score_fr``. A dict whose key set
-    or shapes differ from torchfcn's is refused with the offending key named.
-    """
+    """Build a paper-geometry FCN (width 1, Caffe normalisation) from a torchfcn state dict or
+    file: the arch read from the upsampling keys, the classes from ``score_fr``."""
     if isinstance(source, str | Path):
         path = Path(source).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"torchfcn weights not found: {path}")
         source = load_weights_only(path, what="torchfcn weights", archive=False)
-        if (
-            isinstance(source, Mapping) and "model_state_dict" in source
-        ):  # torchfcn's own checkpoints
+        if isinstance(source, Mapping) and "model_state_dict" in source:  # torchfcn's checkpoints
             source = source["model_state_dict"]
     state = dict(source)
     arch = next((a for k, a in _ARCH_BY_KEY.items() if k in state), None)
@@ -88,22 +76,13 @@ def import_torchfcn(
     if "score_fr.weight" not in state:
         raise ValueError("torchfcn state dict lacks 'score_fr.weight'")
     num_classes = state["score_fr.weight"].shape[0]
-    model = build_fcn(
-        arch, num_classes=num_classes, geometry="paper", width=1.0, normalization="caffe"
-    )
+    model = build_fcn(arch, num_classes=num_classes, geometry="paper", normalization="caffe")
     mapping = _key_map(model)
-    expected = set(mapping.values())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing:
-        raise ValueError(
-            f"torchfcn {arch} state dict is missing key {missing[0]!r}"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-        )
-    if unexpected:
-        raise ValueError(
-            f"torchfcn {arch} state dict has unexpected key {unexpected[0]!r}"
-            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
-        )
+    expected, have = set(mapping.values()), set(state)
+    for what, keys in (("is missing", expected - have), ("has unexpected", have - expected)):
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise ValueError(f"torchfcn {arch} state dict {what} key {sorted(keys)[0]!r}{more}")
     own = model.state_dict()
     new_state = {"_extra_state": own["_extra_state"]}
     for ours, theirs in mapping.items():

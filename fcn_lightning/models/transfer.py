@@ -15,23 +15,15 @@ from .upsample import reset_bilinear_
 
 @torch.no_grad()
 def transfer_stage(source: StateSource, target: SegmentationNet) -> SegmentationNet:
-    """Copy every layer ``target`` shares with ``source`` (an earlier or the same stage).
-
-    Layers new in ``target`` (score_pool4, score_pool3 and their upsamplings) keep their initial
-    values, zero scores and bilinear kernels, so the new stage starts from the previous stage's
-    predictions. A target whose upsamplings are fixed (``learnable_upsampling=False``, the
-    reference code's nets) gets bilinear kernels in all of them again, whatever the source
-    learned. Raises ``ValueError`` naming the layer and both shapes when the two disagree.
-    A late-fusion target is filled stream by stream from a late-fusion source.
-    """
+    """Copy every layer ``target`` shares with ``source`` (an earlier or the same stage); layers
+    new in ``target`` keep their initial values (zero scores, bilinear kernels), fixed upsamplings
+    get bilinear kernels again; a late-fusion target is filled stream by stream
+    (docs/PAPER.md, Training recipes)."""
     state = model_state_dict(source, target.anchor)
     if isinstance(target, LateFusionFCN):
         for name, stream in target.streams.items():
-            sub = {
-                k[len(f"streams.{name}.") :]: v
-                for k, v in state.items()
-                if k.startswith(f"streams.{name}.")
-            }
+            pre = f"streams.{name}."
+            sub = {k[len(pre) :]: v for k, v in state.items() if k.startswith(pre)}
             if not sub:
                 raise ValueError(
                     f"source has no stream {name!r} (late fusion streams: {list(target.streams)})"

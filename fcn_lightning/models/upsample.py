@@ -8,11 +8,7 @@ from torch import nn
 
 
 def bilinear_kernel(size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The reference's 2-D bilinear interpolation kernel of ``size`` x ``size``.
-
-    factor = (k + 1) // 2; centre = factor - 1 for odd k, factor - 0.5 for even k;
-    w[i, j] = (1 - |i - centre| / factor) * (1 - |j - centre| / factor).
-    """
+    """The reference's 2-D bilinear interpolation kernel of ``size`` x ``size``."""
     if size < 1:
         raise ValueError(f"bilinear kernel size must be >= 1, got {size}")
     factor = (size + 1) // 2
@@ -25,8 +21,7 @@ def bilinear_kernel(size: int, dtype: torch.dtype = torch.float32) -> torch.Tens
 def bilinear_weight(
     channels: int, size: int, dtype: torch.dtype = torch.float32, device: torch.device | None = None
 ) -> torch.Tensor:
-    """The weight of a bilinear ``ConvTranspose2d`` (channels, channels, size, size): the
-    :func:`bilinear_kernel` on the channel diagonal, zeros elsewhere (as the reference fills it)."""
+    """A bilinear ``ConvTranspose2d`` weight: :func:`bilinear_kernel` on the channel diagonal."""
     eye = torch.eye(channels, dtype=dtype, device=device)
     return eye[:, :, None, None] * bilinear_kernel(size, dtype).to(device)[None, None]
 
@@ -34,8 +29,7 @@ def bilinear_weight(
 def upsampler(
     channels: int, factor: int, *, padding: int = 0, learnable: bool
 ) -> nn.ConvTranspose2d:
-    """A ``ConvTranspose2d`` (kernel 2*factor, stride factor, no bias) initialised to bilinear
-    interpolation, one kernel per class on the channel diagonal, as in the reference."""
+    """A ``ConvTranspose2d`` (kernel 2*factor, stride factor, no bias), bilinear initialised."""
     up = nn.ConvTranspose2d(
         channels, channels, kernel_size=2 * factor, stride=factor, padding=padding, bias=False
     )

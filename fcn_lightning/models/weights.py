@@ -16,16 +16,15 @@ from torchvision.models import (
 
 from ..checkpoints import load_weights_only
 
-# backbone -> torchvision's ImageNet weights, and the key prefix its state dict always has
+# backbone -> torchvision's ImageNet weights, the key prefix its state dict always has, its name
 TORCHVISION_WEIGHTS = {
     "vgg16": VGG16_Weights.IMAGENET1K_V1,
     "vgg16_bn": VGG16_BN_Weights.IMAGENET1K_V1,
     "alexnet": AlexNet_Weights.IMAGENET1K_V1,
     "googlenet": GoogLeNet_Weights.IMAGENET1K_V1,
 }
-_KEY_PREFIX = {"vgg16": "features.", "vgg16_bn": "features.", "alexnet": "features.",
-               "googlenet": "conv1."}  # fmt: skip
-_NAMES = {"vgg16": "VGG16", "vgg16_bn": "VGG16-BN", "alexnet": "AlexNet", "googlenet": "GoogLeNet"}
+_LAYOUT = {"vgg16": ("features.", "VGG16"), "vgg16_bn": ("features.", "VGG16-BN"),
+           "alexnet": ("features.", "AlexNet"), "googlenet": ("conv1.", "GoogLeNet")}  # fmt: skip
 
 
 class PretrainedWeightsUnavailable(RuntimeError):
@@ -35,16 +34,12 @@ class PretrainedWeightsUnavailable(RuntimeError):
 def load_trunk_state_dict(
     pretrained: str | Path, backbone: str = "vgg16", *, progress: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Return a torchvision-layout state dict of ``backbone`` (VGG16: ``features.*``,
-    ``classifier.*``; AlexNet the same; GoogLeNet: ``conv1.*``, ``inception3a.*``, ..., ``fc.*``).
-
-    ``pretrained`` is ``"imagenet"`` (torchvision's weights API: downloaded once into the torch
-    hub cache, then read from there) or the path of a local file holding such a state dict
-    (torchvision's ``vgg16-397923af.pth``, a Caffe conversion, or a dict with ``state_dict``).
-    """
+    """A torchvision-layout state dict of ``backbone``, from ``"imagenet"`` (torchvision's weights
+    API, cached in the torch hub folder) or a local file (such a state dict, or a dict holding
+    one under ``state_dict``)."""
     if backbone not in TORCHVISION_WEIGHTS:
         raise ValueError(f"no pretrained weights for backbone {backbone!r}")
-    name = _NAMES[backbone]
+    prefix, name = _LAYOUT[backbone]
     if str(pretrained) == "imagenet":
         weights = TORCHVISION_WEIGHTS[backbone]
         try:
@@ -68,10 +63,10 @@ def load_trunk_state_dict(
     obj = load_weights_only(path, what="arch.pretrained", archive=False)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not any(k.startswith(_KEY_PREFIX[backbone]) for k in obj):
+    if not isinstance(obj, dict) or not any(k.startswith(prefix) for k in obj):
         keys = list(obj)[:5] if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(
             f"{path} does not hold a torchvision-layout {name} state dict (keys starting "
-            f"{_KEY_PREFIX[backbone]!r}, as torchvision's {backbone} has); found {keys}"
+            f"{prefix!r}, as torchvision's {backbone} has); found {keys}"
         )
     return obj
