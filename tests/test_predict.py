@@ -15,9 +15,11 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from fcn_lightning.app.common import as_command, load_module
+from fcn_lightning.app.evaluate import evaluate
+from fcn_lightning.app.export import export
 from fcn_lightning.app.predict import MANIFEST, input_normalization, output_stems, predict
 from fcn_lightning.data import eval_transforms, read_image
-from fcn_lightning.errors import ConfigError, DataError, ExportError
+from fcn_lightning.errors import ConfigError, DataError, ExportError, RunInterrupted
 from fcn_lightning.module import FCNModule
 
 
@@ -354,6 +356,7 @@ def test_cli_exits_non_zero_naming_unreadable_images(ckpt, tmp_path):
         (DataError("1 of 2 input images could not be read"), 1, "Error: 1 of 2 input images"),
         (ExportError("differs from the checkpoint"), 1, "Error: differs from the checkpoint"),
         (KeyboardInterrupt(), 130, "Interrupted"),
+        (RunInterrupted("fcn16s stopped by SIGTERM; continue with"), 130, "fcn16s stopped by"),
     ],
 )
 def test_only_the_command_turns_errors_into_an_exit_status(error, status, printed, capsys):
@@ -364,6 +367,19 @@ def test_only_the_command_turns_errors_into_an_exit_status(error, status, printe
         as_command(fails, None)
     assert stop.value.code == status
     assert capsys.readouterr().err.startswith(printed)
+
+
+@pytest.mark.parametrize(
+    ("command", "key"), [("eval", "ckpt_path"), ("predict", "input"), ("export", "ckpt_path")]
+)
+def test_a_required_setting_left_out_is_named_without_a_traceback(command, key, tmp_path, capsys):
+    cfg = cfg_of(command, [], tmp_path)
+    run_it = {"eval": evaluate, "predict": predict, "export": export}[command]
+    with pytest.raises(SystemExit) as stop:
+        as_command(run_it, cfg)
+    assert stop.value.code == 1
+    said = capsys.readouterr().err
+    assert said.startswith(f"Error: {key} is not set: pass {key}=") and "Traceback" not in said
 
 
 def test_a_bug_keeps_its_traceback():

@@ -12,6 +12,7 @@ from typing import Any
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from ..data.base import SegmentationDataModule
 from ..errors import CheckpointError, ConfigError, DataError, RunInterrupted, user_errors
@@ -37,6 +38,9 @@ def as_command(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     except (KeyboardInterrupt, RunInterrupted) as err:  # RunInterrupted says how to continue
         print(err if isinstance(err, RunInterrupted) else "Interrupted", file=sys.stderr)
         raise SystemExit(INTERRUPTED) from None
+    except MissingMandatoryValue as err:  # a ??? key of the config: ckpt_path, input, ...
+        print(f"Error: {err.full_key} is not set: pass {err.full_key}=...", file=sys.stderr)
+        raise SystemExit(1) from None
     except Exception as err:
         status = exit_status(err)
         if status is None:
