@@ -46,3 +46,8 @@ class TrainingDiverged(UserError):
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: printed as their message, without a traceback."""
     return (UserError,)
+
+
+class PretrainedWeightsUnavailable(UserError, RuntimeError):
+    """The ImageNet weights could be neither downloaded nor found on disk; the message says
+    where to put the file, or how to train without them."""

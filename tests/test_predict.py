@@ -19,7 +19,13 @@ from fcn_lightning.app.evaluate import evaluate
 from fcn_lightning.app.export import export
 from fcn_lightning.app.predict import MANIFEST, input_normalization, output_stems, predict
 from fcn_lightning.data import eval_transforms, read_image
-from fcn_lightning.errors import ConfigError, DataError, ExportError, RunInterrupted
+from fcn_lightning.errors import (
+    ConfigError,
+    DataError,
+    ExportError,
+    PretrainedWeightsUnavailable,
+    RunInterrupted,
+)
 from fcn_lightning.module import FCNModule
 
 
@@ -355,6 +361,7 @@ def test_cli_exits_non_zero_naming_unreadable_images(ckpt, tmp_path):
         (ConfigError("input is not set"), 1, "Error: input is not set"),
         (DataError("1 of 2 input images could not be read"), 1, "Error: 1 of 2 input images"),
         (ExportError("differs from the checkpoint"), 1, "Error: differs from the checkpoint"),
+        (PretrainedWeightsUnavailable("Could not download"), 1, "Error: Could not download"),
         (KeyboardInterrupt(), 130, "Interrupted"),
         (RunInterrupted("fcn16s stopped by SIGTERM; continue with"), 130, "fcn16s stopped by"),
     ],

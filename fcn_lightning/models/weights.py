@@ -15,6 +15,7 @@ from torchvision.models import (
 )
 
 from ..checkpoints import load_weights_only
+from ..errors import PretrainedWeightsUnavailable
 
 # backbone -> torchvision's ImageNet weights, the key prefix its state dict always has, its name
 TORCHVISION_WEIGHTS = {
@@ -25,10 +26,6 @@ TORCHVISION_WEIGHTS = {
 }
 _LAYOUT = {"vgg16": ("features.", "VGG16"), "vgg16_bn": ("features.", "VGG16-BN"),
            "alexnet": ("features.", "AlexNet"), "googlenet": ("conv1.", "GoogLeNet")}  # fmt: skip
-
-
-class PretrainedWeightsUnavailable(RuntimeError):
-    """The ImageNet weights could be neither downloaded nor found on disk."""
 
 
 def load_trunk_state_dict(
@@ -52,7 +49,7 @@ def load_trunk_state_dict(
                 f"(torchvision then reads it from there), or pass the path of a local {name} state dict:\n"
                 f"  arch.pretrained=/path/to/{backbone}.pth\n"
                 "or train from scratch with arch.pretrained=null"
-                + (" (use backbone=vgg16_bn for that)." if backbone == "vgg16" else ".")
+                + (" and arch.backbone=vgg16_bn (batch norm)." if backbone == "vgg16" else ".")
             ) from err
     path = Path(pretrained).expanduser()
     if not path.is_file():
