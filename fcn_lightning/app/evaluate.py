@@ -61,8 +61,8 @@ def check_inputs(module: FCNModule, dm: SegmentationDataModule, cfg: DictConfig)
     why = input_mismatch(wants, gives)  # same channels, other kind: an RGB net on HHA images
     if why:
         raise ConfigError(
-            f"checkpoint {ckpt} {why}: set the data's input to match"
-            + (f" (NYUDv2: data.modality={wants.modality})" if wants.modality else "")
+            f"checkpoint {ckpt} {why}: set the data's input to match (NYUDv2: "
+            f"data.modality={wants.modality})"
         )
 
 
