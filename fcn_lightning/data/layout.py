@@ -11,6 +11,8 @@ from pathlib import Path
 
 from ..errors import DataError
 
+Files = Callable[[object], dict[str, Path]]  # an id -> its file of each column
+
 
 @dataclass
 class SplitCount:
@@ -73,12 +75,12 @@ class LayoutReport:
         self,
         splits: Sequence[str],
         split_ids: Callable[[str], Sequence[object]],
-        files: Callable[[object], dict[str, Path]],
+        files: Files,
         official: dict[str, int],
         listing: Listing | None = None,
     ) -> None:
         """:func:`count_split` for each split; one whose ids cannot be listed is a problem."""
-        listing = listing or Listing()
+        listing = Listing() if listing is None else listing
         for split in splits:
             try:
                 ids = split_ids(split)
@@ -89,37 +91,27 @@ class LayoutReport:
 
     def raise_for_errors(self) -> None:
         if not self.ok:
-            raise DataError(
-                "the dataset is incomplete:\n" + "\n".join(f"  {e}" for e in self.errors)
-            )
+            raise DataError("\n  ".join(["the dataset is incomplete:", *self.errors]))
 
 
-class Listing:
-    """Names in each folder, read once: a split of 10,000 ids costs one read per folder."""
+class Listing(dict):
+    """Folder -> the names in it, read once: a split of 10,000 ids costs one read per folder."""
 
-    def __init__(self) -> None:
-        self._names: dict[Path, set[str]] = {}
-
-    def exists(self, path: Path) -> bool:
-        if path.parent not in self._names:
-            try:
-                self._names[path.parent] = set(os.listdir(path.parent))
-            except OSError:
-                self._names[path.parent] = set()
-        return path.name in self._names[path.parent]
+    def __missing__(self, folder: Path) -> set[str]:
+        try:
+            names = self[folder] = set(os.listdir(folder))
+        except OSError:
+            names = self[folder] = set()
+        return names
 
 
 def count_split(
-    split: str,
-    ids: Sequence[object],
-    files: Callable[[object], dict[str, Path]],
-    official: int | None,
-    listing: Listing | None = None,
+    split: str, ids: Sequence[object], files: Files, official: int | None, listing: Listing
 ) -> SplitCount:
     """Count the files of each column for the ids of a split; list those absent."""
-    listing, count = listing or Listing(), SplitCount(split, len(ids), {}, official)
+    count = SplitCount(split, len(ids), {}, official)
     for column, path in ((c, p) for i in ids for c, p in files(i).items()):
-        if listing.exists(path):
+        if path.name in listing[path.parent]:
             count.found[column] = count.found.get(column, 0) + 1
         else:
             count.missing.append(path)

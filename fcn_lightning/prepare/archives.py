@@ -1,6 +1,6 @@
-"""An archive fetched (resumable), its md5 checked, extracted into a temporary folder inside
-the root and renamed into place only once its layout check passes; one preparation per root
-at a time (a lock). What the user sees of it: docs/DATA.md, "How it works"."""
+"""An archive fetched (resumable) and md5 checked, extracted into a temporary folder in the root
+and renamed into place once its layout check passes; one run per root at a time (a lock).
+docs/DATA.md, "How it works"."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,6 @@ except ImportError:  # pragma: no cover - Windows: no lock between concurrent pr
 LOCK_NAME, STAGING_PREFIX = ".fcn_lightning-prepare.lock", ".prepare-tmp-"
 ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zipfile.BadZipFile, zlib.error, gzip.BadGzipFile)
 Say = Callable[[str], None]
-Hint = Callable[[Sequence[str]], str | None] | None  # what an archive holds instead, if known
 
 
 def mib(n: float) -> str:
@@ -65,10 +65,16 @@ def verify(path: Path, md5: str | None, downloaded: bool = False) -> None:
         )
 
 
-def fetch(info: Archive, root: Path, path: Path | None, command: str, say: Say, made: bool) -> Path:
-    """The archive, md5 checked: ``path``, else ``root/<filename>``, else downloaded there
-    (resuming ``<filename>.part``). ``made``: this run made ``root``."""
-    dest = path or root / info.filename
+def check_space(folder: Path, need: int, what: str) -> None:
+    if (free := shutil.disk_usage(folder).free) < need:
+        raise PrepareError(
+            f"not enough free space in {folder}: {what} needs about {mib(need)}, {mib(free)} "
+            "are free. Free some space or choose a --root on a larger disk"
+        )
+
+
+def fetch(info: Archive, dest: Path, command: str, say: Say, made: bool) -> Path:
+    """``dest``, md5 checked; where absent, downloaded to it (resuming ``<dest>.part``)."""
     if dest.is_file():
         say(f"Using {dest}" + " (verifying its md5)" * bool(info.md5))
         verify(dest, info.md5)
@@ -77,13 +83,16 @@ def fetch(info: Archive, root: Path, path: Path | None, command: str, say: Say, 
     for attempt in range(3):
         try:
             _download(info.url, part, say)
-            break
-        except urllib.error.HTTPError as err:
-            if err.code == 416:  # the .part holds the whole file already
+        except urllib.error.URLError as err:  # HTTPError too
+            if getattr(err, "code", None) == 416:  # the .part holds the whole file already
                 break
-            reason = f"HTTP {err.code} {err.reason}"
-        except urllib.error.URLError as err:
-            reason = err.reason
+            reason = f"HTTP {err.code} {err.reason}" if hasattr(err, "code") else err.reason
+            raise PrepareError(
+                f"cannot download {info.url} ({reason}).\nWithout network access here, fetch "
+                f"{dest.name} elsewhere, copy it to this machine, e.g. to {dest}"
+                + f" (create {dest.parent} first: mkdir -p {dest.parent})" * made
+                + f", and run:\n  {command}"
+            ) from None
         except (OSError, http.client.HTTPException) as err:  # cut off: resume from the .part
             if getattr(err, "errno", None) == errno.ENOSPC or attempt == 2:
                 raise PrepareError(
@@ -92,12 +101,7 @@ def fetch(info: Archive, root: Path, path: Path | None, command: str, say: Say, 
                 ) from None
             say(f"Download interrupted ({err}); resuming")
             continue
-        raise PrepareError(
-            f"cannot download {info.url} ({reason}).\nWithout network access here, fetch "
-            f"{info.filename} elsewhere, copy it to this machine, e.g. to {dest}"
-            + f" (create {root} first: mkdir -p {root})" * made
-            + f", and run:\n  {command}"
-        )
+        break
     verify(part, info.md5, downloaded=True)
     return part.rename(dest)
 
@@ -125,71 +129,35 @@ def _download(url: str, part: Path, say: Say) -> None:
             raise ConnectionError(f"{part.stat().st_size} of {total} bytes arrived")
 
 
-def damaged(path: Path) -> PrepareError:
-    return PrepareError(
-        f"{path} is neither a tar nor a zip archive, or is damaged or incomplete: delete it and "
-        "download it again (an interrupted copy or download is the usual cause)"
-    )
-
-
 def read_index(path: Path) -> dict[str, int]:
     """Member name -> size, of a zip, or of a tar that reads to its end and that tarfile's
     ``data`` filter accepts (zipfile keeps every member inside the folder itself)."""
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
-                return {i.filename: i.file_size for i in zf.infolist()}
-        if not hasattr(tarfile, "data_filter"):  # pragma: no cover
-            raise PrepareError("extracting a tar safely needs Python 3.10.12+ or 3.11.4+")
-        with tarfile.open(path, "r:*") as tar:
-            members = tar.getmembers()
-            tar.fileobj.seek(tar.offset)  # tarfile stops quietly at a cut: a whole tar ends
-            if tar.fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):  # in zeros
-                raise tarfile.ReadError("no end-of-archive block")
-            for m in members:
-                tarfile.data_filter(m, str(path.parent.absolute()))
-            return {m.name: m.size if m.isfile() else 0 for m in members}
-    except tarfile.FilterError as err:
-        raise PrepareError(
-            f"{path} holds a member outside its own folder or of a refused kind ({err}). Is it "
-            "the official archive?"
-        ) from None
-    except ARCHIVE_ERRORS:
-        raise damaged(path) from None
-
-
-def find_prefix(names: Sequence[str], pattern: str, what: str, path: Path, hint: Hint) -> str:
-    """The shortest folder that ``pattern`` (group ``prefix``) finds; else say what is there."""
-    found = sorted({m["prefix"].rstrip("/") for n in names if (m := re.match(pattern, n))}, key=len)
-    if found:
-        return found[0]
-    tops = sorted({n.split("/")[0] for n in names if n})
-    told = (hint(names) if hint else None) or (
-        f"it holds {', '.join(tops[:5])}{' ...' * (len(tops) > 5)}" if tops else "it is empty"
-    )
-    raise PrepareError(f"{path} holds no {what}: {told}. Is it the right archive?")
-
-
-def check_space(folder: Path, need: int, what: str) -> None:
-    if (free := shutil.disk_usage(folder).free) < need:
-        raise PrepareError(
-            f"not enough free space in {folder}: {what} needs about {mib(need)}, {mib(free)} "
-            "are free. Free some space or choose a --root on a larger disk"
-        )
-
-
-def extract(path: Path, names: Any, into: Path) -> None:
-    """The members ``names`` of ``path`` into ``into``: zip CRCs checked, tar with the ``data``
-    filter."""
-    desc = f"extracting {path.name}"
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
-            wanted = [i for i in zf.infolist() if i.filename in names]
-            zf.extractall(into, tqdm(wanted, desc=desc, unit="file"))
+            return {i.filename: i.file_size for i in zf.infolist()}
+    if not hasattr(tarfile, "data_filter"):  # pragma: no cover
+        raise PrepareError("extracting a tar safely needs Python 3.10.12+ or 3.11.4+")
+    with tarfile.open(path, "r:*") as tar:
+        members = tar.getmembers()
+        tar.fileobj.seek(tar.offset)  # tarfile stops quietly at a cut: a whole tar ends in zeros
+        if tar.fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+            raise tarfile.ReadError("no end-of-archive block")
+        for m in members:
+            tarfile.data_filter(m, str(path.parent.absolute()))
+        return {m.name: m.size if m.isfile() else 0 for m in members}
+
+
+def extract(path: Path, names: set[str], into: Path) -> None:
+    """The members ``names`` of ``path`` into ``into``: zip CRCs checked, tar with the ``data``
+    filter."""
+    bar = partial(tqdm, desc=f"extracting {path.name}", unit="file")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            zf.extractall(into, bar([i for i in zf.infolist() if i.filename in names]))
     else:
         with tarfile.open(path, "r:*") as tar:
-            wanted = [m for m in tar.getmembers() if m.name in names]
-            tar.extractall(into, tqdm(wanted, desc=desc, unit="file"), filter="data")
+            wanted = bar([m for m in tar.getmembers() if m.name in names])
+            tar.extractall(into, wanted, filter="data")
 
 
 def install(
@@ -201,37 +169,27 @@ def install(
     moves: Sequence[tuple[str, str]],
     verify_staged: Callable[[Path], None],
     say: Say,
-    hint: Hint = None,
+    hint: Callable[[list[str]], str | None] = lambda names: None,
 ) -> None:
-    """Extract the folder of ``path`` that ``pattern`` finds into a temporary folder in
-    ``root``; once ``verify_staged(folder)`` passes, rename each ``(inside, target)`` of
-    ``moves`` to ``root / target`` in order (the one that completes the layout last)."""
-    index = read_index(path)
-    prefix = find_prefix(list(index), pattern, wanted, path, hint)
-    chosen = {n for n in index if not prefix or n == prefix or n.startswith(prefix + "/")}
-    need = sum(index[n] for n in chosen)
-    say(f"{path.name}: {wanted} at '{prefix or '.'}', {len(chosen):,} entries, {mib(need)}")
-    check_space(root, need, f"{wanted} from {path.name}")
-    tmp = tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=root)
-    try:
-        with tmp:
-            try:
-                extract(path, chosen, Path(tmp.name))
-            except ARCHIVE_ERRORS:
-                raise damaged(path) from None
-            except OSError as err:
-                if err.errno != errno.ENOSPC:
-                    raise
-                raise PrepareError(
-                    f"the disk filled up while extracting {path.name} into {root} (it needs "
-                    f"about {mib(need)}); nothing was kept. Free some space or choose another "
-                    "--root"
-                ) from None
-            staged = Path(tmp.name, prefix)
-            try:
-                verify_staged(staged)
-            except DataError as err:
-                raise PrepareError(f"{path} does not hold a complete {wanted}: {err}") from None
+    """The shortest folder of ``path`` that ``pattern`` (group ``prefix``) finds, extracted into a
+    temporary folder in ``root``, ``verify_staged`` there, then each ``(inside, target)`` of
+    ``moves`` renamed to ``root / target`` in order (the one completing the layout last)."""
+    with tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=root) as tmp:
+        try:
+            index = read_index(path)
+            found = {m["prefix"].rstrip("/") for n in index if (m := re.match(pattern, n))}
+            if not found:
+                tops = sorted({n.split("/")[0] for n in index if n})
+                held = f"it holds {', '.join(tops[:5])}{' ...' * (len(tops) > 5)}"
+                told = hint(list(index)) or (held if tops else "it is empty")
+                raise PrepareError(f"{path} holds no {wanted}: {told}. Is it the right archive?")
+            prefix = min(found, key=len)
+            chosen = {n for n in index if not prefix or n == prefix or n.startswith(prefix + "/")}
+            need = sum(index[n] for n in chosen)
+            say(f"{path.name}: {wanted} at '{prefix or '.'}', {len(chosen):,} entries, {mib(need)}")
+            check_space(root, need, f"{wanted} from {path.name}")
+            extract(path, chosen, Path(tmp))
+            verify_staged(staged := Path(tmp, prefix))
             for src, dst in ((staged / inside, root / target) for inside, target in moves):
                 if src.exists():
                     with contextlib.suppress(OSError):  # an empty folder the user made for it
@@ -240,28 +198,47 @@ def install(
                         raise PrepareError(f"{dst} appeared while preparing: left as it is")
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     src.rename(dst)
-    except KeyboardInterrupt:
-        say(f"Removed the unfinished extraction {tmp.name}")
-        raise
+        except tarfile.FilterError as err:
+            raise PrepareError(
+                f"{path} holds a member outside its own folder or of a refused kind ({err}). "
+                "Is it the official archive?"
+            ) from None
+        except ARCHIVE_ERRORS:
+            raise PrepareError(
+                f"{path} is neither a tar nor a zip archive, or is damaged or incomplete: delete "
+                "it and download it again (an interrupted copy or download is the usual cause)"
+            ) from None
+        except PrepareError:
+            raise
+        except DataError as err:
+            raise PrepareError(f"{path} does not hold a complete {wanted}: {err}") from None
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            raise PrepareError(
+                f"the disk filled up while extracting {path.name} into {root} (it needs about "
+                f"{mib(need)}); nothing was kept. Free some space or choose another --root"
+            ) from None
+        except KeyboardInterrupt:
+            say(f"Removed the unfinished extraction {tmp}")
+            raise
 
 
 @contextlib.contextmanager
 def locked(root: Path, say: Say, wait: bool = True) -> Iterator[bool]:
-    """One preparation at a time in ``root``, which it first rids of the temporary folders of
-    killed runs (only the lock's holder makes one); yields whether this run made ``root``
-    (removed again, with the folders above it, if only the lock ended up in it). Without
-    ``wait``, a lock held elsewhere raises BlockingIOError."""
+    """One run at a time in ``root``, first rid of killed runs' temporary folders; yields whether
+    this run made ``root`` (removed again, with the folders above, if only the lock is in it)."""
     made = [p for p in (root, *root.parents) if not p.exists()]  # deepest first
     root.mkdir(parents=True, exist_ok=True)
     with open(root / LOCK_NAME, "a") as handle:
-        try:
-            if fcntl is not None:
+        if fcntl is not None:
+            try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not wait:
-                raise
-            say(f"Another process is preparing {root}; waiting for it")
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            except BlockingIOError:
+                if not wait:
+                    raise
+                say(f"Another process is preparing {root}; waiting for it")
+                fcntl.flock(handle, fcntl.LOCK_EX)
         for p in sorted(root.glob(STAGING_PREFIX + "*")):
             shutil.rmtree(p, ignore_errors=True)
             done = "Could not remove" if p.exists() else "Removed"
@@ -280,16 +257,15 @@ def already_prepared(targets: Sequence[Path], check: Callable, what: str, say: S
     """True if the ``targets`` exist and ``check()`` finds them complete; False if none exists
     (an empty folder counts as absent); raises if they are incomplete (never overwritten)."""
     present = [t for t in targets if t.exists() and not (t.is_dir() and not any(t.iterdir()))]
-    if not present:
-        return False
-    if (report := check()).ok:
+    if present and not (report := check()).ok:
+        errors = "".join(f"  {e}\n" for e in report.errors)
+        raise PrepareError(
+            f"{', '.join(map(str, present))} exist(s) but the layout is incomplete:\n{errors}"
+            "Nothing was changed. Move it away (or delete it) and run again, or complete it by hand"
+        )
+    if present:
         say(f"{what} is already prepared ({present[0]}): nothing to do")
-        return True
-    raise PrepareError(
-        f"{', '.join(map(str, present))} exist(s) but the layout is incomplete:\n"
-        + "".join(f"  {e}\n" for e in report.errors)
-        + "Nothing was changed. Move it away (or delete it) and run again, or complete it by hand"
-    )
+    return bool(present)
 
 
 def prepare_once(
@@ -298,7 +274,7 @@ def prepare_once(
     year: str = "",
     *,
     targets: Sequence[Path],
-    check: Callable[[], Any],
+    check: Callable,
     what: str,
     archive: Any = None,
     md5: str | None = None,
@@ -307,12 +283,12 @@ def prepare_once(
     before: Callable[[], None] | None = None,
     **recipe: Any,
 ) -> None:
-    """Every preparation of ``kind`` (voc of ``year``, sbd, siftflow, nyud): nothing written
-    where the ``targets`` are complete; else, under the lock, stale folders removed,
-    ``before()`` run, the check made again and the archive :func:`fetch` gives installed."""
+    """Every preparation of ``kind`` (voc of ``year``, sbd, siftflow, nyud): nothing written where
+    the ``targets`` are complete; else, under the lock, ``before()`` run, the check made again
+    and the archive :func:`fetch` gives installed (``recipe``: of :func:`install`)."""
     if md5 is not None and not re.fullmatch(r"[0-9a-fA-F]{32}", md5):
         raise PrepareError(f"--md5 {md5!r} is not an md5: it is 32 hexadecimal digits")
-    if url is not None and url.split("://")[0].lower() not in ("http", "https", "ftp", "file"):
+    if url is not None and not re.match(r"(?i)(https?|ftp|file)://", url):
         raise PrepareError(f"--url {url}: not an address to download from (http://, https://...)")
     path = Path(archive).expanduser() if archive is not None else None
     if path is not None and path.is_dir():
@@ -321,8 +297,9 @@ def prepare_once(
         raise PrepareError(f"--archive {path}: no such file")
     if problem := not_a_folder(root):
         raise PrepareError(f"{problem}: --root (data.root) must be a folder")
-    info = ARCHIVES[f"{kind}{year}" if kind == "voc" else kind]
+    info = ARCHIVES[kind + year]  # voc2011, voc2012, sbd, siftflow, nyud
     info = replace(info, md5=md5 or info.md5, url=url or info.url)
+    dest = path or root / info.filename
     command = f"python -m fcn_lightning.prepare {kind}{f' --year {year}' * bool(year)} --root "
     command += f"{shlex.quote(str(root))} --archive {shlex.quote(str(root / info.filename))}"
     incomplete = None
@@ -340,8 +317,7 @@ def prepare_once(
             if before is not None:
                 before()
             if not already_prepared(targets, check, what, say):
-                source = fetch(info, root, path, command, say, made)
-                install(source, root, say=say, **recipe)
+                install(fetch(info, dest, command, say, made), root, say=say, **recipe)
     except OSError as err:
         if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise

@@ -4,12 +4,10 @@ SIGTERM and SIGHUP stop it as Ctrl+C does (the temporary folder removed, exit 12
 from __future__ import annotations
 
 import argparse
-import contextlib
 import signal
 import sys
 import threading
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..data.layout import LayoutReport
@@ -18,8 +16,8 @@ from ..data.siftflow import SiftFlowDataModule
 from ..data.sources import ARCHIVES
 from ..data.voc import VOCDataModule
 from ..errors import DataError
+from . import datasets
 from .archives import not_a_folder
-from .datasets import prepare_nyud, prepare_sbd, prepare_siftflow, prepare_voc
 
 ABOUT = {
     "voc": "PASCAL VOC segmentation (VOCdevkit/VOC<year>) from the trainval tar; md5 checked",
@@ -34,27 +32,7 @@ EXAMPLES = """examples:
   python -m fcn_lightning.prepare check voc --year 2011 --root /data/pascal
 Then train with data.root set to --root (e.g. data=voc data.root=/data/pascal data.year=2011)."""
 YEAR = dict(choices=("2011", "2012"), default="2011", help="VOC release (default: %(default)s)")
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise KeyboardInterrupt(<name>) in the block, once (a second one is
-    ignored, so that the clean-up finishes)."""
-    stops = [s for n in ("SIGTERM", "SIGHUP") if (s := getattr(signal, n, None))]
-    if threading.current_thread() is not threading.main_thread():
-        stops = []  # signals are the main thread's
-
-    def handler(signum: int, frame: object) -> None:
-        for s in stops:
-            signal.signal(s, signal.SIG_IGN)
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    previous = {s: signal.signal(s, handler) for s in stops}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
+STOPS = [s for n in ("SIGTERM", "SIGHUP") if (s := getattr(signal, n, None))]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -89,25 +67,31 @@ def run(args: argparse.Namespace) -> LayoutReport:
     root = args.root.expanduser()
     if args.command != "check":
         options = {k: v for k, v in vars(args).items() if k not in ("command", "root")}
-        prepare = {"voc": prepare_voc, "sbd": prepare_sbd, "siftflow": prepare_siftflow}
-        return prepare.get(args.command, prepare_nyud)(root, **options)
+        return getattr(datasets, f"prepare_{args.command}")(root, **options)
     if problem := not_a_folder(root):  # check: the layout as training reads it
         raise DataError(f"--root: {problem}")
     if not root.is_dir():
         raise DataError(f"{root} does not exist")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if args.dataset == "voc":
-            return VOCDataModule(root, year=args.year).check_layout(require_voc=True)
-        module = SiftFlowDataModule if args.dataset == "siftflow" else NYUDDataModule
-        return module(root).check_layout()
+    if args.dataset == "voc":
+        return VOCDataModule(root, year=args.year).check_layout(require_voc=True)
+    module = SiftFlowDataModule if args.dataset == "siftflow" else NYUDDataModule
+    return module(root).check_layout()
+
+
+def stop(signum: int, frame: object) -> None:
+    """SIGTERM, SIGHUP: KeyboardInterrupt(<name>), once (a second is ignored: the clean-up
+    finishes)."""
+    for s in STOPS:
+        signal.signal(s, signal.SIG_IGN)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()  # signals are its own
+    previous = {s: signal.signal(s, stop) for s in STOPS if main_thread}
     try:
-        with stop_on_signals():
-            report = run(args)
+        report = run(args)
     except DataError as err:
         print(f"Error: {err}", file=sys.stderr)
         return 1
@@ -115,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         how = f"Stopped by {err.args[0]}" if err.args else "Interrupted"
         print(f"{how}: nothing was moved into place (a download resumes)", file=sys.stderr)
         return 128 + (signal.Signals[err.args[0]] if err.args else signal.SIGINT)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler or signal.SIG_DFL)
     print(report.format())
     if not report.ok:
         print("Error: the layout is incomplete (see the errors above)", file=sys.stderr)

@@ -1,14 +1,12 @@
-"""The recipes of ``python -m fcn_lightning.prepare`` and ``data.download=true``: which of an
-archive's folders goes where, and the layout check that must pass first (docs/DATA.md). Each
-takes ``archive``, ``md5``, ``url``, ``say`` (``archives.prepare_once``) and returns the check."""
+"""The recipes of ``python -m fcn_lightning.prepare`` and ``data.download=true``: which folder of
+an archive goes where, and the layout check that must pass first (docs/DATA.md). Each takes the
+options of ``archives.prepare_once`` (``archive``, ``md5``, ``url``, ``say``)."""
 
 from __future__ import annotations
 
 import logging
 import re
 import shutil
-import warnings
-from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,53 +21,40 @@ from .archives import prepare_once
 log = logging.getLogger("fcn_lightning")
 
 
-def _check(root: Path, splits: Sequence[str], year: str = "2011") -> LayoutReport:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return VOCDataModule(root, year=year).check_layout(splits)
+def _pascal(kind: str, root: str | Path, year: int | str = 2011, **options: Any) -> LayoutReport:
+    """``voc``: ``root/VOCdevkit/VOC<year>`` from the official trainval tar; ``sbd``:
+    ``root/benchmark_RELEASE/dataset`` from benchmark.tgz; md5 checked."""
+    root, year, voc = Path(root).expanduser(), str(year), kind == "voc"
+    wanted = f"VOCdevkit/VOC{year}" if voc else "benchmark_RELEASE/dataset"
+    tail = "ImageSets/Segmentation/" if voc else r"(train|val)\.txt$"
 
+    def check(at: Path) -> LayoutReport:
+        return VOCDataModule(at, year=year).check_layout(VOC_SPLITS if voc else SBD_SPLITS)
 
-def _one_folder(root: Path, kind: str, year: str, wanted: str, splits: Sequence[str], **recipe):
-    """VOC or SBD: ``root/<wanted>`` from the archive's folder that ``<wanted>/<pattern>`` finds."""
-    check = partial(_check, splits=splits, year=year or "2011")
-    prepare_once(
-        root,
-        kind,
-        year,
-        targets=[root / wanted],
-        check=lambda: check(root),
-        wanted=wanted,
-        pattern=rf"^(?P<prefix>(?:.*/)?{wanted})/{recipe.pop('pattern')}",
-        moves=[(".", wanted)],
-        verify_staged=lambda at: check(at.parent.parent).raise_for_errors(),
-        **recipe,
-    )
-
-
-def prepare_voc(root: str | Path, year: int | str = 2011, **options: Any) -> LayoutReport:
-    """``root/VOCdevkit/VOC<year>`` from the official trainval tar, md5 checked."""
-    root, year = Path(root).expanduser(), str(year)
-
-    def hint(names: Sequence[str]) -> str | None:  # another VOC release instead?
+    def hint(names: list[str]) -> str | None:  # another VOC release instead?
         held = sorted({m[1] for n in names if (m := re.match(r"(?:.*/)?VOCdevkit/VOC(\d{4})", n))})
         usable = [y for y in held if y in OFFICIAL_COUNTS and y != year]
         told = "it holds " + ", ".join(f"VOCdevkit/VOC{y}" for y in held)
-        return (told + f": pass --year {usable[0]}" * bool(usable)) if held else None
+        return (told + f": pass --year {usable[0]}" * bool(usable)) if voc and held else None
 
-    wanted, tail = f"VOCdevkit/VOC{year}", "ImageSets/Segmentation/"
-    _one_folder(
-        root, "voc", year, wanted, VOC_SPLITS, what=f"VOC{year}", pattern=tail, hint=hint, **options
+    prepare_once(
+        root,
+        kind,
+        year if voc else "",
+        targets=[root / wanted],
+        check=lambda: check(root),
+        what=f"VOC{year}" if voc else "SBD",
+        wanted=wanted,
+        pattern=rf"^(?P<prefix>(?:.*/)?{wanted})/{tail}",
+        moves=[(".", wanted)],
+        verify_staged=lambda at: check(at.parent.parent).raise_for_errors(),
+        hint=hint,
+        **options,
     )
-    return VOCDataModule(root, year=year).check_layout(require_voc=True)
+    return VOCDataModule(root, year=year).check_layout(require_voc=voc)
 
 
-def prepare_sbd(root: str | Path, *, year: int | str = 2011, **options: Any) -> LayoutReport:
-    """``root/benchmark_RELEASE/dataset`` from benchmark.tgz, md5 checked."""
-    root, wanted = Path(root).expanduser(), "benchmark_RELEASE/dataset"
-    _one_folder(
-        root, "sbd", "", wanted, SBD_SPLITS, what="SBD", pattern=r"(train|val)\.txt$", **options
-    )
-    return VOCDataModule(root, year=year).check_layout()
+prepare_voc, prepare_sbd = partial(_pascal, "voc"), partial(_pascal, "sbd")
 
 
 def prepare_nyud(
@@ -79,13 +64,14 @@ def prepare_nyud(
     the archive, else from the folder ``lists`` (copied in where absent), else named missing."""
     root, say = Path(root).expanduser(), options.get("say", print)
     lists = Path(lists).expanduser() if lists is not None else None
-    for name in LISTS if lists is not None else ():  # refused even where nothing needs doing
+    copied = LISTS if lists is not None else ()
+    for name in copied:  # refused even where nothing needs doing
         if not (lists / name).is_file():
             raise PrepareError(f"--lists {lists}: {name} not found there (see {LISTS_SOURCE})")
     targets = [root / "data", root / "segmentation"]
 
     def copy_lists(into: Path) -> None:  # never replaces a list
-        for name in LISTS if lists is not None else ():
+        for name in copied:
             if not (into / name).exists():
                 shutil.copyfile(lists / name, into / name)
                 say(f"{name} copied from {lists}")
@@ -99,7 +85,7 @@ def prepare_nyud(
         elif not (staged / FOLDERS["images"]).is_dir():
             raise DataError(f"no {FOLDERS['images']}/ folder")
 
-    to_copy = lists is not None and not all((root / n).is_file() for n in LISTS)
+    to_copy = not all((root / n).is_file() for n in copied)
     prepare_once(
         root,
         "nyud",
