@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
+import timeit
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,19 +27,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--crop", type=int, default=320)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one loader worker = one core
-    try:
-        decode, full = _measure(args)
-    finally:
-        torch.set_num_threads(threads)
-    print(f"{args.images} JPEGs 500x375, 1 thread, best of {args.repeat}")
-    print(f"decode image + label:              {decode:8.1f} img/s")
-    print(f"decode + check + train transforms: {full:8.1f} img/s  (crop {args.crop})")
-
-
-def _measure(args: argparse.Namespace) -> tuple[float, float]:
-    """(decode only, decode + checks + train transforms), img/s."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         syn = SyntheticDataModule(train_size=args.images, val_size=1, image_size=375)
@@ -50,21 +38,24 @@ def _measure(args: argparse.Namespace) -> tuple[float, float]:
             Image.open(png).resize((500, 375), Image.NEAREST).save(png)
         dm = FolderDataModule(root, train_split="train", crop_size=args.crop)
         ds = dm.make_dataset("train", dm.train_transforms())
-        ids = ds.ids
 
-        def rate(fn) -> float:
-            best = 0.0
-            for _ in range(args.repeat):
-                t0 = time.perf_counter()
-                for i in range(len(ids)):
-                    fn(i)
-                best = max(best, len(ids) / (time.perf_counter() - t0))
-            return best
+        def rate(read: Callable[[int], object]) -> float:  # img/s of the best pass
+            each = range(len(ds))
+            passes = timeit.repeat(lambda: [read(i) for i in each], number=1, repeat=args.repeat)
+            return len(ds) / min(passes)
 
         def decode(i: int) -> tuple:
-            return read_image(dm.image_path(ids[i])), read_label_png(seg / f"{ids[i]}.png")
+            return read_image(dm.image_path(ds.ids[i])), read_label_png(seg / f"{ds.ids[i]}.png")
 
-        return rate(decode), rate(lambda i: ds[i])
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one loader worker = one core
+        try:
+            decoded, full = rate(decode), rate(ds.__getitem__)
+        finally:
+            torch.set_num_threads(threads)
+    print(f"{args.images} JPEGs 500x375, 1 thread, best of {args.repeat}")
+    print(f"decode image + label:              {decoded:8.1f} img/s")
+    print(f"decode + check + train transforms: {full:8.1f} img/s  (crop {args.crop})")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import numpy as np
@@ -23,13 +24,17 @@ import scipy.io
 import scipy.sparse
 from PIL import Image
 
-from ..data import LabelReport, VOCDataModule, voc_palette
+from ..data import VOCDataModule, voc_palette
 from ..data.base import loader_workers
 
-SPLITS = {"voc_train": 1464, "voc_val": 1449, "sbd_train": 8498}
+VOC, SBD = "VOCdevkit/VOC2012/", "benchmark_RELEASE/dataset/"
+SPLITS = {  # split: (label files in the real corpus, its list, their folder)
+    "voc_train": (1464, VOC + "ImageSets/Segmentation/train.txt", VOC + "SegmentationClass"),
+    "voc_val": (1449, VOC + "ImageSets/Segmentation/val.txt", VOC + "SegmentationClass"),
+    "sbd_train": (8498, SBD + "train.txt", SBD + "cls"),
+}
+TOTAL = sum(s[0] for s in SPLITS.values())
 SIZES = [(375, 500)] * 7 + [(500, 375)] * 2 + [(333, 500)]  # (H, W), as VOC's mix
-FOLDERS = {"voc": "VOCdevkit/VOC2012/SegmentationClass", "sbd": "benchmark_RELEASE/dataset/cls"}
-FLAT_PALETTE = [v for c in voc_palette() for v in c]
 
 
 def make_label(index: int, void_border: bool) -> np.ndarray:
@@ -51,61 +56,52 @@ def make_label(index: int, void_border: bool) -> np.ndarray:
     return label
 
 
-def write_one(job: tuple[str, int, Path]) -> None:
-    kind, index, path = job
-    label = make_label(index, void_border=kind != "sbd")
-    if kind == "sbd":
-        boundaries = np.empty((20, 1), dtype=object)
-        present = np.unique(label[label > 0]).astype(np.uint8)[:, None]
-        for c in range(20):
-            boundaries[c, 0] = scipy.sparse.csc_matrix(label.shape, dtype=bool)
-        for c in present[:, 0]:  # a thin outline of each object, as SBD's boundaries
-            mask = label == c
-            boundaries[c - 1, 0] = scipy.sparse.csc_matrix(
-                mask & ~(np.roll(mask, 1, 0) & np.roll(mask, 1, 1))
-            )
-        gtcls = {"Segmentation": label, "Boundaries": boundaries, "CategoriesPresent": present}
-        scipy.io.savemat(path, {"GTcls": gtcls}, do_compression=True)
-    else:
+def write_one(job: tuple[int, Path]) -> None:
+    """A VOC palette PNG or an SBD GTcls .mat struct, as ``job``'s path ends."""
+    index, path = job
+    label = make_label(index, void_border=path.suffix == ".png")
+    if path.suffix == ".png":
         img = Image.fromarray(label, mode="P")
-        img.putpalette(FLAT_PALETTE)
+        img.putpalette([v for c in voc_palette() for v in c])
         img.save(path)
+        return
+    present = np.unique(label[label > 0]).astype(np.uint8)[:, None]
+    boundaries = np.empty((20, 1), dtype=object)
+    for c in range(1, 21):  # a thin outline of each object, as SBD's boundaries
+        mask = label == c
+        outline = mask & ~(np.roll(mask, 1, 0) & np.roll(mask, 1, 1)) if c in present else mask
+        boundaries[c - 1, 0] = scipy.sparse.csc_matrix(outline)
+    gtcls = {"Segmentation": label, "Boundaries": boundaries, "CategoriesPresent": present}
+    scipy.io.savemat(path, {"GTcls": gtcls}, do_compression=True)
 
 
-def lists(root: Path) -> dict[str, Path]:
-    voc = root / "VOCdevkit/VOC2012/ImageSets/Segmentation"
-    sbd = root / "benchmark_RELEASE/dataset/train.txt"
-    return {"voc_train": voc / "train.txt", "voc_val": voc / "val.txt", "sbd_train": sbd}
-
-
-def build(root: Path, n: int, workers: int) -> dict[str, int]:
-    counts = {k: max(1, round(v * n / sum(SPLITS.values()))) for k, v in SPLITS.items()}
+def build(root: Path, n: int, workers: int) -> None:
+    """The corpus of ``n`` label files; the split lists written last, once it is complete."""
     jobs, ids, index = [], {}, 0
-    for split, count in counts.items():
-        kind, folder = split[:3], root / FOLDERS[split[:3]]
+    for split, (real, _, folder) in SPLITS.items():
+        count = max(1, round(real * n / TOTAL))
         ids[split] = [f"{2008 + (index + k) // 3000}_{index + k:06d}" for k in range(count)]
-        folder.mkdir(parents=True, exist_ok=True)
-        suffix = ".mat" if kind == "sbd" else ".png"
-        jobs += [(kind, index + k, folder / f"{i}{suffix}") for k, i in enumerate(ids[split])]
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        suffix = ".mat" if split.startswith("sbd") else ".png"
+        jobs += [(index + k, root / folder / f"{i}{suffix}") for k, i in enumerate(ids[split])]
         index += count
     with ProcessPoolExecutor(workers) as pool:
         list(pool.map(write_one, jobs, chunksize=64))
-    for split, path in lists(root).items():  # written last: a corpus with its lists is complete
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(f"{i}\n" for i in ids[split]))
-    return counts
+    for split, (_, listed, _) in SPLITS.items():
+        (root / listed).parent.mkdir(parents=True, exist_ok=True)
+        (root / listed).write_text("".join(f"{i}\n" for i in ids[split]))
 
 
-def _timed(check: Callable[[], LabelReport]) -> tuple[LabelReport, float]:
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     t0 = time.perf_counter()
-    return check(), time.perf_counter() - t0
+    return fn(), time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m fcn_lightning.bench.label_check", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--n", type=int, default=sum(SPLITS.values()), help="label files")
+    parser.add_argument("--n", type=int, default=TOTAL, help="label files")
     parser.add_argument("--workers", default="auto", help="loader processes (data.num_workers)")
     parser.add_argument("--root", type=Path, default=None, help="keep the corpus there")
     args = parser.parse_args(argv)
@@ -114,14 +110,9 @@ def main(argv: list[str] | None = None) -> None:
         cache = Path(tmp) / "cache"
         os.environ["FCN_LIGHTNING_CACHE"] = str(cache)  # a cold cache each run
         root = args.root or Path(tmp) / "data"
-        t0 = time.perf_counter()
-        reused = lists(root)["sbd_train"].is_file()
-        if reused:
-            counts = {k: len(v.read_text().split()) for k, v in lists(root).items()}
-        else:
-            counts = build(root, args.n, max(1, workers))
-        built = time.perf_counter() - t0
-        files = sum(counts.values())
+        reused = (root / SPLITS["sbd_train"][1]).is_file()
+        _, built = _timed(lambda: reused or build(root, args.n, max(1, workers)))
+        counts = {k: len((root / s[1]).read_text().split()) for k, s in SPLITS.items()}
         size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
         dm = VOCDataModule(
             root, year=2012, train_split="sbd_train+voc_train", val_split="val", num_workers=workers
@@ -131,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
             (first, cold), (again, warm) = _timed(dm.check_labels), _timed(dm.check_labels)
         assert again.from_cache and not first.from_cache
         (cache_file,) = cache.glob("*.json")
+        files = sum(counts.values())
         print(
             f"corpus: {files} label files ({counts['voc_train'] + counts['voc_val']} VOC PNGs, "
             f"{counts['sbd_train']} SBD .mat), {size / 2**20:.0f} MiB, "

@@ -9,6 +9,8 @@ torch's FlopCounterMode on the meta device (docs/PERFORMANCE.md, docs/TRUNKS.md)
 from __future__ import annotations
 
 import argparse
+import itertools
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -16,23 +18,19 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..models import ARCHS, BACKBONES, GEOMETRIES, build_fcn
 
 
-def measure(
-    arch: str, backbone: str, geometry: str, size: tuple[int, int], classes: int, width: float
-) -> dict[str, float]:
-    """Parameters (M; all, and the learnt ones: Table 1 leaves out the fixed bilinear
-    upsampling), GFLOP of one forward pass, and from the trunk's ``final`` tap the max stride,
-    receptive field and conv layers (score_fr counted, as the paper counts the classifier)."""
+def measure(size: tuple[int, int], **model: Any) -> dict[str, float]:
+    """Of ``build_fcn(**model)`` at ``size``: parameters (M; all, and the learnt ones: Table 1
+    leaves out the fixed bilinear upsampling), GFLOP of one forward pass, and from the trunk's
+    ``final`` tap the max stride, receptive field and conv layers (score_fr counted, as the
+    paper counts the classifier)."""
     with torch.device("meta"):
-        model = build_fcn(
-            arch, num_classes=classes, backbone=backbone, geometry=geometry, width=width
-        ).eval()
-        x = torch.empty(1, 3, *size)
+        net = build_fcn(**model).eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
-    final = model.trunk.taps["final"]
+        net(torch.empty(1, 3, *size, device="meta"))
+    final = net.trunk.taps["final"]
     return {
-        "params": sum(p.numel() for p in model.parameters()) / 1e6,
-        "learnt": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+        "params": sum(p.numel() for p in net.parameters()) / 1e6,
+        "learnt": sum(p.numel() for p in net.parameters() if p.requires_grad) / 1e6,
         "gflop": counter.get_total_flops() / 1e9,
         "stride": final.stride,
         "field": final.field,
@@ -52,21 +50,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if min(args.size) < 1 or args.classes < 1 or args.width <= 0:
         parser.error("--size needs two sizes of 1 pixel or more, --classes 1 or more, --width > 0")
-    size = tuple(args.size)
+    size, common = tuple(args.size), {"num_classes": args.classes, "width": args.width}
     print(f"input {size[0]}x{size[1]}, {args.classes} classes, width {args.width}")
     if args.trunks:
         print(f"{'backbone':<11}{'geometry':<10}{'learnt params (M)':>18}{'GFLOP/fwd':>11}{'max stride':>12}{'rf size':>9}{'conv layers':>13}")  # fmt: skip
-        for backbone in BACKBONES:
-            for geometry in GEOMETRIES:
-                m = measure("fcn32s", backbone, geometry, size, args.classes, args.width)
-                print(f"{backbone:<11}{geometry:<10}{m['learnt']:>18.1f}{m['gflop']:>11.1f}{m['stride']:>12}{m['field']:>9}{m['convs']:>13}")  # fmt: skip
+        for backbone, geometry in itertools.product(BACKBONES, GEOMETRIES):
+            m = measure(size, arch="fcn32s", backbone=backbone, geometry=geometry, **common)
+            print(f"{backbone:<11}{geometry:<10}{m['learnt']:>18.1f}{m['gflop']:>11.1f}{m['stride']:>12}{m['field']:>9}{m['convs']:>13}")  # fmt: skip
         return
     print(f"backbone {args.backbone}")
     print(f"{'arch':<14}{'geometry':<10}{'params (M)':>12}{'GFLOP/fwd':>12}")
-    for arch in ARCHS:
-        for geometry in GEOMETRIES:
-            m = measure(arch, args.backbone, geometry, size, args.classes, args.width)
-            print(f"{arch:<14}{geometry:<10}{m['params']:>12.1f}{m['gflop']:>12.1f}")
+    for arch, geometry in itertools.product(ARCHS, GEOMETRIES):
+        m = measure(size, arch=arch, backbone=args.backbone, geometry=geometry, **common)
+        print(f"{arch:<14}{geometry:<10}{m['params']:>12.1f}{m['gflop']:>12.1f}")
 
 
 if __name__ == "__main__":

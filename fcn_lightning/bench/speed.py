@@ -8,16 +8,16 @@ to (d) and what to compare them with: docs/PERFORMANCE.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import tempfile
 import time
+import timeit
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import LambdaCallback
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -34,83 +34,66 @@ class Setting:
     fast: bool  # channels_last + torch.compile + fused optimizer (GPU only)
     geometry: str = "paper"
 
+    @property
+    def arch(self) -> dict[str, object]:
+        return dict(arch="fcn8s", num_classes=21, width=self.width, geometry=self.geometry)
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    @property
+    def flops(self) -> float:  # of one forward pass of the batch, counted on the meta device
+        with torch.device("meta"):
+            model = build_fcn(**self.arch).eval()
+            x = torch.empty(self.batch, 3, self.size, self.size)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(x)
+        return float(counter.get_total_flops())
 
 
-def _timed(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
+def _now() -> float:  # once the GPU's queued work is done
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _timed(fn: Callable[[], object], warmup: int, iters: int) -> float:
     """Seconds per call, after warm-up."""
     for _ in range(warmup):
         fn()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - start) / iters
+    return timeit.Timer(fn, timer=_now).timeit(iters) / iters
 
 
 def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: int) -> float:
     """Achieved TFLOP/s of an n x n matrix product: the ceiling rates are compared to."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = _timed(lambda: a @ b, device, 3, 10)
-    return 2 * n**3 / seconds / 1e12
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n**3 / _timed(lambda: a @ b, 3, 10) / 1e12
 
 
-def _arch(setting: Setting) -> dict[str, object]:
-    return dict(arch="fcn8s", num_classes=21, width=setting.width, geometry=setting.geometry)
-
-
-def forward_flops(setting: Setting) -> float:
-    with torch.device("meta"):
-        model = build_fcn(**_arch(setting)).eval()
-        x = torch.empty(setting.batch, 3, setting.size, setting.size)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
-    return float(counter.get_total_flops())
-
-
-def _autocast(device: torch.device, bf16: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-
-def _model(setting: Setting, device: torch.device, module: FCNModule | None = None):
-    """FCN-8s (or ``module``'s) in train mode, its score layers non-zero so that all get grads."""
-    model = (module.model if module is not None else build_fcn(**_arch(setting))).to(device)
-    with torch.no_grad():
-        for name, p in model.train().named_parameters():
-            if name.split(".")[2].startswith("score"):  # score_fr, score_pool4, score_pool3
-                p.normal_(std=0.01)
-    return model
-
-
-def train_step_fn(setting: Setting, device: torch.device, plain: bool) -> Callable[[], object]:
+def train_step_fn(setting: Setting, device: torch.device, plain: bool) -> Callable[[], None]:
     """One SGD step. ``plain``: the textbook loop (no switches); else our module's loss and the
     speed switches that apply on this device."""
-    gpu = device.type == "cuda"
+    fast = setting.fast and device.type == "cuda"
     x = torch.randn(setting.batch, 3, setting.size, setting.size, device=device)
     y = torch.randint(0, 21, (setting.batch, setting.size, setting.size), device=device)
-    module = None if plain else FCNModule(_arch(setting))
-    model = _model(setting, device, module)
-    params = model.parameters() if plain else [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=1e-10, momentum=0.99, fused=(gpu and setting.fast) or None)
-    if setting.fast and gpu:
+    module = None if plain else FCNModule(setting.arch)
+    model = (build_fcn(**setting.arch) if plain else module.model).to(device).train()
+    with torch.no_grad():  # the score layers non-zero, so that every layer gets gradients
+        for name, p in model.named_parameters():
+            if name.split(".")[2].startswith("score"):  # score_fr, score_pool4, score_pool3
+                p.normal_(std=0.01)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-10, momentum=0.99, fused=fast or None)
+    if fast:
         model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
         model.compile()
 
-    def step():
+    def step() -> None:
         opt.zero_grad(set_to_none=True)
-        with _autocast(device, setting.bf16 and not plain):
+        with torch.autocast(device.type, torch.bfloat16, enabled=setting.bf16 and not plain):
             out = model(x)
-            loss = (
-                F.cross_entropy(out["out"], y, ignore_index=255)
-                if plain
-                else module.loss(out, {"out": y})
-            )
+            if plain:
+                loss = F.cross_entropy(out["out"], y, ignore_index=255)
+            else:
+                loss = module.loss(out, {"out": y})
         loss.backward()
         opt.step()
 
@@ -119,45 +102,29 @@ def train_step_fn(setting: Setting, device: torch.device, plain: bool) -> Callab
 
 def lightning_loop_rate(setting: Setting, device: torch.device, steps: int) -> float:
     """Images per second of a whole Lightning fit (in-memory data, metrics and logging on)."""
-    n = setting.batch * (steps + 3)
-    images = torch.randn(n, 3, setting.size, setting.size)
-    labels = torch.randint(0, 21, (n, setting.size, setting.size))
-    batches = [(images[i], {"out": labels[i]}) for i in range(n)]  # as the DataModules give them
+    s, n = setting.size, setting.batch * (steps + 3)
+    batches = [(torch.randn(3, s, s), {"out": torch.randint(0, 21, (s, s))}) for _ in range(n)]
     loader = DataLoader(batches, batch_size=setting.batch, pin_memory=device.type == "cuda")
     fused = (device.type == "cuda" and setting.fast) or None
     opt = {"name": "sgd", "lr": 1e-10, "momentum": 0.99, "fused": fused}
     mode = "default" if setting.fast else None
-    module = FCNModule(_arch(setting), optimizer=opt, channels_last=setting.fast, compile=mode)
-    timer = _StepTimer(warmup=3)
+    module = FCNModule(setting.arch, optimizer=opt, channels_last=setting.fast, compile=mode)
+    times: list[float] = []  # synced: when step 3 (after the warm-up) starts, each step ends
+    clock = LambdaCallback(
+        on_train_batch_start=lambda *a: a[-1] == 3 and times.append(_now()),
+        on_train_batch_end=lambda *a: a[-1] >= 3 and times.append(_now()),
+    )
     with tempfile.TemporaryDirectory() as tmp:
         trainer = pl.Trainer(
             accelerator=device.type, devices=1, max_steps=steps + 3,
             precision="bf16-mixed" if setting.bf16 else "32-true",
             logger=pl.loggers.TensorBoardLogger(tmp, name="bench"), log_every_n_steps=10,
-            callbacks=[timer], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[clock], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             limit_val_batches=0, benchmark=device.type == "cuda",
         )  # fmt: skip
-        # the val loader is given and skipped (limit_val_batches=0): the module has a
-        # validation_step, and Lightning warns about one without a loader
+        # the val loader is given and skipped: Lightning warns about a validation_step without one
         trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
-    return timer.steps * setting.batch / max(timer.end - timer.start, 1e-9)
-
-
-class _StepTimer(Callback):
-    """Wall time of training steps after a warm-up."""
-
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.start, self.steps, self.end = warmup, 0.0, 0, 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx == self.warmup:
-            _sync(pl_module.device)
-            self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if batch_idx >= self.warmup:
-            _sync(pl_module.device)
-            self.steps, self.end = self.steps + 1, time.perf_counter()
+    return (len(times) - 1) * setting.batch / max(times[-1] - times[0], 1e-9)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
@@ -172,15 +139,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     iters = args.iters or (2 if quick else 30)
     card = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
     if gpu:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     w = 1 / 16 if quick else 1.0
     paper = Setting(1, 64 if quick else 500, w, bf16=False, fast=False)
     big = Setting(2 if quick else 8, 64 if quick else 512, w, bf16=True, fast=True)
-    big_same = Setting(big.batch, big.size, w, bf16=True, fast=True, geometry="same")
     n = 256 if quick else 8192
-    c32, c16 = (matmul_ceiling(device, t, n) for t in (torch.float32, torch.bfloat16))
-    ceiling = {"fp32": c32, "bf16": c16}
+    ceiling = {k: matmul_ceiling(device, t, n) for k, t in (("fp32", torch.float32), ("bf16", torch.bfloat16))}  # fmt: skip
     rows: list[dict[str, object]] = []
 
     def add(prefix: str, st: Setting, seconds: float, flops: float) -> None:
@@ -198,39 +162,29 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         ("a  plain loop,", paper, True),
         ("b1 our step,", paper, False),
         ("b2 our step,", big, False),
-        ("b3 our step,", big_same, False),
+        ("b3 our step,", replace(big, geometry="same"), False),
     ):
         step = train_step_fn(setting, device, plain)
-        seconds = _timed(step, device, 2 if quick else 5, iters)
-        add(prefix, setting, seconds, 3 * forward_flops(setting))
-    rate = lightning_loop_rate(big, device, iters)
-    add("c  Lightning,", big, big.batch / rate, 3 * forward_flops(big))
+        add(prefix, setting, _timed(step, 2 if quick else 5, iters), 3 * setting.flops)
+    add("c  Lightning,", big, big.batch / lightning_loop_rate(big, device, iters), 3 * big.flops)
     for bf16 in (False, True):
         setting = Setting(1, paper.size, w, bf16=bf16, fast=bf16)
-        model = _model(setting, device).eval()
+        model = build_fcn(**setting.arch).to(device).eval()
         x = torch.randn(1, 3, setting.size, setting.size, device=device)
         if bf16 and gpu:
             model.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
 
         def infer(model=model, x=x, bf16=bf16):
-            with torch.no_grad(), _autocast(device, bf16):
+            with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                 return model(x)
 
-        seconds = _timed(infer, device, 2 if quick else 10, iters * 2)
-        add("d  inference,", setting, seconds, forward_flops(setting))
-    base = rows[0]["img_s"]
-    print(
-        f"device: {card}; matmul ceiling fp32/tf32 {ceiling['fp32']:.1f}, bf16 {ceiling['bf16']:.1f} TFLOP/s"
-        + ("; --quick: sizes are tiny, numbers mean nothing" if quick else "")
-    )
-    print(
-        f"{'row':<46}{'img/s':>9}{'ms':>9}{'TFLOP/s':>9}{'ceiling':>9}{'peak GiB':>10}{'x (a)':>8}"
-    )
+        add("d  inference,", setting, _timed(infer, 2 if quick else 10, iters * 2), setting.flops)
+    base, note = rows[0]["img_s"], "; --quick: sizes are tiny, numbers mean nothing" * quick
+    print(f"device: {card}; matmul ceiling fp32/tf32 {ceiling['fp32']:.1f}, bf16 {ceiling['bf16']:.1f} TFLOP/s{note}")  # fmt: skip
+    print(f"{'row':<46}{'img/s':>9}{'ms':>9}{'TFLOP/s':>9}{'ceiling':>9}{'peak GiB':>10}{'x (a)':>8}")  # fmt: skip
     for r in rows:
-        img = f"{r['img_s']:.1f}" if r["img_s"] else "-"
-        ratio = f"{r['img_s'] / base:.2f}" if r["img_s"] and base else "-"
-        print(f"{r['row']:<46}{img:>9}{r['ms']:>9.2f}{r['tflops']:>9.2f}{100 * r['ceiling_share']:>8.1f}%{r['peak_gib']:>10.2f}{ratio:>8}")  # fmt: skip
+        print(f"{r['row']:<46}{r['img_s']:>9.1f}{r['ms']:>9.2f}{r['tflops']:>9.2f}{100 * r['ceiling_share']:>8.1f}%{r['peak_gib']:>10.2f}{r['img_s'] / base:>8.2f}")  # fmt: skip
     return rows
 
 

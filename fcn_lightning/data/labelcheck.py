@@ -1,5 +1,6 @@
 """The label check run once before training, ``SegmentationDataModule.check_labels()``: every
-label file read as training reads it and counted, the counts cached per file (docs/TRAINING.md)."""
+label file read as training reads it, by a DataLoader, and counted; the counts cached per file
+(docs/TRAINING.md)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ from .readers import map_labels
 CACHE_VERSION = 2
 IGNORED_WARN = 0.5  # warn when more than this share of a split's pixels is ignored
 SHOW = 5  # files and classes named in a message
-FILES_PER_BATCH = 16  # label files a loader worker counts per batch
 
 
 def _more(names: list[str]) -> str:
@@ -43,10 +43,10 @@ class SplitLabels:
     images: int
     histogram: np.ndarray  # labelled pixels per class
     ignored: int = 0  # pixels labelled 255
-    pixels: int = 0  # all pixels
+    pixels: int = 0
     empty: list[str] = field(default_factory=list)  # label files without a labelled pixel
     cached: int = 0  # files served from the cache
-    seconds: float = 0.0  # time the split took
+    seconds: float = 0.0
 
     @property
     def ignored_share(self) -> float:
@@ -59,12 +59,6 @@ class SplitLabels:
     @property
     def from_cache(self) -> bool:
         return self.cached == self.images
-
-    def add(self, path: str, result: dict[str, Any]) -> None:
-        self.histogram += np.asarray(result["hist"], np.int64)
-        self.ignored, self.pixels = self.ignored + result["ignored"], self.pixels + result["pixels"]
-        if not any(result["hist"]):
-            self.empty.append(path)
 
 
 @dataclass
@@ -111,83 +105,34 @@ def count_labels(label: np.ndarray, num_classes: int) -> dict[str, Any]:
     return {"hist": hist, "ignored": ignored, "pixels": pixels, "bad": sorted(bad)[:8]}
 
 
-def _histograms(reader: Callable, label_map: dict, batch: list[tuple]) -> list[dict[str, Any]]:
+def _read(reader: Callable, label_map: dict, heads: dict, batch: list) -> list[dict[str, Any]]:
     """The loader's collate, run in its workers: each label file's counts, or its error."""
     results = []
-    for path, head, n in batch:
+    for path, head in batch:
         try:
-            results.append(count_labels(map_labels(reader(Path(path), head), label_map), n))
+            label = map_labels(reader(Path(path), head), label_map)
+            results.append(count_labels(label, heads[head]))
         except Exception as err:
-            error = str(err) if isinstance(err, DataError) else f"{path}: {err!r}"
-            results.append({"error": error})
+            results.append(
+                {"error": str(err) if isinstance(err, DataError) else f"{path}: {err!r}"}
+            )
     return results
 
 
-def cache_file(dm: Any) -> Path:
-    """One file per DataModule class (hence reader), data root and label map."""
+def _cache(dm: Any) -> tuple[Path, dict[str, Any]]:
+    """The cache file, one per DataModule class (hence reader), data root and label map, and its
+    entries: none from a missing, unreadable, corrupt or older file."""
     env = os.environ.get("FCN_LIGHTNING_CACHE")
     folder = Path(env).expanduser() if env else Path.home() / ".cache" / "fcn_lightning" / "labels"
     kind = f"{type(dm).__module__}.{type(dm).__qualname__}|{os.path.abspath(dm.root or '')}"
     kind += f"|{sorted(dm.label_map.items())}"
-    return folder / f"labels-{hashlib.sha1(kind.encode()).hexdigest()[:16]}.json"
-
-
-def _load_cache(path: Path) -> dict[str, Any]:
-    """The cached entries; none from a missing, unreadable, corrupt or older file."""
+    path = folder / f"labels-{hashlib.sha1(kind.encode()).hexdigest()[:16]}.json"
     try:
         data = json.loads(path.read_text())
         ok = data["version"] == CACHE_VERSION and isinstance(data["entries"], dict)
-        return data["entries"] if ok else {}
+        return path, data["entries"] if ok else {}
     except (OSError, ValueError, KeyError, TypeError):
-        return {}
-
-
-def _cached(entries: dict[str, Any], key: str, stamp: list[int]) -> dict[str, Any] | None:
-    entry = entries.get(key)
-    ok = isinstance(entry, dict) and entry.get("stamp") == stamp
-    ok = ok and isinstance(entry.get("hist"), list) and len(entry["hist"]) == stamp[-1]
-    return entry if ok and {"ignored", "pixels", "bad"} <= set(entry) else None
-
-
-def _counts(dm: Any, splits: list[str], entries: dict, workers: int) -> tuple[dict, ...]:
-    """Label files by split; counts by ``(path, head)``, cached (``entries``, updated) or read now
-    by one loader; the keys read now; the seconds each split took."""
-    t0, heads = time.perf_counter(), dm.contract.num_classes
-    files, results, misses, owner = {}, {}, [], []
-    for split in splits:
-        files[split] = dm.label_files(split)
-        for head, p in ((h, p) for sample in files[split] for h, p in sample.items()):
-            if (key := (os.path.abspath(p), head)) in results:
-                continue  # in a split before
-            try:
-                st = os.stat(key[0])
-            except OSError as err:
-                results[key] = {"error": f"label file {key[0]}: {err.strerror}"}
-                continue
-            # ctime: set by every change of the file, and by no tool back to an older time
-            stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, heads[head]]
-            results[key] = _cached(entries, "|".join(key), stamp)
-            if results[key] is None:
-                misses.append((key, stamp))
-                owner.append(split)
-    loader = DataLoader(
-        [(*key, stamp[-1]) for key, stamp in misses],
-        batch_size=max(1, min(FILES_PER_BATCH, -(-len(misses) // max(1, workers)))),
-        num_workers=workers if len(misses) > 1 else 0,
-        collate_fn=partial(_histograms, type(dm).read_label, dm.label_map),
-        generator=torch.Generator(),  # its own: the global random state stays as training's
-    )
-    done = {split: time.perf_counter() for split in splits}  # when its last file was read
-    for i, result in enumerate(result for batch in loader for result in batch):
-        key, stamp = misses[i]
-        results[key], done[owner[i]] = result, time.perf_counter()
-        if "error" not in result:
-            entries["|".join(key)] = {"stamp": stamp, **result}
-    seconds, before = {}, t0
-    for split in splits:
-        end = max(done[split], before)
-        seconds[split], before = end - before, end
-    return files, results, {key for key, _ in misses}, seconds
+        return path, {}
 
 
 def run_label_check(
@@ -196,33 +141,73 @@ def run_label_check(
     """Check the labels of ``splits`` of ``dm``, read by ``workers`` loader processes."""
     start = time.perf_counter()
     contract, heads = dm.contract, dm.contract.num_classes
-    report = LabelReport(cache_file=cache_file(dm))
-    entries = _load_cache(report.cache_file)
-    names = list(dict.fromkeys(splits or (dm.train_split, dm.val_split, dm.test_split)))
+    cache, entries = _cache(dm)
+    report = LabelReport(cache_file=cache)
     workers = dm.num_workers if workers is None else workers
-    files, results, fresh, seconds = _counts(dm, names, entries, workers)
+    names = list(dict.fromkeys(splits or (dm.train_split, dm.val_split, dm.test_split)))
+    files = {
+        s: [{h: os.path.abspath(p) for h, p in x.items()} for x in dm.label_files(s)] for s in names
+    }
+    results, misses = {}, {}  # counts by (path, head); the files to read: their stamp, split
+    for split in names:
+        for key in ((p, h) for sample in files[split] for h, p in sample.items()):
+            if key in results:
+                continue  # in a split before
+            try:
+                st = os.stat(key[0])
+            except OSError as err:
+                results[key] = {"error": f"label file {key[0]}: {err.strerror}"}
+                continue
+            # ctime: set by every change of the file, and by no tool back to an older time
+            stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, heads[key[1]]]
+            entry = entries.get("|".join(key))
+            if isinstance(entry, dict) and entry.get("stamp") == stamp and "hist" in entry:
+                results[key] = entry
+            else:
+                misses[key] = stamp, split
+    loader = DataLoader(
+        list(misses),
+        batch_size=max(1, min(16, -(-len(misses) // max(1, workers)))),
+        num_workers=workers if len(misses) > 1 else 0,
+        collate_fn=partial(_read, type(dm).read_label, dm.label_map, heads),
+        generator=torch.Generator(),  # its own: the global random state stays as training's
+    )
+    done = dict.fromkeys(names, time.perf_counter())  # when a split's last file was read
+    read = (result for batch in loader for result in batch)
+    for (key, (stamp, split)), result in zip(misses.items(), read, strict=True):
+        results[key], done[split] = result, time.perf_counter()
+        if "error" not in result:
+            entries["|".join(key)] = {"stamp": stamp, **result}
     bad: dict[tuple[str, str], list] = {}  # (split, head) -> [(file, values out of range)]
     unreadable: list[str] = []
-    for split, head in ((split, head) for split in names for head in heads):
-        classes = tuple(contract.class_names(head))
-        s = SplitLabels(split, head, classes, len(files[split]), np.zeros(len(classes), np.int64))
-        for path in (os.path.abspath(sample[head]) for sample in files[split]):
-            s.cached += (path, head) not in fresh
-            if "error" in (result := results[path, head]):
-                unreadable.append(f"  split '{split}': {result['error']}")
-                continue
-            s.add(path, result)
-            if result["bad"]:
-                bad.setdefault((split, head), []).append((path, result["bad"]))
-        s.seconds = seconds[split]  # the split's, shared by its heads
-        report.splits[split if contract.single else f"{split}/{head}"] = s
+    before = start
+    for split in names:
+        end = max(done[split], before)
+        for head in heads:
+            classes = tuple(contract.class_names(head))
+            s = SplitLabels(
+                split, head, classes, len(files[split]), np.zeros(len(classes), np.int64)
+            )
+            s.seconds = end - before  # the split's, shared by its heads
+            for path in (sample[head] for sample in files[split]):
+                s.cached += (path, head) not in misses
+                if "error" in (r := results[path, head]):
+                    unreadable.append(f"  split '{split}': {r['error']}")
+                    continue
+                s.histogram += r["hist"]
+                s.ignored, s.pixels = s.ignored + r["ignored"], s.pixels + r["pixels"]
+                if not any(r["hist"]):
+                    s.empty.append(path)
+                if r["bad"]:
+                    bad.setdefault((split, head), []).append((path, r["bad"]))
+            report.splits[split if contract.single else f"{split}/{head}"] = s
+        before = end
     try:  # atomically, when a file was read; a failure warns, never stops the run
-        if fresh:
-            report.cache_file.parent.mkdir(parents=True, exist_ok=True)
-            data = {"version": CACHE_VERSION, "entries": entries}
-            write_json_atomic(report.cache_file, data, indent=None)
+        if misses:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(cache, {"version": CACHE_VERSION, "entries": entries}, indent=None)
     except OSError as err:
-        warnings.warn(f"label check: cache not written to {report.cache_file}: {err}", stacklevel=3)
+        warnings.warn(f"label check: cache not written to {cache}: {err}", stacklevel=3)
     report.seconds = time.perf_counter() - start
     report.warnings = likely_mistakes(report, dm.train_split)
     for message in report.warnings:
