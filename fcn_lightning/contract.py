@@ -1,12 +1,12 @@
-"""The contract between data and model: what a DataModule publishes and the model, the
-LightningModule and the reports read; plain values, so that it travels in a checkpoint's
-hyper-parameters. Heads are always a dict (one head: ``SINGLE_HEAD``); the single-head short
-form exists only at the edges (:mod:`.reports`)."""
+"""The contract between data and model (docs/ARCHITECTURE.md, "The flow"): what a DataModule
+publishes and the model, the LightningModule and the reports read; plain values, so that it
+travels in a checkpoint's hyper-parameters. Heads are always a dict (one head: ``SINGLE_HEAD``)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from itertools import accumulate
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -18,24 +18,22 @@ INPUT_KINDS = {"rgb": 3, "hha": 3, "depth": 1}
 IMAGE_KINDS = ("rgb", "hha")
 # Whose statistics an input is normalised with, in words.
 STATS_NAMES = {"voc": "PASCAL VOC", "nyud": "NYUDv2", "siftflow": "SIFT Flow"}
-# One network's modality by the kinds of its inputs, in order (late fusion: joined by "+").
-MODALITIES = {("rgb",): "rgb", ("hha",): "hha", ("depth",): "depth", ("rgb", "depth"): "rgbd"}
 # The paper's four numbers (section 5, docs/PAPER.md "Metrics"), in the order every report uses.
 METRIC_NAMES = ("mIoU", "pixel_acc", "mean_acc", "fwIoU")
 
 
 def voc_palette(n: int = 256) -> list[tuple[int, int, int]]:
     """The PASCAL VOC colour map (bit-interleaved), the de facto segmentation palette."""
-
-    def channel(i: int, bit: int) -> int:
-        return sum(((i >> (3 * j + bit)) & 1) << (7 - j) for j in range(8))
-
-    return [(channel(i, 0), channel(i, 1), channel(i, 2)) for i in range(n)]
+    return [
+        tuple(sum(((i >> (3 * j + c)) & 1) << (7 - j) for j in range(8)) for c in range(3))
+        for i in range(n)
+    ]
 
 
 @dataclass(frozen=True)
 class Head:
-    """One output of the model: its class names (index = class) and their colours."""
+    """One output of the model: its class names (index = class) and their colours (VOC's by
+    default); any sequences, kept as tuples."""
 
     class_names: tuple[str, ...]
     palette: tuple[tuple[int, int, int], ...] = ()
@@ -43,9 +41,9 @@ class Head:
     def __post_init__(self) -> None:
         if not self.class_names:
             raise ValueError("a head needs at least one class")
-        palette = self.palette or voc_palette()
+        palette = tuple(tuple(int(v) for v in c) for c in self.palette or voc_palette())
         object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
-        object.__setattr__(self, "palette", tuple(tuple(int(v) for v in c) for c in palette))
+        object.__setattr__(self, "palette", palette)
 
     @property
     def num_classes(self) -> int:
@@ -70,20 +68,14 @@ class InputGroup:
         return INPUT_KINDS[self.kind]
 
     @property
-    def image(self) -> bool:
-        """Normalised as an image (and drawn in the panels)."""
+    def image(self) -> bool:  # normalised as an image (and drawn in the panels)
         return self.kind in IMAGE_KINDS
 
-    def as_dict(self) -> dict[str, str]:
-        return {"kind": self.kind, "stats": self.stats}
 
-    @classmethod
-    def coerce(cls, group: InputGroup | Mapping[str, Any] | Sequence[str]) -> InputGroup:
-        if isinstance(group, InputGroup):
-            return group
-        if isinstance(group, Mapping):
-            return cls(str(group["kind"]), str(group.get("stats", "voc")))
-        return cls(*group)
+def _group(g: InputGroup | Mapping[str, Any] | Sequence[str]) -> InputGroup:
+    if isinstance(g, Mapping):
+        return InputGroup(str(g["kind"]), str(g.get("stats", "voc")))
+    return g if isinstance(g, InputGroup) else InputGroup(*g)
 
 
 @dataclass(frozen=True)
@@ -101,20 +93,21 @@ class DataContract:
     def __post_init__(self) -> None:
         if not self.heads:
             raise ValueError("a data contract needs at least one head")
-        inputs = tuple(InputGroup.coerce(g) for g in self.inputs)
-        object.__setattr__(self, "inputs", inputs)
+        object.__setattr__(self, "inputs", inputs := tuple(map(_group, self.inputs)))
         kinds = [g.kind for g in inputs]
         if self.streams and sum(self.streams.values()) != self.in_channels:
             raise ValueError(
                 f"streams {dict(self.streams)} do not add up to in_channels={self.in_channels}"
             )
-        images = [g.image for g in inputs]
-        if images != sorted(images, reverse=True):
+        if [g.image for g in inputs] != sorted((g.image for g in inputs), reverse=True):
             raise ValueError(f"inputs {kinds}: the image groups must be the leading ones")
-        bounds = {sum(g.channels for g in inputs[:i]) for i in range(len(inputs) + 1)}
+        bounds = set(self._starts())
         for name, (start, stop) in self.stream_channels().items():
             if start not in bounds or stop not in bounds:
                 raise ValueError(f"stream {name!r} splits an input group of {kinds}")
+
+    def _starts(self) -> list[int]:  # the first channel of each input group, then the end
+        return list(accumulate((g.channels for g in self.inputs), initial=0))
 
     @property
     def in_channels(self) -> int:
@@ -145,9 +138,7 @@ class DataContract:
     def model_inputs(self) -> dict[str, Any]:
         """The keyword arguments of ``build_fcn`` that the data decides."""
         kw: dict[str, Any] = {"heads": self.num_classes, "in_channels": self.in_channels}
-        if self.streams:
-            kw["streams"] = dict(self.streams)
-        return kw
+        return kw | ({"streams": dict(self.streams)} if self.streams else {})
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.heads)
@@ -155,11 +146,9 @@ class DataContract:
     @property
     def modality(self) -> str:
         """``rgb``, ``hha``, ``depth``, ``rgbd``; late fusion: the streams' joined by "+"."""
-        if self.streams:
-            return "+".join(
-                _modality(self.inputs_in(a, b)) for a, b in self.stream_channels().values()
-            )
-        return _modality(self.inputs)
+        spans = self.stream_channels().values() or [(0, self.in_channels)]
+        kinds = (tuple(g.kind for g in self.inputs_in(*span)) for span in spans)
+        return "+".join("rgbd" if k == ("rgb", "depth") else "+".join(k) for k in kinds)
 
     @property
     def image_inputs(self) -> list[tuple[str, str]]:
@@ -168,20 +157,14 @@ class DataContract:
 
     def stream_channels(self) -> dict[str, tuple[int, int]]:
         """Late fusion: each stream's channels of the input, (start, stop); {} for one net."""
-        spans, start = {}, 0
-        for name, channels in (self.streams or {}).items():
-            spans[name] = (start, start + int(channels))
-            start += int(channels)
-        return spans
+        streams = {n: int(c) for n, c in (self.streams or {}).items()}
+        ends = accumulate(streams.values())
+        return {n: (end - c, end) for (n, c), end in zip(streams.items(), ends, strict=True)}
 
     def inputs_in(self, start: int, stop: int) -> tuple[InputGroup, ...]:
         """The input groups within channels ``start:stop`` (e.g. one stream's)."""
-        found, at = [], 0
-        for g in self.inputs:
-            if start <= at and at + g.channels <= stop:
-                found.append(g)
-            at += g.channels
-        return tuple(found)
+        at = zip(self.inputs, self._starts(), strict=False)
+        return tuple(g for g, a in at if start <= a and a + g.channels <= stop)
 
     def stream_contract(self, name: str) -> DataContract:
         """One late-fusion stream's contract alone (what a checkpoint for it was trained on)."""
@@ -192,28 +175,24 @@ class DataContract:
         """The indices of the image groups within channels ``start:stop``."""
         return [g for g in range(self.image_groups) if start <= 3 * g and 3 * g + 3 <= stop]
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "heads": {
-                name: {"class_names": list(h.class_names), "palette": [list(c) for c in h.palette]}
-                for name, h in self.heads.items()
-            },
-            "in_channels": self.in_channels,
-            "streams": dict(self.streams) if self.streams else None,
-            "image_groups": self.image_groups,
-            "ignore_index": self.ignore_index,
-            "inputs": [g.as_dict() for g in self.inputs],
-        }
+    def as_dict(self) -> dict[str, Any]:  # plain values, lists for tuples: checkpoint-safe
+        return plain(
+            {
+                "heads": {name: asdict(h) for name, h in self.heads.items()},
+                "in_channels": self.in_channels,
+                "streams": dict(self.streams) if self.streams else None,
+                "image_groups": self.image_groups,
+                "ignore_index": self.ignore_index,
+                "inputs": [asdict(g) for g in self.inputs],
+            }
+        )
 
     @classmethod
     def from_dict(cls, d: DataContract | Mapping[str, Any]) -> DataContract:
         """From :meth:`as_dict`'s plain values (a contract is returned as it is)."""
         if isinstance(d, DataContract):
             return d
-        heads = {
-            str(name): Head(tuple(h["class_names"]), tuple(tuple(c) for c in h["palette"]))
-            for name, h in d["heads"].items()
-        }
+        heads = {str(name): Head(h["class_names"], h["palette"]) for name, h in d["heads"].items()}
         streams = dict(d["streams"]) if d["streams"] else None
         return cls(heads, d["inputs"], streams, int(d["ignore_index"]))
 
@@ -227,19 +206,8 @@ class DataContract:
     ) -> DataContract:
         """From class counts (numbered names) or class-name lists per head, in the VOC palette;
         a VOC photo unless ``inputs`` say otherwise."""
-        return cls(
-            {
-                str(name): Head(tuple(str(i) for i in range(c)) if isinstance(c, int) else tuple(c))
-                for name, c in heads.items()
-            },
-            inputs,
-            streams,
-        )
-
-
-def _modality(groups: Sequence[InputGroup]) -> str:
-    kinds = tuple(g.kind for g in groups)
-    return MODALITIES.get(kinds, "+".join(kinds))
+        named = {str(n): Head(range(c) if isinstance(c, int) else c) for n, c in heads.items()}
+        return cls(named, inputs, streams)
 
 
 def inputs_of(contract: DataContract) -> str:
@@ -251,13 +219,10 @@ def inputs_of(contract: DataContract) -> str:
 
 def modality_of(contract: DataContract) -> str:
     """What a contract's input is, in words: ``rgb+hha input (NYUDv2 statistics)``."""
-    stats = list(dict.fromkeys(g.stats for g in contract.inputs))
-    named = (
-        f"{STATS_NAMES.get(stats[0], stats[0])} statistics"
-        if len(stats) == 1
-        else ", ".join(f"{g.kind}: {STATS_NAMES.get(g.stats, g.stats)}" for g in contract.inputs)
-    )
-    return f"{contract.modality} input ({named})"
+    named = [(g.kind, STATS_NAMES.get(g.stats, g.stats)) for g in contract.inputs]
+    if len({g.stats for g in contract.inputs}) == 1:
+        return f"{contract.modality} input ({named[0][1]} statistics)"
+    return f"{contract.modality} input ({', '.join(f'{k}: {s}' for k, s in named)})"
 
 
 def input_mismatch(wants: DataContract, gives: DataContract) -> str | None:

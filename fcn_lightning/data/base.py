@@ -1,5 +1,6 @@
-"""Common base of the segmentation datasets and DataModules: a sample is a normalised float
-(C, H, W) image and ``{head: int64 (H, W) labels}``, 255 = ignore; see :mod:`..contract`."""
+"""The base of the DataModules (docs/DATA.md): a sample is a normalised float (C, H, W) image and
+``{head: int64 (H, W) labels}``, 255 = ignore (:mod:`..contract`); the seeded, resumable training
+order (docs/ARCHITECTURE.md, "Resuming exactly"), the loaders and their padding collate."""
 
 from __future__ import annotations
 
@@ -13,19 +14,22 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 
-from ..contract import IGNORE_INDEX, SINGLE_HEAD, DataContract, Head, InputGroup, voc_palette
+from ..contract import IGNORE_INDEX, SINGLE_HEAD, DataContract, Head
 from ..errors import DataError
 from ..normalization import Normalization, group_normalizations
 from .labelcheck import LabelReport, run_label_check
 from .readers import check_label, map_labels
 from .transforms import eval_transforms, train_transforms
 
+Sample = tuple[torch.Tensor, dict[str, torch.Tensor]]  # an image and its labels by head
 BATCHING = ("crop", "pad", "whole")
+AUTO_WORKERS = 4  # data.num_workers=auto: this many loader processes, at most one per core
 TURNED = (
     ": turned by 90 degrees. Was the mask drawn on the photo as a viewer shows it (EXIF "
     "orientation)? Training reads the stored pixels: save the photo turned "
@@ -39,45 +43,38 @@ class SegmentationDataset(Dataset):
 
     def __init__(
         self,
-        ids: Sequence[str],
-        load: Callable[[str], tuple[torch.Tensor, dict[str, Any], str]],
+        ids: Sequence[Any],
+        load: Callable[[Any], tuple[torch.Tensor, dict[str, Any], str]],
         num_classes: dict[str, int],
-        transforms: Callable | None = None,
-        name: str = "dataset",
+        transforms: Callable,
         label_map: dict[int, int] | None = None,
     ) -> None:
-        if not ids:
-            raise DataError(f"{name} is empty: its split lists no images")
         self.ids, self.load, self.transforms = list(ids), load, transforms
-        self.num_classes = dict(num_classes)
-        self.label_map = label_map or None
+        self.num_classes, self.label_map = num_classes, label_map
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __getitem__(self, index: int) -> Sample:
         image, labels, where = self.load(self.ids[index])
-        checked = {}
+        masks = {}
         for head, lab in labels.items():
             lab = check_label(map_labels(lab, self.label_map), self.num_classes[head], where)
             if (shape := tuple(lab.shape)) != (size := tuple(image.shape[-2:])):
                 hint = TURNED if shape == size[::-1] else ""
                 raise DataError(f"{where}: label is {shape} (H, W) but its image is {size}{hint}")
-            checked[head] = tv_tensors.Mask(lab)
-        image = tv_tensors.Image(image)
-        if self.transforms is not None:
-            image, checked = self.transforms(image, checked)
-        return image.as_subclass(torch.Tensor), {
-            k: v.as_subclass(torch.Tensor).long() for k, v in checked.items()
-        }
+            masks[head] = tv_tensors.Mask(lab)
+        image, masks = self.transforms(tv_tensors.Image(image), masks)
+        masks = {k: m.as_subclass(torch.Tensor).long() for k, m in masks.items()}
+        return image.as_subclass(torch.Tensor), masks
 
 
 class ResumableSampler(Sampler):
     """Shuffles by (seed, epoch) and yields ``(epoch, index)``, so that a restart sees the same
     order and transforms; ``resume_at(epoch, n)`` skips the first ``n`` samples of that epoch."""
 
-    def __init__(self, size: int, seed: int = 0, shuffle: bool = True) -> None:
-        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
         self._skip: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls this before each epoch
@@ -87,13 +84,10 @@ class ResumableSampler(Sampler):
         self._skip = (epoch, samples_done)
 
     def __iter__(self):
-        order = list(range(self.size))
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.size, generator=generator).tolist()
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
         if self._skip is not None and self._skip[0] == self.epoch:
-            order = order[self._skip[1] :]
-            self._skip = None
+            order, self._skip = order[self._skip[1] :], None
         return iter([(self.epoch, i) for i in order])
 
     def __len__(self) -> int:
@@ -111,30 +105,22 @@ class SeededDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int] | int):
-        epoch, index = key if isinstance(key, tuple) else (0, key)
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
             return self.dataset[index]
 
 
-def pad_collate(
-    batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]],
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def pad_collate(batch: list[Sample]) -> Sample:
     """Pad every sample to the largest in the batch: image with 0, labels with 255 (ignored)."""
     h, w = (max(img.shape[d] for img, _ in batch) for d in (-2, -1))
-    images = torch.zeros(len(batch), batch[0][0].shape[0], h, w, dtype=batch[0][0].dtype)
-    labels = {
-        k: torch.full((len(batch), h, w), IGNORE_INDEX, dtype=torch.long) for k in batch[0][1]
-    }
-    for i, (img, targets) in enumerate(batch):
-        images[i, :, : img.shape[-2], : img.shape[-1]] = img
-        for k, lab in targets.items():
-            labels[k][i, : lab.shape[-2], : lab.shape[-1]] = lab
-    return images, labels
 
+    def pad(x: torch.Tensor, value: int) -> torch.Tensor:
+        return F.pad(x, (0, w - x.shape[-1], 0, h - x.shape[-2]), value=value)
 
-AUTO_WORKERS = 4  # data.num_workers=auto: this many loader processes, at most one per core
+    labels = {k: torch.stack([pad(t[k], IGNORE_INDEX) for _, t in batch]) for k in batch[0][1]}
+    return torch.stack([pad(img, 0) for img, _ in batch]), labels
 
 
 def loader_workers(setting: int | str) -> int:
@@ -144,17 +130,21 @@ def loader_workers(setting: int | str) -> int:
         linux = hasattr(os, "sched_getaffinity")
         return min(AUTO_WORKERS, len(os.sched_getaffinity(0)) if linux else os.cpu_count() or 1)
     try:
-        workers = int(setting)
+        workers = -1 if isinstance(setting, bool) else int(setting)
     except (TypeError, ValueError):
         workers = -1
-    if workers < 0 or isinstance(setting, bool):
+    if workers < 0:
         raise ValueError(f"data.num_workers must be auto or a count >= 0, got {setting!r}")
     return workers
 
 
 class SegmentationDataModule(pl.LightningDataModule):
-    """Base DataModule: loaders, batching and transforms; subclasses say where samples come from.
-    Its defaults are ``conf/base/data.yaml``'s, the paper's; the settings: docs/CONFIG.md."""
+    """Base DataModule: loaders, batching and transforms; subclasses say where samples come from
+    (``make_dataset``, ``label_files``, ``read_label``). Its defaults are
+    ``conf/base/data.yaml``'s, the paper's; the settings: docs/CONFIG.md."""
+
+    class_names: tuple[str, ...] = ()  # a one-head dataset's classes, index 0 first
+    palette: Sequence[tuple[int, int, int]] = ()  # their colours; none: the VOC palette
 
     def __init__(
         self,
@@ -202,10 +192,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.label_map = {int(k): int(v) for k, v in (label_map or {}).items()}
         self.datasets: dict[str, Dataset] = {}
         # the shuffling order and per-sample transforms of training depend on this seed only
-        seed = loader_seed if loader_seed is not None else torch.initial_seed() % 2**31
-        self.loader_seed = int(seed)
+        self.loader_seed = int(torch.initial_seed() % 2**31 if loader_seed is None else loader_seed)
         self._resume: dict[str, int] | None = None
-        self._said: set[str] = set()  # data warnings given (warn_once)
+        self._said: set[str] = set()
 
     def warn_once(self, message: str) -> None:
         """A warning about the data, once per DataModule (each stage lists the splits again)."""
@@ -229,15 +218,10 @@ class SegmentationDataModule(pl.LightningDataModule):
         fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
         self._resume = dict(state) if state and fitting else None
 
-    class_names: tuple[str, ...] = ()  # a one-head dataset's classes, index 0 first
-
     @property
     def contract(self) -> DataContract:
-        """What this DataModule gives: one head of ``class_names`` in the VOC palette, a photo."""
-        return DataContract(
-            {SINGLE_HEAD: Head(tuple(self.class_names), tuple(voc_palette()))},
-            [InputGroup("rgb", "voc")],
-        )
+        """What this DataModule gives: one head of ``class_names`` in ``palette``, a photo."""
+        return DataContract({SINGLE_HEAD: Head(self.class_names, self.palette)}, [("rgb", "voc")])
 
     @property
     def input_normalizations(self) -> tuple[Normalization, ...]:
@@ -245,19 +229,19 @@ class SegmentationDataModule(pl.LightningDataModule):
         return group_normalizations(self.normalization, self.contract.image_inputs)
 
     def make_dataset(self, split: str, transforms: Callable) -> Dataset:
-        raise NotImplementedError
+        raise NotImplementedError  # the samples of a split: what self.dataset gives
 
     def dataset(
         self, ids: Sequence[Any], load: Callable, transforms: Callable, name: str
     ) -> SegmentationDataset:
-        """What ``make_dataset`` returns: the samples of ``ids``, checked against the contract."""
-        return SegmentationDataset(
-            ids, load, self.contract.num_classes, transforms, name=name, label_map=self.label_map
-        )
+        """What ``make_dataset`` returns: the samples of ``ids``, checked against the contract;
+        ``name``: the split's, for the error when it is empty."""
+        if not ids:
+            raise DataError(f"{name} is empty: its split lists no images")
+        return SegmentationDataset(ids, load, self.contract.num_classes, transforms, self.label_map)
 
     def label_files(self, split: str) -> list[dict[str, Path]]:
-        """The label file of each sample of a split, by head."""
-        raise NotImplementedError
+        raise NotImplementedError  # the label file of each sample of a split, by head
 
     @staticmethod
     def read_label(path: Path, head: str = SINGLE_HEAD) -> np.ndarray:
@@ -293,11 +277,13 @@ class SegmentationDataModule(pl.LightningDataModule):
                 transforms = self.train_transforms() if train else self.eval_transforms()
                 self.datasets[key] = self.make_dataset(split, transforms)
 
-    def _loader(self, key: str, batch_size: int, collate: Callable | None) -> DataLoader:
+    def _loader(self, key: str) -> DataLoader:
         if key not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[key])
         dataset, sampler = self.datasets[key], None
+        batch_size, collate = self.val_batch_size, pad_collate  # whole images, padded
         if key == "train":
+            batch_size, collate = self.batch_size, pad_collate if self.batching == "pad" else None
             sampler = ResumableSampler(len(dataset), self.loader_seed)
             if self._resume:
                 sampler.resume_at(self._resume["epoch"], self._resume["samples_done"])
@@ -319,17 +305,20 @@ class SegmentationDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        collate = pad_collate if self.batching == "pad" else None
-        return self._loader("train", self.batch_size, collate)
+        return self._loader("train")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.val_batch_size, pad_collate)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.val_batch_size, pad_collate)
+        return self._loader("test")
 
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+    def predict_dataloader(self) -> DataLoader:  # FCNModule.predict_step: the test split
+        return self._loader("test")
+
+
+def read_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 def read_split_file(path: Path, what: str) -> list[str]:
@@ -340,17 +329,9 @@ def read_split_file(path: Path, what: str) -> list[str]:
     return ids
 
 
-def read_lines(path: Path) -> list[str]:
-    """The lines of a text file that are not blank, stripped."""
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
-def check_files_exist(
-    ids: Sequence[str], paths: Callable[[str], Sequence[Path]], split: str
-) -> None:
+def check_files_exist(ids: Sequence, paths: Callable[..., Sequence[Path]], split: str) -> None:
     """Fail at setup, not hours into an epoch, when a split names an id without its files."""
     for i in ids:
-        for p in paths(i):
-            if not p.is_file():
-                name = i[-1] if isinstance(i, tuple) else i
-                raise DataError(f"split '{split}' lists '{name}' but {p} does not exist")
+        if missing := next((p for p in paths(i) if not p.is_file()), None):
+            name = i[-1] if isinstance(i, tuple) else i
+            raise DataError(f"split '{split}' lists '{name}' but {missing} does not exist")

@@ -1,4 +1,4 @@
-"""A user's own dataset in VOC layout."""
+"""A user's own dataset in VOC layout (docs/DATA.md; the settings: docs/CONFIG.md)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..contract import SINGLE_HEAD, DataContract, Head, InputGroup, voc_palette
+from ..contract import SINGLE_HEAD, voc_palette
 from ..errors import DataError
 from .base import SegmentationDataModule, check_files_exist, read_lines, read_split_file
 from .readers import read_image, read_label_png
@@ -21,7 +21,6 @@ LAYOUT = """Expected layout under data.root (VOC layout):
   SegmentationClass/<id>.png            (palette or single-channel PNG; value = class, 255 = ignore)
   ImageSets/Segmentation/<split>.txt    (optional: one id per line; without it every image is used)
   classes.txt                           (optional: one class name per line, or set data.num_classes)"""
-
 
 # conf/data/folder.yaml's training batches: random 320 px crops, scaled 0.5-2x and mirrored
 TRAINING = dict(batch_size=8, batching="crop", crop_size=320, scale_range=(0.5, 2.0), hflip=True)
@@ -42,55 +41,35 @@ class FolderDataModule(SegmentationDataModule):
         super().__init__(root, **(TRAINING | kwargs))
         self._num_classes_cfg = num_classes
         self._class_names_cfg = list(class_names) if class_names else None
-        self._palette: list[tuple[int, int, int]] | None = None
-
-    def _check_root(self) -> None:
-        if self.root is None or not self.root.is_dir():
-            raise DataError(f"data.root {self.root} does not exist.\n{LAYOUT}")
-        for sub in ("JPEGImages", "SegmentationClass"):
-            if not (self.root / sub).is_dir():
-                raise DataError(f"{self.root / sub} not found.\n{LAYOUT}")
 
     @cached_property
     def class_names(self) -> tuple[str, ...]:  # type: ignore[override]
-        names = self._class_names_cfg
+        names, n = self._class_names_cfg, self._num_classes_cfg
         classes_txt = self.root / "classes.txt" if self.root else None
         if names is None and classes_txt is not None and classes_txt.is_file():
             if not (names := read_lines(classes_txt)):
                 raise DataError(f"{classes_txt} lists no class names")
-        n = self._num_classes_cfg
+        if names is None and n is None:
+            raise DataError(
+                f"the number of classes is unknown: set data.num_classes or write {classes_txt} "
+                "(one class name per line, index 0 first)"
+            )
         if names is not None and n is not None and len(names) != n:
             source = "data.class_names" if self._class_names_cfg else str(classes_txt)
             raise DataError(
                 f"data.num_classes={n} disagrees with the {len(names)} classes in {source}"
             )
-        if names is None:
-            if n is None:
-                raise DataError(
-                    f"the number of classes is unknown: set data.num_classes or write {classes_txt} "
-                    "(one class name per line, index 0 first)"
-                )
-            names = [f"class_{i}" for i in range(n)]
-        return tuple(names)
+        return tuple(names) if names is not None else tuple(f"class_{i}" for i in range(n))
 
-    @property
-    def contract(self) -> DataContract:
-        """One head of the folder's classes in its labels' palette; photos with VOC's statistics."""
-        return DataContract(
-            {SINGLE_HEAD: Head(self.class_names, tuple(self.palette))}, [InputGroup("rgb", "voc")]
-        )
-
-    @property
-    def palette(self) -> list[tuple[int, int, int]]:
+    @cached_property
+    def palette(self) -> list[tuple[int, int, int]]:  # type: ignore[override]
         """The palette of the first palette-PNG label (the VOC palette if there is none)."""
-        if self._palette is None:
-            self._palette = voc_palette()
-            labels = sorted((self.root / "SegmentationClass").glob("*.png")) if self.root else []
-            if labels:
-                with Image.open(labels[0]) as img:
-                    if img.mode == "P" and (flat := img.getpalette()):
-                        self._palette = [tuple(flat[i : i + 3]) for i in range(0, len(flat), 3)]
-        return self._palette
+        labels = sorted((self.root / "SegmentationClass").glob("*.png")) if self.root else []
+        if labels:
+            with Image.open(labels[0]) as img:
+                if img.mode == "P" and (flat := img.getpalette()):
+                    return [tuple(flat[i : i + 3]) for i in range(0, len(flat), 3)]
+        return voc_palette()
 
     IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg")
 
@@ -100,14 +79,17 @@ class FolderDataModule(SegmentationDataModule):
         found = [p for ext in self.IMAGE_EXTENSIONS if (p := folder / f"{i}{ext}").is_file()]
         if len(found) > 1:
             raise DataError(
-                f"image id '{i}' has {len(found)} files: {', '.join(str(p) for p in found)}; "
-                f"its label {self.label_path(i).name} can belong to one only: rename or move "
-                "the others"
+                f"image id '{i}' has {len(found)} files: {', '.join(map(str, found))}; its label "
+                f"{self.label_path(i).name} can belong to one only: rename or move the others"
             )
         return found[0] if found else folder / f"{i}.jpg"
 
     def split_ids(self, split: str) -> list[str]:
-        self._check_root()
+        if self.root is None or not self.root.is_dir():
+            raise DataError(f"data.root {self.root} does not exist.\n{LAYOUT}")
+        for sub in ("JPEGImages", "SegmentationClass"):
+            if not (self.root / sub).is_dir():
+                raise DataError(f"{self.root / sub} not found.\n{LAYOUT}")
         lists = self.root / "ImageSets" / "Segmentation"
         if lists.is_dir():
             return read_split_file(lists / f"{split}.txt", f"data split '{split}'")

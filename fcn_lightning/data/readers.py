@@ -1,5 +1,5 @@
 """Reading dataset files: images of every common mode, label PNGs and .mat files, label maps
-and range checks. Every failure is a :class:`DataError` that names the file."""
+and range checks (docs/DATA.md). Every failure is a :class:`DataError` that names the file."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from ..contract import IGNORE_INDEX
 from ..errors import DataError
+
+# what decoding a file that is no readable image raises (UnidentifiedImageError is an OSError)
+UNDECODABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+LABEL_MODES = ("P", "L", "1", "I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 def read_image(path: Path, mode: str = "RGB", exif_transpose: bool = False) -> torch.Tensor:
@@ -24,20 +28,12 @@ def read_image(path: Path, mode: str = "RGB", exif_transpose: bool = False) -> t
             array = _decode(ImageOps.exif_transpose(img) if exif_transpose else img)
     except FileNotFoundError:
         raise DataError(f"image file not found: {path}") from None
-    except (
-        UnidentifiedImageError,
-        OSError,
-        SyntaxError,
-        ValueError,
-        Image.DecompressionBombError,
-    ) as err:
+    except UNDECODABLE as err:
         raise DataError(f"cannot decode image {path}: {err}") from err
     if mode == "L" and array.ndim == 3:
         array = np.array(Image.fromarray(array).convert("L"))
-    elif mode == "RGB" and array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=2)
-    tensor = torch.from_numpy(array)
-    return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1).contiguous()
+    tensor = torch.from_numpy(np.atleast_3d(array)).permute(2, 0, 1)  # (C, H, W), C = 1 or 3
+    return (tensor.expand(3, -1, -1) if mode == "RGB" else tensor).contiguous()
 
 
 def _decode(img: Image.Image) -> np.ndarray:
@@ -45,22 +41,15 @@ def _decode(img: Image.Image) -> np.ndarray:
     per image ('I' as 16-bit, 'F' as 0..1 where they fit); alpha dropped."""
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         values = np.asarray(img)
-        top = float(values.max(initial=0))
-        if img.mode == "F":
-            top = 1.0 if top <= 1.0 else 255.0
-        elif img.mode == "I":
-            top = 65535.0 if top <= 65535 else float(np.iinfo(np.int32).max)
-        else:
-            top = 65535.0
+        peak = float(values.max(initial=0))
+        top = {"F": 1.0 if peak <= 1 else 255.0, "I": 65535.0 if peak <= 65535 else 2**31 - 1.0}
+        top = top.get(img.mode, 65535.0)
         return np.clip(np.rint(values.astype(np.float32) * (255 / top)), 0, 255).astype(np.uint8)
     if img.mode in ("1", "L", "LA", "La"):
         return np.array(img.convert("L"))  # '1' -> 0 / 255; alpha dropped
     if img.mode in ("P", "PA"):
         return np.array(img.convert("RGBA"))[..., :3]  # palette colours; transparency dropped
     return np.array(img.convert("RGB"))  # RGB, RGBA/RGBX (alpha dropped), CMYK, YCbCr
-
-
-LABEL_MODES = ("P", "L", "1", "I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 def read_label_png(path: Path) -> np.ndarray:
@@ -73,7 +62,7 @@ def read_label_png(path: Path) -> np.ndarray:
             label, mode = np.asarray(img), img.mode
     except FileNotFoundError:
         raise DataError(f"label file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except (OSError, SyntaxError) as err:
         raise DataError(f"cannot read label {path}: {err}") from err
     if label.dtype != np.uint8:
         wide = (label < 0) | (label > 255)
@@ -83,8 +72,7 @@ def read_label_png(path: Path) -> np.ndarray:
                 f"label {path} is a {mode} image with values {found} above 255: class indices "
                 "must be 0..254 (255 = ignore); with more classes than that, split the labels"
             )
-        label = label.astype(np.uint8)
-    return label
+    return label.astype(np.uint8, copy=False)
 
 
 def _colour_label_message(path: Path, img: Image.Image) -> str:
@@ -93,7 +81,7 @@ def _colour_label_message(path: Path, img: Image.Image) -> str:
         "PNGs whose pixel values are class indices (255 = ignore). "
     )
     rgb = np.asarray(img.convert("RGB"))
-    if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+    if (rgb == rgb[..., :1]).all():
         return message + "Its channels are equal: Image.open(p).convert('L').save(p) converts it"
     return message + (
         "To convert a colour-coded mask, give each colour its class: "
@@ -134,14 +122,12 @@ def map_labels(label: np.ndarray, label_map: dict[int, int] | None) -> np.ndarra
     return out
 
 
-def check_label(
-    label: np.ndarray | torch.Tensor, num_classes: int, path: Path | str
-) -> torch.Tensor:
+def check_label(label: np.ndarray, num_classes: int, path: Path | str) -> torch.Tensor:
     """A uint8 label tensor after checking every value is in 0..num_classes-1 or 255."""
     arr = np.asarray(label)
     valid = (arr == IGNORE_INDEX) | ((arr >= 0) & (arr < num_classes))
     if not valid.all():
-        found = sorted(set(np.unique(arr[~valid]).tolist()))[:8]
+        found = np.unique(arr[~valid])[:8].tolist()
         raise DataError(
             f"label {path} has values {found} outside 0..{num_classes - 1} and {IGNORE_INDEX} "
             f"(num_classes={num_classes}: does the class count match the labels? "

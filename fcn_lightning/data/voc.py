@@ -1,23 +1,20 @@
-"""PASCAL VOC 2011/2012 segmentation and the SBD extra annotations (docs/PAPER.md, "Datasets on disk")."""
+"""PASCAL VOC 2011/2012 segmentation and the SBD extra annotations (docs/DATA.md, "PASCAL VOC
+and SBD"; docs/PAPER.md, "Datasets on disk")."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .base import SegmentationDataModule, check_files_exist, read_split_file
 from .layout import LayoutReport, layout_text
 from .readers import read_image, read_label_png, read_mat
 from .sources import ARCHIVES
-
-log = logging.getLogger("fcn_lightning")
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -28,8 +25,6 @@ VOC_CLASSES = (
 VOC_SPLITS = ("train", "val", "trainval")
 SBD_SPLITS = ("sbd_train", "sbd_val")
 SPLITS = (*VOC_SPLITS, *SBD_SPLITS, "seg11valid", "sbd_train+voc_train")
-NEEDS_SBD = (*SBD_SPLITS, "seg11valid", "sbd_train+voc_train")
-NEEDS_VOC = (*VOC_SPLITS, "seg11valid", "sbd_train+voc_train")
 # The official size of each split (docs/PAPER.md, docs/DATA.md): what the layout check compares
 OFFICIAL_COUNTS = {
     "2012": {"train": 1464, "val": 1449, "trainval": 2913},
@@ -59,9 +54,7 @@ def load_sbd_label(path: Path) -> Any:
     try:
         return gtcls[0]["Segmentation"][0]
     except (KeyError, IndexError, ValueError) as err:
-        raise DataError(
-            f"{path} has no GTcls.Segmentation field (is it an SBD cls/*.mat file?)"
-        ) from err
+        raise DataError(f"{path} has no GTcls.Segmentation: is it an SBD cls/<id>.mat?") from err
 
 
 class VOCDataModule(SegmentationDataModule):
@@ -79,9 +72,8 @@ class VOCDataModule(SegmentationDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(root, **kwargs)
-        self.year = str(year)
+        self.year, self._prepared = str(year), False
         self.download = download if callable(download) else bool(download)
-        self._prepared = False
         if self.year not in ("2011", "2012"):
             raise ValueError(f"data.year must be 2011 or 2012, got {year!r}")
         for split in (self.train_split, self.val_split, self.test_split):
@@ -111,9 +103,8 @@ class VOCDataModule(SegmentationDataModule):
 
     def _voc_ids(self, split: str) -> list[str]:
         self._require(self.voc_dir, f"VOC{self.year}")
-        return read_split_file(
-            self.voc_dir / "ImageSets" / "Segmentation" / f"{split}.txt", f"VOC{self.year} {split}"
-        )
+        lists = self.voc_dir / "ImageSets" / "Segmentation"
+        return read_split_file(lists / f"{split}.txt", f"VOC{self.year} {split}")
 
     def _sbd_ids(self, split: str) -> list[str]:
         self._require(self.sbd_dir, "SBD (benchmark_RELEASE/dataset)")
@@ -122,7 +113,7 @@ class VOCDataModule(SegmentationDataModule):
     def needed(self) -> tuple[bool, bool]:
         """Whether the configured splits read VOC of ``year``, and whether they read SBD."""
         splits = {self.train_split, self.val_split, self.test_split}
-        return bool(splits & set(NEEDS_VOC)), bool(splits & set(NEEDS_SBD))
+        return bool(splits - set(SBD_SPLITS)), bool(splits - set(VOC_SPLITS))
 
     def prepare_data(self) -> None:
         """With ``download``: fetch what the splits read where it is missing (docs/DATA.md)."""
@@ -138,38 +129,29 @@ class VOCDataModule(SegmentationDataModule):
         self.download(self)
         self._prepared = True
 
-    def available_splits(self) -> list[str]:
-        """The splits whose files are on disk (their folders at least)."""
-        voc, sbd = self.voc_dir.is_dir(), self.sbd_dir.is_dir()
-        splits = [*(VOC_SPLITS if voc else ()), *(SBD_SPLITS if sbd else ())]
-        return [*splits, "seg11valid"] if voc and sbd and self.year == "2011" else splits
-
-    def other_year(self) -> str | None:
-        """The other VOC release, where its folder is on disk."""
-        other = "2012" if self.year == "2011" else "2011"
-        return other if (self.root / "VOCdevkit" / f"VOC{other}").is_dir() else None
-
     def check_layout(
         self, splits: Sequence[str] | None = None, *, require_voc: bool = False
     ) -> LayoutReport:
         """Per split (default: every split on disk) the ids of :meth:`split_ids`, the files found
         and the official count. ``require_voc``: VOC of ``year`` absent is an error."""
-        listed = splits is not None
-        splits = list(splits) if listed else self.available_splits()
-        parts = [f"VOC{self.year}"] * self.voc_dir.is_dir() + ["SBD"] * self.sbd_dir.is_dir()
-        report = LayoutReport(
-            f"{' + '.join(parts) or 'PASCAL VOC'} under {self.root}:", ("images", "labels")
-        )
+        voc, sbd, listed = self.voc_dir.is_dir(), self.sbd_dir.is_dir(), splits is not None
+        if not listed:  # every split whose folders are on disk
+            both = voc and sbd and self.year == "2011"
+            splits = [*VOC_SPLITS * voc, *SBD_SPLITS * sbd, *("seg11valid",) * both]
+        parts = [f"VOC{self.year}"] * voc + ["SBD"] * sbd
+        title = f"{' + '.join(parts) or 'PASCAL VOC'} under {self.root}:"
+        report = LayoutReport(title, ("images", "labels"))
         official = {**OFFICIAL_COUNTS[self.year], **OFFICIAL_COUNTS["sbd"]}
 
         def files(pair: tuple[str, str]) -> dict[str, Path]:
-            return dict(zip(("images", "labels"), self._paths(*pair), strict=True))
+            return dict(zip(("images", "labels"), self._paths(pair), strict=True))
 
-        report.count_splits(splits, self.split_ids, files, official)
-        other = self.other_year() if not self.voc_dir.is_dir() else None
+        report.count_splits(list(splits), self.split_ids, files, official)
+        other = "2012" if self.year == "2011" else "2011"
         there = self.root / "VOCdevkit" / f"VOC{other}"
-        also = f" ({there} is there: that is --year {other}, data.year={other})" if other else ""
-        if require_voc and not self.voc_dir.is_dir():
+        also = f" ({there} is there: that is --year {other}, data.year={other})"
+        also *= not voc and there.is_dir()
+        if require_voc and not voc:
             report.problems.append(f"VOC{self.year} not found: {self.voc_dir} does not exist{also}")
         elif not splits and not listed:
             report.problems.append(f"neither {self.voc_dir} nor {self.sbd_dir} exists{also}")
@@ -184,16 +166,14 @@ class VOCDataModule(SegmentationDataModule):
             return [("voc", i) for i in self._voc_ids(split)]
         if split in SBD_SPLITS:
             return [("sbd", i) for i in self._sbd_ids(split.removeprefix("sbd_"))]
-        sbd = self._sbd_ids("train")
-        seen = set(sbd)
-        if split == "seg11valid":
-            return [("voc", i) for i in self._voc_ids("val") if i not in seen]
-        return [("sbd", i) for i in sbd] + [
-            ("voc", i) for i in self._voc_ids("train") if i not in seen
-        ]
+        sbd = self._sbd_ids("train")  # and the VOC ids not in it: of val, or of train after it
+        seen, val = set(sbd), split == "seg11valid"
+        voc = [("voc", i) for i in self._voc_ids("val" if val else "train") if i not in seen]
+        return voc if val else [("sbd", i) for i in sbd] + voc
 
-    def _paths(self, source: str, i: str) -> tuple[Path, Path]:
-        """Image and label file of id ``i`` of ``voc`` or ``sbd``."""
+    def _paths(self, pair: tuple[str, str]) -> tuple[Path, Path]:
+        """Image and label file of a (source, id) pair."""
+        source, i = pair
         if source == "sbd":
             return self.sbd_dir / "img" / f"{i}.jpg", self.sbd_dir / "cls" / f"{i}.mat"
         voc = self.voc_dir
@@ -201,25 +181,17 @@ class VOCDataModule(SegmentationDataModule):
 
     def make_dataset(self, split: str, transforms: Callable) -> Dataset:
         pairs = self.split_ids(split)
-        check_files_exist(pairs, lambda p: self._paths(*p), split)
-        by_source: dict[str, list[str]] = {}
-        for source, i in pairs:
-            by_source.setdefault(source, []).append(i)
-        name = f"VOC split {split!r}"
-        parts = [
-            self.dataset(ids, partial(self._load, source), transforms, name)
-            for source, ids in by_source.items()
-        ]
-        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+        check_files_exist(pairs, self._paths, split)
+        return self.dataset(pairs, self._load, transforms, f"VOC split {split!r}")
 
     def label_files(self, split: str) -> list[dict[str, Path]]:
-        return [{"out": self._paths(*pair)[1]} for pair in self.split_ids(split)]
+        return [{"out": self._paths(pair)[1]} for pair in self.split_ids(split)]
 
     @staticmethod
     def read_label(path: Path, head: str = "out") -> np.ndarray:
         """A VOC palette PNG or an SBD cls/<id>.mat, by its suffix."""
         return load_sbd_label(path) if path.suffix == ".mat" else read_label_png(path)
 
-    def _load(self, source: str, i: str):
-        image_path, label_path = self._paths(source, i)
+    def _load(self, pair: tuple[str, str]):
+        image_path, label_path = self._paths(pair)
         return read_image(image_path), {"out": self.read_label(label_path)}, label_path
