@@ -1,11 +1,10 @@
 """One run per folder: ``run.json`` (who made the run, how it went, earlier launches under
-``history``), the refusals and the resume check (docs/TRAINING.md, "Outputs" and "Resume").
-DDP workers inherit ``FCN_LIGHTNING_RUN_ID`` from the process that claimed the folder; the tasks
-of one SLURM job derive it from the job, and a requeued job resumes its own run.
-"""
+``history``), the refusals, the resume check and SLURM requeues (docs/TRAINING.md, "Outputs",
+"Resume" and "Several GPUs, SLURM, sweeps")."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -25,7 +24,7 @@ from ..errors import RunFolderError
 log = logging.getLogger("fcn_lightning")
 
 RECORD = "run.json"
-ENV_ID = "FCN_LIGHTNING_RUN_ID"
+ENV_ID = "FCN_LIGHTNING_RUN_ID"  # the launch's id: DDP workers inherit it from the claim
 # what a resume may change; anything else would mix two runs in one folder
 RESUME_MAY_CHANGE = (
     "resume", "paths", "data.root", "data.num_workers", "data.pin_memory",
@@ -36,7 +35,7 @@ RESUME_MAY_CHANGE = (
 NEW_FOLDER = "leave out hydra.run.dir (each run gets a new folder)"
 
 
-def read_record(out: Path) -> dict[str, Any] | None:
+def read_record(out: str | Path) -> dict[str, Any] | None:
     path = Path(out) / RECORD
     if not path.is_file():
         return None
@@ -47,19 +46,10 @@ def read_record(out: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else {}
 
 
-def _write_record(out: Path, record: dict[str, Any], exclusive: bool = False) -> None:
-    text = json.dumps(record, indent=2) + "\n"
-    if exclusive:  # a new claim: exactly one of two racing runs creates the file
-        with open(Path(out) / RECORD, "x") as f:
-            f.write(text)
-    else:
-        write_atomically(Path(out) / RECORD, lambda f: f.write(text.encode()))
-
-
-def run_files(out: Path) -> list[Path]:
-    """What a run leaves that is worth keeping: its metrics and its checkpoints."""
-    metrics = [m for m in [Path(out) / "metrics.json"] if m.is_file()]
-    return metrics + sorted(Path(out).glob("*/checkpoints/*.ckpt"))
+def holds_run(out: str | Path) -> bool:
+    """Whether ``out`` holds what a run leaves that is worth keeping: metrics or checkpoints."""
+    out = Path(out)
+    return (out / "metrics.json").is_file() or any(out.glob("*/checkpoints/*.ckpt"))
 
 
 def _running_elsewhere(record: dict[str, Any]) -> bool:
@@ -84,7 +74,7 @@ def _slurm() -> dict[str, Any] | None:
 
 
 def launch_id() -> str | None:
-    """The id every process of this launch shares, if known yet."""
+    """The id every process of this launch shares, if known yet (a SLURM job's tasks: the job's)."""
     slurm = _slurm()
     if ENV_ID not in os.environ and slurm and os.environ.get("SLURM_NTASKS", "1") != "1":
         return f"slurm-{slurm['job_id']}-{slurm['restart_count']}"
@@ -92,7 +82,14 @@ def launch_id() -> str | None:
 
 
 def differences(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """``key: then -> now`` for each flat key that differs and that a resume may not change."""
+    """``key: then -> now`` for each (flattened) key that differs and a resume may not change."""
+
+    def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(tree, dict):
+            return {prefix[:-1]: tree}
+        return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+
+    then, now = flat(then), flat(now)
     return [
         f"{k}: {then.get(k, '(unset)')} -> {now.get(k, '(unset)')}"
         for k in sorted(set(then) | set(now))
@@ -101,45 +98,35 @@ def differences(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
     ]
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix[:-1]: tree}
-    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
-
-
-def _now() -> str:
-    return dt.datetime.now().isoformat(timespec="seconds")
-
-
 def comparable(config: Any) -> dict[str, Any]:
     """A run's config as run.json keeps it: unresolved, without Hydra's own node."""
     return {k: v for k, v in OmegaConf.to_container(config, resolve=False).items() if k != "hydra"}
 
 
 def claim(out: str | Path, resume: bool, *, fresh_if_empty: bool = False, config=None) -> bool:
-    """Make ``out`` this run's folder; return whether to resume the run it holds. Refused
-    (:class:`RunFolderError`): a folder in use, one holding another run (without ``resume``),
-    one holding nothing (with ``resume``, unless ``fresh_if_empty``: a resumed sweep's job that
-    never started), a resume whose ``config`` differs from the run's own."""
-    out, me = Path(out).absolute(), launch_id()
-    record, held = read_record(out), run_files(out)
+    """Make ``out`` this run's folder; return whether to resume the run it holds. Refused: a
+    folder in use, one holding another run (without ``resume``), one holding nothing (with
+    ``resume``, unless ``fresh_if_empty``: a sweep's job that never started), a resume whose
+    ``config`` differs from the run's own."""
+    out, me, record = Path(out).absolute(), launch_id(), read_record(out)
     if record is not None and me is not None and record.get("run_id") == me:
         return bool(record.get("resuming", resume))  # claimed already by this launch
-    theirs, mine = (record or {}).get("slurm") or {}, _slurm()
+    old, mine, held = record or {}, _slurm(), holds_run(out)
+    theirs = old.get("slurm") or {}
     same_job = mine is not None and mine["job_id"] == theirs.get("job_id")
     if same_job and mine["restart_count"] > int(theirs.get("restart_count", 0)):
         log.info("SLURM requeued job %s: resuming its run in %s", mine["job_id"], out)
         resume = True
-    elif record is not None and _running_elsewhere(record):
+    elif _running_elsewhere(old):
         raise RunFolderError(
-            f"run folder {out} is in use by a running run (pid {record.get('pid')} on "
-            f"{record.get('host')}, started {record.get('started')}): {NEW_FOLDER} (if that run "
-            f"is dead, delete {out / RECORD})"
+            f"run folder {out} is in use by a running run (pid {old.get('pid')} on "
+            f"{old.get('host')}, started {old.get('started')}): {NEW_FOLDER} (if that run is "
+            f"dead, delete {out / RECORD})"
         )
     if held and not resume:
         raise RunFolderError(
-            f"run folder {out} already holds a run (started {(record or {}).get('started', '?')},"
-            f" status {(record or {}).get('status', '?')}). Continue it with\n"
+            f"run folder {out} already holds a run (started {old.get('started', '?')}, status "
+            f"{old.get('status', '?')}). Continue it with\n"
             f"  python train.py <its overrides> resume=true hydra.run.dir={out}\n"
             f"or start a new run: {NEW_FOLDER}"
         )
@@ -154,27 +141,39 @@ def claim(out: str | Path, resume: bool, *, fresh_if_empty: bool = False, config
         )
     if resume and not held:
         log.info("resume=true: the run in %s saved nothing yet; it starts from the beginning", out)
-    elif resume and config is not None and (record or {}).get("config") is not None:
-        if changes := differences(_flat(record["config"]), _flat(config)):
-            raise RunFolderError(
-                f"resume=true continues the run in {out} with its own settings; these differ:\n  "
-                + "\n  ".join(changes[:12])
-                + f"\nUse its command (in run.json, .hydra/overrides.yaml), or {NEW_FOLDER}"
-            )
-    os.environ[ENV_ID] = me or uuid.uuid4().hex  # DDP workers started from here inherit it
+    elif resume and config and (changes := differences(old.get("config") or config, config)):
+        raise RunFolderError(
+            f"resume=true continues the run in {out} with its own settings; these differ:\n  "
+            + "\n  ".join(changes[:12])
+            + f"\nUse its command (in run.json, .hydra/overrides.yaml), or {NEW_FOLDER}"
+        )
+    os.environ[ENV_ID] = me or uuid.uuid4().hex
     entry = {
         "run_id": os.environ[ENV_ID], "resuming": resume, "status": "running", "argv": sys.argv,
         "started": _now(), "host": socket.gethostname(), "pid": os.getpid(), "slurm": mine,
-        "config": (record or {}).get("config", config) if resume else config,
+        "config": old.get("config", config) if resume else config,
+        "history": [*old.pop("history", []), old] if record is not None else [],
     }  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    history = [*record.pop("history", []), record] if record is not None else []
     try:
-        _write_record(out, {**entry, "history": history}, exclusive=record is None)
+        if record is None:  # of two runs claiming the folder at once, one creates the file
+            with open(out / RECORD, "x") as f:
+                f.write(json.dumps(entry, indent=2) + "\n")
+        else:
+            _write(out, entry)
     except FileExistsError:
         release()
         raise RunFolderError(f"another run claimed {out} a moment ago: {NEW_FOLDER}") from None
     return resume
+
+
+def _now() -> str:
+    return dt.datetime.now().isoformat(timespec="seconds")
+
+
+def _write(out: Path, record: dict[str, Any]) -> None:
+    text = json.dumps(record, indent=2) + "\n"
+    write_atomically(Path(out) / RECORD, lambda f: f.write(text.encode()))
 
 
 def release() -> None:
@@ -182,33 +181,29 @@ def release() -> None:
     os.environ.pop(ENV_ID, None)
 
 
-def annotate(out: str | Path, _drop: str = "", **entries: Any) -> None:
-    """Add ``entries`` to the run's record (e.g. each stage's plan), leaving its status."""
+def annotate(out: str | Path, **entries: Any) -> None:
+    """Add ``entries`` to the run's record (each stage's plan, how it went); one given as None
+    is removed."""
+    record = entries
+    with contextlib.suppress(RunFolderError):  # an unreadable record is replaced
+        record = {**(read_record(out) or {}), **entries}
     try:
-        record = {k: v for k, v in (read_record(Path(out)) or {}).items() if k != _drop}
-    except RunFolderError:
-        record = {}
-    try:
-        _write_record(Path(out), {**record, **entries})
+        _write(out, {k: v for k, v in record.items() if v is not None or k not in entries})
     except OSError as err:  # e.g. a full disk: the run's own error matters more
         log.warning("could not update %s: %s", Path(out) / RECORD, err)
 
 
 def mark(out: str | Path, status: str, reason: str | None = None, **extra: Any) -> None:
     """Record how the run went (``finished``, ``interrupted``, ``failed`` with the reason)."""
-    why = {"reason": reason} if reason is not None else {}
-    annotate(out, "reason", status=status, ended=_now(), **extra, **why)
+    annotate(out, status=status, ended=_now(), **extra, reason=reason)
 
 
 def refused(out: str | Path, reason: str) -> None:
-    """A run refused before any work: its record, if this launch claimed ``out`` already (the
-    Hydra callback does), says ``failed``."""
-    try:
-        record = read_record(Path(out)) or {}
-    except RunFolderError:
-        return
-    if launch_id() is not None and record.get("run_id") == launch_id():
-        mark(out, "failed", reason)
+    """A run refused before any work: ``failed`` in its record if this launch claimed ``out``
+    already (Hydra's callback does)."""
+    with contextlib.suppress(RunFolderError):
+        if launch_id() is not None and (read_record(out) or {}).get("run_id") == launch_id():
+            mark(out, "failed", reason)
 
 
 def is_rank_zero() -> bool:
@@ -223,7 +218,7 @@ class RunFolderGuard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if "resume" not in config or (not is_rank_zero() and launch_id()):
             return  # not a training run, or a worker of a claimed one
-        out = Path(OmegaConf.select(config, "hydra.run.dir"))
+        out = Path(config.hydra.run.dir)
         try:
             resume = claim(out, bool(config.resume), config=comparable(config))
         except RunFolderError as err:
@@ -235,7 +230,7 @@ class RunFolderGuard(Callback):
                 config.hydra.output_subdir = f"{sub}/resume-{n}"
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        root = Path(OmegaConf.select(config, "hydra.sweep.dir")).absolute()
+        root = Path(config.hydra.sweep.dir).absolute()
         saved = root / "multirun.yaml"  # Hydra's record of how the sweep was made
         if "resume" not in config or (config.resume and not saved.is_file()):
             return

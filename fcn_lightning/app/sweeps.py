@@ -1,9 +1,6 @@
-"""Sweeps (``-m``, Optuna included): a failing job is marked failed in its run.json and the
-sweep goes on (Ctrl+C or SIGTERM stops it all); when it ends, :class:`SweepSummary` writes
-``summary.json`` and ``summary.txt`` at its root and sets the exit status (docs/TRAINING.md,
-"Several GPUs, SLURM, sweeps"). ``fail_when``: ``any`` (grid sweeps) exits non-zero when a job
-did not finish; ``all`` (``hparams_search=optuna``) only when none finished; ``never``.
-"""
+"""Sweeps (``-m``, Optuna included): a failing job is marked failed and the sweep goes on;
+Ctrl+C or SIGTERM stops it all; the summary at its root and the exit status: docs/TRAINING.md,
+"Several GPUs, SLURM, sweeps"."""
 
 from __future__ import annotations
 
@@ -38,6 +35,7 @@ STALE_METRICS = (
 FAIL_WHEN = ("any", "all", "never")
 # sweepers told of a failed job by an exception (a NaN breaks them; Optuna records a FAIL)
 RAISE_TO = ("optuna",)
+STOPPED = (KeyboardInterrupt, SIGTERMException, RunInterrupted)  # Ctrl+C, SIGTERM
 
 
 class SweepJobFailed(RuntimeError):
@@ -134,8 +132,9 @@ def outcome(jobs: list[dict[str, Any]]) -> str:
 
 
 class SweepSummary(Callback):
-    """Hydra callback: writes the summary when a sweep ends. ``SweepSummary.current``: the
-    callback of the sweep this process launched (None outside ``-m``)."""
+    """Hydra callback: writes the summary when a sweep ends. ``fail_when``: ``any`` (grid sweeps)
+    exits non-zero when a job did not finish, ``all`` (``hparams_search=optuna``) only when none
+    finished, or ``never``. ``SweepSummary.current``: the sweep this process launched, if any."""
 
     current: ClassVar[SweepSummary | None] = None
 
@@ -150,7 +149,6 @@ class SweepSummary(Callback):
         SweepSummary.current = self
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self.root = Path(config.hydra.sweep.dir)
         self.summarize()
 
     def jobs_started(self) -> bool:
@@ -168,21 +166,20 @@ class SweepSummary(Callback):
         if not self.jobs:
             log.warning("sweep summary: no job folder under %s", self.root)
             return self.jobs
-        lines = format_summary(self.jobs)
+        lines, table = format_summary(self.jobs), self.root / "summary.txt"
         (self.root / "summary.json").write_text(json.dumps(self.jobs, indent=2) + "\n")
-        (self.root / "summary.txt").write_text("\n".join(lines) + "\n")
-        print(f"\nSweep summary ({self.root / 'summary.txt'}):\n" + "\n".join(lines))
-        print(outcome(self.jobs))
+        table.write_text("\n".join(lines) + "\n")
+        print(f"\nSweep summary ({table}):", *lines, outcome(self.jobs), sep="\n")
         return self.jobs
 
     def exit_message(self) -> str | None:
         """Why the sweep's process should exit non-zero (None: it should not)."""
-        if not self.jobs or self.fail_when == "never":
+        failed = [j for j in self.jobs or [] if j["status"] != "finished"]
+        if not failed or self.fail_when == "never":
             return None
-        failed = [j for j in self.jobs if j["status"] != "finished"]
         if len(failed) == len(self.jobs):
             return f"every job of the sweep failed: see {self.root / 'summary.txt'}"
-        if failed and self.fail_when == "any":
+        if self.fail_when == "any":
             return f"sweep: {outcome(self.jobs)}: see {self.root / 'summary.txt'}"
         return None
 
@@ -212,7 +209,7 @@ def sweep_job(cfg: DictConfig) -> float:
         expected = isinstance(err, (UserError, ValueError, OSError))
         log.error("job %s failed (the sweep goes on): %s", job, reason, exc_info=not expected)
     try:  # failed before claiming its folder: mark it, unless it holds a record or a run's files
-        if rundir.read_record(out) is None and not rundir.run_files(out):
+        if rundir.read_record(out) is None and not rundir.holds_run(out):
             rundir.mark(out, "failed", reason)
     except (RunFolderError, OSError) as err:
         log.warning("could not record the failure in %s: %s", out, err)
@@ -221,11 +218,9 @@ def sweep_job(cfg: DictConfig) -> float:
     return float("nan")
 
 
-def _is_interruption(err: BaseException) -> bool:
-    """Ctrl+C or SIGTERM: the training run's RunInterrupted, or an error caused by either."""
-    if isinstance(err, RunInterrupted):
-        return True
-    while err is not None and not isinstance(err, (KeyboardInterrupt, SIGTERMException)):
+def _is_interruption(err: BaseException | None) -> bool:
+    """Ctrl+C or SIGTERM: the training run's RunInterrupted, or an error caused by one of them."""
+    while err is not None and not isinstance(err, STOPPED):
         err = err.__cause__ or err.__context__
     return err is not None
 
@@ -234,21 +229,18 @@ def run_with_sweep_status(main: Callable[[], Any]) -> None:
     """Run a ``@hydra.main`` function, then exit with the sweep's status (after its summary)."""
     try:
         main()
-    except SystemExit as stop:  # Hydra's own exit: the sweeper failed after its jobs ran?
+    except SystemExit as stop:  # Hydra's own exit: did the sweeper fail after its jobs ran?
         sweep = SweepSummary.current
-        if (
-            stop.code not in (0, None)
-            and not _interrupted
-            and sweep is not None
-            and sweep.jobs is None
-            and sweep.jobs_started()
-        ):
-            jobs = sweep.summarize()  # summarise them anyway
+        ran = sweep is not None and sweep.jobs is None and sweep.jobs_started()
+        if stop.code not in (0, None) and not _interrupted and ran:
+            jobs = sweep.summarize()
             if jobs and all(j["status"] != "finished" for j in jobs):
-                print(f"every job of the sweep failed ({len(jobs)} of {len(jobs)}): nothing to compare "
-                      "(an Optuna study has no best trial: the error above). See "
-                      f"{sweep.root / 'summary.txt'}", file=sys.stderr)  # fmt: skip
+                n, table = len(jobs), sweep.root / "summary.txt"
+                print(
+                    f"every job of the sweep failed ({n} of {n}): nothing to compare (an Optuna "
+                    f"study has no best trial: the error above). See {table}",
+                    file=sys.stderr,
+                )
         raise
-    message = SweepSummary.current.exit_message() if SweepSummary.current is not None else None
-    if message:
+    if SweepSummary.current is not None and (message := SweepSummary.current.exit_message()):
         sys.exit(message)
