@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CONF, RESUMABLE, ROOT, TINY, cfg_of, final_state, run
+from helpers import CONF, RESUMABLE, ROOT, TINY, cfg_of, final_state
+from helpers.launcher import cli, commands  # train.py commands in processes that skip the imports
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
@@ -21,6 +22,9 @@ from fcn_lightning.app import rundir
 from fcn_lightning.app.common import as_command
 from fcn_lightning.app.train import RunInterrupted, train
 from fcn_lightning.errors import RunFolderError
+
+# RESUMABLE in half the steps, in the same shape: two epochs (2 steps each), each validated
+HALF = [*RESUMABLE, "data.train_size=8", "trainer.max_steps=4"]
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -129,17 +133,17 @@ def test_two_claims_of_one_folder_one_wins(tmp_path):
 
 def test_slurm_requeue_resumes_its_own_folder_by_itself(tmp_path, monkeypatch, caplog):
     straight = tmp_path / "straight"
-    train(cfg_of("config", RESUMABLE, straight))
+    train(cfg_of("config", HALF, straight))
     job = tmp_path / "job"
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
-    kill = ["+callbacks.kill._target_=interrupts.SigtermAtStep", "+callbacks.kill.step=6"]
+    kill = ["+callbacks.kill._target_=interrupts.SigtermAtStep", "+callbacks.kill.step=3"]
     with pytest.raises(RunInterrupted, match="stopped by SIGTERM"):
-        train(cfg_of("config", [*RESUMABLE, *kill], job))
+        train(cfg_of("config", [*HALF, *kill], job))
     assert json.loads((job / "run.json").read_text())["status"] == "interrupted"
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the same job, requeued: resume=false
     with caplog.at_level("INFO", logger="fcn_lightning"):
-        train(cfg_of("config", RESUMABLE, job))
+        train(cfg_of("config", HALF, job))
     assert "SLURM requeued job 4242" in caplog.text and "resuming" in caplog.text
     a, b = final_state(straight), final_state(job)
     for key in a:
@@ -147,30 +151,26 @@ def test_slurm_requeue_resumes_its_own_folder_by_itself(tmp_path, monkeypatch, c
     # another SLURM job in that folder is another run
     monkeypatch.setenv("SLURM_JOB_ID", "4243")
     with pytest.raises(RunFolderError, match="already holds a run"):
-        train(cfg_of("config", RESUMABLE, job))
+        train(cfg_of("config", HALF, job))
 
 
 # --------------------------------------------------------------------------- command line
 def test_cli_refusals_keep_the_runs_hydra_record(tmp_path):
     out = tmp_path / "run"
-    base = [*RESUMABLE, f"hydra.run.dir={out}"]
-    kill = ["+callbacks.kill._target_=interrupts.SigtermAtStep", "+callbacks.kill.step=2"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"), PYTHONWARNINGS="ignore")
-    killed = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *base, *kill],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    base = [*HALF, f"hydra.run.dir={out}"]
+    kill = ["+callbacks.kill._target_=interrupts.SigtermAtStep", "+callbacks.kill.step=1"]
+    killed = cli(*base, *kill, cwd=tmp_path)
     assert killed.returncode != 0 and "resume=true" in killed.stderr, killed.stderr[-2000:]
     record = (out / ".hydra" / "overrides.yaml").read_text()
     before = snapshot(out)
-    again = run("train.py", *base, "optimizer.lr=0.1", cwd=tmp_path)  # same folder, no resume
+    again = cli(*base, "optimizer.lr=0.1", cwd=tmp_path)  # same folder, no resume
     assert again.returncode != 0 and "already holds a run" in again.stderr
     assert "Traceback" not in again.stderr
     assert snapshot(out) == before  # not even .hydra/ was rewritten
     with pytest.raises(SystemExit, match=r"^Error: [\s\S]*arch.width: 0.0625 -> 0.125"):
-        guarded([*RESUMABLE, "arch.width=0.125", "resume=true"], out)
+        guarded([*HALF, "arch.width=0.125", "resume=true"], out)
     assert snapshot(out) == before  # refused before Hydra wrote anything
-    resumed = run("train.py", *base, "resume=true", "data.num_workers=0", cwd=tmp_path)
+    resumed = cli(*base, "resume=true", "data.num_workers=0", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (out / ".hydra" / "overrides.yaml").read_text() == record  # how the run was made
     assert "resume=true" in (out / ".hydra" / "resume-1" / "overrides.yaml").read_text()
@@ -194,13 +194,8 @@ def test_command_line_run_refused_by_a_setting_records_why(tmp_path, capsys):
 
 
 def test_cli_runs_started_together_get_their_own_folders(tmp_path):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, str(ROOT / "train.py"), "arch=fcn32s", *TINY]
-    procs = [
-        subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for _ in range(2)
-    ]
-    results = [(p.wait(timeout=600), p.stderr.read().decode()) for p in procs]
+    command = [ROOT / "train.py", "arch=fcn32s", *TINY]
+    results = [(p.returncode, p.stderr) for p in commands(command, command, cwd=tmp_path)]
     assert [code for code, _ in results] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
     folders = sorted(tmp_path.glob("outputs/*/*"))
     assert len(folders) == 2 and all((f / "metrics.json").is_file() for f in folders)
@@ -233,7 +228,7 @@ def test_resume_with_other_settings_is_refused_naming_them(finished, tmp_path):
 
 def test_cli_resumed_sweep_must_sweep_what_it_swept(tmp_path):
     sweep = [*TINY, "arch=fcn32s", f"hydra.sweep.dir={tmp_path}"]
-    assert run("train.py", "-m", *sweep, "optimizer.lr=1e-3,1e-4", cwd=tmp_path).returncode == 0
+    assert cli("-m", *sweep, "optimizer.lr=1e-3,1e-4", cwd=tmp_path).returncode == 0
     summary = (tmp_path / "summary.json").read_text()
     # the same command with other values, as Hydra's callback sees it before the jobs start
     task = [*TINY, "arch=fcn32s", "optimizer.lr=2e-3,1e-3", "resume=true"]
@@ -247,6 +242,6 @@ def test_cli_resumed_sweep_must_sweep_what_it_swept(tmp_path):
         other.resume = False  # and without resume=true: the folder holds another sweep
     with pytest.raises(SystemExit, match=r"already holds the jobs of another sweep \(0, 1\)"):
         rundir.RunFolderGuard().on_multirun_start(other)
-    same = run("train.py", "-m", *sweep, "optimizer.lr=1e-3,1e-4", "resume=true", cwd=tmp_path)
+    same = cli("-m", *sweep, "optimizer.lr=1e-3,1e-4", "resume=true", cwd=tmp_path)
     assert same.returncode == 0, same.stderr[-2000:]
     assert "finished before, skipped" in same.stderr + same.stdout

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT, TINY, cfg_of
+from helpers import TINY, cfg_of
+from helpers.launcher import cli
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback
 
@@ -28,37 +27,6 @@ from fcn_lightning.app.sweeps import (
 
 TESTS = Path(__file__).resolve().parent
 POISON = "+callbacks.poison._target_=interrupts.PoisonAtStep"
-
-# runs train.py with optuna.create_study wrapped, and writes each trial's state at exit: the
-# study's own view of its trials (its sqlite storage does not work with this SQLAlchemy)
-OPTUNA_SPY = """
-import atexit, json, runpy, sys
-import optuna
-studies, create = [], optuna.create_study
-def spy(*args, **kwargs):
-    studies.append(create(*args, **kwargs))
-    return studies[-1]
-optuna.create_study = spy
-dump, sys.argv = sys.argv[1], sys.argv[2:]
-atexit.register(lambda: open(dump, "w").write(json.dumps(
-    [[t.state.name, t.value] for s in studies for t in s.trials])))
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
-def cli(*args: str, cwd: Path, spy: Path | None = None) -> subprocess.CompletedProcess:
-    """train.py in a subprocess that can import tests/interrupts.py (and this module)."""
-    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, PYTHONWARNINGS="ignore", HYDRA_FULL_ERROR="0", PYTHONPATH=path)
-    head = [sys.executable] if spy is None else [sys.executable, "-c", OPTUNA_SPY, str(spy)]
-    return subprocess.run(
-        [*head, str(ROOT / "train.py"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
 
 
 def summary_of(root: Path) -> list[dict]:
