@@ -105,8 +105,9 @@ class SeededDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
+    def __getitem__(self, key: tuple[int, int] | int):
+        # an int: Lightning's own sequential sampler in place of ours (trainer.overfit_batches)
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
             return self.dataset[index]
