@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ModelSummary
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.model_summary import get_human_readable_count
 
@@ -157,3 +158,14 @@ class ParameterSummary(ModelSummary):
         log.info(
             "model: %s, %s parameters (%s trained, %s fixed), %.1f MB", model, *counts, model_size
         )
+
+
+class ValidationSteps(Callback):
+    """The global steps at which the fit validated (the sanity check and ``validate`` aside)."""
+
+    def __init__(self) -> None:
+        self.validated: list[int] = []
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
+            self.validated.append(trainer.global_step)

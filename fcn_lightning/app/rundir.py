@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import uuid
@@ -95,6 +96,7 @@ def differences(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
         for k in sorted(set(then) | set(now))
         if then.get(k) != now.get(k)
         and not any(k == m or k.startswith(m + ".") for m in RESUME_MAY_CHANGE)
+        and not re.fullmatch(r"stages\.\w+\.max_(steps|epochs)", k)  # a stage's budget
     ]
 
 

@@ -98,12 +98,16 @@ def budget(cfg: DictConfig, stage: str) -> tuple[dict[str, int], str]:
 
 
 def trainer_settings(cfg: DictConfig, stage: str, warn: bool = False) -> DictConfig:
-    """``cfg.trainer`` with the stage's own Trainer arguments and budget; sync batch norm off on
-    the CPU (``warn``: say so)."""
+    """``cfg.trainer`` with the stage's own Trainer arguments and budget, ``log_every_n_steps``
+    lowered for short stages; sync batch norm off on the CPU (``warn``: say so)."""
     args = trainer_args(cfg, stage)
     own = OmegaConf.masked_copy(cfg.stages[stage], args) if args else {}
     merged = OmegaConf.merge(cfg.trainer, own)
     merged.update(budget(cfg, stage)[0])
+    if (steps := merged.max_steps) > 0:  # a curve of ~100 points or more: short runs every step
+        merged.log_every_n_steps = min(
+            int(merged.get("log_every_n_steps") or 50), max(1, steps // 100)
+        )
     accelerator = str(merged.get("accelerator", "auto"))
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     if merged.get("sync_batchnorm") and on_cpu:

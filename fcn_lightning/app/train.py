@@ -23,6 +23,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ..atomic import write_json_atomic
 from ..checkpoints import check_stream_checkpoints, load_weights_only
+from ..contract import METRIC_NAMES
 from ..data.base import SegmentationDataModule
 from ..errors import CheckpointError, ConfigError, RunInterrupted, TrainingDiverged
 from ..models import LateFusionFCN, transfer_stage
@@ -34,6 +35,7 @@ from .callbacks import (
     AtomicCheckpointIO,
     InterruptCheckpoint,
     ParameterSummary,
+    ValidationSteps,
     best_checkpoint,
     last_checkpoint,
 )
@@ -109,6 +111,7 @@ def make_trainer(
         *choose,
         last_checkpoint(ckpt_dir),
         InterruptCheckpoint(ckpt_dir),
+        ValidationSteps(),
     ]
     if trainer_cfg.get("enable_model_summary", True) is not False:
         callbacks.append(ParameterSummary())  # one line, in place of Lightning's table
@@ -284,10 +287,22 @@ def run_stage(run: Run, i: int, previous_best: str | None) -> str:
     ckpt_dir = run.out / stage / "checkpoints"
     best, last = ckpt_dir / "best.ckpt", ckpt_dir / "last.ckpt"
     if run.resume and stage in run.metrics and best.is_file():
+        ended = _end_of(last)
+        if not _trains_on(plan, ended):
+            log.info(
+                "[%d/%d] %s: finished before, skipped (resume=true)", i + 1, len(run.stages), stage
+            )
+            return str(best)
+        if i < len(run.stages) - 1:  # the next stage started from it: a longer one would not match
+            log.warning(
+                "%s finished at step %d before and is kept, though %s would train it on: %s "
+                "started from it. A larger budget trains the last stage on (resume=true)",
+                stage, ended[0], plan["budget_from"], run.stages[i + 1],
+            )  # fmt: skip
+            return str(best)
         log.info(
-            "[%d/%d] %s: finished before, skipped (resume=true)", i + 1, len(run.stages), stage
+            "%s finished at step %d before: training on (%s)", stage, ended[0], plan["budget_from"]
         )
-        return str(best)
     first = i == 0 and not previous_best
     try:
         module = make_module(cfg, run.dm, stage, plan["lr"], cfg.arch.pretrained if first else None)
@@ -320,14 +335,62 @@ def run_stage(run: Run, i: int, previous_best: str | None) -> str:
     trainer.save_checkpoint(last, weights_only=False)
     if plan["selection"] == "last" or not best.is_file():  # (best: no validation ran)
         trainer.save_checkpoint(best, weights_only=False)
+    end, steps = (
+        trainer.global_step,
+        next(c for c in trainer.callbacks if isinstance(c, ValidationSteps)),
+    )
     trainer.validate(module, run.dm, ckpt_path=str(best), verbose=False)
     chosen = {"selected": plan["selection"], "step": _step_of(best), "why": plan["selection_from"]}
     results = {h: {**b, "checkpoint": chosen} for h, b in module.results.get("val", {}).items()}
+    if chosen["step"] == end and end not in steps.validated:  # the curves end where the stage did
+        log_curve_point(trainer, module, end)
     run.metrics[stage] = short_form(results)
     if trainer.is_global_zero:
         write_json_atomic(run.out / "metrics.json", run.metrics)
-    log.info("%s done: val mIoU %.1f%%", stage, 100 * headline(run.metrics[stage]))
+    one = one_class(module)
+    log.log(
+        logging.WARNING if one else logging.INFO, "%s done: val mIoU %.1f%%%s", stage,
+        100 * headline(run.metrics[stage]),
+        "".join(f"; predicts '{c}' for every pixel{f' ({h})' * (len(one) > 1)}" for h, c in one.items())
+        + (": nothing learned yet (train longer, raise the lr, or start from ImageNet weights)" if one else ""),
+    )  # fmt: skip
     return str(best)
+
+
+def _end_of(path: Path) -> tuple[int, int]:
+    """The (global step, epoch) where a checkpoint was written."""
+    ckpt = load_weights_only(path)
+    return int(ckpt.get("global_step", 0)), int(ckpt.get("epoch", 0))
+
+
+def _trains_on(plan: Mapping[str, Any], ended: tuple[int, int]) -> bool:
+    """Whether the stage's budget goes beyond where its last.ckpt ended."""
+    if plan["max_steps"] > 0:
+        return plan["max_steps"] > ended[0]
+    return plan["max_epochs"] > ended[1]
+
+
+def one_class(module: FCNModule) -> dict[str, str]:
+    """Per head, the class a model predicts for every validation pixel, if it predicts one."""
+    found = {}
+    for head, confmat in module.confmats.get("val", {}).items():
+        predicted = (confmat.sum(0) > 0).nonzero().flatten().tolist()
+        if len(predicted) == 1:
+            found[head] = module.contract.class_names(head)[predicted[0]]
+    return found
+
+
+def log_curve_point(trainer: pl.Trainer, module: FCNModule, step: int) -> None:
+    """The chosen checkpoint's val metrics as the curves' point at ``step`` (no validation of
+    the fit ran there: a stage shorter than its validation interval still has its curves)."""
+    results, points = module.results.get("val", {}), {}
+    for head, block in results.items():
+        points |= {module.tag("val", head, k): float(block[k]) for k in METRIC_NAMES}
+        per_class = block.get("per_class_IoU", {}).items()
+        points |= {module.tag("val", head, f"IoU/{c}"): v for c, v in per_class if v is not None}
+    for logger in trainer.loggers if trainer.is_global_zero else []:
+        logger.log_metrics(points, step=step)
+        logger.save()
 
 
 def _fit(
