@@ -53,7 +53,6 @@ SIFT = [
 ]
 PANEL = 1  # TINY's images.panel_size
 SIZE = 32  # the image side of both data sets here
-CELL = 12  # board.confusion_image's cell
 START_TIMEOUT = 90.0
 ALL_STATUSES = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]
 
@@ -235,39 +234,28 @@ def test_curves_are_the_runs_own_metrics(run):
 
 
 def test_panels_and_confusion_matrices_per_head(run):
+    # labelled figures (tests/test_board.py checks their contents before rendering); here: what
+    # the server serves, per stage and head, at a readable size, in the labels' exact colours
     tags = run.board.get("/data/plugin/images/tags")
     assert set(tags) == {run.run_name(s) for s in run.stages}
     for stage in run.stages:
         name = run.run_name(stage)
-        expected = {
-            run.tag("val", h, kind)
-            for h in run.heads
-            for kind in ("predictions", "confusion_matrix")
-        }
+        kinds = ("predictions", "confusion_matrix", "per_class_IoU")
+        expected = {run.tag("val", h, kind) for h in run.heads for kind in kinds}
         assert set(tags[name]) == expected, (stage, sorted(tags[name]))
         contract = load_checkpoint(run.out / stage / "checkpoints" / "best.ckpt").contract
         for head in run.heads:
-            results = run.results(stage, head)
-            n = len(results["per_class_IoU"])
+            n = len(run.results(stage, head)["per_class_IoU"])
             assert len(contract.class_names(head)) == n
-            # input | ground truth | prediction, one row per panel image
             panel = run.board.last_image(name, run.tag("val", head, "predictions"))
-            assert panel.size == (3 * SIZE, PANEL * SIZE), (stage, head, panel.size)
-            pixels = np.asarray(panel)
+            assert panel.size[0] >= 400 and panel.size[1] >= 200, (stage, head, panel.size)
+            pixels = {tuple(c) for c in np.asarray(panel.convert("RGB")).reshape(-1, 3).tolist()}
             palette = {tuple(c) for c in contract.heads[head].palette[:n]}
-            truth = {tuple(c) for c in pixels[:, SIZE : 2 * SIZE].reshape(-1, 3).tolist()}
-            shown = {tuple(c) for c in pixels[:, 2 * SIZE :].reshape(-1, 3).tolist()}
-            assert truth <= palette | {(255, 255, 255)}, (stage, head, truth - palette)
-            assert shown <= palette, (stage, head, shown - palette)
-            # the row-normalised confusion matrix: n x n cells; its diagonal over the classes
-            # present in the ground truth averages to the run's mean accuracy
+            assert pixels & palette, (stage, head)  # label images and legend swatches, unblended
             confusion = run.board.last_image(name, run.tag("val", head, "confusion_matrix"))
-            assert confusion.size == (n * CELL, n * CELL), (stage, head, confusion.size)
-            red = np.asarray(confusion)[CELL // 2 :: CELL, CELL // 2 :: CELL, 0] / 255.0
-            present = red.max(1) > 0
-            assert present.any()
-            mean_acc = red.diagonal()[present].mean()
-            assert abs(mean_acc - results["mean_acc"]) <= 0.5 / 255 + 1e-9, (stage, head)
+            assert min(confusion.size) >= 15 * n, (stage, head, confusion.size)  # a name per row
+            png = "confusion_matrix" + (f"_{head}" if len(run.heads) > 1 else "")
+            assert (run.out / stage / "figures" / f"{png}.png").is_file()
 
 
 def test_hparams_table_lists_every_stage_with_its_metrics(run):
