@@ -240,7 +240,7 @@ def test_cli_resumed_sweep_must_sweep_what_it_swept(tmp_path):
     assert (tmp_path / "summary.json").read_text() == summary  # nothing relabelled
     with open_dict(other):
         other.resume = False  # and without resume=true: the folder holds another sweep
-    with pytest.raises(SystemExit, match=r"already holds the jobs of another sweep \(0, 1\)"):
+    with pytest.raises(SystemExit, match=r"already holds the jobs of another sweep \(0\S*, 1\S*\)"):
         rundir.RunFolderGuard().on_multirun_start(other)
     same = cli("-m", *sweep, "optimizer.lr=1e-3,1e-4", "resume=true", cwd=tmp_path)
     assert same.returncode == 0, same.stderr[-2000:]

@@ -10,16 +10,22 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import TINY, cfg_of
+from helpers import CONF, TINY, cfg_of
 from helpers.launcher import cli
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf, open_dict
 from pytorch_lightning.callbacks import Callback
 
 from fcn_lightning.app.sweeps import (
+    MAX_NAME,
     NO_METRICS,
     STALE_METRICS,
     STILL_RUNNING,
+    OptunaScope,
     SweepSummary,
+    best,
+    job_dir,
     job_folders,
     read_job,
     train_job,
@@ -31,6 +37,11 @@ POISON = "+callbacks.poison._target_=interrupts.PoisonAtStep"
 
 def summary_of(root: Path) -> list[dict]:
     return json.loads((root / "summary.json").read_text())
+
+
+def names(root: Path) -> list[str]:
+    """The sweep's job folders' names, in job order."""
+    return [p.name for p in job_folders(root)]
 
 
 class SigintAtStep(Callback):
@@ -46,11 +57,19 @@ class SigintAtStep(Callback):
 
 # --------------------------------------------------------------------------- the CLI
 def test_a_diverging_job_fails_alone_and_the_sweep_goes_on(tmp_path):
+    # two swept keys (one of a single value holding '/'), three jobs
     result = cli("-m", "arch=fcn32s", POISON, "+callbacks.poison.step=1000,0,2000", *TINY,
-                 f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)  # fmt: skip
+                 "data.root=choice(/x/y)", f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 1, output[-3000:]  # jobs failed: scripts must notice
-    assert (tmp_path / "0/metrics.json").is_file() and (tmp_path / "2/metrics.json").is_file()
+    # each job's folder says what the sweep varies (not what every job shares), '/' no folder
+    folders = [f"{n}_+callbacks.poison.step={step},data.root=_x_y" for n, step in
+               enumerate((1000, 0, 2000))]  # fmt: skip
+    assert names(tmp_path) == folders
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == folders
+    first, last = (tmp_path / folders[0]), (tmp_path / folders[2])
+    assert (first / "metrics.json").is_file() and (last / "metrics.json").is_file()
+    assert list(first.glob("tensorboard/fcn32s/events.*"))  # the run's name: the folder's
     jobs = summary_of(tmp_path)
     assert [j["job"] for j in jobs] == ["0", "1", "2"]
     assert [j["status"] for j in jobs] == ["finished", "failed", "finished"]
@@ -61,7 +80,12 @@ def test_a_diverging_job_fails_alone_and_the_sweep_goes_on(tmp_path):
     failed = [r for r in rows if r.startswith("1 ")]
     assert len(failed) == 1 and "FAILED" in failed[0] and "training loss is" in failed[0]
     assert "1 of 3 jobs failed" in output
-    assert json.loads((tmp_path / "1/run.json").read_text())["status"] == "failed"
+    assert json.loads((tmp_path / folders[1] / "run.json").read_text())["status"] == "failed"
+    # jobs 0 and 2 train the same (their poison never acts): the same mIoU, a tie
+    score = f"{jobs[0]['metrics']['fcn32s']['mIoU']:.3f}"
+    assert jobs[2]["metrics"] == jobs[0]["metrics"]
+    assert rows[-1] == f"tie between jobs 0, 2 (val mIoU {score})" and rows[-1] in output
+    assert "best:" not in output
 
 
 def test_a_bad_setting_fails_its_job_with_the_settings_message(tmp_path):
@@ -72,6 +96,9 @@ def test_a_bad_setting_fails_its_job_with_the_settings_message(tmp_path):
     assert bad["status"] == "failed" and "geometry must be one of" in bad["reason"]
     assert "sideways" in bad["reason"] and good["status"] == "finished"
     assert "FAILED" in (tmp_path / "summary.txt").read_text()
+    score = f"{good['metrics']['fcn32s']['mIoU']:.3f}"
+    assert f"best: job 1 (val mIoU {score})" in (tmp_path / "summary.txt").read_text()
+    assert names(tmp_path) == ["0_arch.geometry=sideways", "1_arch.geometry=same"]
 
 
 def test_optuna_study_goes_on_after_a_failed_trial(tmp_path):
@@ -92,6 +119,15 @@ def test_optuna_study_goes_on_after_a_failed_trial(tmp_path):
     assert best["best_value"] == pytest.approx(jobs[1]["metrics"]["fcn32s"]["mIoU"])
     assert best["best_value"] == pytest.approx(trials[1][1])
     assert "1 of 2 jobs failed" in output
+    # fcn32s trains one stage: the cuts into later stages are not searched, and said so
+    idle = "stages.fcn16s.lr_factor, stages.fcn8s.lr_factor"
+    assert f"optuna: not searching {idle}: arch=fcn32s trains one stage" in output
+    assert set(best["best_params"]) == {"optimizer.lr", "optimizer.weight_decay"}
+    # each trial's folder: its sampled values (its overrides), not the settings all share
+    params = yaml.safe_load((job_folders(tmp_path)[1] / ".hydra/overrides.yaml").read_text())
+    sampled = sorted(o for o in params if o.startswith("optimizer."))
+    assert names(tmp_path)[1] == "1_" + ",".join(sampled) and len(sampled) == 2
+    assert f"best: job 1 (val mIoU {trials[1][1]:.3f})" in output
 
 
 def test_optuna_study_whose_every_trial_fails_says_so(tmp_path):
@@ -109,7 +145,8 @@ def test_ctrl_c_stops_the_whole_sweep(tmp_path):
                  "+callbacks.stop._target_=test_sweeps.SigintAtStep", "+callbacks.stop.step=1",
                  *TINY, f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)  # fmt: skip
     assert result.returncode != 0
-    assert (tmp_path / "0").is_dir() and not (tmp_path / "1").exists()  # job 1 never started
+    assert names(tmp_path) == ["0_optimizer.lr=0.001"]  # job 1 never started
+    assert not list(tmp_path.glob("1*"))
     assert not (tmp_path / "summary.json").exists()
 
 
@@ -125,15 +162,16 @@ def test_a_single_run_that_diverges_still_exits_non_zero(tmp_path, capsys):
 def test_a_job_failing_before_it_claims_its_folder_is_recorded_there(tmp_path):
     # job 0 fails on a setting checked before the pipeline claims the folder; job 1's folder
     # holds an earlier run's metrics (a run from before run.json): it is not written to
-    (tmp_path / "1").mkdir()
-    (tmp_path / "1" / "metrics.json").write_text(json.dumps(METRICS))
+    (tmp_path / "1_optimizer.lr=2").mkdir()
+    (tmp_path / "1_optimizer.lr=2" / "metrics.json").write_text(json.dumps(METRICS))
     result = cli("-m", "arch=fcn32s", "scheduler=poly", *TINY, "trainer.max_steps=-1",
                  "stages.fcn32s.max_steps=null", "optimizer.lr=1,2", f"hydra.sweep.dir={tmp_path}",
                  cwd=tmp_path)  # fmt: skip
     assert result.returncode == 1, (result.stdout + result.stderr)[-3000:]
-    record = json.loads((tmp_path / "0" / "run.json").read_text())
+    assert names(tmp_path) == ["0_optimizer.lr=1", "1_optimizer.lr=2"]
+    record = json.loads((tmp_path / "0_optimizer.lr=1" / "run.json").read_text())
     assert record["status"] == "failed" and "has no step or epoch limit" in record["reason"]
-    assert not (tmp_path / "1" / "run.json").exists()
+    assert not (tmp_path / "1_optimizer.lr=2" / "run.json").exists()
     first, second = summary_of(tmp_path)
     assert first["status"] == "failed" and "has no step or epoch limit" in first["reason"]
     assert second["status"] == "failed" and second["reason"] == STALE_METRICS
@@ -213,8 +251,9 @@ def test_summary_orders_jobs_numerically_and_finds_them_by_folder(tmp_path):
     jobs = summary_of(tmp_path)
     assert [j["job"] for j in jobs] == [*map(str, range(12)), "13"]
     assert jobs[10]["overrides"] == ["optimizer.lr=10"] and jobs[-1]["overrides"] == []
-    rows = (tmp_path / "summary.txt").read_text().splitlines()[1:]
+    *rows, last = (tmp_path / "summary.txt").read_text().splitlines()[1:]
     assert [r.split()[0] for r in rows] == [*map(str, range(12)), "13"]
+    assert last == "tie between jobs 1, 3, 5, 7, 9, 11 (val mIoU 0.500)"
 
 
 def test_metrics_older_than_a_job_without_run_json_are_not_its_own(tmp_path):
@@ -255,3 +294,103 @@ def test_summary_of_a_sweep_without_jobs_writes_nothing(tmp_path):
     assert sweep_end(tmp_path).exit_message() is None
     assert not (tmp_path / "summary.json").exists()
     assert read_job(tmp_path / "nope")["status"] == "failed"
+
+
+def test_job_folder_names_are_safe_and_short():
+    assert job_dir(3, "arch=fcn16s,optimizer.lr=0.001") == "3_arch=fcn16s,optimizer.lr=0.001"
+    assert job_dir(0, "") == "0"  # nothing varies (a sweep of one value)
+    assert job_dir(1, "data.root=/data/x,arch.init_from=C:\\a.ckpt") == (
+        "1_data.root=_data_x,arch.init_from=C:_a.ckpt"
+    )
+    long = [job_dir(n, "optimizer.lr=0.001," + "x" * 300) for n in (7, 12)]
+    assert all(len(n) == MAX_NAME and n.endswith("...") for n in long)
+    assert long[0].startswith("7_optimizer.lr=0.001,xx") and long[1].startswith("12_optimizer")
+    assert job_dir(7, "a=1") == job_dir(7, "a=1")  # a resumed sweep finds its folders
+
+
+def test_job_folders_named_by_their_overrides_are_found_in_number_order(tmp_path):
+    make_job(tmp_path, "10_optimizer.lr=0.1", ["optimizer.lr=0.1"], METRICS)
+    make_job(tmp_path, "2_optimizer.lr=0.2", ["optimizer.lr=0.2"], METRICS)
+    make_job(tmp_path, "3", [], METRICS)  # a sweep from before the names
+    (tmp_path / "x_1").mkdir()  # not numbered first: not a job
+    (tmp_path / "x_1" / "run.json").write_text("{}")
+    assert names(tmp_path) == ["2_optimizer.lr=0.2", "3", "10_optimizer.lr=0.1"]
+    assert [j["job"] for j in (sweep_end(tmp_path).jobs or [])] == ["2", "3", "10"]
+
+
+def job(number: str, miou: float | None, status: str = "finished") -> dict:
+    metrics = {} if miou is None else {"fcn32s": {"mIoU": 0.9}, "fcn16s": {"mIoU": miou}}
+    return {"job": number, "overrides": [], "metrics": metrics, "status": status, "reason": None}
+
+
+def test_best_names_one_job_or_a_tie_as_written():
+    # the last stage's mIoU counts; equal to 3 decimals (the table's 0.1 %) is a tie
+    jobs = [job("0", 0.12341), job("1", 0.5, "failed"), job("2", 0.12339), job("3", 0.1)]
+    assert best(jobs) == "tie between jobs 0, 2 (val mIoU 0.123)"
+    assert best([*jobs, job("4", 0.1236)]) == "best: job 4 (val mIoU 0.124)"
+    assert best([job("0", 0.2), job("1", 0.2), job("2", 0.2)]) == (
+        "tie between jobs 0, 1, 2 (val mIoU 0.200)"
+    )
+    assert best([job("0", None), job("1", 0.3, "interrupted")]) is None
+
+
+def test_summary_reports_a_tie_in_its_file_and_on_the_console(tmp_path, capsys):
+    make_job(tmp_path, "0_optimizer.lr=1", ["optimizer.lr=1"], METRICS)
+    make_job(tmp_path, "1_optimizer.lr=2", ["optimizer.lr=2"], METRICS)
+    make_job(tmp_path, "2_optimizer.lr=3", ["optimizer.lr=3"])
+    sweep_end(tmp_path)
+    line = "tie between jobs 0, 1 (val mIoU 0.500)"
+    assert (tmp_path / "summary.txt").read_text().splitlines()[-1] == line
+    assert line in capsys.readouterr().out
+
+
+def sweep_config(overrides: list[str], swept: str | None = None, params=(), drop=()):
+    """train.py's config for ``-m hparams_search=optuna <overrides> <swept>``, Hydra's node
+    included, with ``params`` searched besides the preset's and the ``drop`` ones not."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", ["hparams_search=optuna", *overrides], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.overrides.task += [swept] if swept else []  # as Hydra leaves a sweep's values
+        cfg.hydra.sweeper.params.update(dict(params))
+        for key in drop:
+            del cfg.hydra.sweeper.params[key]
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "idle", "why"),
+    [
+        (["arch=fcn32s"], ["stages.fcn16s.lr_factor", "stages.fcn8s.lr_factor"],
+         "arch=fcn32s trains one stage"),
+        (["arch=fcn8s_atonce"], ["stages.fcn16s.lr_factor", "stages.fcn8s.lr_factor"],
+         "arch=fcn8s_atonce trains one stage"),
+        (["arch=fcn8s", "staged=false"], ["stages.fcn16s.lr_factor", "stages.fcn8s.lr_factor"],
+         "arch=fcn8s staged=false trains one stage"),
+        (["arch=fcn16s"], ["stages.fcn8s.lr_factor"], "arch=fcn16s trains fcn32s, fcn16s"),
+        (["arch=fcn8s"], [], ""),
+        (["arch=fcn16s", "arch.init_from=/runs/a/fcn32s/checkpoints/best.ckpt"],
+         ["stages.fcn8s.lr_factor"], "arch=fcn16s trains one stage, from arch.init_from"),
+        # the search, or the sweep, varies the stages: every param kept
+        (["arch=fcn32s", {"arch": "choice(fcn32s, fcn8s)"}], [], ""),
+        (["arch=fcn32s", "staged=choice(true,false)"], [], ""),
+    ],
+)  # fmt: skip
+def test_optuna_searches_only_keys_acting_on_the_trained_stages(overrides, idle, why, capsys):
+    params = [o for o in overrides if isinstance(o, dict)]
+    swept = [o for o in overrides if isinstance(o, str) and "(" in o]
+    fixed = [o for o in overrides if isinstance(o, str) and "(" not in o]
+    config = sweep_config(fixed, *swept, params=params[0] if params else {})
+    before = list(config.hydra.sweeper.params)
+    OptunaScope().on_multirun_start(config)
+    assert list(config.hydra.sweeper.params) == [k for k in before if k not in idle]
+    said = capsys.readouterr().out
+    assert said == (f"optuna: not searching {', '.join(idle)}: {why}\n" if idle else "")
+
+
+def test_optuna_with_nothing_left_to_search_is_refused_naming_the_keys():
+    config = sweep_config(["arch=fcn32s"], drop=["optimizer.lr", "optimizer.weight_decay"])
+    with pytest.raises(SystemExit, match=r"^Error: .*nothing left to search: "
+                       r"stages.fcn16s.lr_factor, stages.fcn8s.lr_factor do nothing"):  # fmt: skip
+        OptunaScope().on_multirun_start(config)

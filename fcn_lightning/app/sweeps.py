@@ -1,11 +1,15 @@
 """Sweeps (``-m``, Optuna included): a failing job is marked failed and the sweep goes on;
-Ctrl+C or SIGTERM stops it all; the summary at its root and the exit status: docs/TRAINING.md,
-"Several GPUs, SLURM, sweeps"."""
+Ctrl+C or SIGTERM stops it all; the summary at its root (the best job, or a tie) and the exit
+status; job folders named by what the sweep varies (``3_arch=fcn16s,optimizer.lr=0.001``); an
+Optuna search kept to the keys that act on the run: docs/TRAINING.md, "Several GPUs, SLURM,
+sweeps"."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -14,14 +18,16 @@ from typing import Any, ClassVar
 
 import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ..errors import RunFolderError, UserError
-from ..reports import long_form
+from ..errors import ConfigError, RunFolderError, UserError
+from ..reports import headline, long_form
 from . import rundir
 from .common import as_command
+from .stages import CHAIN, entry_of, stages_for
 from .train import RunInterrupted, is_multirun, train
 
 log = logging.getLogger("fcn_lightning")
@@ -38,15 +44,111 @@ RAISE_TO = ("optuna",)
 STOPPED = (KeyboardInterrupt, SIGTERMException, RunInterrupted)  # Ctrl+C, SIGTERM
 
 
+MAX_NAME = 120  # a job folder's name, cut beyond (the job number first keeps names unique)
+JOB_NAME = re.compile(r"(\d+)(_.*)?", re.S)
+EXCLUDE = "hydra.job.config.override_dirname.exclude_keys"
+
+
+def job_dir(num: Any, overrides: str) -> str:
+    """A sweep job's folder name (the resolver ``fcn.job_dir``): ``<num>_<overrides>``, the
+    overrides as ``hydra.job.override_dirname`` writes them, ``/`` made ``_`` (no sub-folders),
+    cut to :data:`MAX_NAME` characters."""
+    name = f"{num}_{overrides}".replace("/", "_").replace("\\", "_") if overrides else str(num)
+    return name if len(name) <= MAX_NAME else name[: MAX_NAME - 3] + "..."
+
+
+OmegaConf.register_new_resolver("fcn.job_dir", job_dir, replace=True)
+
+
+def task_overrides(config: DictConfig) -> list[str]:
+    """The sweep's overrides as typed (``${hydra:job.num}`` left for each job to resolve)."""
+    return list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
+
+
+def name_jobs_by_what_varies(config: DictConfig) -> None:
+    """Leave out of the job folders' names the overrides every job of the sweep shares (not
+    swept, not in ``hydra.sweeper.params``): they join ``exclude_keys``, for each job."""
+    parsed = OverridesParser.create().parse_overrides(task_overrides(config))
+    swept = set(config.hydra.sweeper.get("params") or {})
+    fixed = {o.key_or_group for o in parsed if not o.is_sweep_override()} - swept
+    keys = [*OmegaConf.select(config, EXCLUDE, default=[]), *sorted(fixed)]
+    quoted = ",".join("'" + k.replace("\\", "\\\\").replace("'", "\\'") + "'" for k in keys)
+    with read_write(config.hydra), open_dict(config.hydra):
+        config.hydra.overrides.hydra.append(f"{EXCLUDE}=[{quoted}]")
+        OmegaConf.update(config, EXCLUDE, keys)
+
+
+class OptunaScope(Callback):
+    """Hydra callback (``hparams_search=optuna``): before the sweeper starts, drops from
+    ``hydra.sweeper.params`` the ``stages.*`` keys that do nothing in the stages the run trains,
+    saying so in one line; nothing left to search: refused."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        params = config.hydra.sweeper.get("params") or {}
+        try:
+            idle, why = idle_params(config, list(params))
+        except ConfigError as err:
+            raise SystemExit(f"Error: {err}") from None
+        if idle:
+            print(f"optuna: not searching {', '.join(idle)}: {why}")
+            with read_write(config.hydra), open_dict(config.hydra):
+                for key in idle:
+                    del config.hydra.sweeper.params[key]
+
+
+SHAPE = ("arch", "arch.name", "staged", "arch.init_from", "arch.init_streams")  # which stages
+
+
+def idle_params(cfg: DictConfig, params: list[str]) -> tuple[list[str], str]:
+    """The ``params`` that act on no stage the run trains (``stages.<stage>.*`` of a stage it
+    does not train, a ``lr_factor`` cut it never makes) and why; none where the search (or the
+    sweep) varies what decides the stages. :class:`ConfigError` where no param is left."""
+    task = OverridesParser.create().parse_overrides(task_overrides(cfg))
+    varied = set(params) | {o.key_or_group for o in task if o.is_sweep_override()}
+    if varied & set(SHAPE):
+        return [], ""
+    trained = stages_for(cfg)
+    cuts = {"fusion"} if cfg.arch.get("init_streams") else set()
+    for i, stage in enumerate(trained):  # the cuts into a stage entered from weights it trained
+        if entry_of(cfg, i) not in ("pretrained", "scratch") and stage in CHAIN:
+            cuts |= set(CHAIN[1 : CHAIN.index(stage) + 1])
+    idle = []
+    for key in params:
+        head, stage, setting = [*key.split(".", 2), "", ""][:3]
+        acts = stage in cuts if setting == "lr_factor" else stage in trained
+        if head == "stages" and stage and not acts:
+            idle.append(key)
+    arch = cfg.arch.name
+    if len(trained) > 1:
+        why = f"arch={arch} trains {', '.join(trained)}"
+    elif cfg.arch.get("init_from") or cfg.arch.get("init_streams"):
+        start = "arch.init_from" if cfg.arch.get("init_from") else "arch.init_streams"
+        why = f"arch={arch} trains one stage, from {start}"
+    else:
+        why = f"arch={arch}{'' if cfg.staged else ' staged=false'} trains one stage"
+    if idle and len(idle) == len(params):
+        raise ConfigError(
+            f"hparams_search=optuna: nothing left to search: {', '.join(idle)} do nothing ({why}); "
+            "search other keys (hydra.sweeper.params) or train more stages"
+        )
+    return idle, why
+
+
 class SweepJobFailed(RuntimeError):
     """A sweep job failed (raised to the sweepers of :data:`RAISE_TO`)."""
 
 
 def job_folders(root: Path) -> list[Path]:
-    """The job folders (numbered, holding ``.hydra/`` or ``run.json``) in numeric order."""
-    jobs = [p for p in Path(root).glob("*") if p.is_dir() and p.name.isdigit()]
+    """The job folders (``<num>`` or ``<num>_<overrides>``, holding ``.hydra/`` or ``run.json``)
+    in numeric order."""
+    jobs = [p for p in Path(root).glob("*") if p.is_dir() and JOB_NAME.fullmatch(p.name)]
     jobs = [p for p in jobs if (p / ".hydra").is_dir() or (p / "run.json").exists()]
-    return sorted(jobs, key=lambda p: int(p.name))
+    return sorted(jobs, key=job_number)
+
+
+def job_number(folder: Path) -> int:
+    """A job folder's number, the start of its name."""
+    return int(JOB_NAME.fullmatch(Path(folder).name).group(1))
 
 
 def _read(path: Path) -> tuple[dict[str, Any] | None, str | None]:
@@ -92,7 +194,8 @@ def read_job(folder: Path) -> dict[str, Any]:
     except (OSError, yaml.YAMLError):
         overrides = []
     overrides = [str(o) for o in overrides] if isinstance(overrides, list) else []
-    return {"job": folder.name, "overrides": overrides, "metrics": metrics or {},
+    number = JOB_NAME.fullmatch(folder.name)
+    return {"job": number.group(1) if number else folder.name, "overrides": overrides, "metrics": metrics or {},
             "status": status, "reason": reason}  # fmt: skip
 
 
@@ -116,6 +219,23 @@ def format_summary(jobs: list[dict[str, Any]]) -> list[str]:
             lines.append(f"{job['job']:<5}{job['status'].upper():<14}{'-':>8}{'-':>9}  "
                          f"{varied}{'  ' if varied else ''}({why})")  # fmt: skip
     return lines
+
+
+def best(jobs: list[dict[str, Any]]) -> str | None:
+    """The line naming the finished job with the highest val mIoU (its last stage's), or the
+    jobs that share it as written (3 decimals, the table's 0.1 %): a tie. None: none finished."""
+    scores = {}
+    for job in jobs:
+        with contextlib.suppress(TypeError, KeyError, AttributeError, ValueError, IndexError):
+            if job["status"] == "finished":
+                scores[job["job"]] = f"{headline(list(job['metrics'].values())[-1]):.3f}"
+    if not scores:
+        return None
+    top = max(scores.values(), key=float)
+    tied = [job for job, score in scores.items() if score == top]
+    if len(tied) > 1:
+        return f"tie between jobs {', '.join(tied)} (val mIoU {top})"
+    return f"best: job {tied[0]} (val mIoU {top})"
 
 
 def outcome(jobs: list[dict[str, Any]]) -> str:
@@ -146,6 +266,8 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.root, self.jobs, self.started = Path(config.hydra.sweep.dir), None, time.time()
+        if "overrides" in config.hydra:
+            name_jobs_by_what_varies(config)
         SweepSummary.current = self
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -167,6 +289,7 @@ class SweepSummary(Callback):
             log.warning("sweep summary: no job folder under %s", self.root)
             return self.jobs
         lines, table = format_summary(self.jobs), self.root / "summary.txt"
+        lines += [line] if (line := best(self.jobs)) else []
         (self.root / "summary.json").write_text(json.dumps(self.jobs, indent=2) + "\n")
         table.write_text("\n".join(lines) + "\n")
         print(f"\nSweep summary ({table}):", *lines, outcome(self.jobs), sep="\n")
