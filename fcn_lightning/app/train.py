@@ -42,6 +42,7 @@ from .callbacks import (
 from .checks import check_free_space, check_inputs, check_settings, read_metrics
 from .common import label_report, make_datamodule
 from .console import say
+from .loggers import make_loggers
 from .stages import CUTS, budget, cut, entry_of, selection, stage_lr, stages_for, trainer_settings
 
 log = logging.getLogger("fcn_lightning")
@@ -85,7 +86,24 @@ def run_settings(cfg: DictConfig, plan: Mapping[str, Any]) -> dict[str, Any]:
     data = {k: v for k, v in data.items() if k not in ("_target_", "root")}
     cuts = {into: {"lr_factor": cut(cfg, into)} for into in CUTS}
     stage = {k: plan[k] for k in ("lr_from", "budget_from", "selection")}
-    return {"seed": cfg.seed, "stages": cuts, "data": data, "stage": stage}
+    return {"seed": cfg.seed, "stages": cuts, "data": data, "stage": stage, "swept": swept()}
+
+
+def swept() -> dict[str, Any]:
+    """A sweep job's own settings, those its folder is named by (Hydra's override_dirname keys)."""
+    if not is_multirun():
+        return {}
+    hydra = HydraConfig.get()
+    skip = set(hydra.job.config.override_dirname.exclude_keys)
+    pairs = (o.lstrip("+~").partition("=") for o in hydra.overrides.task)
+    return {k: _number(v) for k, _, v in pairs if k not in skip and not k.startswith("hydra.")}
+
+
+def _number(value: str) -> Any:
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 def stage_plan(cfg: DictConfig, stage: str, index: int, select: tuple[str, str]) -> dict[str, Any]:
@@ -107,7 +125,7 @@ def make_trainer(
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks += [
         ValidationImages(int(cfg.images.panel_size), int(cfg.images.every_n_epochs)),
-        HParamsTab(run_settings(cfg, plan)),
+        HParamsTab(run_settings(cfg, plan), shown=[f"run/swept/{k}" for k in swept()]),
         *choose,
         last_checkpoint(ckpt_dir),
         InterruptCheckpoint(ckpt_dir),
@@ -115,7 +133,7 @@ def make_trainer(
     ]
     if trainer_cfg.get("enable_model_summary", True) is not False:
         callbacks.append(ParameterSummary())  # one line, in place of Lightning's table
-    logger = instantiate(cfg.logger, name=stage, version="") if cfg.get("logger") else False
+    logger = make_loggers(cfg.get("logger"), stage, out)
     return instantiate(
         trainer_cfg,
         logger=logger,
