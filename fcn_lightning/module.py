@@ -108,6 +108,9 @@ class FCNModule(pl.LightningModule):
                 self.metrics[split][head] = HeadMetrics(n, exclude_absent_classes)
         self.results: dict[str, dict[str, dict[str, Any]]] = {}
         self.confmats: dict[str, dict[str, Tensor]] = {}
+        # the data settings it was trained with (plain values: train.py's cfg.data), kept in its
+        # checkpoints as checkpoint["data"]; eval.py evaluates on them unless told other data
+        self.data_record: dict[str, Any] | None = None
 
     def setup(self, stage: str) -> None:
         """Refuse a DataModule whose inputs or normalisation are not this model's."""
@@ -265,9 +268,19 @@ class FCNModule(pl.LightningModule):
     # a resumed run draws the same dropout masks and loss samples as an uninterrupted one
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_states"] = random_state()
+        if self.data_record is not None:
+            checkpoint["data"] = self.data_record
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         set_random_state(checkpoint.get("rng_states"))
+        if self.data_record is None:  # a run's own settings win over those of what it resumes
+            self.data_record = data_record(checkpoint)
+
+
+def data_record(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The data settings a checkpoint was trained with; None for one written without them."""
+    record = checkpoint.get("data")
+    return dict(record) if isinstance(record, Mapping) else None
 
 
 def load_checkpoint(
@@ -291,4 +304,5 @@ def load_checkpoint(
     hparams["model"] = {**hparams["model"], "pretrained": None}  # the checkpoint holds them
     module = FCNModule(**{**hparams, **overrides})
     module.load_state_dict(ckpt["state_dict"])
+    module.data_record = data_record(ckpt)
     return module

@@ -24,6 +24,8 @@ from .stages import (
     STAGES,
     check_protocol,
     check_replaced,
+    entry_of,
+    stage_lr,
     stages_for,
     trainer_args,
     trainer_settings,
@@ -31,10 +33,35 @@ from .stages import (
 
 log = logging.getLogger("fcn_lightning")
 
+PLAIN_TRUNKS = ("vgg16", "alexnet")  # no batch norm: made to start from ImageNet weights
+PAPER_LR = 1e-4  # SGD at this lr or below (the paper's 1e-4; 1e-10 on a summed loss) fine-tunes
+SCRATCH = "arch.backbone=vgg16_bn optimizer=adamw_scratch arch.dropout=0.0"  # the quickstart's
+FORCE_FROM_SCRATCH = "force_from_scratch"  # ++force_from_scratch=true: train it from scratch anyway
+
 
 def _one_of(name: str, value: Any, allowed: Sequence[Any]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+def check_from_scratch(cfg: DictConfig) -> None:
+    """Refuse a recipe made for ImageNet weights (a trunk without batch norm, SGD at the paper's
+    small lr) on random weights: it would train without learning and without a word."""
+    stage = stages_for(cfg)[0]
+    if entry_of(cfg, 0) != "scratch" or cfg.get(FORCE_FROM_SCRATCH):
+        return
+    lr = stage_lr(cfg, stage, "scratch")[0]
+    backbone, solver = cfg.arch.backbone, cfg.optimizer.name
+    if backbone not in PLAIN_TRUNKS or solver != "sgd" or lr > PAPER_LR:
+        return
+    raise ConfigError(
+        f"arch.pretrained=null trains {stage} on arch.backbone={backbone} (no batch norm) from "
+        f"random weights with SGD at lr {lr:g}: that recipe fine-tunes ImageNet weights (the "
+        "paper's), and from random weights it learns next to nothing. Train from scratch as the "
+        f"quickstart does (conf/recipe/synthetic.yaml): {SCRATCH}; or keep the ImageNet weights: "
+        f"arch.pretrained=imagenet; or, to run this recipe from scratch anyway: "
+        f"++{FORCE_FROM_SCRATCH}=true"
+    )
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -52,6 +79,7 @@ def check_settings(cfg: DictConfig) -> None:
         check_protocol(cfg)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    check_from_scratch(cfg)
     lr = float(cfg.optimizer.lr)
     if cfg.loss.reduction == "sum" and lr > 1e-6:
         log.warning(

@@ -1,5 +1,6 @@
-"""What the commands share: exit statuses, the DataModule, a checkpoint loaded, shift-and-stitch,
-the label check's block, and loggers kept quiet while a library works."""
+"""What the commands share: exit statuses, the configs' ``fcn.on_gpu`` resolver, the DataModule,
+a checkpoint loaded, shift-and-stitch, the label check's block, and loggers kept quiet while a
+library works."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import contextlib
 import logging
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -49,9 +51,22 @@ def as_command(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         raise SystemExit(status) from None
 
 
-def make_datamodule(data_cfg: DictConfig, **override: Any) -> SegmentationDataModule:
-    cfg = OmegaConf.to_container(data_cfg, resolve=True)
-    cfg.update(override)
+def on_gpu(accelerator: str, gpu: Any, cpu: Any) -> Any:
+    """``${fcn.on_gpu:${trainer.accelerator},A,B}`` in a config: A where the trainer runs on a GPU
+    (``auto`` with one present, or ``gpu``, ``cuda``, ``mps``), B on the CPU."""
+    if accelerator == "auto":
+        return gpu if torch.cuda.is_available() or torch.backends.mps.is_available() else cpu
+    return cpu if accelerator == "cpu" else gpu
+
+
+OmegaConf.register_new_resolver("fcn.on_gpu", on_gpu, replace=True)  # conf/*/folder.yaml
+
+
+def make_datamodule(data_cfg: Mapping[str, Any], **override: Any) -> SegmentationDataModule:
+    """The DataModule of a ``data`` node (composed, or a checkpoint's record of one)."""
+    if isinstance(data_cfg, DictConfig):
+        data_cfg = OmegaConf.to_container(data_cfg, resolve=True)
+    cfg = {**data_cfg, **override}
     if cfg.get("download") is True:  # data.download=true: the prepare command's code
         cfg["download"] = download
     if cfg.get("root") == "???":

@@ -55,7 +55,7 @@ def make_module(
 ) -> FCNModule:
     arch, optimizer = cfg.arch, OmegaConf.to_container(cfg.optimizer, resolve=True)
     optimizer["lr"] = lr
-    return FCNModule(
+    module = FCNModule(
         {
             "arch": stage,
             "backbone": arch.backbone,
@@ -78,6 +78,8 @@ def make_module(
         channels_last=bool(cfg.perf.channels_last),
         compile=cfg.perf.compile,
     )
+    module.data_record = OmegaConf.to_container(cfg.data, resolve=True)  # eval.py's default data
+    return module
 
 
 def run_settings(cfg: DictConfig, plan: Mapping[str, Any]) -> dict[str, Any]:
