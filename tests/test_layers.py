@@ -8,14 +8,15 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fcn_lightning"
 # a module's name after "fcn_lightning." (its first one or two parts) -> its layer. The library
-# (layers 0-5) has no Hydra import; prepare/ stands on data/; app/ is the Hydra side.
+# (layers 0-5) has no Hydra import; compare reads finished runs' files (reports' forms, no
+# model); prepare/ stands on data/; app/ is the Hydra side.
 LAYERS = {
     "errors": 0,
     "atomic": 1, "contract": 1, "normalization": 1,
     "reports": 2, "checkpoints": 2,
     "models": 3,
     "data": 4,
-    "metrics": 5, "optim": 5, "module": 5,
+    "metrics": 5, "optim": 5, "module": 5, "compare": 5,
     "prepare": 6,
     "app": 7,
     "bench": 8,
@@ -23,7 +24,7 @@ LAYERS = {
 # the commands that start from a checkpoint, and the training run they never import
 COMMANDS = ("app.evaluate", "app.predict", "app.export", "app.common")
 TRAINING = ("app.train", "app.stages", "app.checks", "app.sweeps",
-            "app.rundir", "app.board", "app.callbacks")  # fmt: skip
+            "app.rundir", "app.board", "app.callbacks", "app.loggers")  # fmt: skip
 
 
 def modules() -> dict[str, Path]:
