@@ -204,6 +204,7 @@ class ValidationImages(Callback):
     def __init__(self, panel_size: int = 4, every_n_validations: int = 1) -> None:
         self.panel_size, self.every = int(panel_size), int(every_n_validations)
         self.validation_runs, self._drawing, self._rows = 0, False, []
+        self._logged_at: int | None = None  # the step of the last figures sent to the loggers
 
     def state_dict(self) -> dict[str, Any]:
         return {"validation_runs": self.validation_runs}
@@ -238,7 +239,13 @@ class ValidationImages(Callback):
             return
         self.validation_runs += 1
         if self._drawing:
-            to_loggers = trainer.loggers if trainer.state.fn != TrainerFn.VALIDATING else []
+            # the chosen checkpoint's validation (outside fit) reaches the loggers only where the
+            # fit drew none at this step: a stage shorter than its validation interval
+            fitting = trainer.state.fn != TrainerFn.VALIDATING
+            to_loggers = (
+                trainer.loggers if fitting or self._logged_at != trainer.global_step else []
+            )
+            self._logged_at = trainer.global_step if to_loggers else self._logged_at
             folder = Path(trainer.default_root_dir) / "figures"
             for head, name, fig in self.figures(trainer, pl_module):
                 image = figure_rgb(fig)
