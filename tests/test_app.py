@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import CONF, NO_DATA, TINY, cfg_of, run
+from helpers import CONF, NO_DATA, TINY, cfg_of
+from helpers.launcher import cli
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
@@ -231,10 +232,11 @@ def test_missing_dataset_fails_before_training(tmp_path):
 
 
 # --------------------------------------------------------------------------- subprocesses
+# each train.py command a process of its own, forked from helpers.launcher's server (which has
+# imported what train.py imports: seconds a command need not pay again)
 def test_cli_staged_chain_transfers_best_checkpoint(tmp_path):
     # fcn16s trains 0 steps: its checkpoint holds exactly the weights it started from
-    result = run(
-        "train.py",
+    result = cli(
         "arch=fcn16s",
         *TINY,
         "trainer.max_steps=-1",  # each stage its own budget: fcn32s 1 step, fcn16s none
@@ -256,8 +258,7 @@ def test_cli_staged_chain_transfers_best_checkpoint(tmp_path):
 
 
 def test_cli_multirun_writes_job_folders_and_summary(tmp_path):
-    result = run(
-        "train.py",
+    result = cli(
         "-m",
         "arch=fcn32s",
         "optimizer.lr=1e-3,1e-4",
@@ -266,7 +267,9 @@ def test_cli_multirun_writes_job_folders_and_summary(tmp_path):
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    for job in ("0", "1"):
+    jobs = ["0_optimizer.lr=0.001", "1_optimizer.lr=0.0001"]  # named by what the sweep varies
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name[0].isdigit()) == jobs
+    for job in jobs:
         assert (tmp_path / job / "metrics.json").is_file()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [j["job"] for j in summary] == ["0", "1"]
@@ -276,8 +279,7 @@ def test_cli_multirun_writes_job_folders_and_summary(tmp_path):
 
 def test_cli_optuna_search_runs_trials(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    result = run(
-        "train.py",
+    result = cli(
         "-m",
         "hparams_search=optuna",
         "hydra.sweeper.n_trials=2",
@@ -301,7 +303,7 @@ def test_cli_optuna_search_runs_trials(tmp_path):
     ],
 )
 def test_cli_config_mistakes_give_hydra_errors(tmp_path, override, message):
-    result = run("train.py", override, f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    result = cli(override, f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr

@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from helpers.launcher import cli
 
 from fcn_lightning.app.console import (
     ConsoleFilter,
@@ -119,7 +120,14 @@ def test_eval_console_has_its_table_and_no_warning_of_the_projects_making(quiet_
 
 
 def test_verbose_logging_prints_everything_on_the_console(tmp_path):
-    console, out = train(tmp_path, "arch=fcn32s", "hydra/job_logging=verbose")
+    # a process forked from helpers.launcher's server (train.py's imports done; warnings ignored,
+    # which takes nothing away from what this test looks for: the records verbose logging prints)
+    out = tmp_path / "run"
+    done = cli(
+        *TINY, "arch=fcn32s", "hydra/job_logging=verbose", f"hydra.run.dir={out}", cwd=tmp_path
+    )
+    console = done.stdout + done.stderr
+    assert done.returncode == 0, console[-3000:]
     assert "GPU available" in console and "[fcn_lightning][INFO] - [1/1] fcn32s" in console
     assert "GPU available" in (out / "train.log").read_text()
 

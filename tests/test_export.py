@@ -14,7 +14,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import ROOT, cfg_of, run
+from helpers import ROOT, cfg_of
+from helpers.launcher import commands
 from PIL import Image
 
 import fcn_lightning.app.export as export_module
@@ -422,7 +423,9 @@ def test_without_onnx_the_message_says_what_to_install(tmp_path, monkeypatch):
 def test_the_command_line(tmp_path):
     ckpt = checkpoint(tmp_path / "net.ckpt", arch="fcn8s_atonce", geometry="same")
     out = tmp_path / "new" / "folder" / "net.onnx"
-    result = run("export.py", f"ckpt_path={ckpt}", "format=onnx", f"output={out}", cwd=tmp_path)
+    # a process of its own, forked from helpers.launcher's server (train.py's imports done)
+    args = [f"ckpt_path={ckpt}", "format=onnx", f"output={out}"]
+    (result,) = commands([ROOT / "export.py", *args], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "input 2x3x112x74 (random), head out: output (2, 21, 112, 74)" in result.stdout
     assert "written: " in result.stdout and not result.stderr.strip()

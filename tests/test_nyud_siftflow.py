@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
-from helpers import TINY_NOSYN, cfg_of, run
+from helpers import ROOT, TINY_NOSYN, cfg_of
 from helpers.datasets import SIFT_SUBDIR, one_head, write_nyud, write_siftflow
+from helpers.launcher import commands
 from PIL import Image
 
 from fcn_lightning.app.evaluate import evaluate
@@ -140,8 +141,15 @@ def test_late_fusion_composed_from_two_single_modality_checkpoints(tmp_path):
 def test_rgbd_initial_conv1_equals_rgb_net_with_zero_depth(tmp_path):
     import torchvision
 
+    with torch.device("meta"):  # the layout alone: no weights made
+        layout = {k: v.shape for k, v in torchvision.models.vgg16().state_dict().items()}
+    # a VGG16 file whose conv1 is random: the only layer compared; the others zeros, one stored
+    # number each (expanded to their shapes)
+    state = {k: torch.zeros(()).expand(shape) for k, shape in layout.items()}
+    state["features.0.weight"] = torch.randn(layout["features.0.weight"]) * 0.1
+    state["features.0.bias"] = torch.randn(layout["features.0.bias"]) * 0.1
     path = tmp_path / "vgg16.pth"
-    torch.save(torchvision.models.vgg16().state_dict(), path)
+    torch.save(state, path)
     rgb = build_fcn("fcn32s", pretrained=path, geometry="same").trunk.conv1_1
     rgbd = build_fcn("fcn32s", pretrained=path, geometry="same", in_channels=4).trunk.conv1_1
     x = torch.randn(1, 3, 16, 16)
@@ -274,15 +282,18 @@ def test_train_nyud_fcn16s(nyud, tmp_path):
 
 
 def test_cli_train_siftflow_fcn16s_two_heads(sift, tmp_path):
-    result = run(
-        "train.py",
-        "arch=fcn16s",
-        "data=siftflow",
-        f"data.root={sift}",
-        *TINY_NOSYN,
-        "trainer.max_steps=2",  # a whole epoch: a validation during training draws the curves
-        "exclude_absent_classes=true",
-        f"hydra.run.dir={tmp_path / 'run'}",
+    # a process of its own, forked from helpers.launcher's server (train.py's imports done)
+    (result,) = commands(
+        [
+            ROOT / "train.py",
+            "arch=fcn16s",
+            "data=siftflow",
+            f"data.root={sift}",
+            *TINY_NOSYN,
+            "trainer.max_steps=2",  # a whole epoch: a validation during training draws the curves
+            "exclude_absent_classes=true",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]

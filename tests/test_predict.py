@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import cfg_of, run
+from helpers import ROOT, cfg_of
+from helpers.launcher import commands
 from PIL import Image
 from torchvision import tv_tensors
 
@@ -339,13 +340,16 @@ def test_cli_exits_non_zero_naming_unreadable_images(ckpt, tmp_path):
     save(photos / "good.jpg")
     (photos / "broken.png").write_text("not an image\n")
     out = tmp_path / "pred"
-    result = run(
-        "predict.py",
-        f"ckpt_path={ckpt}",
-        f"input={photos}",
-        f"output={out}",
-        "device=cpu",
-        f"hydra.run.dir={tmp_path / 'run'}",
+    # a process of its own, forked from helpers.launcher's server (train.py's imports done)
+    (result,) = commands(
+        [
+            ROOT / "predict.py",
+            f"ckpt_path={ckpt}",
+            f"input={photos}",
+            f"output={out}",
+            "device=cpu",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
         cwd=tmp_path,
     )
     assert result.returncode == 1, result.stderr[-3000:]

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import NO_DATA, TINY, cfg_of, run
+from helpers import NO_DATA, TINY, cfg_of
 from helpers.datasets import write_nyud
+from helpers.launcher import cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fcn_lightning.app.checks import check_settings
@@ -223,7 +224,7 @@ def test_a_stage_alone_takes_other_trainer_arguments(caplog):
 
 
 def test_a_replaced_key_on_the_command_line_is_refused_before_hydra(tmp_path):
-    done = run("train.py", "stage_lr_factor=0.5", "arch=fcn32s", cwd=tmp_path)
+    done = cli("stage_lr_factor=0.5", "arch=fcn32s", cwd=tmp_path)  # forked: helpers.launcher
     assert done.returncode == 1, done.stderr[-2000:]
     assert "Error: stage_lr_factor was replaced: use stages.fcn16s.lr_factor=0.5" in done.stderr
     assert not any(tmp_path.iterdir())  # no run folder, no outputs/

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import NO_DATA, RESUMABLE, ROOT, TINY, cfg_of, final_state, run
+from helpers import NO_DATA, RESUMABLE, ROOT, TINY, cfg_of, final_state
+from helpers.launcher import cli, commands
 from PIL import Image
 
 from fcn_lightning.app.callbacks import AtomicCheckpointIO
@@ -23,13 +24,22 @@ from fcn_lightning.errors import RunInterrupted, TrainingDiverged
 # 16 images of 32 px, batch 4: 4 steps an epoch, 2 epochs; dropout on so the random state matters
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The uninterrupted RESUMABLE run the interrupted ones are compared with (deterministic:
+    made once per test process, only read)."""
+    out = tmp_path_factory.mktemp("straight")
+    train(cfg_of("config", RESUMABLE, out))
+    return out
+
+
+@pytest.mark.xdist_group("reliability_straight")  # one worker computes the module fixture once
 @pytest.mark.parametrize("epoch, step", [(1, 6), (0, 2)])  # mid-epoch, in the first one too
-def test_sigterm_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, epoch, step):
-    straight = tmp_path / "straight"
-    train(cfg_of("config", RESUMABLE, straight))
+def test_sigterm_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, straight, epoch, step):
     killed = tmp_path / "killed"
     with pytest.raises(
-        RunInterrupted, match=rf"stopped by SIGTERM at epoch {epoch}, step {step};[\s\S]*resume=true"
+        RunInterrupted,
+        match=rf"stopped by SIGTERM at epoch {epoch}, step {step};[\s\S]*resume=true",
     ):
         train(
             cfg_of(
@@ -54,11 +64,12 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, epoch,
     )
 
 
+@pytest.mark.xdist_group("reliability_straight")  # one worker computes the module fixture once
 @pytest.mark.parametrize("signal_callback", ["SigtermAtStep", "CtrlCAtStep"])
-def test_interrupt_at_an_epoch_end_then_resume_equals_uninterrupted_run(tmp_path, signal_callback):
+def test_interrupt_at_an_epoch_end_then_resume_equals_uninterrupted_run(
+    tmp_path, straight, signal_callback
+):
     # step 4 is the last of epoch 0 (4 steps per epoch): the stop lands on the epoch boundary
-    straight = tmp_path / "straight"
-    train(cfg_of("config", RESUMABLE, straight))
     killed = tmp_path / "killed"
     kill = [f"+callbacks.kill._target_=interrupts.{signal_callback}", "+callbacks.kill.step=4"]
     with pytest.raises(RunInterrupted, match=r"step 4;[\s\S]*resume=true"):
@@ -170,7 +181,8 @@ def test_ddp_validation_metrics_equal_single_process(tmp_path, monkeypatch):
     with monkeypatch.context() as m:  # one process: this one
         m.setattr(sys, "argv", ["ddp_validate.py", "1", str(tmp_path / "1.json")])
         ddp_validate.main()
-    result = run("tests/ddp_validate.py", "2", str(tmp_path / "2.json"), cwd=ROOT)
+    # a process of its own, forked from helpers.launcher's server (train.py's imports done)
+    (result,) = commands([ROOT / "tests/ddp_validate.py", "2", tmp_path / "2.json"], cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     one = json.loads((tmp_path / "1.json").read_text())
     two = json.loads((tmp_path / "2.json").read_text())
@@ -180,7 +192,7 @@ def test_ddp_validation_metrics_equal_single_process(tmp_path, monkeypatch):
 
 def test_cli_ddp_two_cpu_processes_write_one_run_folder(tmp_path):
     overrides = [o for o in TINY if not o.startswith(("data.train_size", "data.batch_size"))]
-    result = run("train.py", "arch=fcn16s", *overrides, "data.train_size=8", "data.batch_size=2", "trainer=ddp",
+    result = cli("arch=fcn16s", *overrides, "data.train_size=8", "data.batch_size=2", "trainer=ddp",
                  "trainer.accelerator=cpu", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)  # fmt: skip
     # trainer=ddp asks for sync batch norm, which works on GPUs only: off on the CPU
     assert result.returncode == 0, result.stderr[-3000:]
@@ -362,27 +374,27 @@ BAD = {
         r"data.num_classes=3 disagrees with the 2 classes in .*classes.txt",
     ),
     "folder with colour labels": (
-        lambda t, r: ("train", ["data=folder", f"data.root={_folder_rgb_labels(t)}", "arch.pretrained=null", *NO_DATA], t / "run"),
+        lambda t, r: ("train", ["data=folder", f"data.root={_folder_rgb_labels(t)}", "arch.pretrained=null", "arch.backbone=vgg16_bn", *NO_DATA], t / "run"),
         r"label .*a.png is a RGB image; labels must be palette",
     ),
     "label out of range in the val split": (
-        lambda t, r: ("train", [*VOC, f"data.root={_voc_bad_label(t, 'val', 40)}", "arch.pretrained=null", *NO_DATA], t / "run"),
+        lambda t, r: ("train", [*VOC, f"data.root={_voc_bad_label(t, 'val', 40)}", "arch.pretrained=null", "arch.backbone=vgg16_bn", *NO_DATA], t / "run"),
         r"split 'val'[\s\S]*c.png[\s\S]*40",
     ),
     "16-bit label over 255": (
-        lambda t, r: ("train", [*VOC, f"data.root={_voc_bad_label(t, 'train', 300)}", "arch.pretrained=null", *NO_DATA], t / "run"),
+        lambda t, r: ("train", [*VOC, f"data.root={_voc_bad_label(t, 'train', 300)}", "arch.pretrained=null", "arch.backbone=vgg16_bn", *NO_DATA], t / "run"),
         r"a.png[\s\S]*300",
     ),
     "label_map to a value out of range": (
-        lambda t, r: ("train", [*VOC, f"data.root={_write_voc(t)}", "data.label_map={255: 30}", "arch.pretrained=null", *NO_DATA], t / "run"),
+        lambda t, r: ("train", [*VOC, f"data.root={_write_voc(t)}", "data.label_map={255: 30}", "arch.pretrained=null", "arch.backbone=vgg16_bn", *NO_DATA], t / "run"),
         r"30",
     ),
     "folder image id with two files": (
-        lambda t, r: ("train", ["data=folder", f"data.root={_two_files(t)}", "arch.pretrained=null", *NO_DATA], t / "run"),
+        lambda t, r: ("train", ["data=folder", f"data.root={_two_files(t)}", "arch.pretrained=null", "arch.backbone=vgg16_bn", *NO_DATA], t / "run"),
         r"image id 'a' has 2 files: .*a.jpg, .*a.png",
     ),
     "folder label turned by 90 degrees": (
-        lambda t, r: ("train", ["data=folder", f"data.root={_turned(t)}", "arch.pretrained=null", "data.batching=whole", "data.batch_size=1", *NO_DATA], t / "run"),
+        lambda t, r: ("train", ["data=folder", f"data.root={_turned(t)}", "arch.pretrained=null", "arch.backbone=vgg16_bn", "data.batching=whole", "data.batch_size=1", *NO_DATA], t / "run"),
         r"turned by 90 degrees[\s\S]*EXIF orientation",
     ),
     "nyud root missing": (
@@ -610,12 +622,11 @@ def test_bad_input_table(tmp_path, finished_run, case):
 
 def test_local_submitit_sweep(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    result = run("train.py", "-m", "hydra/launcher=local", "hydra.launcher.cpus_per_task=1", "arch=fcn32s",
+    result = cli("-m", "hydra/launcher=local", "hydra.launcher.cpus_per_task=1", "arch=fcn32s",
                  "optimizer.lr=1e-3,1e-4", *TINY, f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "0" / "metrics.json").is_file() and (
-        tmp_path / "1" / "metrics.json"
-    ).is_file()
+    for job in ("0_optimizer.lr=0.001", "1_optimizer.lr=0.0001"):  # named by what varies
+        assert (tmp_path / job / "metrics.json").is_file()
     assert len(json.loads((tmp_path / "summary.json").read_text())) == 2
 
 

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY, cfg_of, run
+from helpers import ROOT, TINY, cfg_of
+from helpers.launcher import commands
 from PIL import Image
 from torchvision import tv_tensors
 
 from fcn_lightning.app.common import as_command, load_module
 from fcn_lightning.app.evaluate import evaluate
 from fcn_lightning.app.predict import MANIFEST, predict
-from fcn_lightning.app.train import train
 from fcn_lightning.data import eval_transforms, read_image
 from fcn_lightning.errors import ConfigError
 from fcn_lightning.models import FCNHead, Tap, Trunk, build_fcn, upsampler
@@ -264,16 +264,16 @@ def test_wrapper_keeps_what_module_and_panels_read():
 
 # --------------------------------------------------------------------------- predict.py
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    """A tiny FCN-16s checkpoint whose score layers are random (not a step away from zero)."""
-    out = tmp_path_factory.mktemp("run")
-    train(cfg_of("config", ["arch=fcn16s", *TINY], out))
+def ckpt(tiny_run, tmp_path_factory) -> Path:
+    """A tiny FCN-16s checkpoint whose score layers are random (not a step away from zero): the
+    shared tiny run's (conftest: arch=fcn16s and helpers.TINY), changed in a copy."""
+    out, _ = tiny_run
     state = torch.load(out / "fcn16s" / "checkpoints" / "best.ckpt", weights_only=True)
     generator = torch.Generator().manual_seed(0)
     for key, value in state["state_dict"].items():
         if ".score_" in key:
             value.copy_(torch.randn(value.shape, generator=generator))
-    path = out / "random_scores.ckpt"
+    path = tmp_path_factory.mktemp("stitch") / "random_scores.ckpt"
     torch.save(state, path)
     return path
 
@@ -296,8 +296,10 @@ def test_predict_cli_with_shift_stitch(ckpt, tmp_path, capsys):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(photos / name)
     out = tmp_path / "pred"
     args = [f"ckpt_path={ckpt}", f"input={photos}", f"output={out}", "device=cpu"]
-    result = run(
-        "predict.py", *args, "shift_stitch=2", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path
+    # a process of its own, forked from helpers.launcher's server (train.py's imports done)
+    (result,) = commands(
+        [ROOT / "predict.py", *args, "shift_stitch=2", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "shift_stitch=2: shift-and-stitch, 4 forwards per image" in result.stdout

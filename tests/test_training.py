@@ -131,6 +131,7 @@ def trainer(tmp_path, panels: ValidationImages | None = None, **kw) -> pl.Traine
         "log_every_n_steps": 1,
         "num_sanity_val_steps": 0,
         "deterministic": True,
+        "default_root_dir": tmp_path,  # the figures' PNGs go to <it>/figures
     } | kw
     return pl.Trainer(**kw)
 
@@ -155,9 +156,10 @@ def test_tiny_fit_writes_every_tensorboard_tag(tmp_path):
     assert {"lr-AdamW/weights", "lr-AdamW/biases"} <= scalars  # the groups say what they are
     assert len(events.Scalars("val/mIoU")) == 2  # one per epoch
     images = set(events.Tags()["images"])
-    assert {"val/predictions", "val/confusion_matrix"} <= images
-    panel = events.Images("val/predictions")[-1]
-    assert panel.width == 3 * 48 and panel.height == 4 * 48  # input | truth | prediction, 4 rows
+    assert {"val/predictions", "val/confusion_matrix", "val/per_class_IoU"} <= images
+    panel = events.Images("val/predictions")[-1]  # a labelled figure (tests/test_board.py)
+    assert panel.width >= 400 and panel.height >= 200
+    assert (tmp_path / "figures" / "predictions.png").is_file()
     hparams = [
         p for p in events.summary_metadata.values() if p.plugin_data.plugin_name == "hparams"
     ]
@@ -212,9 +214,12 @@ def test_overfit_handful_of_synthetic_images():
         val_batch_size=4,
         thickness=6.0,
     )
-    module = tiny_module(scheduler={"name": "poly"})
+    # AdamW at 1e-2 (not tiny_module's 3e-3): the fit in 200 steps, not 350 (mIoU 0.92 either way)
+    module = tiny_module(
+        scheduler={"name": "poly"}, optimizer={"name": "adamw", "lr": 1e-2, "weight_decay": 0.0}
+    )
     t = pl.Trainer(
-        max_steps=350,
+        max_steps=200,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -359,8 +364,8 @@ def test_panel_takes_validation_images_of_different_sizes(tmp_path):
     t = trainer(tmp_path, max_epochs=1, panels=ValidationImages(panel_size=3))
     t.fit(module, data)
     (panel,) = _panels(t)
-    # rows padded on the right to the widest (3 x 40), stacked: 24 + 40 + 20 rows
-    assert (panel.width, panel.height) == (3 * 40, 24 + 40 + 20)
+    # three images of three sizes in one labelled figure (its layout: tests/test_board.py)
+    assert panel.width >= 400 and (tmp_path / "figures" / "predictions.png").is_file()
 
 
 @pytest.mark.parametrize(
