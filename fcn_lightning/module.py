@@ -108,9 +108,7 @@ class FCNModule(pl.LightningModule):
                 self.metrics[split][head] = HeadMetrics(n, exclude_absent_classes)
         self.results: dict[str, dict[str, dict[str, Any]]] = {}
         self.confmats: dict[str, dict[str, Tensor]] = {}
-        # the data settings it was trained with (plain values: train.py's cfg.data), kept in its
-        # checkpoints as checkpoint["data"]; eval.py evaluates on them unless told other data
-        self.data_record: dict[str, Any] | None = None
+        self.data_record: dict[str, Any] | None = None  # its data settings: checkpoint["data"]
 
     def setup(self, stage: str) -> None:
         """Refuse a DataModule whose inputs or normalisation are not this model's."""
@@ -273,14 +271,6 @@ class FCNModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         set_random_state(checkpoint.get("rng_states"))
-        if self.data_record is None:  # a run's own settings win over those of what it resumes
-            self.data_record = data_record(checkpoint)
-
-
-def data_record(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The data settings a checkpoint was trained with; None for one written without them."""
-    record = checkpoint.get("data")
-    return dict(record) if isinstance(record, Mapping) else None
 
 
 def load_checkpoint(
@@ -304,5 +294,6 @@ def load_checkpoint(
     hparams["model"] = {**hparams["model"], "pretrained": None}  # the checkpoint holds them
     module = FCNModule(**{**hparams, **overrides})
     module.load_state_dict(ckpt["state_dict"])
-    module.data_record = data_record(ckpt)
+    record = ckpt.get("data")  # the data settings it was trained with (eval.py's default)
+    module.data_record = dict(record) if isinstance(record, Mapping) else None
     return module
