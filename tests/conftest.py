@@ -6,7 +6,11 @@ from helpers import TINY, cfg_of
 
 from fcn_lightning.app.train import train
 
-# one thread per test process under pytest-xdist (-n 2 on 2 cores), else both cores
+# one thread per test process under pytest-xdist (-n 2 on 2 cores), else both cores; the same
+# for the commands the tests start (train.py, the sweeps' jobs): more threads than cores, each
+# waiting on the others, cost several times the CPU
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
@@ -15,10 +19,13 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(autouse=True)
-def _label_cache(tmp_path_factory, monkeypatch):
-    # the label check's cache goes to a test folder, never the user's home
-    monkeypatch.setenv("FCN_LIGHTNING_CACHE", str(tmp_path_factory.getbasetemp() / "label-cache"))
+@pytest.fixture(autouse=True, scope="session")
+def _label_cache(tmp_path_factory):
+    # the label check's cache goes to a test folder, never the user's home (also for the runs
+    # that module- and session-scoped fixtures train, set up before any test's own fixtures)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FCN_LIGHTNING_CACHE", str(tmp_path_factory.getbasetemp() / "label-cache"))
+        yield
 
 
 @pytest.fixture(scope="session")
