@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import functools
 import importlib
+import re
 import urllib.error
 from pathlib import Path
 
@@ -12,10 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers import cfg_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fcn_lightning.models as models_pkg
+from fcn_lightning.app.checks import check_settings
 from fcn_lightning.models import (
     ARCHS,
     FCNHead,
@@ -360,8 +363,11 @@ def test_offline_imagenet_weights_give_clear_error(monkeypatch, tmp_path):
     )
     with pytest.raises(
         PretrainedWeightsUnavailable, match=r"vgg16-397923af\.pth[\s\S]*arch\.pretrained="
-    ):
+    ) as offline_error:
         build_fcn("fcn32s", width=TINY, pretrained="imagenet")
+    # its from-scratch advice is a recipe that runs (not one refused as learning nothing)
+    scratch = re.search(r"from scratch .*?: (arch\.pretrained=null.*)$", str(offline_error.value))
+    check_settings(cfg_of("config", ["data=folder", "data.root=/d", *scratch.group(1).split()]))
 
 
 def test_bad_pretrained_files(tmp_path):

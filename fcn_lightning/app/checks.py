@@ -19,6 +19,7 @@ from ..errors import ConfigError
 from ..models import ARCHS, BACKBONES, GEOMETRIES
 from ..module import FCNModule
 from ..optim import check_optimizer, check_scheduler
+from .loggers import logger_classes
 from .stages import (
     PROTOCOL_KEYS,
     STAGES,
@@ -80,6 +81,7 @@ def check_settings(cfg: DictConfig) -> None:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     check_from_scratch(cfg)
+    logger_classes(cfg.get("logger"))  # a logger whose package is missing: named before any work
     lr = float(cfg.optimizer.lr)
     if cfg.loss.reduction == "sum" and lr > 1e-6:
         log.warning(
