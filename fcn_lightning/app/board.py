@@ -291,21 +291,28 @@ class ValidationImages(Callback):
         return torch.cat(groups, dim=2)
 
 
-# The columns TensorBoard's HParams table opens with (it shows those marked as differing)
-SHOWN = ("model/arch", "model/backbone", "model/geometry", "optimizer/name", "optimizer/lr",
+# The columns TensorBoard's HParams table opens with, in this order after a sweep's own keys: it
+# shows the first MAX_SHOWN of those marked as differing, and no more
+SHOWN = ("model/arch", "optimizer/lr", "model/backbone", "optimizer/name", "model/geometry",
          "run/seed")  # fmt: skip
+MAX_SHOWN = 5
 
 
 @rank_zero_only  # as the logger's own methods: other processes have no event file
 def write_hparams(
     logger: TensorBoardLogger, params: dict[str, Any], metrics: dict, shown: Sequence[str] = SHOWN
 ) -> None:
-    """What ``logger.log_hyperparams(params, metrics)`` writes, with ``shown`` marked as the
-    columns to show (Lightning marks none: TensorBoard then shows the first five by name)."""
+    """What ``logger.log_hyperparams(params, metrics)`` writes, with the first :data:`MAX_SHOWN`
+    of ``shown`` (those in ``params``) marked as the columns to show, listed first in that order
+    (Lightning marks none: TensorBoard then shows the first five by name)."""
     logger.log_hyperparams(params)  # hparams.yaml; without metrics no summary is written
     experiment, start, end = hparams_summaries(params, metrics)
     value = experiment.value[0]
     content = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    shown = [name for name in dict.fromkeys(shown) if name in params][:MAX_SHOWN]
+    infos = sorted(content.experiment.hparam_infos, key=lambda i: shown.index(i.name) if i.name in shown else len(shown))  # fmt: skip
+    del content.experiment.hparam_infos[:]
+    content.experiment.hparam_infos.extend(infos)
     for info in content.experiment.hparam_infos:
         info.differs = info.name in shown
     value.metadata.plugin_data.content = content.SerializeToString()
@@ -333,11 +340,11 @@ class HParamsTab(Callback):
     """The module's hyper-parameters (not the contract nor the input statistics) and ``run``
     settings (seed, data: what a sweep varies) against ``hp/<metric>`` (``hp/<head>/<metric>``
     per head), written after each validation, to every logger: TensorBoard's HParams tab opens
-    on the :data:`SHOWN` columns and ``shown`` (flat ``a/b`` names, e.g. a sweep's
-    ``run/swept/<key>``); other loggers get them as hyper-parameters and metrics."""
+    on ``shown`` (flat ``a/b`` names, e.g. a sweep's ``run/swept/<key>``), then the
+    :data:`SHOWN` columns; other loggers get them as hyper-parameters and metrics."""
 
     def __init__(self, run: Mapping[str, Any] | None = None, shown: Sequence[str] = ()) -> None:
-        self.run, self.shown = dict(run or {}), (*SHOWN, *shown)
+        self.run, self.shown = dict(run or {}), (*shown, *SHOWN)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         hidden = ("contract", "input_normalization")  # lists of names and numbers
