@@ -24,6 +24,8 @@ from fcn_lightning.app.train import train
 from fcn_lightning.contract import METRIC_NAMES
 from fcn_lightning.reports import METRIC_TITLES
 
+pytestmark = pytest.mark.xdist_group("experiments_lab")  # one worker trains the module's runs once
+
 CLASSES = ("background", "cat", "dog", "car")
 # the from-scratch recipe, tiny: a batch-norm trunk at 1/16 width, AdamW, crops of 32 px
 OWN = ["data=folder", "data.num_workers=0", "data.batch_size=2", "data.val_batch_size=2",

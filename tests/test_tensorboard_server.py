@@ -25,6 +25,8 @@ from fcn_lightning.contract import METRIC_NAMES
 from fcn_lightning.module import load_checkpoint
 from fcn_lightning.reports import tag
 
+pytestmark = pytest.mark.xdist_group("tensorboard_runs")  # one worker trains the module's runs once
+
 # the callbacks users get (the learning-rate monitor among them), not TINY's callbacks=none
 USERS = ["callbacks=default"]
 STAGED = [*TINY, *USERS]
