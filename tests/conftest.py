@@ -2,7 +2,7 @@ import os
 
 import pytest
 import torch
-from helpers import TINY, cfg_of
+from helpers import FIGURES, TINY, cfg_of
 
 from fcn_lightning.app.train import train
 
@@ -30,10 +30,11 @@ def _label_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """One tiny staged run (FCN-32s -> FCN-16s), trained once per test process and shared by
-    the test files: (run folder, the score train returned). Read it; copy it to change it."""
+    """One tiny staged run (FCN-32s -> FCN-16s), with its figures, trained once per test process
+    and shared by the test files: (run folder, the score train returned). Read it; copy it to
+    change it."""
     out = tmp_path_factory.mktemp("tiny_run")
-    return out, train(cfg_of("config", ["arch=fcn16s", *TINY], out))
+    return out, train(cfg_of("config", ["arch=fcn16s", *TINY, FIGURES], out))
 
 
 @pytest.fixture(scope="session")
@@ -41,5 +42,5 @@ def tiny_run32(tmp_path_factory):
     """One tiny finished FCN-32s run (no stages), trained once per test process: its run folder.
     Read it; copy it to change it."""
     out = tmp_path_factory.mktemp("tiny_run32")
-    train(cfg_of("config", [*TINY, "arch=fcn32s"], out))
+    train(cfg_of("config", [*TINY, "arch=fcn32s", FIGURES], out))  # as tiny_run, one stage
     return out

@@ -273,7 +273,7 @@ def test_two_headed_run_draws_each_head(tmp_path):
     overrides = [*NO_DATA, "arch=fcn32s", "data=siftflow", f"data.root={sift}",
                  "data.num_workers=0", "data.batch_size=1", "data.val_batch_size=1",
                  "data.batching=pad", "arch.pretrained=null", "arch.geometry=same",
-                 "loss.reduction=mean", "optimizer.lr=1e-3"]  # fmt: skip
+                 "loss.reduction=mean", "optimizer.lr=1e-3", "images.every_n_epochs=1"]  # fmt: skip
     out = tmp_path / "run"
     train(cfg_of("config", overrides, out))
     names = {p.name for p in (out / "fcn32s" / "figures").iterdir()}

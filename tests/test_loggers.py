@@ -24,8 +24,8 @@ from fcn_lightning.errors import ConfigError, RunInterrupted
 
 STAGES = ("fcn32s", "fcn16s")
 KILLED_AT = 1  # the step of fcn16s that SIGTERM stops; resume=true trains it on to 2
-# 8 images, batch 4: one epoch of 2 steps, then its validation; no figures (not the point, slow)
-SMALL = [*TINY, "data.train_size=8", "trainer.max_steps=2", "images.every_n_epochs=0",
+# 8 images, batch 4: one epoch of 2 steps, then its validation (no figures: TINY)
+SMALL = [*TINY, "data.train_size=8", "trainer.max_steps=2",
          "+callbacks.lr._target_=pytorch_lightning.callbacks.LearningRateMonitor"]  # fmt: skip
 KILL = ["+callbacks.kill._target_=interrupts.SigtermAtStep", f"+callbacks.kill.step={KILLED_AT}",
         "+callbacks.kill.stage=fcn16s"]  # fmt: skip

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
-from helpers import ROOT, TINY_NOSYN, cfg_of
+from helpers import FIGURES, ROOT, TINY_NOSYN, cfg_of
 from helpers.datasets import SIFT_SUBDIR, one_head, write_nyud, write_siftflow
 from helpers.launcher import commands
 from PIL import Image
@@ -216,10 +216,18 @@ def test_exclude_absent_classes_switch():
 def test_train_nyud_rgbd_16s(nyud, tmp_path):
     cfg = cfg_of(
         "config",
-        ["arch=fcn16s", "data=nyud", f"data.root={nyud}", "data.modality=rgbd", *TINY_NOSYN],
+        [
+            "arch=fcn16s",
+            "data=nyud",
+            f"data.root={nyud}",
+            "data.modality=rgbd",
+            *TINY_NOSYN,
+            FIGURES,
+        ],
         tmp_path / "run",
     )
     train(cfg)
+    assert (tmp_path / "run" / "fcn16s" / "figures" / "predictions.png").is_file()  # RGB of RGB-D
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert list(metrics) == ["fcn32s", "fcn16s"] and len(metrics["fcn16s"]["per_class_IoU"]) == 40
     # the 4-channel checkpoint on 3-channel data, or on photos: refused, naming the inputs
@@ -260,8 +268,9 @@ def test_train_nyud_late_fusion_from_two_checkpoints(nyud, tmp_path):
         train(cfg)
         runs[modality] = tmp_path / modality / "fcn32s/checkpoints/best.ckpt"
     fused = cfg_of("config", ["arch=fcn32s", "data=nyud", f"data.root={nyud}", "data.modality=rgb+hha",
-                              f"+arch.init_streams={{rgb: {runs['rgb']}, hha: {runs['hha']}}}", *TINY_NOSYN], tmp_path / "fused")  # fmt: skip
+                              f"+arch.init_streams={{rgb: {runs['rgb']}, hha: {runs['hha']}}}", *TINY_NOSYN, FIGURES], tmp_path / "fused")  # fmt: skip
     train(fused)
+    assert (tmp_path / "fused" / "fcn32s" / "figures" / "predictions.png").is_file()  # two streams
     assert "fcn32s" in json.loads((tmp_path / "fused" / "metrics.json").read_text())
     assert json.loads((tmp_path / "fused" / "run.json").read_text())["stages"]["fcn32s"]["lr"] == (
         pytest.approx(1e-5)  # optimizer.lr 1e-3 x the fusion cut 0.01: one stage further

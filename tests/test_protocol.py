@@ -19,13 +19,10 @@ from fcn_lightning.app.train import train
 from fcn_lightning.errors import ConfigError, RunInterrupted
 from fcn_lightning.models import build_fcn, transfer_stage
 
-# the runs here check lrs, budgets and checkpoint selection, none of them the validation figures
-# (tests/test_board.py's; drawing them is most of a tiny run's time): none drawn
-NO_FIGURES = "images.every_n_epochs=0"
 # 3 steps per stage, lr cut 100x: 1e-3, 1e-5, 1e-7
 STAGED = [o for o in TINY if not o.startswith("trainer.max_steps")] + [
     "trainer.max_steps=3", "stages.fcn16s.lr_factor=0.01", "stages.fcn8s.lr_factor=0.01",
-    "optimizer.lr=1e-3", NO_FIGURES,
+    "optimizer.lr=1e-3",
 ]  # fmt: skip
 
 
@@ -152,7 +149,7 @@ def test_per_stage_budgets_never_beat_a_limit_from_the_command_line():
 def test_per_stage_budgets_and_a_command_line_limit_in_real_runs(tmp_path):
     budgets = [o for o in TINY if not o.startswith("trainer.max_steps")] + [
         "trainer.max_steps=-1", "stages.fcn32s.max_steps=3",
-        "stages.fcn16s.max_steps=1", "stages.fcn8s.max_steps=2", NO_FIGURES,
+        "stages.fcn16s.max_steps=1", "stages.fcn8s.max_steps=2",
     ]  # fmt: skip
     train(cfg_of("config", budgets, tmp_path / "budgets"))
     steps = {
@@ -237,7 +234,7 @@ def test_a_replaced_key_on_the_command_line_is_refused_before_hydra(tmp_path):
 NYUD = [*NO_DATA, "data=nyud", "data.num_workers=0", "data.batch_size=1", "data.val_batch_size=1",
         "data.batching=pad", "arch.pretrained=null", "arch.geometry=same", "loss.reduction=mean",
         "optimizer=adamw", "optimizer.lr=3e-2", "arch=fcn32s", "trainer.max_steps=6",
-        "trainer.val_check_interval=1", "trainer.check_val_every_n_epoch=null", NO_FIGURES]  # fmt: skip
+        "trainer.val_check_interval=1", "trainer.check_val_every_n_epoch=null"]  # fmt: skip
 
 
 @pytest.fixture

@@ -363,7 +363,7 @@ def test_dropout_after_fc7_and_after_the_last_inception():
 def test_tiny_staged_run(backbone, tmp_path, caplog, capsys):
     # in-process (train.py's command is run by test_app, test_console and others)
     # no validation figures (tests/test_board.py's; they draw predictions, not trunks)
-    overrides = ["arch=fcn8s", f"arch.backbone={backbone}", *TINY_RUN, "images.every_n_epochs=0"]
+    overrides = ["arch=fcn8s", f"arch.backbone={backbone}", *TINY_RUN]
     with caplog.at_level("INFO", logger="fcn_lightning"):
         train(cfg_of("config", overrides, tmp_path))
     said = caplog.text + capsys.readouterr().out

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import NO_DATA, TINY, cfg_of
+from helpers import FIGURES, NO_DATA, TINY, cfg_of
 from helpers.datasets import write_siftflow
 from helpers.tensorboard import Board, serve
 
@@ -27,8 +27,8 @@ from fcn_lightning.reports import tag
 
 pytestmark = pytest.mark.xdist_group("tensorboard_runs")  # one worker trains the module's runs once
 
-# the callbacks users get (the learning-rate monitor among them), not TINY's callbacks=none
-USERS = ["callbacks=default"]
+# the callbacks and figures users get (the learning-rate monitor among them), not TINY's none
+USERS = ["callbacks=default", FIGURES]
 STAGED = [*TINY, *USERS]
 SIFT = [
     *NO_DATA,

@@ -30,7 +30,9 @@ TINY = [
     "trainer.log_every_n_steps=1",
     "callbacks=none",
     "images.panel_size=1",
+    "images.every_n_epochs=0",  # no figures: most of a tiny run's time; FIGURES where a test reads them
 ]
+FIGURES = "images.every_n_epochs=1"
 NO_DATA = [o for o in TINY if not o.startswith("data.")]
 
 
