@@ -366,8 +366,8 @@ def test_offline_imagenet_weights_give_clear_error(monkeypatch, tmp_path):
     ) as offline_error:
         build_fcn("fcn32s", width=TINY, pretrained="imagenet")
     # its from-scratch advice is a recipe that runs (not one refused as learning nothing)
-    scratch = re.search(r"from scratch .*?: (arch\.pretrained=null.*)$", str(offline_error.value))
-    check_settings(cfg_of("config", ["data=folder", "data.root=/d", *scratch.group(1).split()]))
+    scratch = re.search(r"from scratch as the quickstart does: (\S+) ", str(offline_error.value))
+    check_settings(cfg_of("config", ["data=folder", "data.root=/d", scratch.group(1)]))
 
 
 def test_bad_pretrained_files(tmp_path):

@@ -29,9 +29,18 @@ def test_imagenet_recipe_on_random_weights_is_refused_naming_the_scratch_recipe(
     said = str(refused.value)
     assert "arch.pretrained=null" in said and "SGD at lr 0.0001" in said
     # the overrides it names, as the quickstart uses them, make a run that passes
-    named = re.search(r"\(conf/recipe/synthetic.yaml\): ([^;]+);", said).group(1).split()
-    assert named == ["arch.backbone=vgg16_bn", "optimizer=adamw_scratch", "arch.dropout=0.0"]
-    check_settings(cfg_of("config", [*args, *named]))
+    named = re.search(r"as the quickstart does: (\S+) ", said).group(1)
+    assert named == "recipe=scratch"
+    # the recipe it names makes a run that passes, training as the quickstart does: a batch-norm
+    # trunk from random weights, AdamW, the lr halved into each later stage
+    scratch = cfg_of("config", [*args, named])
+    check_settings(scratch)
+    assert (scratch.arch.backbone, scratch.arch.pretrained, scratch.optimizer.name) == (
+        "vgg16_bn",
+        None,
+        "adamw",
+    )
+    assert scratch.stages.fcn16s.lr_factor == scratch.stages.fcn8s.lr_factor == 0.5
     check_settings(cfg_of("config", [*args, OPT_OUT]))  # those who mean it
     check_settings(cfg_of("config", [f"data={data}", "data.root=/d"]))  # ImageNet weights
     with pytest.raises(ConfigError, match="learns next to nothing"):  # as train.py runs it
@@ -69,8 +78,7 @@ def test_a_few_images_get_a_val_curve_in_steps_not_per_epoch(tmp_path):
     root = write_folder(tmp_path / "mine", ids, ["background", "thing", "other"],
                         {"train": ids, "val": ids[:2]}, size=(40, 48))  # fmt: skip
     args = ["data=folder", f"data.root={root}", "data.batch_size=8", "data.crop_size=32",
-            "data.num_workers=0", "arch=fcn32s", "arch.width=0.0625", "arch.pretrained=null",
-            "arch.backbone=vgg16_bn", "optimizer=adamw_scratch", "arch.dropout=0.0",
+            "data.num_workers=0", "arch=fcn32s", "arch.width=0.0625", "recipe=scratch",
             "trainer.accelerator=cpu", "trainer.max_steps=6", "trainer.val_check_interval=2",
             "trainer.log_every_n_steps=1", "callbacks=none", "images.panel_size=1"]  # fmt: skip
     train(cfg_of("config", args, tmp_path / "run"))

@@ -36,7 +36,7 @@ log = logging.getLogger("fcn_lightning")
 
 PLAIN_TRUNKS = ("vgg16", "alexnet")  # no batch norm: made to start from ImageNet weights
 PAPER_LR = 1e-4  # SGD at this lr or below (the paper's 1e-4; 1e-10 on a summed loss) fine-tunes
-SCRATCH = "arch.backbone=vgg16_bn optimizer=adamw_scratch arch.dropout=0.0"  # the quickstart's
+SCRATCH = "recipe=scratch"  # conf/recipe/scratch.yaml: the quickstart's way, for any data
 FORCE_FROM_SCRATCH = "force_from_scratch"  # ++force_from_scratch=true: train it from scratch anyway
 
 
@@ -59,7 +59,8 @@ def check_from_scratch(cfg: DictConfig) -> None:
         f"arch.pretrained=null trains {stage} on arch.backbone={backbone} (no batch norm) from "
         f"random weights with SGD at lr {lr:g}: that recipe fine-tunes ImageNet weights (the "
         "paper's), and from random weights it learns next to nothing. Train from scratch as the "
-        f"quickstart does (conf/recipe/synthetic.yaml): {SCRATCH}; or keep the ImageNet weights: "
+        f"quickstart does: {SCRATCH} (conf/recipe/scratch.yaml: VGG16 with batch norm, AdamW, the "
+        "lr halved per stage); or keep the ImageNet weights: "
         f"arch.pretrained=imagenet; or, to run this recipe from scratch anyway: "
         f"++{FORCE_FROM_SCRATCH}=true"
     )

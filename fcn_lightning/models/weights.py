@@ -48,8 +48,8 @@ def load_trunk_state_dict(
                 f"Either download that file on a machine with network access and put it at\n  {cache}\n"
                 f"(torchvision then reads it from there), or pass the path of a local {name} state dict:\n"
                 f"  arch.pretrained=/path/to/{backbone}.pth\n"
-                "or train from scratch as the quickstart does (conf/recipe/synthetic.yaml): "
-                "arch.pretrained=null arch.backbone=vgg16_bn optimizer=adamw_scratch arch.dropout=0.0"
+                "or train from scratch as the quickstart does: recipe=scratch "
+                "(conf/recipe/scratch.yaml: VGG16 with batch norm, AdamW, no ImageNet weights)"
             ) from err
     path = Path(pretrained).expanduser()
     if not path.is_file():
