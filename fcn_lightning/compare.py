@@ -14,7 +14,7 @@ import re
 import sys
 import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -36,6 +36,7 @@ EXCLUDED = ("paths", "hydra", "paper", "data.root", "resume", "logger")
 FORMATS = ("markdown", "csv", "json")
 SUFFIXES = {".md": "markdown", ".csv": "csv", ".json": "json"}
 STYLES = ("-", "--", ":", "-.")
+PLANNED = ("lr", "max_steps", "max_epochs")  # run.json's plan of each stage, as columns
 
 
 @dataclass
@@ -49,10 +50,18 @@ class Run:
     status: str
     stages: list[str]
     paper: Mapping[str, Any]
+    plans: Mapping[str, Any] = field(default_factory=dict)  # run.json's stages: lr, limits
+    reason: str = ""  # run.json's, of a failed run
+
+    @property
+    def trained_nothing(self) -> bool:
+        """Failed before a stage began (a bad setting, missing data): nothing to compare."""
+        return self.status == "failed" and not self.metrics and not self.stages
 
 
 def is_run(folder: Path) -> bool:
-    return any((folder / f).exists() for f in ("metrics.json", "run.json", ".hydra/config.yaml"))
+    """A training run's folder (eval.py's and predict.py's folders are not)."""
+    return any((folder / f).is_file() for f in ("metrics.json", "run.json"))
 
 
 def find_runs(paths: Iterable[str]) -> list[Path]:
@@ -69,8 +78,8 @@ def find_runs(paths: Iterable[str]) -> list[Path]:
             raise ConfigError(f"{arg}: no such folder")
         if not runs:
             raise ConfigError(
-                f"{arg}: no run in it (a run folder holds metrics.json, run.json or "
-                ".hydra/config.yaml; a sweep folder holds run folders)"
+                f"{arg}: no run in it (a run folder holds metrics.json or run.json; a sweep "
+                "folder holds run folders)"
             )
         found += [r for r in runs if r.resolve() not in {f.resolve() for f in found}]
     return found
@@ -138,7 +147,8 @@ def read_run(folder: Path) -> Run:
     logged = [
         p.name for d in ("tensorboard", "csv") for p in sorted((folder / d).glob("*")) if p.is_dir()
     ]
-    stages = [*(metrics or {}), *(record.get("stages") or {}), *logged]
+    plans = record.get("stages") or {}
+    stages = [*(metrics or {}), *(s for s in plans if (folder / s).is_dir()), *logged]
     return Run(
         folder,
         settings,
@@ -146,6 +156,8 @@ def read_run(folder: Path) -> Run:
         str(status),
         list(dict.fromkeys(stages)),
         config.get("paper") or {},
+        plans if isinstance(plans, dict) else {},
+        str(record.get("reason") or ""),
     )
 
 
@@ -186,11 +198,12 @@ def table(runs: Sequence[Run], per_class: bool = False) -> tuple[list[str], list
         for stage, block in (run.metrics or {}).items():
             heads = long_form(block)
             paper = long_form(run.paper.get(stage) or {}) if run.paper else {}
+            plan = run.plans.get(stage) or {}
             for head, m in heads.items():
                 row = {
                     **front,
                     "stage": stage if list(heads) == [SINGLE_HEAD] else f"{stage}/{head}",
-                }
+                } | {f"stage {k}": plan[k] for k in PLANNED if k in plan}
                 row |= {METRIC_TITLES[k]: v for k, v in percent(m, METRIC_NAMES).items()}
                 given = percent(paper.get(head) or {}, METRIC_NAMES, scale=1)  # per cent already
                 row |= {f"paper {METRIC_TITLES[k]}": v for k, v in given.items()}
@@ -199,10 +212,20 @@ def table(runs: Sequence[Run], per_class: bool = False) -> tuple[list[str], list
                     row |= {f"IoU {c}": v for c, v in percent(ious, ious).items()}
                 rows.append(row)
     status = ["status"] if any(r.status != "finished" for r in runs) else []
+    # what each stage trained with (a resume may extend a budget the config does not show)
+    planned = [
+        f"stage {k}"
+        for k in PLANNED
+        if len({repr(r.get(f"stage {k}")) for r in rows}) > 1  # differs, and is no setting's copy
+        and not any(all(repr(r.get(f"stage {k}")) == repr(r.get(c)) for r in rows) for c in keys)
+    ]
+    for row in rows:
+        for key in set(row) & {f"stage {k}" for k in PLANNED} - set(planned):
+            del row[key]
     metrics = [METRIC_TITLES[k] for k in METRIC_NAMES]
     papers = [f"paper {t}" for t in metrics if any(f"paper {t}" in r for r in rows)]
     classes = list(dict.fromkeys(c for r in rows for c in r if c.startswith("IoU ")))
-    return ["run", "stage", *status, *keys, *metrics, *papers, *classes], rows
+    return ["run", "stage", *status, *keys, *planned, *metrics, *papers, *classes], rows
 
 
 def cell(value: Any) -> str:
@@ -335,7 +358,13 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        runs = [read_run(folder) for folder in find_runs(args.paths)]
+        found = [read_run(folder) for folder in find_runs(args.paths)]
+        runs = [r for r in found if not r.trained_nothing]
+        for run in (r for r in found if r.trained_nothing):
+            reason = run.reason.splitlines()[0] if run.reason else "no reason recorded"
+            print(f"left out {run.folder}: failed before training ({reason})", file=sys.stderr)
+        if not runs:
+            raise ConfigError("no run trained a stage: nothing to compare")
         columns, rows = table(runs, args.per_class)
         fmt = args.format or SUFFIXES.get(args.output.suffix if args.output else "", "markdown")
         text = {"markdown": to_markdown, "csv": to_csv, "json": to_json}[fmt](columns, rows)

@@ -77,7 +77,10 @@ def test_a_row_per_run_and_stage_with_the_settings_that_differ(three, capsys):
     assert status == 0
     rows = markdown_rows(out)
     # the settings in the config's order; paths.output_dir, data.root (and equal ones) left out
-    assert list(rows[0]) == ["run", "stage", "seed", "arch.name", "optimizer.lr", *TITLES]
+    # and the lr each stage trained at (run.json's plan: the cut into FCN-16s)
+    assert list(rows[0]) == ["run", "stage", "seed", "arch.name", "optimizer.lr", "stage lr", *TITLES]  # fmt: skip
+    plans = [json.loads((run / "run.json").read_text())["stages"] for run in three]
+    assert [float(r["stage lr"]) for r in rows] == [plans[i][s]["lr"] for i, s in [(0, "fcn32s"), (0, "fcn16s"), (1, "fcn32s"), (1, "fcn16s"), (2, "fcn32s")]]  # fmt: skip
     settings = [(r["arch.name"], r["optimizer.lr"], r["seed"]) for r in rows]
     assert settings == [("fcn16s", "0.001", "1337")] * 2 + [("fcn16s", "0.0001", "7")] * 2 + [("fcn32s", "0.001", "1337")]  # fmt: skip
     shown = [{k: r[k] for k in ["run", "stage", *TITLES]} for r in rows]
@@ -213,3 +216,25 @@ def test_the_plot_has_a_line_per_run_and_stage(sweep, tiny_run, tmp_path):
     final = json.loads((staged / "metrics.json").read_text())["fcn16s"]["mIoU"]
     board_line = lines["staged fcn16s: arch.name=fcn16s, optimizer.lr=0.001"]
     assert board_line.get_ydata()[-1] == pytest.approx(100 * final)
+
+
+def test_what_a_stage_trained_with_shows_and_what_trained_nothing_is_left_out(three, capsys):
+    # a run resumed with a larger budget: its config still says the first one, its plan the new
+    a, b, c = three
+    record = json.loads((b / "run.json").read_text())
+    record["stages"]["fcn16s"]["max_steps"] = 40
+    (b / "run.json").write_text(json.dumps(record))
+    # a run refused before any stage (a typo), and an eval.py folder beside the runs
+    refused = a.parent / "refused"
+    refused.mkdir()
+    (refused / "run.json").write_text(json.dumps({"status": "failed", "reason": "ConfigError: optimizer.lrr is not a setting\nmore", "config": {"optimizer": {"lrr": 1}}, "stages": {}}))  # fmt: skip
+    (a.parent / "eval" / ".hydra").mkdir(parents=True)
+    (a.parent / "eval" / "eval.json").write_text("{}")
+    status, out, err = compare(capsys, a.parent)
+    rows = markdown_rows(out)
+    assert status == 0 and [r["run"] for r in rows] == ["a", "a", "b", "b", "c"]
+    assert [r["stage max_steps"] for r in rows] == ["1", "1", "1", "40", "1"]
+    assert "optimizer.lrr" not in rows[0]  # the refused run's settings make no column
+    assert err == f"left out {refused}: failed before training (ConfigError: optimizer.lrr is not a setting)\n"  # fmt: skip
+    shutil.rmtree(a), shutil.rmtree(b), shutil.rmtree(c)
+    assert compare(capsys, a.parent) == (1, "", "left out " + str(refused) + ": failed before training (ConfigError: optimizer.lrr is not a setting)\nError: no run trained a stage: nothing to compare\n")  # fmt: skip
