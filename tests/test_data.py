@@ -370,6 +370,10 @@ def _folder_missing_subdir(tmp_path):
     return FolderDataModule(tmp_path, num_classes=2), "validate"
 
 
+def _folder_root_mistyped(tmp_path):  # no classes.txt to read there either: the root is named
+    return FolderDataModule(tmp_path / "mien"), "validate"
+
+
 def _sbd_mat_without_gtcls(tmp_path):
     write_sbd(tmp_path, {"val": ["s1"]})
     scipy.io.savemat(tmp_path / "benchmark_RELEASE/dataset/cls/s1.mat", {"other": np.zeros(2)})
@@ -401,6 +405,7 @@ BAD_INPUT = [
     (_unknown_class_count, r"set data.num_classes or write .*classes.txt"),
     (_rgb_label, r"label .*a.png is a RGB image; labels must be palette"),
     (_folder_missing_subdir, r"SegmentationClass not found[\s\S]*Expected layout"),
+    (_folder_root_mistyped, r"data.root .*mien does not exist[\s\S]*Expected layout"),
     (_sbd_mat_without_gtcls, r"s1.mat has no 'GTcls' key \(found \['other'\]\)"),
     (_sbd_missing, r"SBD \(benchmark_RELEASE/dataset\) not found[\s\S]*benchmark.tgz"),
 ]

@@ -50,6 +50,7 @@ class FolderDataModule(SegmentationDataModule):
             if not (names := read_lines(classes_txt)):
                 raise DataError(f"{classes_txt} lists no class names")
         if names is None and n is None:
+            self.check_layout()  # a wrong data.root is named as such, not as a missing classes.txt
             raise DataError(
                 f"the number of classes is unknown: set data.num_classes or write {classes_txt} "
                 "(one class name per line, index 0 first)"
@@ -84,12 +85,16 @@ class FolderDataModule(SegmentationDataModule):
             )
         return found[0] if found else folder / f"{i}.jpg"
 
-    def split_ids(self, split: str) -> list[str]:
+    def check_layout(self) -> None:
+        """data.root and its two folders; a missing one named with the expected layout."""
         if self.root is None or not self.root.is_dir():
             raise DataError(f"data.root {self.root} does not exist.\n{LAYOUT}")
         for sub in ("JPEGImages", "SegmentationClass"):
             if not (self.root / sub).is_dir():
                 raise DataError(f"{self.root / sub} not found.\n{LAYOUT}")
+
+    def split_ids(self, split: str) -> list[str]:
+        self.check_layout()
         lists = self.root / "ImageSets" / "Segmentation"
         if lists.is_dir():
             return read_split_file(lists / f"{split}.txt", f"data split '{split}'")
