@@ -20,20 +20,29 @@ from fcn_lightning.module import FCNModule
 MODEL = {"arch": "fcn32s", "num_classes": 3, "width": 0.0625, "geometry": "same"}
 
 
-def test_ctrl_c_stops_after_the_step_and_resumes_exactly(tmp_path):
-    straight = tmp_path / "straight"
-    train(cfg_of("config", RESUMABLE, straight))
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """RESUMABLE's run, never interrupted: 2 epochs of 4 steps."""
+    out = tmp_path_factory.mktemp("straight")
+    train(cfg_of("config", RESUMABLE, out))
+    return out
+
+
+# mid-epoch (2 of epoch 1's 4 steps done), and between epochs with loader processes (their
+# first batches are drawn before Lightning sets the epoch: epoch 1's, not epoch 0's again)
+@pytest.mark.parametrize("step, workers", [(6, 0), (4, 2)])
+def test_ctrl_c_stops_after_the_step_and_resumes_exactly(step, workers, straight, tmp_path):
     out = tmp_path / "stopped"
-    ctrl_c = ["+callbacks.stop._target_=interrupts.CtrlCAtStep", "+callbacks.stop.step=6"]
+    ctrl_c = ["+callbacks.stop._target_=interrupts.CtrlCAtStep", f"+callbacks.stop.step={step}"]
     with pytest.raises(RunInterrupted) as stop:
-        train(cfg_of("config", [*RESUMABLE, *ctrl_c], out))
+        train(cfg_of("config", [*RESUMABLE, *ctrl_c, f"data.num_workers={workers}"], out))
     message = str(stop.value)
-    assert "interrupted (Ctrl+C) at epoch 1, step 6" in message
+    assert f"interrupted (Ctrl+C) at epoch 1, step {step}" in message
     assert f"resume=true hydra.run.dir={out}" in message and "last.ckpt holds that step" in message
     ckpt = torch.load(out / "fcn32s/checkpoints/last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 6  # mid-epoch, at the end of a whole step
+    assert ckpt["global_step"] == step  # at the end of a whole step
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
-    train(cfg_of("config", [*RESUMABLE, "resume=true"], out))
+    train(cfg_of("config", [*RESUMABLE, "resume=true", f"data.num_workers={workers}"], out))
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
     a, b = final_state(straight), final_state(out)  # as if never interrupted
     for key in a:

@@ -209,8 +209,10 @@ class SegmentationDataModule(pl.LightningDataModule):
         if trainer is None or not trainer.training:
             return {}
         done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-        if done == 0 or done >= trainer.num_training_batches:
-            return {}  # at an epoch boundary: the next epoch starts from its beginning
+        if done == 0:
+            return {}  # the epoch starts from its beginning
+        # after an epoch's last batch too: a run stopped there (Ctrl+C, a step checkpoint) is
+        # resumed by Lightning into that epoch, which must then give no batch, not start over
         samples = done * self.batch_size * trainer.world_size  # this epoch, all processes
         return {"epoch": trainer.current_epoch, "samples_done": samples}
 
@@ -286,6 +288,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         if key == "train":
             batch_size, collate = self.batch_size, pad_collate if self.batching == "pad" else None
             sampler = ResumableSampler(len(dataset), self.loader_seed)
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None:  # a resumed fit draws its first batches before Lightning's
+                sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)  # set_epoch
             if self._resume:
                 sampler.resume_at(self._resume["epoch"], self._resume["samples_done"])
                 self._resume = None
