@@ -285,7 +285,7 @@ def test_offline_imagenet_weights_give_clear_error(backbone, file, monkeypatch, 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     weights = weights_mod.TORCHVISION_WEIGHTS[backbone]
     monkeypatch.setattr(weights.__class__, "get_state_dict", lambda self, *a, **k: offline())
-    pattern = rf"{file}[\s\S]*arch\.pretrained=/path/to/{backbone}\.pth[\s\S]*arch\.pretrained=null"
+    pattern = rf"{file}[\s\S]*arch\.pretrained=/path/to/{backbone}\.pth[\s\S]*recipe=scratch"
     with pytest.raises(PretrainedWeightsUnavailable, match=pattern):
         build_fcn("fcn32s", backbone=backbone, width=TINY, pretrained="imagenet")
 
