@@ -66,10 +66,11 @@ def lab(tmp_path_factory) -> Lab:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ValidationImages, "figures", figures)
         train(cfg_of("config", lab.args(), lab.staged))  # the default: FCN-32s -> 16s -> 8s
-    sweep = cli("-m", *lab.args(), "arch=fcn32s", f"{SWEPT}={','.join(POINTS)}",
+    quiet = "images.every_n_epochs=0"  # the sweeps' figures: not read here (the staged run's are)
+    sweep = cli("-m", *lab.args(), quiet, "arch=fcn32s", f"{SWEPT}={','.join(POINTS)}",
                 f"hydra.sweep.dir={lab.sweep}", cwd=lab.base)  # fmt: skip
     assert sweep.returncode == 0, sweep.stderr[-3000:]
-    study = cli("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", *lab.args(),
+    study = cli("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", *lab.args(), quiet,
                 "arch=fcn32s", f"hydra.sweep.dir={lab.optuna}", cwd=lab.base)  # fmt: skip
     assert study.returncode == 0, study.stderr[-3000:]
     lab.study_said = study.stdout + study.stderr
