@@ -36,7 +36,7 @@ EXCLUDED = ("paths", "hydra", "paper", "data.root", "resume", "logger")
 FORMATS = ("markdown", "csv", "json")
 SUFFIXES = {".md": "markdown", ".csv": "csv", ".json": "json"}
 STYLES = ("-", "--", ":", "-.")
-PLANNED = ("lr", "max_steps", "max_epochs")  # run.json's plan of each stage, as columns
+TRAINED = ("stage lr", "stage step")  # columns where they differ: a stage's lr, its scored step
 
 
 @dataclass
@@ -50,7 +50,7 @@ class Run:
     status: str
     stages: list[str]
     paper: Mapping[str, Any]
-    plans: Mapping[str, Any] = field(default_factory=dict)  # run.json's stages: lr, limits
+    plans: Mapping[str, Any] = field(default_factory=dict)  # run.json's stages: lr, budget
     reason: str = ""  # run.json's, of a failed run
 
     @property
@@ -196,14 +196,17 @@ def table(runs: Sequence[Run], per_class: bool = False) -> tuple[list[str], list
         if not run.metrics:
             rows.append(front)
         for stage, block in (run.metrics or {}).items():
-            heads = long_form(block)
+            heads = {h: m for h, m in long_form(block).items() if isinstance(m, Mapping) and "mIoU" in m}  # fmt: skip
             paper = long_form(run.paper.get(stage) or {}) if run.paper else {}
-            plan = run.plans.get(stage) or {}
+            # what the stage trained with: its lr (run.json's plan), the step of the checkpoint
+            # scored (a resume may train a stage on past the budget its config shows)
+            scored = block.get("checkpoint") if isinstance(block.get("checkpoint"), Mapping) else {}
+            trained = {"stage lr": (run.plans.get(stage) or {}).get("lr"), "stage step": scored.get("step")}  # fmt: skip
             for head, m in heads.items():
                 row = {
                     **front,
                     "stage": stage if list(heads) == [SINGLE_HEAD] else f"{stage}/{head}",
-                } | {f"stage {k}": plan[k] for k in PLANNED if k in plan}
+                } | {k: v for k, v in trained.items() if v is not None}
                 row |= {METRIC_TITLES[k]: v for k, v in percent(m, METRIC_NAMES).items()}
                 given = percent(paper.get(head) or {}, METRIC_NAMES, scale=1)  # per cent already
                 row |= {f"paper {METRIC_TITLES[k]}": v for k, v in given.items()}
@@ -214,13 +217,13 @@ def table(runs: Sequence[Run], per_class: bool = False) -> tuple[list[str], list
     status = ["status"] if any(r.status != "finished" for r in runs) else []
     # what each stage trained with (a resume may extend a budget the config does not show)
     planned = [
-        f"stage {k}"
-        for k in PLANNED
-        if len({repr(r.get(f"stage {k}")) for r in rows}) > 1  # differs, and is no setting's copy
-        and not any(all(repr(r.get(f"stage {k}")) == repr(r.get(c)) for r in rows) for c in keys)
+        k
+        for k in TRAINED
+        if len({repr(r.get(k)) for r in rows}) > 1  # differs, and is no setting's copy
+        and not any(all(repr(r.get(k)) == repr(r.get(c)) for r in rows) for c in keys)
     ]
     for row in rows:
-        for key in set(row) & {f"stage {k}" for k in PLANNED} - set(planned):
+        for key in set(row) & set(TRAINED) - set(planned):
             del row[key]
     metrics = [METRIC_TITLES[k] for k in METRIC_NAMES]
     papers = [f"paper {t}" for t in metrics if any(f"paper {t}" in r for r in rows)]
@@ -334,7 +337,8 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m fcn_lightning.compare",
         description="One table across runs: a row per run and stage, the settings that differ, "
         "the four metrics (per cent), the paper's where the run's preset gives it. A run "
-        "without metrics.json (failed, still running) is listed with run.json's status.",
+        "without metrics.json (failed, still running) is listed with run.json's status; one "
+        "refused before any stage is left out, named on stderr.",
         epilog="example: python -m fcn_lightning.compare multirun/2026-12-07/10-00-00 "
         "'outputs/*/*' --per-class --plot curves.png",
     )

@@ -219,11 +219,12 @@ def test_the_plot_has_a_line_per_run_and_stage(sweep, tiny_run, tmp_path):
 
 
 def test_what_a_stage_trained_with_shows_and_what_trained_nothing_is_left_out(three, capsys):
-    # a run resumed with a larger budget: its config still says the first one, its plan the new
+    # a run resumed with a larger budget: its config still says the first one, its scored
+    # checkpoint the step it trained to
     a, b, c = three
-    record = json.loads((b / "run.json").read_text())
-    record["stages"]["fcn16s"]["max_steps"] = 40
-    (b / "run.json").write_text(json.dumps(record))
+    metrics = json.loads((b / "metrics.json").read_text())
+    metrics["fcn16s"]["checkpoint"]["step"] = 40
+    (b / "metrics.json").write_text(json.dumps(metrics))
     # a run refused before any stage (a typo), and an eval.py folder beside the runs
     refused = a.parent / "refused"
     refused.mkdir()
@@ -233,7 +234,7 @@ def test_what_a_stage_trained_with_shows_and_what_trained_nothing_is_left_out(th
     status, out, err = compare(capsys, a.parent)
     rows = markdown_rows(out)
     assert status == 0 and [r["run"] for r in rows] == ["a", "a", "b", "b", "c"]
-    assert [r["stage max_steps"] for r in rows] == ["1", "1", "1", "40", "1"]
+    assert [r["stage step"] for r in rows] == ["1", "1", "1", "40", "1"]
     assert "optimizer.lrr" not in rows[0]  # the refused run's settings make no column
     assert err == f"left out {refused}: failed before training (ConfigError: optimizer.lrr is not a setting)\n"  # fmt: skip
     shutil.rmtree(a), shutil.rmtree(b), shutil.rmtree(c)
