@@ -291,6 +291,21 @@ def curves(run: Run, metric: str = "mIoU") -> dict[str, tuple[list[int], list[fl
     return found
 
 
+def run_steps(
+    run: Run, found: Mapping[str, tuple[list[int], list[float]]]
+) -> list[tuple[str, tuple[list[int], list[float]]]]:
+    """The curves of :func:`curves` on one step axis for the run: each stage's steps after the
+    end of the stages before it (its last point, or its scored checkpoint's step if later)."""
+    out, start = [], 0
+    for stage in dict.fromkeys(key.split("/")[0] for key in found):
+        own = [(k, v) for k, v in found.items() if k.split("/")[0] == stage]
+        out += [(k, ([start + s for s in steps], values)) for k, (steps, values) in own]
+        block = (run.metrics or {}).get(stage) or {}
+        scored = block.get("checkpoint", {}).get("step", 0) if isinstance(block, Mapping) else 0
+        start += max([int(scored or 0)] + [steps[-1] for _, (steps, _) in own if steps])
+    return out
+
+
 def plot(runs: Sequence[Run], metric: str = "mIoU") -> Figure:
     """The val curves, one line per run and stage (and head): a colour per run, a line style
     per stage, labelled by the run and the settings that differ. A bare Figure (no pyplot, no
@@ -299,7 +314,7 @@ def plot(runs: Sequence[Run], metric: str = "mIoU") -> Figure:
     lines = []
     for i, (run, name) in enumerate(zip(runs, names, strict=True)):
         said = ", ".join(f"{k}={cell(run.settings.get(k))}" for k in keys)
-        for j, (stage, (steps, values)) in enumerate(curves(run, metric).items()):
+        for j, (stage, (steps, values)) in enumerate(run_steps(run, curves(run, metric))):
             label = textwrap.fill(f"{name} {stage}" + (f": {said}" if said else ""), 110)
             lines.append((steps, [100 * v for v in values], f"C{i % 10}", STYLES[j % 4], label))
     if not lines:
@@ -313,7 +328,7 @@ def plot(runs: Sequence[Run], metric: str = "mIoU") -> Figure:
     for steps, values, colour, style, label in lines:
         ax.plot(steps, values, color=colour, linestyle=style, marker=".", label=label)
     ax.set(
-        xlabel="step",
+        xlabel="step (a run's stages one after another)",
         ylabel=f"val {METRIC_TITLES[metric]}",
         title=f"val {metric} per run and stage",
     )

@@ -216,6 +216,9 @@ def test_the_plot_has_a_line_per_run_and_stage(sweep, tiny_run, tmp_path):
     final = json.loads((staged / "metrics.json").read_text())["fcn16s"]["mIoU"]
     board_line = lines["staged fcn16s: arch.name=fcn16s, optimizer.lr=0.001"]
     assert board_line.get_ydata()[-1] == pytest.approx(100 * final)
+    # a run's stages one after another on the step axis, not on top of each other
+    first = lines["staged fcn32s: arch.name=fcn16s, optimizer.lr=0.001"]
+    assert min(board_line.get_xdata()) > max(first.get_xdata())
 
 
 def test_what_a_stage_trained_with_shows_and_what_trained_nothing_is_left_out(three, capsys):
