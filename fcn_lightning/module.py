@@ -20,7 +20,13 @@ from .errors import CheckpointError
 from .metrics import HeadMetrics, summarize
 from .models import build_fcn
 from .normalization import Normalization, get_normalization, group_normalizations
-from .optim import build_optimizer, build_scheduler, check_optimizer, check_scheduler
+from .optim import (
+    build_optimizer,
+    build_scheduler,
+    check_optimizer,
+    check_scheduler,
+    restart_schedule,
+)
 from .reports import tag
 
 SPLITS = ("val", "test")
@@ -262,6 +268,10 @@ class FCNModule(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def on_train_start(self) -> None:
+        for config in self.trainer.lr_scheduler_configs:  # a resumed run: its new budget's lr
+            restart_schedule(config.scheduler)
 
     # a resumed run draws the same dropout masks and loss samples as an uninterrupted one
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

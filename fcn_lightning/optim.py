@@ -84,31 +84,65 @@ def build_optimizer(
     return cls(param_groups, lr=lr, **opt)
 
 
+def schedule_factor(
+    settings: Mapping[str, Any], total_steps: int, base_lr: float = 1.0
+) -> Callable[[int], float]:
+    """The lr at a step as a fraction of ``base_lr``, in closed form over ``total_steps``:
+    a linear warm-up of ``warmup_steps`` (from ``warmup_factor``), then fixed, ``poly``
+    (1 - t/T)^power or ``cosine`` down to ``min_lr`` over the remaining T steps, held at the
+    end's value beyond them."""
+    name = check_scheduler(settings)
+    warmup = int(settings.get("warmup_steps", 0))
+    start = float(settings.get("warmup_factor", 0.001))
+    length = max(1, int(total_steps) - warmup)
+    power = float(settings.get("power", 0.9))
+    floor = float(settings.get("min_lr", 0.0)) / base_lr if base_lr else 0.0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return start + (1 - start) * step / warmup
+        t = min(step - warmup, length) / length
+        if name == "poly":
+            return (1 - t) ** power
+        if name == "cosine":
+            return floor + (1 - floor) * (1 + math.cos(math.pi * t)) / 2
+        return 1.0
+
+    return factor
+
+
 def build_scheduler(
     settings: Mapping[str, Any],
     optimizer: torch.optim.Optimizer,
     total_steps: int | Callable[[], int],
-) -> lr_scheduler.LRScheduler | None:
-    """A per-step schedule over ``total_steps`` (or a function asked only when needed); None
-    for a fixed lr without warm-up. ``warmup_steps`` puts a LinearLR in front."""
+) -> lr_scheduler.LambdaLR | None:
+    """A per-step schedule (torch's LambdaLR over :func:`schedule_factor`, one per parameter
+    group); None for a fixed lr without warm-up. ``total_steps`` (or a function asked once,
+    when first needed) is not part of the scheduler's saved state: a run resumed with another
+    budget follows the schedule of its new length from the step it reached."""
     name = check_scheduler(settings)
-    warmup = int(settings.get("warmup_steps", 0))
-    if name == "fixed" and warmup == 0:
+    if name == "fixed" and int(settings.get("warmup_steps", 0)) == 0:
         return None
-    total = max(1, int(total_steps() if callable(total_steps) else total_steps) - warmup)
-    if name == "poly":
-        main = lr_scheduler.PolynomialLR(
-            optimizer, total_iters=total, power=float(settings.get("power", 0.9))
-        )
-    elif name == "cosine":
-        main = lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=total, eta_min=float(settings.get("min_lr", 0.0))
-        )
-    else:
-        main = lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
-    if warmup == 0:
-        return main
-    start = lr_scheduler.LinearLR(
-        optimizer, start_factor=float(settings.get("warmup_factor", 0.001)), total_iters=warmup
-    )
-    return lr_scheduler.SequentialLR(optimizer, [start, main], milestones=[warmup])
+    factors: list[Callable[[int], float]] = []
+
+    def per_group(i: int) -> Callable[[int], float]:
+        def factor(step: int) -> float:  # a function, not an object: LambdaLR does not save it
+            if not factors:
+                total = int(total_steps() if callable(total_steps) else total_steps)
+                bases = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
+                factors.extend(schedule_factor(settings, total, b) for b in bases)
+            return factors[i](step)
+
+        return factor
+
+    return lr_scheduler.LambdaLR(optimizer, [per_group(i) for i in range(len(optimizer.param_groups))])
+
+
+def restart_schedule(scheduler: lr_scheduler.LRScheduler) -> None:
+    """Set the optimizer's lrs to ``scheduler``'s for the step it reached (after a resume, whose
+    optimizer state holds the lr of the schedule the run was started with)."""
+    if isinstance(scheduler, lr_scheduler.LambdaLR):
+        step = scheduler.last_epoch
+        lrs = [b * f(step) for b, f in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+        for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr

@@ -3,6 +3,7 @@ instantiates them by name from the test's overrides)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -44,3 +45,16 @@ class CtrlCAtStep(Callback):
         if trainer.global_step == self.step:
             for _ in range(self.times):
                 os.kill(os.getpid(), signal.SIGINT)
+
+
+class RecordLr(Callback):
+    """Appends ``[global step, lr of each parameter group]`` to a JSON-lines file before each
+    training step: the lr the optimizer trains that step with."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        lrs = [g["lr"] for g in trainer.optimizers[0].param_groups]
+        with open(self.path, "a") as f:
+            f.write(json.dumps([trainer.global_step, lrs]) + "\n")

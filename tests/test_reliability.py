@@ -4,6 +4,7 @@ bad-input table over data, config and checkpoints, and a local submitit sweep.""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -62,6 +63,38 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, straig
     assert json.loads((straight / "metrics.json").read_text()) == json.loads(
         (killed / "metrics.json").read_text()
     )
+
+
+SCHEDULES = {
+    "fixed": ([], lambda t, total: 1.0),
+    "poly": (["scheduler=poly"], lambda t, total: (1 - t / total) ** 0.9),
+    "cosine": (["scheduler=cosine"], lambda t, total: (1 + math.cos(math.pi * t / total)) / 2),
+    "poly after a warm-up": (
+        ["scheduler=poly", "scheduler.warmup_steps=2", "scheduler.warmup_factor=0.1"],
+        lambda t, total: 0.1 + 0.9 * t / 2 if t < 2 else (1 - (t - 2) / (total - 2)) ** 0.9,
+    ),
+}
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_a_resume_with_a_longer_budget_follows_the_schedule_of_the_new_length(tmp_path, schedule):
+    # stopped at step 3 of 6, resumed with 10: steps 3-9 train at the lr a 10-step run has there
+    overrides, factor = SCHEDULES[schedule]
+    out, lrs = tmp_path / "run", tmp_path / "lrs.jsonl"
+    run = [*TINY, "arch=fcn32s", *overrides, "optimizer.lr=0.01",
+           "+callbacks.lr._target_=interrupts.RecordLr", f"+callbacks.lr.path={lrs}"]  # fmt: skip
+    kill = ["+callbacks.kill._target_=interrupts.SigtermAtStep", "+callbacks.kill.step=3"]
+    with pytest.raises(RunInterrupted):
+        train(cfg_of("config", [*run, *kill, "trainer.max_steps=6"], out))
+    train(cfg_of("config", [*run, "trainer.max_steps=10", "resume=true"], out))
+    used = [json.loads(line) for line in lrs.read_text().splitlines()]
+    assert [step for step, _ in used] == list(range(10))  # each step once: none trained twice
+    ratio = used[0][1][1] / used[0][1][0]  # the biases' lr factor
+    for step, (weights, biases) in used:
+        want = 0.01 * factor(step, 6 if step < 3 else 10)
+        assert weights == pytest.approx(want, rel=1e-9, abs=1e-15), (step, weights, want)
+        assert biases == pytest.approx(ratio * want, rel=1e-9, abs=1e-15)
+    assert used[-1][1][0] > 0  # still learning at the last step
 
 
 @pytest.mark.xdist_group("reliability_straight")  # one worker computes the module fixture once
