@@ -222,6 +222,48 @@ def test_an_edit_keeping_size_and_mtime_is_not_served_from_the_cache(tmp_path):
     assert second.splits["train"].histogram[2] - first.splits["train"].histogram[2] == 24 * 32
 
 
+def save_raw_label(path, value: int, bad_pixel: int | None = None) -> None:
+    """An uncompressed palette PNG: its size depends on the shape only, never on the values."""
+    label = np.full((24, 32), value, np.uint8)
+    if bad_pixel is not None:
+        label[3, 4] = bad_pixel
+    img = PIL.Image.fromarray(label, mode="P")
+    img.putpalette([0, 0, 0] * 256)
+    img.save(path, compress_level=0)
+
+
+def test_a_bad_value_written_keeping_size_and_mtime_fails_the_next_check(tmp_path, cache):
+    root = write_folder(tmp_path / "d", ["a", "b"], ["bg", "x", "y"], {"train": ["a", "b"]})
+    path = root / "SegmentationClass/a.png"
+    save_raw_label(path, 1)
+    dm = FolderDataModule(root, val_split="train")
+    quiet_check(dm)
+    assert quiet_check(dm).from_cache and list(cache.glob("labels-*.json"))
+    before = path.stat()
+    save_raw_label(path, 1, bad_pixel=40)  # then `touch -r`, or a restore keeping the mtime
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    with pytest.raises(DataError) as err:
+        quiet_check(dm)
+    assert f"{path}: [40]" in str(err.value) and "outside 0..2" in str(err.value)
+
+
+def test_a_bad_value_met_at_load_time_names_the_file_and_the_value(tmp_path):
+    root = write_folder(tmp_path / "d", ["a", "b"], ["bg", "x", "y"], {"train": ["a", "b"]})
+    dm = FolderDataModule(root, val_split="train")
+    dm.setup("fit")
+    quiet_check(dm)  # passed; the file is changed after the check, read by training
+    path = root / "SegmentationClass/b.png"
+    save_raw_label(path, 0, bad_pixel=40)
+    index = dm.datasets["train"].ids.index("b")
+    with pytest.raises(DataError) as err:
+        dm.datasets["train"][index]
+    message = str(err.value)
+    assert "\n" not in message and f"label {path} has values [40] outside 0..2 and 255" in message
+    assert "data.label_map" in message
+
+
 def test_label_map_and_class_count_are_part_of_the_cache_key(tmp_path):
     root = write_binary_masks_folder(tmp_path / "masks")
     quiet_check(FolderDataModule(root))

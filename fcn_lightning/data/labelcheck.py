@@ -24,7 +24,7 @@ from ..contract import IGNORE_INDEX
 from ..errors import DataError
 from .readers import map_labels
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: the inode in the stamp
 IGNORED_WARN = 0.5  # warn when more than this share of a split's pixels is ignored
 SHOW = 5  # files and classes named in a message
 
@@ -158,8 +158,9 @@ def run_label_check(
             except OSError as err:
                 results[key] = {"error": f"label file {key[0]}: {err.strerror}"}
                 continue
-            # ctime: set by every change of the file, and by no tool back to an older time
-            stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, heads[key[1]]]
+            # ctime: set by every change of the file (and by `touch -r`, a restore), by no tool
+            # back to an older time; the inode: a file replaced by another (rename, rsync)
+            stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, heads[key[1]]]
             entry = entries.get("|".join(key))
             if isinstance(entry, dict) and entry.get("stamp") == stamp and "hist" in entry:
                 results[key] = entry
