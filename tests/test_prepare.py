@@ -187,8 +187,164 @@ def test_disk_filling_up_mid_extraction_leaves_nothing(official, tmp_path, monke
     root = tmp_path / "pascal"
     assert main(["voc", "--year", "2011", "--root", str(root), "--archive", str(official.voc)]) == 1
     err = capsys.readouterr().err
-    assert "disk filled up" in err and str(root) in err and "needs about" in err
+    assert "disk full on" in err and str(root) in err and "needs about" in err
     assert len(calls) == 5 and not (root / "VOCdevkit").exists() and leftovers(tmp_path) == []
+
+
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    """What is in ``folder`` (file contents; None for a folder), less the lock file."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+        for p in sorted(folder.rglob("*"))
+        if p.name != archives.LOCK_NAME
+    }
+
+
+def error_of(err: str) -> str:
+    """The one line of the error (after tqdm's progress bar, where there is one)."""
+    assert err.endswith("\n") and err.count("Error: ") == 1 and "Traceback" not in err
+    return err.splitlines()[-1]
+
+
+def fake_statvfs(blocks_free: int, inodes_free: int) -> os.statvfs_result:
+    """A file system of 4 KiB blocks, 1 GiB and 100,000 inodes, with what is said free."""
+    return os.statvfs_result(
+        (4096, 4096, 2**18, blocks_free, blocks_free, 10**5) + (inodes_free,) * 2 + (0, 255)
+    )
+
+
+@pytest.mark.parametrize("short", ["inodes", "blocks", "quota"])
+def test_no_room_mid_extraction_says_which_resource_ran_out(
+    official, tmp_path, monkeypatch, capsys, short
+):
+    """An ENOSPC with blocks free is the inodes; one with inodes free, the blocks; EDQUOT the
+    quota. The free space was enough when checked, then ran out (other writers)."""
+    root = tmp_path / "pascal"
+    root.mkdir()
+    (root / "notes.txt").write_text("mine")
+    before, full, real = snapshot(tmp_path), [], tarfile.TarFile.makefile
+
+    def makefile(self, tarinfo, targetpath):
+        if len(full) == 0 and "JPEGImages" in targetpath:
+            full.append(targetpath)
+            code = errno.EDQUOT if short == "quota" else errno.ENOSPC
+            raise OSError(code, os.strerror(code), targetpath)
+        return real(self, tarinfo, targetpath)
+
+    after = {"inodes": fake_statvfs(50 * 256, 0), "blocks": fake_statvfs(3, 90_000)}
+    monkeypatch.setattr(tarfile.TarFile, "makefile", makefile)
+    monkeypatch.setattr(
+        os,
+        "statvfs",
+        lambda _: (
+            after.get(short, fake_statvfs(50 * 256, 90_000))
+            if full
+            else fake_statvfs(50 * 256, 90_000)
+        ),
+    )
+    assert main(["voc", "--root", str(root), "--archive", str(official.voc)]) == 1
+    err = error_of(capsys.readouterr().err)
+    assert full and str(root) in err
+    assert "while extracting VOCtrainval_25-May-2011.tar" in err and "nothing was kept" in err
+    if short == "inodes":
+        assert (
+            "Error: no free inodes on " in err and "files and folders to write, 50 MiB free" in err
+        )
+        assert "disk full" not in err
+    elif short == "blocks":
+        assert "Error: disk full on " in err and "needs about" in err and "12 KiB free" in err
+        assert "inode" not in err
+    else:
+        assert "Error: disk quota exceeded on " in err and "larger quota" in err
+    assert snapshot(tmp_path) == before and leftovers(tmp_path) == []
+
+
+def test_no_inode_even_for_the_lock_leaves_nothing(official, tmp_path, monkeypatch, capsys):
+    root = tmp_path / "data" / "pascal"
+    real_open = builtins.open
+
+    def fake_open(file, *args, **kwargs):
+        if Path(file).name == archives.LOCK_NAME:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(archives, "open", fake_open, raising=False)
+    monkeypatch.setattr(os, "statvfs", lambda _: fake_statvfs(50 * 256, 0))
+    assert main(["voc", "--root", str(root), "--archive", str(official.voc)]) == 1
+    err = error_of(capsys.readouterr().err)
+    assert err.startswith("Error: no free inodes on ") and "while preparing VOC2011" in err
+    assert not (tmp_path / "data").exists()
+
+
+def test_empty_root_is_refused_not_the_current_folder(official, tmp_path, monkeypatch, capsys):
+    """``--root "$UNSET"``: not the current folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    for command in (["voc", "--archive", str(official.voc)], ["check", "voc"]):
+        assert main([*command, "--root", ""]) == 1
+        out, err = capsys.readouterr()
+        assert err == (
+            "Error: --root is empty (an unset variable?): give the folder the dataset goes in "
+            "(data.root)\n"
+        )
+        assert out == "" and snapshot(tmp_path) == before
+    assert not (tmp_path / archives.LOCK_NAME).exists()
+
+
+def test_archive_that_is_not_a_regular_file_is_named(official, tmp_path, capsys):
+    root = tmp_path / "pascal"
+    prepare_voc(root, 2011, archive=official.voc, say=lambda _: None)
+    before = snapshot(tmp_path)
+    for where in (root, tmp_path / "new"):  # refused even with nothing to do, before any work
+        assert main(["voc", "--root", str(where), "--archive", "/dev/null"]) == 1
+        err = error_of(capsys.readouterr().err)
+        assert err == (
+            "Error: --archive /dev/null is not a regular file (a device, a pipe or a socket): "
+            "give the archive file itself"
+        )
+    assert snapshot(tmp_path) == before
+
+
+def test_archive_with_windows_separators(tmp_path, capsys):
+    """A zip written on Windows ('\\' in its names) is read as zipfile reads it on Windows,
+    still kept inside the folder; a tar with such names is refused, naming a member."""
+    splits = {"train": VOC_TRAIN, "val": VOC_VAL, "trainval": VOC_TRAIN + VOC_VAL}
+    src = write_voc(tmp_path / "src", 2011, splits)
+    (tmp_path / "evil.txt").write_text("mine")
+    windows = tmp_path / "VOCtrainval_25-May-2011.zip"
+    with zipfile.ZipFile(windows, "w") as zf:
+        for p in sorted(src.rglob("*")):
+            zf.write(p, str(p.relative_to(src)).replace("/", "\\"))
+        zf.writestr("..\\..\\evil.txt", "outside")  # dropped '..', as for '/' names
+    root = tmp_path / "pascal"
+    root.mkdir()
+    (root / "notes.txt").write_text("mine")
+    args = ["--root", str(root), "--archive", str(windows), "--md5", md5(windows)]
+    assert main(["voc", "--year", "2011", *args]) == 0
+    assert "layout: complete" in capsys.readouterr().out
+    jpg = root / "VOCdevkit" / "VOC2011" / "JPEGImages" / "2011_000001.jpg"
+    assert (
+        jpg.read_bytes() == (src / "VOCdevkit" / "VOC2011" / "JPEGImages" / jpg.name).read_bytes()
+    )
+    assert (tmp_path / "evil.txt").read_text() == "mine" and not list(tmp_path.rglob("*\\*"))
+    # a tar with such names: one sentence naming a member and the separators
+    tar = tmp_path / "windows.tar"
+    with tarfile.open(tar, "w") as t:
+        for p in sorted(src.rglob("*")):
+            t.add(p, arcname=str(p.relative_to(src)).replace("/", "\\"), recursive=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    before = snapshot(other)
+    assert main(["voc", "--root", str(other), "--archive", str(tar), "--md5", md5(tar)]) == 1
+    err = error_of(capsys.readouterr().err)
+    member = "VOCdevkit\\VOC2011\\ImageSets\\Segmentation\\train.txt"
+    assert err == (
+        f"Error: {tar} uses Windows '\\' separators in its member names (e.g. '{member}'): "
+        "re-create it with '/' separators, or extract it with a tool that converts them"
+    )
+    assert snapshot(other) == before and leftovers(tmp_path) == []
 
 
 def test_member_outside_the_folder_is_refused(tmp_path, capsys):
@@ -589,10 +745,12 @@ def test_wrong_archive_of_another_year_says_which_year(tmp_path, capsys):
     args = ["--root", str(root), "--archive", str(tar), "--md5", md5(tar)]
     assert main(["voc", "--year", "2011", *args]) == 1
     err = capsys.readouterr().err
-    assert f"{tar} holds no VOCdevkit/VOC2011: it holds VOCdevkit/VOC2012: pass --year 2012" in err
+    told = "does not hold VOCdevkit/VOC2011: it holds VOCdevkit/VOC2012: pass --year 2012"
+    assert f"{tar} {told}" in err
     assert main(["siftflow", *args]) == 1  # no hint known: what the archive holds
-    assert "holds no the SIFT Flow dataset (the folder of TestSet1.txt): it holds VOCdevkit" in (
-        capsys.readouterr().err
+    assert (
+        "does not hold the SIFT Flow dataset (the folder of TestSet1.txt): it holds VOCdevkit"
+        in (capsys.readouterr().err)
     )
 
 

@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover - Windows: no lock between concurrent pr
 
 LOCK_NAME, STAGING_PREFIX = ".fcn_lightning-prepare.lock", ".prepare-tmp-"
 ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zipfile.BadZipFile, zlib.error, gzip.BadGzipFile)
+FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # no room: blocks, inodes, quota
 Say = Callable[[str], None]
 
 
@@ -71,6 +72,56 @@ def check_space(folder: Path, need: int, what: str) -> None:
             f"not enough free space in {folder}: {what} needs about {mib(need)}, {mib(free)} "
             "are free. Free some space or choose a --root on a larger disk"
         )
+
+
+def _mount(path: Path) -> Path:
+    """The mount point of the file system holding ``path`` (an existing path)."""
+    p = path.absolute()
+    dev = p.stat().st_dev
+    while p.parent != p and p.parent.stat().st_dev == dev:
+        p = p.parent
+    return p
+
+
+def out_of_room(
+    err: OSError, root: Path, doing: str, need: int | None = None, files: int | None = None
+) -> PrepareError:
+    """ENOSPC or EDQUOT while ``doing`` in ``root``: which resource ran out (the quota, the
+    inodes or the blocks of the file system), said while the partial extraction is still there."""
+    at = next((p for p in (root, *root.parents) if p.exists()), root)
+    try:
+        fs = _mount(at)
+    except OSError:
+        fs = at
+    on = f"{fs} (the file system of {root})" if fs != root.absolute() else f"{root}"
+    free = inodes = None
+    try:
+        st = os.statvfs(at)
+        free, inodes = st.f_bavail * st.f_frsize, st.f_favail if st.f_files else None
+    except AttributeError:  # pragma: no cover - Windows
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(at).free
+    except OSError:
+        pass
+    size = f"about {mib(need)}" if need is not None else ""
+    count = f"{files:,} files and folders" if files is not None else ""
+    if err.errno == getattr(errno, "EDQUOT", None):
+        told = f" ({size} in {count} to write)" if size and count else ""
+        return PrepareError(
+            f"disk quota exceeded on {on} {doing}{told}: nothing was kept. Free some of your "
+            "files there, ask for a larger quota, or choose another --root"
+        )
+    if inodes == 0:
+        told = f" ({count} to write, {mib(free)} free)" if count else f" ({mib(free)} free)"
+        return PrepareError(
+            f"no free inodes on {on} {doing}{told}: nothing was kept. Delete some files there "
+            "(each file or folder takes an inode) or choose another --root"
+        )
+    told = f"needs {size}, " * bool(size) + (f"{mib(free)} free" if free is not None else "")
+    return PrepareError(
+        f"disk full on {on} {doing}" + f" ({told})" * bool(told) + ": nothing was kept. "
+        "Free some space or choose another --root"
+    )
 
 
 def fetch(info: Archive, dest: Path, command: str, say: Say, made: bool) -> Path:
@@ -129,12 +180,22 @@ def _download(url: str, part: Path, say: Say) -> None:
             raise ConnectionError(f"{part.stat().st_size} of {total} bytes arrived")
 
 
+def zip_members(zf: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
+    """The members of ``zf``, names written on Windows with '\\' read with '/' (as zipfile does
+    on Windows: ``orig_filename`` is kept, so the local header check still passes, and
+    extraction still drops absolute paths and '..')."""
+    members = zf.infolist()
+    for i in members:
+        i.filename = i.filename.replace("\\", "/")
+    return members
+
+
 def read_index(path: Path) -> dict[str, int]:
     """Member name -> size, of a zip, or of a tar that reads to its end and that tarfile's
     ``data`` filter accepts (zipfile keeps every member inside the folder itself)."""
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
-            return {i.filename: i.file_size for i in zf.infolist()}
+            return {i.filename: i.file_size for i in zip_members(zf)}
     if not hasattr(tarfile, "data_filter"):  # pragma: no cover
         raise PrepareError("extracting a tar safely needs Python 3.10.12+ or 3.11.4+")
     with tarfile.open(path, "r:*") as tar:
@@ -153,7 +214,7 @@ def extract(path: Path, names: set[str], into: Path) -> None:
     bar = partial(tqdm, desc=f"extracting {path.name}", unit="file")
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
-            zf.extractall(into, bar([i for i in zf.infolist() if i.filename in names]))
+            zf.extractall(into, bar([i for i in zip_members(zf) if i.filename in names]))
     else:
         with tarfile.open(path, "r:*") as tar:
             wanted = bar([m for m in tar.getmembers() if m.name in names])
@@ -178,11 +239,21 @@ def install(
         try:
             index = read_index(path)
             found = {m["prefix"].rstrip("/") for n in index if (m := re.match(pattern, n))}
+            if not found and (windows := [n for n in index if "\\" in n]):
+                example = next((n for n in windows if re.match(pattern, n.replace("\\", "/"))), "")
+                if example:  # a tar written on Windows (zip names are converted)
+                    raise PrepareError(
+                        f"{path} uses Windows '\\' separators in its member names (e.g. "
+                        f"'{example}'): re-create it with '/' separators, or extract it with a "
+                        "tool that converts them"
+                    )
             if not found:
                 tops = sorted({n.split("/")[0] for n in index if n})
                 held = f"it holds {', '.join(tops[:5])}{' ...' * (len(tops) > 5)}"
                 told = hint(list(index)) or (held if tops else "it is empty")
-                raise PrepareError(f"{path} holds no {wanted}: {told}. Is it the right archive?")
+                raise PrepareError(
+                    f"{path} does not hold {wanted}: {told}. Is it the right archive?"
+                )
             prefix = min(found, key=len)
             chosen = {n for n in index if not prefix or n == prefix or n.startswith(prefix + "/")}
             need = sum(index[n] for n in chosen)
@@ -213,12 +284,10 @@ def install(
         except DataError as err:
             raise PrepareError(f"{path} does not hold a complete {wanted}: {err}") from None
         except OSError as err:
-            if err.errno != errno.ENOSPC:
+            if err.errno not in FULL:
                 raise
-            raise PrepareError(
-                f"the disk filled up while extracting {path.name} into {root} (it needs about "
-                f"{mib(need)}); nothing was kept. Free some space or choose another --root"
-            ) from None
+            doing = f"while extracting {path.name}"
+            raise out_of_room(err, root, doing, need, len(chosen)) from None
         except KeyboardInterrupt:
             say(f"Removed the unfinished extraction {tmp}")
             raise
@@ -229,8 +298,15 @@ def locked(root: Path, say: Say, wait: bool = True) -> Iterator[bool]:
     """One run at a time in ``root``, first rid of killed runs' temporary folders; yields whether
     this run made ``root`` (removed again, with the folders above, if only the lock is in it)."""
     made = [p for p in (root, *root.parents) if not p.exists()]  # deepest first
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / LOCK_NAME, "a") as handle:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        handle = open(root / LOCK_NAME, "a")
+    except OSError:  # no room even for the lock: the folders made for it removed again
+        for p in made:
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+    with handle:
         if fcntl is not None:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -293,6 +369,11 @@ def prepare_once(
     path = Path(archive).expanduser() if archive is not None else None
     if path is not None and path.is_dir():
         raise PrepareError(f"--archive {path} is a folder, not an archive: give the file")
+    if path is not None and path.exists() and not path.is_file():
+        raise PrepareError(
+            f"--archive {path} is not a regular file (a device, a pipe or a socket): give the "
+            "archive file itself"
+        )
     if path is not None and not path.is_file():
         raise PrepareError(f"--archive {path}: no such file")
     if problem := not_a_folder(root):
@@ -319,6 +400,8 @@ def prepare_once(
             if not already_prepared(targets, check, what, say):
                 install(fetch(info, dest, command, say, made), root, say=say, **recipe)
     except OSError as err:
+        if err.errno in FULL:  # not even the lock file or the root could be made
+            raise out_of_room(err, root, f"while preparing {what}") from None
         if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise
         if incomplete is not None:  # the real problem: nothing here would write

@@ -47,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
     for name, about in ABOUT.items():
         url = ARCHIVES["voc2011" if name == "voc" else name].url
         sub = commands.add_parser(name, help=about, description=f"{about}. Archive: {url}")
-        sub.add_argument("--root", required=True, type=Path, help="the folder: data.root")
+        sub.add_argument("--root", required=True, help="the folder: data.root")
         if name in ("voc", "sbd"):
             sub.add_argument("--year", **YEAR)
         source = sub.add_mutually_exclusive_group()
@@ -58,13 +58,17 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--lists", type=Path, help="a folder of train.txt, val.txt, test.txt")
     check = commands.add_parser("check", help="only the layout check (exit status 1: missing)")
     check.add_argument("dataset", choices=("voc", "siftflow", "nyud"))
-    check.add_argument("--root", required=True, type=Path, help="data.root of the dataset")
+    check.add_argument("--root", required=True, help="data.root of the dataset")
     check.add_argument("--year", **YEAR)
     return top
 
 
 def run(args: argparse.Namespace) -> LayoutReport:
-    root = args.root.expanduser()
+    if not args.root:  # not Path(""), which is the current folder
+        raise DataError(
+            "--root is empty (an unset variable?): give the folder the dataset goes in (data.root)"
+        )
+    root = Path(args.root).expanduser()
     if args.command != "check":
         options = {k: v for k, v in vars(args).items() if k not in ("command", "root")}
         return getattr(datasets, f"prepare_{args.command}")(root, **options)
