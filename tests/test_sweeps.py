@@ -101,6 +101,37 @@ def test_a_bad_setting_fails_its_job_with_the_settings_message(tmp_path):
     assert names(tmp_path) == ["0_arch.geometry=sideways", "1_arch.geometry=same"]
 
 
+SUBDIRS = {  # hydra.sweep.subdir -> the job folders it makes
+    "job_${hydra.job.num}": ["job_0", "job_1"],
+    "${hydra.job.override_dirname}": ["data.image_size=32", "data.image_size=4"],
+    "same": ["same"],  # both jobs in one folder: the second is refused
+}
+
+
+@pytest.mark.parametrize("subdir", list(SUBDIRS))
+def test_every_job_counts_whatever_its_folder_is_called(tmp_path, subdir):
+    tiny = [o for o in TINY if not o.startswith("data.image_size")]
+    result = cli("-m", "arch=fcn32s", *tiny, "data.image_size=32,4", f"hydra.sweep.dir={tmp_path}",
+                 f"hydra.sweep.subdir={subdir}", cwd=tmp_path)  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]  # a job failed: the sweep says so
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == SUBDIRS[subdir]
+    jobs = summary_of(tmp_path)
+    assert [(j["job"], j["status"]) for j in jobs] == [("0", "finished"), ("1", "failed")]
+    sizes = [[o for o in j["overrides"] if "image_size" in o] for j in jobs]
+    assert sizes == [["data.image_size=32"], ["data.image_size=4"]]  # each job's own
+    why = jobs[1]["reason"]
+    if subdir == "same":
+        assert why.startswith("RunFolderError: hydra.sweep.subdir gives jobs one folder: keep")
+        assert jobs[1]["metrics"] == {}  # the folder's metrics are job 0's
+    else:
+        assert why == "ValueError: data.image_size must be >= 8, got 4"  # the cause, not Hydra's
+    assert "hydra.run.dir" not in why and "Traceback" not in output
+    rows = {r.split()[0]: r for r in (tmp_path / "summary.txt").read_text().splitlines()[1:]}
+    assert "FAILED" in rows["1"] and "data.image_size=4" in rows["1"] and why[:40] in rows["1"]
+    assert "1 of 2 jobs failed (job 1)" in output
+
+
 def test_optuna_study_goes_on_after_a_failed_trial(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     states = tmp_path / "trials.json"
@@ -174,7 +205,9 @@ def test_a_job_failing_before_it_claims_its_folder_is_recorded_there(tmp_path):
     assert not (tmp_path / "1_optimizer.lr=2" / "run.json").exists()
     first, second = summary_of(tmp_path)
     assert first["status"] == "failed" and "has no step or epoch limit" in first["reason"]
-    assert second["status"] == "failed" and second["reason"] == STALE_METRICS
+    # Hydra's return says why, not the earlier run's metrics.json in its folder
+    assert second["status"] == "failed" and "has no step or epoch limit" in second["reason"]
+    assert second["metrics"] == {}  # the earlier run's metrics are not this job's
 
 
 # --------------------------------------------------------------------------- the summary

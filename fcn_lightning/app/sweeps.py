@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import re
 import sys
 import time
@@ -19,14 +20,17 @@ from typing import Any, ClassVar
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ..errors import ConfigError, RunFolderError, UserError
 from ..reports import headline, long_form
 from . import rundir
-from .common import as_command
+from .common import as_command, message_of
 from .stages import CHAIN, entry_of, stages_for
 from .train import RunInterrupted, is_multirun, train
 
@@ -44,6 +48,7 @@ RAISE_TO = ("optuna",)
 STOPPED = (KeyboardInterrupt, SIGTERMException, RunInterrupted)  # Ctrl+C, SIGTERM
 
 
+LEDGER = "jobs.jsonl"  # at the sweep's root: a line when Hydra starts a job, one when it returns
 MAX_NAME = 120  # a job folder's name, cut beyond (the job number first keeps names unique)
 JOB_NAME = re.compile(r"(\d+)(_.*)?", re.S)
 EXCLUDE = "hydra.job.config.override_dirname.exclude_keys"
@@ -144,6 +149,43 @@ def job_folders(root: Path) -> list[Path]:
     jobs = [p for p in Path(root).glob("*") if p.is_dir() and JOB_NAME.fullmatch(p.name)]
     jobs = [p for p in jobs if (p / ".hydra").is_dir() or (p / "run.json").exists()]
     return sorted(jobs, key=job_number)
+
+
+def add_to_ledger(config: DictConfig, **entry: Any) -> None:
+    """A line in the sweep's :data:`LEDGER` about the job ``config`` is of (any launcher: each
+    job's process appends its own lines)."""
+    line = {"job": str(config.hydra.job.num), "folder": config.hydra.runtime.output_dir, **entry}
+    with open(Path(config.hydra.sweep.dir) / LEDGER, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def read_ledger(root: Path) -> list[dict[str, Any]] | None:
+    """Each job Hydra started, by number (its last start, and how it returned if it did); None
+    where the sweep has no ledger."""
+    try:
+        lines = (Path(root) / LEDGER).read_text().splitlines()
+    except OSError:
+        return None
+    jobs: dict[str, dict[str, Any]] = {}
+    for line in lines:
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            entry = json.loads(line)
+            num = str(entry["job"])
+            jobs[num] = entry if "started" in entry else {**jobs.get(num, {}), **entry}
+    return [jobs[n] for n in sorted(jobs, key=lambda n: (len(n), n))]
+
+
+def ledger_job(entry: dict[str, Any]) -> dict[str, Any]:
+    """A job's summary entry: its folder's (:func:`read_job`), unless Hydra's return says the
+    job failed, which a folder may not show (another job's folder, a refusal before claiming)."""
+    job = {**read_job(Path(entry.get("folder") or "")), "job": entry["job"], "folder": entry.get("folder")}
+    if isinstance(entry.get("overrides"), list):  # its own, where jobs share a folder
+        job["overrides"] = [str(o) for o in entry["overrides"]]
+    if entry.get("returned") == "failed" and job["status"] != "interrupted":
+        if job["status"] == "finished":  # the folder's record is another job's
+            job["metrics"] = {}
+        job["status"], job["reason"] = "failed", entry.get("reason") or job["reason"] or "failed"
+    return job
 
 
 def job_number(folder: Path) -> int:
@@ -273,10 +315,29 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self.summarize()
 
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.hydra.mode == RunMode.MULTIRUN:
+            add_to_ledger(config, started=time.time(), overrides=task_overrides(config))
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        global _failure
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        value, reason, _failure = job_return._return_value, _failure, None
+        if job_return.status == JobStatus.FAILED:
+            reason = reason or f"{type(value).__name__}: {value}"
+        elif not (isinstance(value, float) and math.isnan(value)):
+            reason = None
+        add_to_ledger(config, returned="failed" if reason else "finished", reason=reason)
+
     def jobs_started(self) -> bool:
-        """Whether Hydra wrote a job's config since the sweep began (not a refused sweep)."""
+        """Whether Hydra started a job since the sweep began (not a refused sweep)."""
         since = (self.started or float("inf")) - 2  # coarse file-system clocks
-        return self.root is not None and any(
+        if self.root is None:
+            return False
+        if (ledger := read_ledger(self.root)) is not None:
+            return any(float(job.get("started", 0)) >= since for job in ledger)
+        return any(  # a sweep without a ledger: Hydra wrote a job's config since it began
             max(_mtime(p / ".hydra" / "config.yaml"), _mtime(p / "run.json")) >= since
             for p in job_folders(self.root)
         )
@@ -284,7 +345,11 @@ class SweepSummary(Callback):
     def summarize(self) -> list[dict[str, Any]]:
         """Write ``summary.json`` and ``summary.txt``, print the table and the outcome."""
         assert self.root is not None, "no sweep started"
-        self.jobs = [read_job(folder) for folder in job_folders(self.root)]
+        ledger = read_ledger(self.root)
+        if ledger is None:  # a sweep without one: its job folders, by name
+            self.jobs = [read_job(folder) for folder in job_folders(self.root)]
+        else:
+            self.jobs = [ledger_job(entry) for entry in ledger]
         if not self.jobs:
             log.warning("sweep summary: no job folder under %s", self.root)
             return self.jobs
@@ -308,6 +373,7 @@ class SweepSummary(Callback):
 
 
 _interrupted = False  # a job of this process was interrupted: the sweep stops, unsummarised
+_failure: str | None = None  # why this process's job failed, for the ledger (on_job_end)
 
 
 def train_job(cfg: DictConfig) -> float:
@@ -319,7 +385,7 @@ def train_job(cfg: DictConfig) -> float:
 def sweep_job(cfg: DictConfig) -> float:
     """One job of a sweep: a failure is recorded and logged, and NaN is returned (or, to the
     sweepers of :data:`RAISE_TO`, :class:`SweepJobFailed` raised) so that the sweep goes on."""
-    global _interrupted
+    global _interrupted, _failure
     out, job = Path(cfg.paths.output_dir), HydraConfig.get().job.get("num", "?")
     try:
         return train(cfg)
@@ -327,9 +393,10 @@ def sweep_job(cfg: DictConfig) -> float:
         if _is_interruption(err):
             _interrupted = True
             raise
-        reason = f"{type(err).__name__}: {err}"
+        cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
+        reason = _failure = f"{type(cause).__name__}: {message_of(cause)}"
         # a bug's traceback is worth keeping; a setting's or the pipeline's message says it all
-        expected = isinstance(err, (UserError, ValueError, OSError))
+        expected = isinstance(cause, (UserError, ValueError, OSError))
         log.error("job %s failed (the sweep goes on): %s", job, reason, exc_info=not expected)
     try:  # failed before claiming its folder: mark it, unless it holds a record or a run's files
         if rundir.read_record(out) is None and not rundir.holds_run(out):
