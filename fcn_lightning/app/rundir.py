@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -105,11 +106,15 @@ def comparable(config: Any) -> dict[str, Any]:
     return {k: v for k, v in OmegaConf.to_container(config, resolve=False).items() if k != "hydra"}
 
 
-def claim(out: str | Path, resume: bool, *, fresh_if_empty: bool = False, config=None) -> bool:
+def claim(
+    out: str | Path, resume: bool, *, fresh_if_empty: bool = False, sweep_job: bool = False,
+    config: dict[str, Any] | None = None,
+) -> bool:
     """Make ``out`` this run's folder; return whether to resume the run it holds. Refused: a
     folder in use, one holding another run (without ``resume``), one holding nothing (with
     ``resume``, unless ``fresh_if_empty``: a sweep's job that never started), a resume whose
-    ``config`` differs from the run's own."""
+    ``config`` differs from the run's own. ``sweep_job``: the refusals speak of the sweep's
+    folders."""
     out, me, record = Path(out).absolute(), launch_id(), read_record(out)
     if record is not None and me is not None and record.get("run_id") == me:
         return bool(record.get("resuming", resume))  # claimed already by this launch
@@ -125,6 +130,12 @@ def claim(out: str | Path, resume: bool, *, fresh_if_empty: bool = False, config
             f"{old.get('host')}, started {old.get('started')}): {NEW_FOLDER} (if that run is "
             f"dead, delete {out / RECORD})"
         )
+    if held and not resume and sweep_job:
+        raise RunFolderError(
+            "hydra.sweep.subdir gives jobs one folder: keep ${hydra.job.num} in it (this job's "
+            f"folder {out} already holds a run, started {old.get('started', '?')}, status "
+            f"{old.get('status', '?')})"
+        )
     if held and not resume:
         raise RunFolderError(
             f"run folder {out} already holds a run (started {old.get('started', '?')}, status "
@@ -133,8 +144,7 @@ def claim(out: str | Path, resume: bool, *, fresh_if_empty: bool = False, config
             f"or start a new run: {NEW_FOLDER}"
         )
     if resume and not held and record is None and not fresh_if_empty:
-        near = {r.parent for b in (out.parent, out.parent.parent)
-                for r in [*b.glob(f"*/{RECORD}"), *b.glob(f"*/*/{RECORD}")]}  # fmt: skip
+        near = [r.parent for r in out.parent.glob(f"*/{RECORD}")]  # the folder's siblings
         near = sorted(near, key=lambda p: (p / RECORD).stat().st_mtime, reverse=True)
         raise RunFolderError(
             f"resume=true, but there is nothing to resume in {out} (no {RECORD}, metrics.json or "
@@ -208,6 +218,24 @@ def refused(out: str | Path, reason: str) -> None:
             mark(out, "failed", reason)
 
 
+def check_folder(path: str | Path, setting: str) -> None:
+    """Refuse the folder ``setting`` names where it cannot be made or written in: a file, one
+    under a file, a read-only place (tried with a temporary file, as root too)."""
+    path = Path(path).absolute()
+    if path.exists() and not path.is_dir():
+        raise RunFolderError(f"{setting}={path} is a file, not a folder: name a folder")
+    made = next(p for p in [path, *path.parents] if p.exists() or p == p.parent)
+    if not made.is_dir():
+        raise RunFolderError(f"{setting}={path} lies under {made}, which is a file: name a folder")
+    try:
+        tempfile.TemporaryFile(dir=made).close()
+    except OSError as err:
+        raise RunFolderError(
+            f"{setting}={path}: cannot write in {made} ({err.strerror}): name a folder you can "
+            "write to"
+        ) from None
+
+
 def is_rank_zero() -> bool:
     return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
 
@@ -222,9 +250,12 @@ class RunFolderGuard(Callback):
             return  # not a training run, or a worker of a claimed one
         out = Path(config.hydra.run.dir)
         try:
+            check_folder(out, "hydra.run.dir")
             resume = claim(out, bool(config.resume), config=comparable(config))
         except RunFolderError as err:
             raise SystemExit(f"Error: {err}") from None
+        except OSError as err:  # Hydra would make a callback's error a warning, and go on
+            raise SystemExit(f"Error: hydra.run.dir={out}: {err}") from None
         sub = config.hydra.output_subdir
         if resume and sub is not None and (out / sub).is_dir():  # keep how the run was made
             n = 1 + len(list(out.glob(f"{sub}/resume-*")))
@@ -233,6 +264,10 @@ class RunFolderGuard(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         root = Path(config.hydra.sweep.dir).absolute()
+        try:
+            check_folder(root, "hydra.sweep.dir")
+        except RunFolderError as err:
+            raise SystemExit(f"Error: {err}") from None
         saved = root / "multirun.yaml"  # Hydra's record of how the sweep was made
         if "resume" not in config or (config.resume and not saved.is_file()):
             return

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
+import shlex
 import signal
 import threading
 from collections.abc import Iterator, Mapping
@@ -173,6 +175,9 @@ class SigtermGuard:
     _fitting = _installed = False
     _previous: Any = None
 
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
     def __enter__(self) -> SigtermGuard:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -196,8 +201,23 @@ class SigtermGuard:
         if not self._fitting:
             raise RunInterrupted(
                 "stopped by SIGTERM outside training (while loading data or validating); "
-                "resume=true with the same hydra.run.dir continues the run"
+                f"continue with: {resume_command(self.out)}",
+                signal.SIGTERM,
             )
+
+
+def resume_command(out: Path) -> str:
+    """The command that continues the run in ``out``: this launch's overrides as typed (without
+    ``resume`` and ``hydra.run.dir``), then ``resume=true`` and the folder."""
+    if not HydraConfig.initialized():
+        return f"python train.py <the same overrides> resume=true hydra.run.dir={out}"
+    keep = [o for o in HydraConfig.get().overrides.task
+            if not re.match(r"[+~]*(resume|hydra\.run\.dir)=", o)]  # fmt: skip
+    if re.search(r"[=,\s'\"{}\[\]()]", str(out)):  # a value Hydra reads in quotes
+        folder = f"\"hydra.run.dir='{out}'\""
+    else:
+        folder = shlex.quote(f"hydra.run.dir={out}")
+    return " ".join(["python train.py", *map(shlex.quote, keep), "resume=true", folder])
 
 
 @dataclass
@@ -244,10 +264,10 @@ def train(cfg: DictConfig) -> float:
     except Exception as err:
         rundir.refused(out, f"{type(err).__name__}: {err}")
         raise
-    resume = rundir.claim(
-        out, bool(cfg.resume), fresh_if_empty=is_multirun(), config=rundir.comparable(cfg)
-    )
-    with SigtermGuard() as sigterm:
+    sweep_job = is_multirun()
+    resume = rundir.claim(out, bool(cfg.resume), fresh_if_empty=sweep_job, sweep_job=sweep_job,
+                          config=rundir.comparable(cfg))  # fmt: skip
+    with SigtermGuard(out) as sigterm:
         try:
             score = _train_stages(cfg, out, resume, sigterm)
         except BaseException as err:
@@ -418,9 +438,7 @@ def _fit(
 ) -> None:
     """``trainer.fit``; stopped: :class:`RunInterrupted`, diverged: :class:`TrainingDiverged`."""
     last = run.out / stage / "checkpoints" / "last.ckpt"
-    resume_hint = (
-        f"Continue with: python train.py <the same overrides> resume=true hydra.run.dir={run.out}"
-    )
+    resume_hint = f"Continue with: {resume_command(run.out)}"
     stopper = next(c for c in trainer.callbacks if isinstance(c, InterruptCheckpoint))
     try:
         with run.sigterm.fitting():
@@ -429,7 +447,8 @@ def _fit(
         cause = "was interrupted (Ctrl+C)" if stopper.ctrl_c else "stopped by SIGTERM"
         raise RunInterrupted(
             f"{stage} {cause} at epoch {trainer.current_epoch}, step {trainer.global_step}; "
-            f"{last} holds that step. {resume_hint}"
+            f"{last} holds that step. {resume_hint}",
+            signal.SIGINT if stopper.ctrl_c else signal.SIGTERM,
         ) from None
     except NonFiniteLossError as err:
         raise TrainingDiverged(
