@@ -34,8 +34,12 @@ class ExportError(UserError, RuntimeError):
 
 
 class RunInterrupted(UserError):
-    """Training stopped by SIGTERM or Ctrl+C; the message says how to continue. The entry point
-    decides the exit status (130, as for Ctrl+C)."""
+    """Work stopped by Ctrl+C (``signal`` 2) or SIGTERM (15); the message says how to continue.
+    The entry point exits 128 + ``signal``, as a shell reports a process the signal ended."""
+
+    def __init__(self, message: str = "", signal: int = 2) -> None:
+        super().__init__(message)
+        self.signal = signal
 
 
 class TrainingDiverged(UserError):

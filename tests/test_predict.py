@@ -367,7 +367,8 @@ def test_cli_exits_non_zero_naming_unreadable_images(ckpt, tmp_path):
         (ExportError("differs from the checkpoint"), 1, "Error: differs from the checkpoint"),
         (PretrainedWeightsUnavailable("Could not download"), 1, "Error: Could not download"),
         (KeyboardInterrupt(), 130, "Interrupted"),
-        (RunInterrupted("fcn16s stopped by SIGTERM; continue with"), 130, "fcn16s stopped by"),
+        (RunInterrupted("fcn16s was interrupted (Ctrl+C); continue with"), 130, "fcn16s was"),
+        (RunInterrupted("fcn16s stopped by SIGTERM; continue with", 15), 143, "fcn16s stopped by"),
     ],
 )
 def test_only_the_command_turns_errors_into_an_exit_status(error, status, printed, capsys):

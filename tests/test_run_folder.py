@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import shlex
 import os
 import shutil
 import subprocess
@@ -160,7 +162,9 @@ def test_cli_refusals_keep_the_runs_hydra_record(tmp_path):
     base = [*HALF, f"hydra.run.dir={out}"]
     kill = ["+callbacks.kill._target_=interrupts.SigtermAtStep", "+callbacks.kill.step=1"]
     killed = cli(*base, *kill, cwd=tmp_path)
-    assert killed.returncode != 0 and "resume=true" in killed.stderr, killed.stderr[-2000:]
+    assert killed.returncode == 143, killed.stderr[-2000:]  # 128 + SIGTERM, as a shell says
+    printed = shlex.split(re.search(r"Continue with: (.*)", killed.stderr).group(1))
+    assert printed == ["python", "train.py", *HALF, *kill, "resume=true", f"hydra.run.dir={out}"]
     record = (out / ".hydra" / "overrides.yaml").read_text()
     before = snapshot(out)
     again = cli(*base, "optimizer.lr=0.1", cwd=tmp_path)  # same folder, no resume
@@ -170,8 +174,9 @@ def test_cli_refusals_keep_the_runs_hydra_record(tmp_path):
     with pytest.raises(SystemExit, match=r"^Error: [\s\S]*arch.width: 0.0625 -> 0.125"):
         guarded([*HALF, "arch.width=0.125", "resume=true"], out)
     assert snapshot(out) == before  # refused before Hydra wrote anything
-    resumed = cli(*base, "resume=true", "data.num_workers=0", cwd=tmp_path)
+    resumed = cli(*printed[2:], "data.num_workers=0", cwd=tmp_path)  # the command it printed
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Checkpoint directory" not in resumed.stderr  # Lightning's warning: a resume's own
     assert (out / ".hydra" / "overrides.yaml").read_text() == record  # how the run was made
     assert "resume=true" in (out / ".hydra" / "resume-1" / "overrides.yaml").read_text()
     assert json.loads((out / "run.json").read_text())["status"] == "finished"

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -25,29 +26,44 @@ from .console import say
 
 # error type -> exit status, first match wins; anything else keeps its traceback
 EXIT_STATUS: list[tuple[type[BaseException], int]] = [(t, 1) for t in user_errors()]
-INTERRUPTED = 130  # Ctrl+C: what the commands write is written atomically
+INTERRUPTED = 130  # Ctrl+C (128 + SIGINT); SIGTERM: 143. What the commands write is atomic
 
 
 def exit_status(err: BaseException) -> int | None:
     return next((status for kind, status in EXIT_STATUS if isinstance(err, kind)), None)
 
 
+def message_of(err: BaseException) -> str:
+    """An error's message; one raised in a DataLoader worker without the worker's traceback
+    that torch puts in front of it (the last line, the error itself)."""
+    text = str(err)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def as_command(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """``fn(cfg)`` for an entry point: a typed error prints ``Error: <message>`` and exits with
-    :data:`EXIT_STATUS`; Ctrl+C or an interrupted run exits 130."""
+    :data:`EXIT_STATUS`; Ctrl+C exits 130, an interrupted run 128 + its signal (SIGTERM: 143)."""
     try:
         return fn(cfg)
-    except (KeyboardInterrupt, RunInterrupted) as err:  # RunInterrupted says how to continue
-        print(err if isinstance(err, RunInterrupted) else "Interrupted", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("Interrupted", file=sys.stderr)
         raise SystemExit(INTERRUPTED) from None
+    except RunInterrupted as err:  # says how to continue
+        print(err, file=sys.stderr)
+        raise SystemExit(128 + err.signal) from None
     except MissingMandatoryValue as err:  # a ??? key of the config: ckpt_path, input, ...
         print(f"Error: {err.full_key} is not set: pass {err.full_key}=...", file=sys.stderr)
         raise SystemExit(1) from None
     except Exception as err:
-        status = exit_status(err)
+        setting = isinstance(err, InstantiationException) and isinstance(err.__cause__, ValueError)
+        err = err.__cause__ if setting else err  # a setting refused by the class a config names
+        status = 1 if setting else exit_status(err)
         if status is None:
             raise
-        print(f"Error: {err}", file=sys.stderr)
+        print(f"Error: {message_of(err)}", file=sys.stderr)
         raise SystemExit(status) from None
 
 

@@ -15,7 +15,10 @@ LIGHTNING = ("pytorch_lightning", "lightning", "lightning_fabric")
 NOT_APPLICABLE = {
     # Lightning's own pytree helper calls torch's deprecated LeafSpec check on every batch
     # transfer; nothing the project (or its user) calls.
-    "LeafSpec": re.compile(r"isinstance\(treespec, LeafSpec\)` is deprecated")
+    "LeafSpec": re.compile(r"isinstance\(treespec, LeafSpec\)` is deprecated"),
+    # a resume's checkpoints are where ModelCheckpoint looks; a folder holding another run is
+    # refused before (app/rundir.py)
+    "resume": re.compile(r"Checkpoint directory .* exists and is not empty"),
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import sys
 import warnings
 from collections import Counter
@@ -24,7 +25,7 @@ from ..atomic import write_atomically, write_json_atomic
 from ..contract import SINGLE_HEAD, inputs_of
 from ..data.images import ImageFiles, SizeBatches, collate
 from ..data.transforms import eval_transforms
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, RunInterrupted
 from ..models.stitch import SETTING
 from .common import load_module, quiet, use_shift_and_stitch
 from .console import say
@@ -167,11 +168,18 @@ def run_batches(module: Any, dataset: ImageFiles, writer: PredictionFiles, cfg: 
         )  # fmt: skip
         with warnings.catch_warnings(), quiet("pytorch_lightning"):  # predict's own lines only
             warnings.filterwarnings("ignore", ".*(many workers|custom batch sampler|LeafSpec)")
-            pl.Trainer(
+            trainer = pl.Trainer(
                 accelerator=accelerator, devices=1, logger=False, callbacks=[writer],
                 enable_checkpointing=False, enable_model_summary=False,
                 enable_progress_bar=sys.stdout.isatty(),
-            ).predict(module, dataloaders=loader, return_predictions=False)  # fmt: skip
+            )  # fmt: skip
+            try:
+                trainer.predict(module, dataloaders=loader, return_predictions=False)
+            except SystemExit:  # Lightning's answer to Ctrl+C: ours is RunInterrupted
+                if not trainer.interrupted:
+                    raise
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores it
+                raise KeyboardInterrupt from None
         dataset.sizes = [writer.resized.get(i) for i in range(len(dataset))]
         for i in writer.resized if again else ():  # its size changed again: being rewritten
             writer.skipped[i] = f"{dataset.files[i]}: changed while it was read"
@@ -179,7 +187,8 @@ def run_batches(module: Any, dataset: ImageFiles, writer: PredictionFiles, cfg: 
 
 
 def predict(cfg: DictConfig) -> list[Path]:
-    """Predict ``cfg.input`` into ``cfg.output``; unreadable images are skipped, then named."""
+    """Predict ``cfg.input`` into ``cfg.output``; unreadable images are skipped, then named.
+    Ctrl+C while predicting: :class:`RunInterrupted`, saying how many were written, and where."""
     if not cfg.get("input"):
         raise ConfigError("input is not set: pass input=<image or folder>")
     if int(cfg.get("batch_size", 8)) < 1 or int(cfg.get("num_workers", 0)) < 0:
@@ -207,9 +216,17 @@ def predict(cfg: DictConfig) -> list[Path]:
     writer = PredictionFiles(out, [stems[p] for p in files])
     dataset = ImageFiles(files, eval_transforms(normalization=input_normalization(module)))
     writer.skipped.update(dataset.read_unopened())  # files that do not even open, named now
-    run_batches(module, dataset, writer, cfg)
-    done = {n: (claimed[n][0], shifts) for i in writer.written for n in outputs[files[i]]}
-    write_manifest(out, {**earlier, **done})
+    try:
+        run_batches(module, dataset, writer, cfg)
+    except KeyboardInterrupt:
+        raise RunInterrupted(
+            f"predict.py was interrupted (Ctrl+C): {len(writer.written)} of {len(files)} images "
+            f"written (label map and overlay each) to {out.absolute()}; run the same command "
+            "again to predict them all"
+        ) from None
+    finally:
+        done = {n: (claimed[n][0], shifts) for i in writer.written for n in outputs[files[i]]}
+        write_manifest(out, {**earlier, **done})
     written = [p for i in sorted(writer.written) for p in writer.written[i]]
     skipped = [writer.skipped[i] for i in sorted(writer.skipped)]
     say(f"wrote {len(written)} label maps and {len(written)} overlays for "
