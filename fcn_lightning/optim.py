@@ -135,7 +135,9 @@ def build_scheduler(
 
         return factor
 
-    return lr_scheduler.LambdaLR(optimizer, [per_group(i) for i in range(len(optimizer.param_groups))])
+    return lr_scheduler.LambdaLR(
+        optimizer, [per_group(i) for i in range(len(optimizer.param_groups))]
+    )
 
 
 def restart_schedule(scheduler: lr_scheduler.LRScheduler) -> None:

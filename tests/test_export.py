@@ -4,10 +4,13 @@ their sidecars, the habits of the command, and the onnxruntime snippet of docs/D
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -36,14 +39,19 @@ NYUD_RGB_HHA = DataContract.for_classes(
 )
 
 
-def checkpoint(path: Path, contract: DataContract | None = None, **model) -> Path:
-    """A tiny checkpoint whose (zero-initialised) score layers are random: non-trivial logits."""
+def checkpoint(
+    path: Path, contract: DataContract | None = None, scale: float = 1.0, **model
+) -> Path:
+    """A tiny checkpoint whose (zero-initialised) score layers are random: non-trivial logits;
+    ``scale`` scales the score layers (so the logits) as a net's trained to tiny logits."""
     module = FCNModule({**TINY, **model}, contract=contract)
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in module.named_parameters():
             if "score" in name:
                 p.normal_(0, 0.2)
+            if ".score_" in name:
+                p.mul_(scale)
     torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
     return path
 
@@ -347,8 +355,8 @@ def test_a_test_image_and_a_failed_check_leave_no_model(tmp_path, capsys, monkey
         m.setattr(export_module.ExportedRunner, "__call__", faulty)
         with pytest.raises(ExportError, match="differs from the checkpoint") as err:
             export(export_cfg(ckpt, "exported_program", out, *args))
-    assert "head out" in str(err.value)
-    assert sorted(p.name for p in out.parent.iterdir()) == []  # no model, no temporary file
+    assert "head out" in str(err.value) and "max |diff| above the allowed" in str(err.value)
+    assert not out.parent.exists()  # no model, no temporary file, not the folder it made
     printed = capsys.readouterr().out
     assert "input 1x3x40x57 (photo.png)" in printed and "photo.png resized" in printed
     # the same with the default tolerance passes; an existing output is refused...
@@ -431,3 +439,168 @@ def test_the_command_line(tmp_path):
     assert "written: " in result.stdout and not result.stderr.strip()
     assert out.is_file() and out.with_name(out.name + ".json").is_file()
     assert_equal_to_checkpoint(ckpt, out)
+
+
+# --------------------------------------------------------------------------- tiny logits
+def test_tiny_logits_are_checked_at_their_own_scale(tmp_path, capsys, monkeypatch):
+    """An NYUD net's logits can be ~1e-7: an absolute 1e-4 would pass any export of it. The
+    allowance follows the logits' spread, and the labels must agree."""
+    ckpt = checkpoint(tmp_path / "tiny.ckpt", scale=4e-8, arch="fcn32s", geometry="same")
+    with torch.no_grad():
+        logits = load_checkpoint(ckpt).eval().model(torch.randn(1, 3, 40, 50))["out"]
+    assert 1e-8 < float(logits.abs().max()) < 1e-6
+    out = tmp_path / "deploy" / "tiny.pt2"
+    run_file = export_module.ExportedRunner.__call__
+
+    def flipping(self, x):  # off by a few times the logits' spread on class 0: other labels
+        outs = run_file(self, x)
+        for y in outs.values():
+            y[:, 0] += 3 * float(y.std())
+        return outs
+
+    with monkeypatch.context() as m:
+        m.setattr(export_module.ExportedRunner, "__call__", flipping)
+        with pytest.raises(ExportError, match="differs from the checkpoint") as err:
+            export(export_cfg(ckpt, "exported_program", out))
+    assert re.search(r"labels differ at [1-9]\d* pixel\(s\) that are no ties", str(err.value))
+    assert "max |diff| above the allowed" in str(err.value)
+    assert not out.parent.exists()
+    capsys.readouterr()
+    export(export_cfg(ckpt, "exported_program", out))  # the faithful export passes
+    printed = capsys.readouterr().out
+    assert "labels differ at 0 pixel(s)" in printed and out.is_file()
+    allowed = [float(a) for a in re.findall(r"allowed ([-+.e\d]+)\)", printed)]
+    assert len(allowed) == 2 and all(0 < a < 1e-9 for a in allowed)  # not 1e-4
+
+
+class Fixed:
+    """A model or runner that returns the same logits for any input."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+
+    def __call__(self, x):
+        return {"out": self.logits}
+
+
+def test_labels_must_agree_but_at_ties():
+    """Within the allowed difference a label may flip only where the checkpoint's top two logits
+    are within the allowed of each other (a tie); elsewhere the labels fail the check."""
+    ref = torch.tensor([[[[8.0, -8.0, 0.0, 0.0]], [[-8.0, 8.0, 0.0, 0.0]]]])  # (1, 2, 1, 4)
+    allowed = 0.1 * float(ref.double().std(correction=0))  # tolerance=0.1, rtol=0
+    tie, apart = 0.5 * allowed, 1.5 * allowed
+    ref[0, :, 0, 2] = torch.tensor([tie / 2, -tie / 2])
+    ref[0, :, 0, 3] = torch.tensor([apart / 2, -apart / 2])
+    allowed = 0.1 * float(ref.double().std(correction=0))
+    assert tie < allowed < apart < 2 * allowed
+    inputs = [("random", torch.zeros(1, 3, 1, 4))]
+    for pixel, fails in ((2, False), (3, True)):
+        out = ref.clone()
+        out[0, :, 0, pixel] += torch.tensor([-0.95, 0.95]) * allowed  # max |diff| within
+        assert out[0, :, 0, pixel].argmax() != ref[0, :, 0, pixel].argmax()
+        if not fails:
+            export_module.compare(Fixed(out), Fixed(ref), inputs, 0.1, 0.0)
+            continue
+        with pytest.raises(ExportError, match="differs from the checkpoint") as err:
+            export_module.compare(Fixed(out), Fixed(ref), inputs, 0.1, 0.0)
+        assert "labels differ at 1 pixel(s) that are no ties" in str(err.value)
+        assert "max |diff| above" not in str(err.value)
+
+
+# --------------------------------------------------------------------------- unwritable output
+def simulate(monkeypatch, under: Path, code: int) -> None:
+    """Creating a file or folder inside ``under`` fails with ``code`` (for root, whom a
+    read-only mode does not stop, and for a full disk)."""
+
+    def refusing(real):
+        def call(path, *args, **kwargs):
+            if (p := Path(os.fsdecode(path))).is_relative_to(under) and p != under:
+                raise OSError(code, os.strerror(code), str(p))
+            return real(path, *args, **kwargs)
+
+        return call
+
+    for name in ("open", "mkdir"):
+        monkeypatch.setattr(os, name, refusing(getattr(os, name)))
+
+
+def test_an_output_folder_it_cannot_write_is_refused_before_any_work(tmp_path, monkeypatch):
+    ckpt = checkpoint(tmp_path / "net.ckpt", arch="fcn32s", geometry="same")
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        with monkeypatch.context() as m:
+            if os.access(read_only, os.W_OK):  # root: the mode does not stop it
+                simulate(m, read_only, errno.EACCES)
+            m.setattr(export_module, "load_module", lambda *a: pytest.fail("work started"))
+            with pytest.raises(ConfigError) as err:
+                export(export_cfg(ckpt, "onnx", read_only / "net.onnx"))
+            assert str(err.value).startswith(f"output folder {read_only} is read-only (")
+            with pytest.raises(ConfigError) as err:
+                export(export_cfg(ckpt, "onnx", read_only / "new" / "net.onnx"))
+            assert str(err.value).startswith(
+                f"output folder {read_only / 'new'} cannot be created: {read_only} is read-only ("
+            )
+        assert list(read_only.iterdir()) == []
+        # a full disk: the folders it made are removed again
+        with monkeypatch.context() as m:
+            simulate(m, tmp_path / "new", errno.ENOSPC)
+            m.setattr(export_module, "load_module", lambda *a: pytest.fail("work started"))
+            with pytest.raises(ConfigError) as err:
+                export(export_cfg(ckpt, "onnx", tmp_path / "new" / "sub" / "net.onnx"))
+        assert str(err.value).startswith(
+            f"output folder {tmp_path / 'new' / 'sub'} cannot be created: {tmp_path / 'new'} is "
+            "not writable (disk full: No space left on device)"
+        )
+        with monkeypatch.context() as m:
+            new = tmp_path / "new" / "sub"
+            simulate(m, new, errno.ENOSPC)  # the folders can be made, not a file in them
+            with pytest.raises(ConfigError, match=re.escape(
+                f"output folder {new} is not writable (disk full: No space left on device)"
+            )):  # fmt: skip
+                export(export_cfg(ckpt, "onnx", new / "net.onnx"))
+    finally:
+        read_only.chmod(stat.S_IRWXU)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.ckpt", "ro"]
+
+
+def test_a_full_disk_while_writing_leaves_what_was_there(tmp_path, monkeypatch):
+    ckpt = checkpoint(tmp_path / "net.ckpt", arch="fcn32s", geometry="same")
+    out = tmp_path / "deploy" / "net.pt2"
+    sidecar = out.with_name(out.name + ".json")
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def half_then_full(f):
+        f.write(b"half a model")
+        raise full
+
+    with monkeypatch.context() as m:  # the model's write fills the disk
+        m.setattr(export_module, "writer", lambda *a: half_then_full)
+        with pytest.raises(ConfigError) as err:
+            export(export_cfg(ckpt, "exported_program", out))
+    assert str(err.value).startswith(f"could not write {out}: disk full (No space left")
+    assert not out.parent.exists()  # no partial file, not the folder it made
+    export(export_cfg(ckpt, "exported_program", out))
+    before = {p.name: p.read_bytes() for p in out.parent.iterdir()}
+    with monkeypatch.context() as m:  # overwrite=true, and the sidecar's write fills the disk
+        m.setattr(export_module, "write_json_atomic",
+                  lambda path, data: export_module.write_atomically(path, half_then_full))  # fmt: skip
+        with pytest.raises(ConfigError) as err:
+            export(export_cfg(ckpt, "exported_program", out, "overwrite=true"))
+    assert str(err.value).startswith(f"could not write {sidecar}: disk full (No space left")
+    assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == before
+
+
+# --------------------------------------------------------------------------- progress
+def test_an_export_shows_its_phases_on_a_terminal(tmp_path, capsys, monkeypatch):
+    ckpt = checkpoint(tmp_path / "net.ckpt", arch="fcn32s", geometry="same")
+    monkeypatch.setattr(export_module.console, "on_terminal", lambda: True)
+    export(export_cfg(ckpt, "onnx", tmp_path / "net.onnx"))
+    shown = capsys.readouterr()
+    bar = shown.err.replace("\r", "\n")
+    for phase in ("export the graph", "translate to ONNX", "write the model", "check on 2 inputs",
+                  "put in place"):  # fmt: skip
+        assert f"export: {phase} | phase" in bar, phase
+    assert re.search(r"phase \d/5 done .*\d\d:\d\d", bar)  # with the elapsed time
+    assert "head out: output (1, 21, 75, 93)" in shown.out and "written: " in shown.out

@@ -3,8 +3,11 @@ bad-input table over data, config and checkpoints, and a local submitit sweep.""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -651,6 +654,231 @@ def test_bad_input_table(tmp_path, finished_run, case):
     assert not (tmp_path / "CODE_RAN").exists()  # no checkpoint ran code
     if entry == "train":  # failed before any training
         assert not [p for p in out.glob("fcn*/checkpoints/*.ckpt") if str(p) not in before]
+
+
+# --------------------------------------------------------------------------- as commands
+# Each row: a command as a user types it (a process of its own), its exit status, the one line
+# it prints, and no file present before changed. Cases that need a file system to run out of
+# inodes, blocks or quota are monkeypatched in tests/test_prepare.py, in the same form.
+WRAPPED = """import os, runpy, signal, sys
+{patch}
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+PREPARE = "import runpy, sys\nsys.argv[0] = 'prepare'\nrunpy.run_module('fcn_lightning.prepare', run_name='__main__')\n"
+CTRL_C_AFTER_ONE_BATCH = """from fcn_lightning.app.predict import PredictionFiles
+write = PredictionFiles.write_on_batch_end
+def pressed(self, *args):
+    write(self, *args)
+    os.kill(os.getpid(), signal.SIGINT)
+PredictionFiles.write_on_batch_end = pressed"""
+EDITED_AFTER_THE_CHECK = """import numpy as np
+from PIL import Image
+from fcn_lightning.app import common, train
+check = common.label_report
+def then_edited(dm, *args, **kwargs):
+    report = check(dm, *args, **kwargs)
+    label = Image.open(os.environ["EDIT"]); bad = np.array(label); bad[2, 3] = 40
+    Image.fromarray(bad).save(os.environ["EDIT"])  # 'L': a grey label
+    return report
+common.label_report = train.label_report = then_edited"""
+
+
+DISK_FULL_WHILE_WRITING = """import errno
+from fcn_lightning.app import export
+write = export.write_atomically
+def full(path, *args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+export.write_atomically = full"""
+TINY_LOGITS_FLIPPED = """from fcn_lightning.app import export
+run = export.ExportedRunner.__call__
+def flipped(self, x):  # off by far less than 1e-4, yet every label differs at this scale
+    return {h: y.flip(1) for h, y in run(self, x).items()}
+export.ExportedRunner.__call__ = flipped"""
+
+
+def _tiny_logits_ckpt(t: Path) -> Path:
+    from fcn_lightning.module import FCNModule
+
+    module = FCNModule({"arch": "fcn32s", "width": 1 / 16, "dropout": 0.0, "geometry": "same"})
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "score" in name:
+                p.normal_(0, 1e-7)  # logits of about 1e-7, as an NYUD net's can be
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, t / "tiny.ckpt")
+    return t / "tiny.ckpt"
+
+
+def _script(t: Path, name: str, text: str) -> Path:
+    (t / "scripts").mkdir(exist_ok=True)
+    (t / "scripts" / name).write_text(text)
+    return t / "scripts" / name
+
+
+def _wrapped(t: Path, patch: str, script: str) -> list:
+    return [_script(t, "wrapped.py", WRAPPED.format(patch=patch)), ROOT / script]
+
+
+def _a_file(t: Path) -> Path:
+    (t / "notes.txt").write_text("mine")
+    return t / "notes.txt"
+
+
+def _backslash_tar(t: Path) -> Path:
+    import io
+    import tarfile
+
+    with tarfile.open(t / "w.tar", "w") as tar:
+        info = tarfile.TarInfo("VOCdevkit\\VOC2011\\ImageSets\\Segmentation\\train.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"a\n"))
+    return t / "w.tar"
+
+
+def _sibling_and_cousin(t: Path) -> Path:
+    for run in ("outputs/day/10-00-00", "outputs/day/sweep/0_optimizer.lr=0.1"):
+        (t / run).mkdir(parents=True)
+        (t / run / "run.json").write_text('{"status": "finished"}')
+    return t / "outputs/day/10-00-0"  # a typo
+
+
+def _photos3(t: Path) -> Path:
+    (t / "photos").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((20 + i, 24, 3), 60 * i, np.uint8)).save(t / "photos" / f"{i}.png")
+    return t / "photos"
+
+
+def _label_folder(t: Path) -> Path:
+    from helpers.datasets import write_folder
+
+    return write_folder(t / "mine", ["a", "b"], ["bg", "x", "y"], {"train": ["a", "b"]})
+
+
+ONE_STEP = [*TINY, "arch=fcn32s"]
+COMMANDS = {
+    # --- run folders (hydra.run.dir is checked before Hydra makes it)
+    "run dir is a file": (
+        lambda t, r: ([ROOT / "train.py", *ONE_STEP, f"hydra.run.dir={_a_file(t)}"]),
+        1, r"^Error: hydra.run.dir=.*notes.txt is a file, not a folder",
+    ),
+    "run dir under a file": (
+        lambda t, r: ([ROOT / "train.py", *ONE_STEP, f"hydra.run.dir={_a_file(t)}/run"]),
+        1, r"^Error: hydra.run.dir=.*notes.txt/run lies under .*notes.txt, which is a file",
+    ),
+    "run dir read-only": (
+        lambda t, r: ([ROOT / "train.py", *ONE_STEP, "hydra.run.dir=/sys/fcn_run"]),
+        1, r"^Error: hydra.run.dir=/sys/fcn_run: cannot write in /sys \(Permission denied\)",
+    ),
+    "sweep dir is a file": (
+        lambda t, r: ([ROOT / "train.py", "-m", *ONE_STEP, f"hydra.sweep.dir={_a_file(t)}"]),
+        1, r"^Error: hydra.sweep.dir=.*notes.txt is a file, not a folder",
+    ),
+    "resume names siblings, not cousins": (
+        lambda t, r: ([ROOT / "train.py", *ONE_STEP, "resume=true", f"hydra.run.dir={_sibling_and_cousin(t)}"]),
+        1, r"nothing to resume in .*10-00-0 [\s\S]*\n  a run nearby: .*day/10-00-00\n?$",
+    ),
+    # --- sweeps
+    "sweep jobs sharing a folder": (
+        lambda t, r: ([ROOT / "train.py", "-m", *ONE_STEP, "optimizer.lr=0.001,0.002", f"hydra.sweep.dir={t / 'sweep'}",
+                       "hydra.sweep.subdir=same"]),
+        1, r"sweep: 1 of 2 jobs failed \(job 1\)",
+    ),
+    "sweep job refused by a class": (
+        lambda t, r: ([ROOT / "train.py", "-m", *NO_DATA, "arch=fcn32s", "data.image_size=4,32", f"hydra.sweep.dir={t / 'sweep'}",
+                       "hydra.sweep.subdir=job_${hydra.job.num}"]),
+        1, r"0 +FAILED .*\(ValueError: data.image_size must be >= 8, got 4\)[\s\S]*1 of 2 jobs failed",
+    ),
+    "a class refuses a value": (
+        lambda t, r: ([ROOT / "train.py", *NO_DATA, "arch=fcn32s", "data.image_size=4", f"hydra.run.dir={t / 'run'}"]),
+        1, r"^Error: data.image_size must be >= 8, got 4\n$",
+    ),
+    # --- interruptions
+    "SIGTERM while training": (
+        lambda t, r: ([ROOT / "train.py", *ONE_STEP, "trainer.max_steps=3", f"hydra.run.dir={t / 'run'}",
+                       "+callbacks.kill._target_=interrupts.SigtermAtStep", "+callbacks.kill.step=1"]),
+        143, r"stopped by SIGTERM at epoch \d+, step 1;[\s\S]*Continue with: python train.py .*arch.width=0.0625 .*"
+             r"\+callbacks.kill.step=1 resume=true hydra.run.dir=",
+    ),
+    "Ctrl+C in predict": (
+        lambda t, r: ([*_wrapped(t, CTRL_C_AFTER_ONE_BATCH, "predict.py"), f"ckpt_path={_ckpt(t, r)}",
+                       f"input={_photos3(t)}", f"output={t / 'labels'}", "batch_size=1"]),
+        130, r"^predict.py was interrupted \(Ctrl\+C\): 1 of 3 images written \(label map and overlay each\) to "
+             r".*labels; run the same command again",
+    ),
+    # --- labels
+    "label edited after the check, met by a loader worker": (
+        lambda t, r: ([*_wrapped(t, EDITED_AFTER_THE_CHECK, "train.py"), *NO_DATA, "arch=fcn32s", "data=folder",
+                       f"data.root={_label_folder(t)}", "data.num_workers=1", "data.batch_size=1", "data.batching=pad",
+                       "data.val_split=train", "arch.pretrained=null", "arch.backbone=vgg16_bn", f"hydra.run.dir={t / 'run'}"]),
+        1, r"^Error: label .*SegmentationClass/a.png has values \[40\] outside 0..2 and 255",
+    ),
+    # --- export
+    "export into a read-only place": (
+        lambda t, r: ([ROOT / "export.py", f"ckpt_path={_ckpt(t, r)}", "format=exported_program",
+                       "output=/sys/fcn_export/net.pt2"]),
+        1, r"^Error: output folder /sys/fcn_export cannot be created: /sys is read-only \(Permission denied\)",
+    ),
+    "export onto a full disk": (
+        lambda t, r: ([*_wrapped(t, DISK_FULL_WHILE_WRITING, "export.py"), f"ckpt_path={_ckpt(t, r)}",
+                       "format=exported_program", f"output={t / 'deploy/net.pt2'}"]),
+        1, r"^Error: could not write .*deploy/net.pt2: disk full \(No space left on device\); nothing was written",
+    ),
+    "export check on tiny logits": (
+        lambda t, r: ([*_wrapped(t, TINY_LOGITS_FLIPPED, "export.py"), f"ckpt_path={_tiny_logits_ckpt(t)}",
+                       "format=exported_program", f"output={t / 'deploy/net.pt2'}"]),
+        1, r"^Error: .*differs from the checkpoint[\s\S]*labels differ at \d+ pixel",
+    ),
+    # --- prepare
+    "prepare root empty": (
+        lambda t, r: ([_script(t, "prepare.py", PREPARE), "voc", "--root", ""]),
+        1, r"^Error: --root is empty \(an unset variable\?\)",
+    ),
+    "prepare archive not a file": (
+        lambda t, r: ([_script(t, "prepare.py", PREPARE), "voc", "--root", t / "voc", "--archive", "/dev/null"]),
+        1, r"^Error: --archive /dev/null is not a regular file",
+    ),
+    "prepare tar with Windows separators": (
+        lambda t, r: ([_script(t, "prepare.py", PREPARE), "voc", "--root", t / "voc", "--archive", _backslash_tar(t),
+                       "--md5", hashlib.md5((t / "w.tar").read_bytes()).hexdigest()]),
+        1, r"^Error: .*w.tar uses Windows '\\' separators in its member names \(e.g. 'VOCdevkit\\VOC2011",
+    ),
+}  # fmt: skip
+
+
+def _refuses_writes(folder: str) -> bool:
+    import tempfile
+
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("case", list(COMMANDS))
+def test_bad_input_table_of_commands(tmp_path, finished_run, case):
+    make, status, message = COMMANDS[case]
+    if "read-only" in case and not _refuses_writes("/sys"):
+        pytest.skip("/sys takes files on this machine")
+    (tmp_path / "cwd").mkdir()
+    env = {"EDIT": str(tmp_path / "mine/SegmentationClass/a.png")}
+    argv = make(tmp_path, finished_run)
+    before, shared = _files(tmp_path), _files(finished_run)
+    os.environ.update(env)  # the commands' environment is this process's
+    try:
+        (result,) = commands(argv, cwd=tmp_path / "cwd")
+    finally:
+        for key in env:
+            os.environ.pop(key)
+    err = result.stderr
+    assert result.returncode == status, err[-3000:]
+    assert re.search(message, err, re.M) or re.search(message, result.stdout, re.M), err[-3000:]
+    assert "Traceback" not in err and "Original Traceback" not in err, err[-3000:]
+    after = _files(tmp_path)
+    assert not [p for p, data in before.items() if after.get(p) != data and "/mine/" not in p]
+    assert _files(finished_run) == shared
 
 
 def test_local_submitit_sweep(tmp_path):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shlex
-import os
 import shutil
 import subprocess
 import sys

@@ -4,6 +4,7 @@ shifted forwards, any batch and input size, the refusals, and predict.py's shift
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ from helpers.launcher import commands
 from PIL import Image
 from torchvision import tv_tensors
 
+import fcn_lightning.app.common as common_module
+import fcn_lightning.app.console as console_module
 from fcn_lightning.app.common import as_command, load_module
 from fcn_lightning.app.evaluate import evaluate
 from fcn_lightning.app.predict import MANIFEST, predict
@@ -382,3 +385,53 @@ def test_every_pixel_gets_a_stitched_prediction_up_to_the_edges(geometry):
     for out in outs.values():
         assert out.shape[-2:] == (64, 67)
         assert (out.abs().sum(1) > 0).all()
+
+
+# --------------------------------------------------------------------------- progress
+class Counter:
+    """A tqdm-like ``progress``: counts its updates."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+
+def test_progress_hears_of_every_forward():
+    model, x = net("fcn32s", "same"), torch.randn(2, 3, 40, 44)
+    heard: list[tuple[int, int]] = []
+    with torch.no_grad():
+        plain = shift_and_stitch(model, x, 4)
+        told = shift_and_stitch(model, x, 4, lambda done, total: heard.append((done, total)))
+    assert heard == [(i, 16) for i in range(1, 17)]
+    for head in plain:
+        assert torch.equal(told[head], plain[head])  # the same scores
+    fused = build_fcn("fcn16s", width=1 / 16, geometry="same", streams={"rgb": 3, "d": 1}).eval()
+    counter = Counter()
+    wrapped = ShiftAndStitch(fused, 2, progress=counter)
+    assert wrapped.forwards == 8
+    with torch.no_grad():
+        wrapped(torch.randn(1, 4, 30, 26))
+    assert counter.n == 8  # 2 x 2 shifts per stream
+
+
+@pytest.mark.parametrize(("f", "terminal", "bar"), [(4, True, True), (2, True, False),
+                                                    (4, False, False)])  # fmt: skip
+def test_a_bar_shows_many_forwards_on_stderr(f, terminal, bar, capfd, monkeypatch):
+    """16 forwards per image or more: a bar with an ETA on stderr (a terminal only); fewer: none."""
+    monkeypatch.setattr(console_module, "on_terminal", lambda: terminal)
+    module = FCNModule({"arch": "fcn32s", "width": 1 / 16, "geometry": "same"}).eval()
+    module.model = with_shift_and_stitch(module.model, f)
+    common_module.show_stitch_progress(module)
+    capfd.readouterr()
+    with torch.no_grad():
+        module.model(torch.randn(1, 3, 40, 44))
+    shown = capfd.readouterr()
+    assert (module.model.progress is not None) is bar
+    if bar:
+        assert re.search(r"shift_stitch forwards: +\d+%.*\| \d+/16 \[", shown.err), shown.err
+        assert "<?" in shown.err or re.search(r"<\d\d:\d\d", shown.err)  # the ETA
+    else:
+        assert shown.err == ""
+    assert shown.out == ""

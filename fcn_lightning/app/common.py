@@ -16,12 +16,14 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
+from tqdm import tqdm
 
 from ..data.base import SegmentationDataModule
 from ..errors import CheckpointError, ConfigError, DataError, RunInterrupted, user_errors
-from ..models.stitch import SETTING, check_factor, with_shift_and_stitch
+from ..models.stitch import SETTING, ShiftAndStitch, check_factor, with_shift_and_stitch
 from ..module import FCNModule, load_checkpoint
 from ..prepare.datasets import download
+from . import console
 from .console import say
 
 # error type -> exit status, first match wins; anything else keeps its traceback
@@ -99,6 +101,36 @@ def load_module(path: Any, **overrides: Any) -> FCNModule:
         raise ConfigError(f"ckpt_path: {err}") from None
 
 
+MANY_FORWARDS = 16  # shift-and-stitch forwards per image from which a bar shows their progress
+
+
+class StitchBar:
+    """Shift-and-stitch's ``progress``: a bar with an ETA on stderr over one batch's forwards,
+    gone when they are done (Lightning's own bar counts the batches)."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None or done == 1:
+            if self.bar is not None:
+                self.bar.close()
+            self.bar = tqdm(total=total, desc=f"{SETTING} forwards", unit="forward",
+                            file=sys.stderr, leave=False, dynamic_ncols=True)  # fmt: skip
+        self.bar.update(1)
+        if done >= total:
+            self.bar.close()
+            self.bar = None
+
+
+def show_stitch_progress(module: FCNModule) -> None:
+    """Give a shift-and-stitched model (:func:`use_shift_and_stitch`) a :class:`StitchBar` where
+    it runs :data:`MANY_FORWARDS` or more forwards per image and stderr is a terminal."""
+    net = module.model
+    if isinstance(net, ShiftAndStitch) and net.forwards >= MANY_FORWARDS and console.on_terminal():
+        net.progress = StitchBar()
+
+
 def use_shift_and_stitch(module: FCNModule, cfg: DictConfig) -> int:
     """Put shift-and-stitch (``cfg.shift_stitch``, 1: off) in place; return the factor."""
     try:
@@ -108,6 +140,7 @@ def use_shift_and_stitch(module: FCNModule, cfg: DictConfig) -> int:
     module.model = with_shift_and_stitch(module.model, shifts)
     if shifts > 1:
         say(f"{SETTING}={shifts}: shift-and-stitch, {shifts * shifts} forwards per image")
+        show_stitch_progress(module)
     return shifts
 
 

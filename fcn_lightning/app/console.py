@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -33,6 +34,11 @@ class NoAdvertisements(logging.Filter):
 PRINTED = "fcn_lightning.printed"
 PACKAGE = Path(__file__).resolve().parents[1]  # the whole package
 _other_format = warnings.formatwarning  # the form other warnings keep (Lightning sets its own)
+
+
+def on_terminal() -> bool:
+    """Whether stderr is a terminal: progress bars are drawn there only (never into a log)."""
+    return sys.stderr.isatty()
 
 
 def say(text: str) -> None:

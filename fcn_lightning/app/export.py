@@ -1,14 +1,21 @@
 """What export.py runs: a checkpoint's network as ONNX or an ExportedProgram, verified against the
-checkpoint before it is renamed into place; docs/DEPLOYING.md describes the files and metadata."""
+checkpoint before it is renamed into place; docs/DEPLOYING.md describes the files and metadata.
+A failure at any point (an output folder it cannot write, the check, a full disk) leaves nothing
+new: no model, no sidecar, no folder the export made."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib
 import json
 import os
+import sys
+import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -17,6 +24,7 @@ import torch.fx.experimental._config as fx_config
 from omegaconf import DictConfig
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
 
 from ..atomic import write_atomically, write_json_atomic
 from ..contract import inputs_of
@@ -26,6 +34,7 @@ from ..errors import ConfigError, ExportError
 from ..models.stitch import output_strides
 from ..module import FCNModule
 from ..normalization import LOG_DEPTH_MEANS
+from . import console
 from .common import load_module, quiet
 
 FORMATS = {"onnx": ".onnx", "exported_program": ".pt2"}
@@ -34,6 +43,11 @@ INPUT_NAME = "image"
 METADATA_KEY = "fcn_lightning"  # ONNX metadata_props key; the .pt2's extra file is this + .json
 EXTRA_FILE = f"{METADATA_KEY}.json"
 SIZE = (75, 93)  # (H, W) of the first random input and of the traced example: not 1, not 32k
+READ_ONLY = {errno.EACCES, errno.EPERM, errno.EROFS}
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+# the check's allowance is tolerance x the logits' spread (their standard deviation) + rtol x
+# their largest |value|; the spread is taken as at least this (constant logits: 0)
+SPREAD_FLOOR = float(torch.finfo(torch.float32).tiny)
 
 
 def onnx_modules() -> dict[str, Any]:
@@ -69,6 +83,117 @@ def check_output(out: Path, sidecar: Path, fmt: str, ckpt: Path, overwrite: bool
                           "overwrite=true, or another output=")  # fmt: skip
     if sidecar.is_dir():
         raise ConfigError(f"{sidecar} (the sidecar of output={out}) is a folder")
+
+
+def cause(err: OSError) -> str:
+    """What an OSError says, "disk full" first where it is one."""
+    why = err.strerror or str(err)
+    return f"disk full: {why}" if err.errno in DISK_FULL else why
+
+
+def unwritable(folder: Path, err: OSError) -> str:
+    """``<folder> is read-only (...)`` or ``<folder> is not writable (...)``."""
+    if err.errno in READ_ONLY:
+        return f"{folder} is read-only ({err.strerror})"
+    return f"{folder} is not writable ({cause(err)})"
+
+
+def remove_folders(created: list[Path]) -> None:
+    """Remove the folders the export made (outermost first in ``created``) that are empty."""
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def make_output_folder(folder: Path) -> list[Path]:
+    """Create ``folder`` where missing and write and remove a small temporary file there; return
+    the folders made (outermost first). ConfigError, with nothing made left, where it cannot."""
+    missing, at = [], folder
+    while not at.exists() and not at.is_symlink() and at != at.parent:
+        missing.append(at)
+        at = at.parent
+    hint = ": choose another output= (in a folder you can write, on a disk with space)"
+    created: list[Path] = []
+    try:
+        for new in reversed(missing):
+            try:
+                new.mkdir()
+            except OSError as err:
+                raise ConfigError(f"output folder {folder} cannot be created: "
+                                  f"{unwritable(new.parent, err)}{hint}") from None  # fmt: skip
+            created.append(new)
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".export-check-") as probe:
+                probe.write(b"\0" * 4096)
+                probe.flush()
+                os.fsync(probe.fileno())
+        except OSError as err:
+            raise ConfigError(f"output folder {unwritable(folder, err)}{hint}") from None
+    except BaseException:
+        remove_folders(created)
+        raise
+    return created
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """A full disk or a read-only folder while ``path`` is written: ConfigError naming it."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in DISK_FULL | READ_ONLY:
+            raise
+        what = "disk full" if err.errno in DISK_FULL else "its folder is read-only"
+        raise ConfigError(f"could not write {path}: {what} ({err.strerror}); nothing was "
+                          "written: free some space or choose another output=") from None  # fmt: skip
+
+
+class Phases:
+    """A bar over the export's phases on stderr (a terminal only), the phase's name and the
+    elapsed time kept current while one runs for minutes (ONNX: translating a large net)."""
+
+    def __init__(self, total: int) -> None:
+        self.bar: Any = None
+        self.done, self.started = threading.Event(), False
+        if console.on_terminal():
+            self.bar = tqdm(total=total, desc="start", file=sys.stderr, leave=False,
+                            dynamic_ncols=True,
+                            bar_format="export: {desc} | phase {n_fmt}/{total_fmt} done "
+                                       "|{bar:12}| {elapsed}")  # fmt: skip
+            self.thread = threading.Thread(target=self._keep_current, daemon=True)
+            self.thread.start()
+
+    def _keep_current(self) -> None:
+        while not self.done.wait(1.0):
+            self.bar.refresh()
+
+    def __call__(self, name: str) -> None:
+        """Phase ``name`` starts (the one before it is done)."""
+        if self.bar is not None:
+            if self.started:
+                self.bar.update(1)
+            self.started = True
+            self.bar.set_description_str(name)
+
+    def __enter__(self) -> Phases:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.done.set()
+        if self.bar is not None:
+            self.thread.join()
+            self.bar.close()
+
+
+def echo(text: str) -> None:
+    """``print``, around a bar on the console (it is cleared, then drawn again below)."""
+    if not getattr(tqdm, "_instances", None):
+        print(text)
+        return
+    with tqdm.external_write_mode():
+        print(text)
 
 
 def input_groups(module: FCNModule) -> list[dict[str, Any]]:
@@ -156,17 +281,21 @@ def test_inputs(module: FCNModule, image: Any) -> list[tuple[str, torch.Tensor]]
             for what, p in ((path.name, pixels), (f"{path.name} resized", resized))]  # fmt: skip
 
 
-def writer(fmt: str, model: torch.nn.Module, example: torch.Tensor, meta: dict[str, Any]) -> Any:
-    """The function that writes the model, metadata included, to a binary file."""
+def writer(fmt: str, model: torch.nn.Module, example: torch.Tensor, meta: dict[str, Any],
+           phase: Callable[[str], None] = lambda name: None) -> Any:  # fmt: skip
+    """The function that writes the model, metadata included, to a binary file; ``phase`` hears
+    of each step (export the graph, and for ONNX translate it)."""
     # without backed_size_oblivious the graph guards on the example's sizes and refuses others
     oblivious = {k: True for k in ["backed_size_oblivious"] if hasattr(fx_config, k)}
     with fx_config.patch(**oblivious), quiet("onnxscript", "onnx_ir", "torch.onnx"):
+        phase("export the graph")
+        d = torch.export.Dim.DYNAMIC
+        ep = torch.export.export(model, (example,), dynamic_shapes={"x": {0: d, 2: d, 3: d}})
         if fmt == "exported_program":
-            d = torch.export.Dim.DYNAMIC
-            ep = torch.export.export(model, (example,), dynamic_shapes={"x": {0: d, 2: d, 3: d}})
             return lambda f: torch.export.save(ep, f, extra_files={EXTRA_FILE: json.dumps(meta)})
+        phase("translate to ONNX")
         proto = torch.onnx.export(
-            model, (example,), dynamo=True, verbose=False,
+            ep, (example,), dynamo=True, verbose=False,
             dynamic_shapes={"x": {0: "batch", 2: "height", 3: "width"}},
             input_names=[INPUT_NAME], output_names=list(model.head_names),
         ).model_proto  # fmt: skip
@@ -199,10 +328,24 @@ class ExportedRunner:
         return {h: torch.from_numpy(o) for h, o in zip(names, outs, strict=True)}
 
 
+def label_agreement(out: torch.Tensor, ref: torch.Tensor, allowed: float) -> tuple[int, int]:
+    """(pixels whose label differs, those of them that are no ties): a tie is a pixel where the
+    checkpoint's top two logits are within ``allowed`` of each other."""
+    flipped = out.argmax(1) != ref.argmax(1)
+    if ref.shape[1] < 2:
+        return 0, 0
+    top = ref.topk(2, dim=1).values
+    ties = (top[:, 0] - top[:, 1]) <= allowed
+    return int(flipped.sum()), int((flipped & ~ties).sum())
+
+
 @torch.no_grad()
 def compare(runner: ExportedRunner, model: torch.nn.Module, inputs: list, tolerance: float,
-            rtol: float) -> None:  # fmt: skip
-    """Print a line per size and head; raise ExportError listing the failures."""
+            rtol: float, say: Callable[[str], None] = print) -> None:  # fmt: skip
+    """Say a line per size and head; raise ExportError listing the failures. A head passes when
+    its shape is the checkpoint's, max |diff| <= tolerance x the spread (standard deviation) of
+    the checkpoint's logits + rtol x their largest |value|, and the labels (argmax) agree at
+    every pixel but ties (:func:`label_agreement`): tiny logits pass nothing for being tiny."""
     failures = []
     for what, x in inputs:
         want, got = model(x), runner(x)
@@ -210,22 +353,32 @@ def compare(runner: ExportedRunner, model: torch.nn.Module, inputs: list, tolera
             out, at = got.get(head), f"input {'x'.join(map(str, x.shape))} ({what}), head {head}"
             if (shape := None if out is None else tuple(out.shape)) != tuple(ref.shape):
                 failures.append(f"{at}: shape {shape}, wanted {tuple(ref.shape)}")
-                print(failures[-1])
+                say(failures[-1])
                 continue
-            diff, scale = float((out.float() - ref).abs().max()), float(ref.abs().max())
-            allowed = tolerance + rtol * scale
-            labels = int((out.argmax(1) != ref.argmax(1)).sum())
-            print(line := f"{at}: output {shape}, max |diff| {diff:.3g} (logits up to "
-                          f"{scale:.3g}; allowed {allowed:.3g}); labels differ at {labels} pixel(s)")  # fmt: skip
-            if not diff <= allowed:  # NaN fails too
-                failures.append(line)
+            out, ref64 = out.float(), ref.double()
+            diff, scale = float((out - ref).abs().max()), float(ref.abs().max())
+            spread = float(ref64.std(correction=0))
+            allowed = tolerance * max(spread, SPREAD_FLOOR) + rtol * scale
+            labels, not_ties = label_agreement(out, ref, allowed)
+            line = (f"{at}: output {shape}, max |diff| {diff:.3g} (logits' spread {spread:.3g}, "
+                    f"up to {scale:.3g}; allowed {allowed:.3g}); labels differ at {labels} "
+                    "pixel(s)")  # fmt: skip
+            if labels:
+                line += f", {labels - not_ties} of them ties (top two logits within the allowed)"
+            say(line)
+            why = [] if diff <= allowed else ["max |diff| above the allowed"]  # NaN fails too
+            if not_ties:
+                why.append(f"labels differ at {not_ties} pixel(s) that are no ties")
+            if why:
+                failures.append(f"{line}: {'; '.join(why)}")
             if float(ref.amax() - ref.amin()) == 0:
-                print(f"  note: the checkpoint's {head} logits are constant here (untrained?)")
+                say(f"  note: the checkpoint's {head} logits are constant here (untrained?)")
     if failures:
         listed = "".join(f"\n  {line}" for line in failures)
         raise ExportError(f"the exported model differs from the checkpoint's ({len(failures)} "
-                          f"failure(s)):{listed}\nnothing was written (tolerance=, rtol= set what "
-                          "is allowed)")  # fmt: skip
+                          f"failure(s)):{listed}\nnothing was written (allowed: tolerance x the "
+                          "spread of the checkpoint's logits + rtol x their largest |value|, "
+                          "and the same labels but at ties; tolerance=, rtol= set them)")  # fmt: skip
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:
@@ -248,27 +401,57 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     out = Path(str(out)).expanduser()
     sidecar = out.with_name(out.name + ".json")  # fcn8s.onnx.json: both formats fit in one folder
     check_output(out, sidecar, fmt, ckpt, bool(cfg.get("overwrite", False)))
+    created = make_output_folder(out.parent)
+    try:
+        return export_into(cfg, fmt, ckpt, out, sidecar, [float(v) for v in allowed.values()])
+    except BaseException:
+        remove_folders(created)
+        raise
+
+
+def export_into(cfg: DictConfig, fmt: str, ckpt: Path, out: Path, sidecar: Path,
+                allowed: list[float]) -> dict[str, Any]:  # fmt: skip
+    """:func:`export` once the output folder is there and writable."""
     module = load_module(ckpt)
     inputs = test_inputs(module, cfg.get("image"))
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = metadata(module, ckpt, fmt, out)
-    start = time.perf_counter()
-    write = writer(fmt, module.model, random_input(module, 2, *SIZE, seed=2), meta)
-    spec, took = module.model.spec, time.perf_counter() - start
-    print(f"exported {spec.arch} ({spec.backbone}, {spec.geometry} geometry; heads "
-          f"{', '.join(f'{h} {n}' for h, n in spec.heads)}) to {fmt} in {took:.1f} s")  # fmt: skip
+    old_sidecar = sidecar.read_bytes() if sidecar.is_file() else None  # overwrite=true
+    sidecar_written = False
+    with Phases(5 if fmt == "onnx" else 4) as phase:
+        start = time.perf_counter()
+        write = writer(fmt, module.model, random_input(module, 2, *SIZE, seed=2), meta, phase)
+        spec, took = module.model.spec, time.perf_counter() - start
+        echo(f"exported {spec.arch} ({spec.backbone}, {spec.geometry} geometry; heads "
+             f"{', '.join(f'{h} {n}' for h, n in spec.heads)}) to {fmt} in {took:.1f} s")  # fmt: skip
 
-    def write_and_verify(f: IO[bytes]) -> None:  # into the temporary file, run from there
-        write(f)
-        f.flush()
-        runner = ExportedRunner(Path(f.name), fmt)
-        if runner.metadata is None or json.loads(runner.metadata) != meta:
-            raise ExportError(f"the exported model's metadata did not survive writing ({fmt})")
-        compare(runner, module.model, inputs, *map(float, allowed.values()))
+        def write_and_verify(f: IO[bytes]) -> None:  # into the temporary file, run from there
+            nonlocal sidecar_written
+            phase("write the model")
+            write(f)
+            f.flush()
+            phase(f"check on {len(inputs)} inputs")
+            runner = ExportedRunner(Path(f.name), fmt)
+            if runner.metadata is None or json.loads(runner.metadata) != meta:
+                raise ExportError(f"the exported model's metadata did not survive writing ({fmt})")
+            compare(runner, module.model, inputs, *allowed, say=echo)
+            phase("put in place")
+            with writing(sidecar):  # before the model's rename: a failure leaves the old pair
+                write_json_atomic(sidecar, meta)
+            sidecar_written = True
 
-    write_atomically(out, write_and_verify)
-    write_json_atomic(sidecar, meta)
-    print(f"written: {out} ({out.stat().st_size / 2**20:.1f} MiB) and {sidecar}")
+        try:
+            with writing(out):
+                write_atomically(out, write_and_verify)
+        except BaseException:
+            if sidecar_written:  # the model's rename failed: the sidecar as it was
+                with contextlib.suppress(OSError):
+                    if old_sidecar is None:
+                        sidecar.unlink(missing_ok=True)
+                    else:
+                        write_atomically(sidecar, lambda f: f.write(old_sidecar))
+            raise
+        phase("done")
+    echo(f"written: {out} ({out.stat().st_size / 2**20:.1f} MiB) and {sidecar}")
     return meta
 
 

@@ -107,7 +107,11 @@ def comparable(config: Any) -> dict[str, Any]:
 
 
 def claim(
-    out: str | Path, resume: bool, *, fresh_if_empty: bool = False, sweep_job: bool = False,
+    out: str | Path,
+    resume: bool,
+    *,
+    fresh_if_empty: bool = False,
+    sweep_job: bool = False,
     config: dict[str, Any] | None = None,
 ) -> bool:
     """Make ``out`` this run's folder; return whether to resume the run it holds. Refused: a

@@ -178,7 +178,11 @@ def read_ledger(root: Path) -> list[dict[str, Any]] | None:
 def ledger_job(entry: dict[str, Any]) -> dict[str, Any]:
     """A job's summary entry: its folder's (:func:`read_job`), unless Hydra's return says the
     job failed, which a folder may not show (another job's folder, a refusal before claiming)."""
-    job = {**read_job(Path(entry.get("folder") or "")), "job": entry["job"], "folder": entry.get("folder")}
+    job = {
+        **read_job(Path(entry.get("folder") or "")),
+        "job": entry["job"],
+        "folder": entry.get("folder"),
+    }
     if isinstance(entry.get("overrides"), list):  # its own, where jobs share a folder
         job["overrides"] = [str(o) for o in entry["overrides"]]
     if entry.get("returned") == "failed" and job["status"] != "interrupted":

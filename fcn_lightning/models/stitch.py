@@ -6,12 +6,16 @@ size) for ``0 <= bx, by < f``; the ``f x f`` coarse maps interlace into one map 
 (:func:`interlace`, :func:`stitched_grid`), brought to the input's size by a fixed bilinear
 upsampling of factor ``u`` cropped where the coordinate maps say (:func:`upsample`). ``f = 1`` is
 the plain forward. Past the stitched samples' reach (a strip at the bottom / right) the scores
-are zero. Late fusion: each stream is stitched, then the streams averaged."""
+are zero. Late fusion: each stream is stitched, then the streams averaged.
+
+The ``f * f`` forwards (per stream) can take long: ``progress``, where given, hears of each one
+(:func:`ticker`); this module prints nothing, the command that runs it draws the bar."""
 
 from __future__ import annotations
 
+import itertools
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +27,10 @@ from .fusion import LateFusionFCN
 from .upsample import bilinear_weight
 
 SETTING = "shift_stitch"  # the option's name in conf/predict.yaml and conf/eval.yaml
+
+# what hears of each forward: a tqdm-like object (``update(1)`` per forward) or a callable
+# ``progress(done, total)`` called after forward ``done`` of the ``total`` for one input
+Progress = Any
 
 
 def output_strides(net: SegmentationNet) -> tuple[int, ...]:
@@ -104,9 +112,33 @@ def upsample(
     return crop(up, start - padding, height, width)
 
 
-def stitch_fcn(net: FCN, x: torch.Tensor, f: int) -> dict[str, torch.Tensor]:
-    """Shift-and-stitch of one FCN: per head, the scores (N, classes, H, W) at the input's size."""
+def forwards(net: SegmentationNet, f: int) -> int:
+    """The forwards shift-and-stitch runs per input: ``f * f`` per stream."""
+    return f * f * (len(net.streams) if isinstance(net, LateFusionFCN) else 1)
+
+
+def ticker(progress: Progress, total: int) -> Callable[[], None]:
+    """What to call after each of ``total`` forwards to tell ``progress`` (None: nothing)."""
+    if progress is None:
+        return lambda: None
+    if hasattr(progress, "update"):
+        return lambda: progress.update(1)
+    done = itertools.count(1)
+    return lambda: progress(next(done), total)
+
+
+def stitch_fcn(
+    net: FCN, x: torch.Tensor, f: int, progress: Progress = None
+) -> dict[str, torch.Tensor]:
+    """Shift-and-stitch of one FCN: per head, the scores (N, classes, H, W) at the input's size;
+    ``progress`` hears of each of the ``f * f`` forwards."""
     check_factor(f, net)
+    return _stitch_fcn(net, x, f, ticker(progress, f * f))
+
+
+def _stitch_fcn(
+    net: FCN, x: torch.Tensor, f: int, tick: Callable[[], None]
+) -> dict[str, torch.Tensor]:
     (stride,) = output_strides(net)
     step, height, width = stride // f, x.shape[-2], x.shape[-1]
     coarse: dict[str, list[torch.Tensor]] = {name: [] for name in net.heads}
@@ -114,6 +146,7 @@ def stitch_fcn(net: FCN, x: torch.Tensor, f: int) -> dict[str, torch.Tensor]:
         for bx in range(f):
             for name, score in net.coarse(shift(x, by * step, bx * step)).items():
                 coarse[name].append(score)
+            tick()
     return {
         name: upsample(
             interlace(coarse[name], f), stitched_grid(head.grid, f), head.geometry, height, width
@@ -122,33 +155,47 @@ def stitch_fcn(net: FCN, x: torch.Tensor, f: int) -> dict[str, torch.Tensor]:
     }
 
 
-def shift_and_stitch(net: SegmentationNet, x: torch.Tensor, f: int) -> dict[str, torch.Tensor]:
-    """``net``'s scores per head for ``x`` by shift-and-stitch with ``f`` shifts per axis."""
+def shift_and_stitch(
+    net: SegmentationNet, x: torch.Tensor, f: int, progress: Progress = None
+) -> dict[str, torch.Tensor]:
+    """``net``'s scores per head for ``x`` by shift-and-stitch with ``f`` shifts per axis;
+    ``progress`` hears of each of the :func:`forwards` (a tqdm-like object or a callable
+    ``progress(done, total)``; None: nothing)."""
     check_factor(f, net)  # also refuses a net without coarse score maps, naming what it needs
+    tick = ticker(progress, forwards(net, f))
     if isinstance(net, LateFusionFCN):
         parts = net.split(x)
         return net.average(
-            [stitch_fcn(s, p, f) for s, p in zip(net.streams.values(), parts, strict=True)]
+            [_stitch_fcn(s, p, f, tick) for s, p in zip(net.streams.values(), parts, strict=True)]
         )
-    return stitch_fcn(net, x, f)
+    return _stitch_fcn(net, x, f, tick)
 
 
 class ShiftAndStitch(SegmentationNet):
     """A net whose forward is shift-and-stitch with ``f`` shifts per axis, with the ``spec`` and
-    ``normalization`` of ``net``: put it in place of ``module.model`` to evaluate or predict."""
+    ``normalization`` of ``net``: put it in place of ``module.model`` to evaluate or predict.
+    ``progress`` (settable later): told of each forward, as :func:`shift_and_stitch` tells it."""
 
-    def __init__(self, net: SegmentationNet, f: int, *, setting: str = SETTING) -> None:
+    def __init__(
+        self, net: SegmentationNet, f: int, *, setting: str = SETTING, progress: Progress = None
+    ) -> None:
         super().__init__()
         if isinstance(net, ShiftAndStitch):
             raise ValueError(f"the net is already shift-and-stitched (f={net.f})")
         self.f = check_factor(f, net, setting)
         self.net = net
+        self.progress = progress
         self.spec = net.spec
         self.normalization = net.normalization
         self.training = net.training  # wrapped as it is (train() would set every layer alike)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return shift_and_stitch(self.net, x, self.f)
+        return shift_and_stitch(self.net, x, self.f, self.progress)
+
+    @property
+    def forwards(self) -> int:
+        """The net's forwards per input (:func:`forwards`)."""
+        return forwards(self.net, self.f)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {SETTING: self.f}
