@@ -9,6 +9,7 @@ import builtins
 import errno
 import hashlib
 import http.server
+import io
 import json
 import os
 import shutil
@@ -752,6 +753,20 @@ def test_wrong_archive_of_another_year_says_which_year(tmp_path, capsys):
         "does not hold the SIFT Flow dataset (the folder of TestSet1.txt): it holds VOCdevkit"
         in (capsys.readouterr().err)
     )
+
+
+def test_an_archive_of_the_right_year_but_incomplete_says_what_it_holds(tmp_path, capsys):
+    tar = tmp_path / "VOCtrainval_25-May-2011.tar"
+    with tarfile.open(tar, "w") as t:
+        info = tarfile.TarInfo("VOCdevkit/VOC2011/readme.txt")
+        info.size = 2
+        t.addfile(info, io.BytesIO(b"hi"))
+    root = tmp_path / "pascal"
+    assert main(["voc", "--root", str(root), "--archive", str(tar), "--md5", md5(tar)]) == 1
+    err = error_of(capsys.readouterr().err)
+    assert "does not hold VOCdevkit/VOC2011: what it holds of it is incomplete" in err
+    assert "--year" not in err  # no other year to offer
+    assert not root.exists() or not any(root.iterdir())
 
 
 def test_not_an_archive_is_one_plain_sentence(tmp_path, capsys):

@@ -34,8 +34,10 @@ def _pascal(kind: str, root: str | Path, year: int | str = 2011, **options: Any)
     def hint(names: list[str]) -> str | None:  # another VOC release instead?
         held = sorted({m[1] for n in names if (m := re.match(r"(?:.*/)?VOCdevkit/VOC(\d{4})", n))})
         usable = [y for y in held if y in OFFICIAL_COUNTS and y != year]
-        told = "it holds " + ", ".join(f"VOCdevkit/VOC{y}" for y in held)
-        return (told + f": pass --year {usable[0]}" * bool(usable)) if voc and held else None
+        if usable:
+            told = "it holds " + ", ".join(f"VOCdevkit/VOC{y}" for y in held)
+            return f"{told}: pass --year {usable[0]}" if voc else None
+        return "what it holds of it is incomplete" if voc and held else None
 
     prepare_once(
         root,
