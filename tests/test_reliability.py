@@ -706,7 +706,10 @@ def _tiny_logits_ckpt(t: Path) -> Path:
         for name, p in module.named_parameters():
             if "score" in name:
                 p.normal_(0, 1e-7)  # logits of about 1e-7, as an NYUD net's can be
-    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, t / "tiny.ckpt")
+    torch.save(
+        {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()},
+        t / "tiny.ckpt",
+    )
     return t / "tiny.ckpt"
 
 
@@ -771,6 +774,18 @@ COMMANDS = {
         lambda t, r: ([ROOT / "train.py", *ONE_STEP, "hydra.run.dir=/sys/fcn_run"]),
         1, r"^Error: hydra.run.dir=/sys/fcn_run: cannot write in /sys \(Permission denied\)",
     ),
+    "run dir empty": (
+        lambda t, r: ([ROOT / "train.py", *ONE_STEP, "hydra.run.dir=''"]),
+        1, r"^Error: hydra.run.dir is empty \(an unset variable\?\): name the folder",
+    ),
+    "run dir inside another run": (
+        lambda t, r: ([ROOT / "train.py", *ONE_STEP, f"hydra.run.dir={r}/fcn32s"]),
+        1, r"^Error: hydra.run.dir=.*/fcn32s lies in the run folder .* \(it holds run.json\)",
+    ),
+    "sweep dir is a run": (
+        lambda t, r: ([ROOT / "train.py", "-m", *ONE_STEP, f"hydra.sweep.dir={r}"]),
+        1, r"^Error: hydra.sweep.dir=.* lies in the run folder",
+    ),
     "sweep dir is a file": (
         lambda t, r: ([ROOT / "train.py", "-m", *ONE_STEP, f"hydra.sweep.dir={_a_file(t)}"]),
         1, r"^Error: hydra.sweep.dir=.*notes.txt is a file, not a folder",
@@ -798,7 +813,7 @@ COMMANDS = {
     "SIGTERM while training": (
         lambda t, r: ([ROOT / "train.py", *ONE_STEP, "trainer.max_steps=3", f"hydra.run.dir={t / 'run'}",
                        "+callbacks.kill._target_=interrupts.SigtermAtStep", "+callbacks.kill.step=1"]),
-        143, r"stopped by SIGTERM at epoch \d+, step 1;[\s\S]*Continue with: python train.py .*arch.width=0.0625 .*"
+        143, r"stopped by SIGTERM at epoch \d+, step 1;[\s\S]*Continue with: python \S*train.py .*arch.width=0.0625 .*"
              r"\+callbacks.kill.step=1 resume=true hydra.run.dir=",
     ),
     "Ctrl+C in predict": (
@@ -806,6 +821,11 @@ COMMANDS = {
                        f"input={_photos3(t)}", f"output={t / 'labels'}", "batch_size=1"]),
         130, r"^predict.py was interrupted \(Ctrl\+C\): 1 of 3 images written \(label map and overlay each\) to "
              r".*labels; run the same command again",
+    ),
+    "SIGTERM in predict": (
+        lambda t, r: ([*_wrapped(t, CTRL_C_AFTER_ONE_BATCH.replace("SIGINT", "SIGTERM"), "predict.py"),
+                       f"ckpt_path={_ckpt(t, r)}", f"input={_photos3(t)}", f"output={t / 'labels'}", "batch_size=1"]),
+        143, r"^predict.py was stopped by SIGTERM: 1 of 3 images written",
     ),
     # --- labels
     "label edited after the check, met by a loader worker": (

@@ -164,7 +164,8 @@ def test_cli_refusals_keep_the_runs_hydra_record(tmp_path):
     killed = cli(*base, *kill, cwd=tmp_path)
     assert killed.returncode == 143, killed.stderr[-2000:]  # 128 + SIGTERM, as a shell says
     printed = shlex.split(re.search(r"Continue with: (.*)", killed.stderr).group(1))
-    assert printed == ["python", "train.py", *HALF, *kill, "resume=true", f"hydra.run.dir={out}"]
+    script = str(ROOT / "train.py")  # as it was started
+    assert printed == ["python", script, *HALF, *kill, "resume=true", f"hydra.run.dir={out}"]
     record = (out / ".hydra" / "overrides.yaml").read_text()
     before = snapshot(out)
     again = cli(*base, "optimizer.lr=0.1", cwd=tmp_path)  # same folder, no resume

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
 from pathlib import Path
 
@@ -175,10 +177,14 @@ def test_ctrl_c_stops_the_whole_sweep(tmp_path):
     result = cli("-m", "arch=fcn32s", "optimizer.lr=1e-3,1e-4", "trainer.max_steps=2",
                  "+callbacks.stop._target_=test_sweeps.SigintAtStep", "+callbacks.stop.step=1",
                  *TINY, f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)  # fmt: skip
-    assert result.returncode != 0
+    assert result.returncode == 130
     assert names(tmp_path) == ["0_optimizer.lr=0.001"]  # job 1 never started
     assert not list(tmp_path.glob("1*"))
     assert not (tmp_path / "summary.json").exists()
+    # the command printed continues the whole sweep, not job 0 alone
+    printed = shlex.split(re.search(r"Continue with: (.*)", result.stderr).group(1))
+    assert printed[2] == "-m" and "optimizer.lr=1e-3,1e-4" in printed
+    assert printed[-2:] == ["resume=true", f"hydra.sweep.dir={tmp_path}"]
 
 
 def test_a_single_run_that_diverges_still_exits_non_zero(tmp_path, capsys):

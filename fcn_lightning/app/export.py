@@ -139,15 +139,16 @@ def make_output_folder(folder: Path) -> list[Path]:
 
 @contextlib.contextmanager
 def writing(path: Path) -> Iterator[None]:
-    """A full disk or a read-only folder while ``path`` is written: ConfigError naming it."""
+    """An error of the file system while ``path`` is written (a full disk, a read-only folder, a
+    file-size limit): ConfigError naming it."""
     try:
         yield
     except OSError as err:
-        if err.errno not in DISK_FULL | READ_ONLY:
-            raise
-        what = "disk full" if err.errno in DISK_FULL else "its folder is read-only"
-        raise ConfigError(f"could not write {path}: {what} ({err.strerror}); nothing was "
-                          "written: free some space or choose another output=") from None  # fmt: skip
+        named = {**dict.fromkeys(DISK_FULL, "disk full"),
+                 **dict.fromkeys(READ_ONLY, "its folder is read-only")}.get(err.errno)  # fmt: skip
+        why = f"{named} ({err.strerror})" if named else (err.strerror or str(err))
+        raise ConfigError(f"could not write {path}: {why}; nothing was written: free some space "
+                          "or choose another output=") from None  # fmt: skip
 
 
 class Phases:

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -155,6 +156,14 @@ class PredictionFiles(BasePredictionWriter):
                 self.written.setdefault(sample["index"], []).append(self.out / png)
 
 
+class Terminated(Exception):
+    """SIGTERM while predicting (a batch job's time limit, ``kill``)."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def run_batches(module: Any, dataset: ImageFiles, writer: PredictionFiles, cfg: DictConfig) -> None:
     """``Trainer.predict`` in batches of one size; images whose header lied get a second pass."""
     accelerator = "cpu" if cfg.get("device", "auto") == "cpu" else "auto"
@@ -216,15 +225,21 @@ def predict(cfg: DictConfig) -> list[Path]:
     writer = PredictionFiles(out, [stems[p] for p in files])
     dataset = ImageFiles(files, eval_transforms(normalization=input_normalization(module)))
     writer.skipped.update(dataset.read_unopened())  # files that do not even open, named now
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main else None
     try:
         run_batches(module, dataset, writer, cfg)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as err:
+        how = "stopped by SIGTERM" if isinstance(err, Terminated) else "interrupted (Ctrl+C)"
         raise RunInterrupted(
-            f"predict.py was interrupted (Ctrl+C): {len(writer.written)} of {len(files)} images "
-            f"written (label map and overlay each) to {out.absolute()}; run the same command "
-            "again to predict them all"
+            f"predict.py was {how}: {len(writer.written)} of {len(files)} images written (label "
+            f"map and overlay each) to {out.absolute()}; run the same command again to predict "
+            "them all",
+            signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT,
         ) from None
     finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
         done = {n: (claimed[n][0], shifts) for i in writer.written for n in outputs[files[i]]}
         write_manifest(out, {**earlier, **done})
     written = [p for i in sorted(writer.written) for p in writer.written[i]]

@@ -223,11 +223,20 @@ def refused(out: str | Path, reason: str) -> None:
 
 
 def check_folder(path: str | Path, setting: str) -> None:
-    """Refuse the folder ``setting`` names where it cannot be made or written in: a file, one
-    under a file, a read-only place (tried with a temporary file, as root too)."""
+    """Refuse the folder ``setting`` names where it cannot be made or written in (empty, a file,
+    one under a file, a read-only place: tried with a temporary file, as root too) or where it
+    lies in a run's folder."""
+    if not str(path).strip():
+        raise RunFolderError(f"{setting} is empty (an unset variable?): name the folder")
     path = Path(path).absolute()
     if path.exists() and not path.is_dir():
         raise RunFolderError(f"{setting}={path} is a file, not a folder: name a folder")
+    holder = [p for p in [path, *path.parents] if (p / RECORD).is_file()]
+    if holder and (holder[0] != path or setting != "hydra.run.dir"):  # its own: claim() decides
+        raise RunFolderError(
+            f"{setting}={path} lies in the run folder {holder[0]} (it holds {RECORD}): name a "
+            "folder outside any run"
+        )
     made = next(p for p in [path, *path.parents] if p.exists() or p == p.parent)
     if not made.is_dir():
         raise RunFolderError(f"{setting}={path} lies under {made}, which is a file: name a folder")
@@ -254,7 +263,7 @@ class RunFolderGuard(Callback):
             return  # not a training run, or a worker of a claimed one
         out = Path(config.hydra.run.dir)
         try:
-            check_folder(out, "hydra.run.dir")
+            check_folder(config.hydra.run.dir, "hydra.run.dir")
             resume = claim(out, bool(config.resume), config=comparable(config))
         except RunFolderError as err:
             raise SystemExit(f"Error: {err}") from None
@@ -269,7 +278,7 @@ class RunFolderGuard(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         root = Path(config.hydra.sweep.dir).absolute()
         try:
-            check_folder(root, "hydra.sweep.dir")
+            check_folder(config.hydra.sweep.dir, "hydra.sweep.dir")
         except RunFolderError as err:
             raise SystemExit(f"Error: {err}") from None
         saved = root / "multirun.yaml"  # Hydra's record of how the sweep was made

@@ -9,6 +9,7 @@ import logging
 import re
 import shlex
 import signal
+import sys
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -207,17 +208,26 @@ class SigtermGuard:
 
 
 def resume_command(out: Path) -> str:
-    """The command that continues the run in ``out``: this launch's overrides as typed (without
-    ``resume`` and ``hydra.run.dir``), then ``resume=true`` and the folder."""
+    """The command that continues the run in ``out`` (a sweep's job: the whole sweep): train.py
+    as it was started, its overrides as typed (without ``resume`` and the folder), then
+    ``resume=true`` and the folder."""
+    script = sys.argv[0] if sys.argv and sys.argv[0].endswith("train.py") else "train.py"
     if not HydraConfig.initialized():
-        return f"python train.py <the same overrides> resume=true hydra.run.dir={out}"
-    keep = [o for o in HydraConfig.get().overrides.task
-            if not re.match(r"[+~]*(resume|hydra\.run\.dir)=", o)]  # fmt: skip
+        return f"python {script} <the same overrides> resume=true hydra.run.dir={out}"
+    hydra, mode, key = HydraConfig.get(), [], "hydra.run.dir"
+    task = list(hydra.overrides.task)
+    if hydra.mode == RunMode.MULTIRUN:
+        out, mode, key = Path(hydra.sweep.dir).absolute(), ["-m"], "hydra.sweep.dir"
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            task = list(OmegaConf.load(out / "multirun.yaml").hydra.overrides.task)
+    keep = [o for o in task if not re.match(r"[+~]*(resume|hydra\.(run|sweep)\.dir)=", o)]
     if re.search(r"[=,\s'\"{}\[\]()]", str(out)):  # a value Hydra reads in quotes
-        folder = f"\"hydra.run.dir='{out}'\""
+        folder = f"\"{key}='{out}'\""
     else:
-        folder = shlex.quote(f"hydra.run.dir={out}")
-    return " ".join(["python train.py", *map(shlex.quote, keep), "resume=true", folder])
+        folder = shlex.quote(f"{key}={out}")
+    return " ".join(
+        ["python", shlex.quote(script), *mode, *map(shlex.quote, keep), "resume=true", folder]
+    )
 
 
 @dataclass
