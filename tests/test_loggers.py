@@ -143,10 +143,11 @@ def wandb_records(path: Path):
 @pytest.mark.xdist_group("loggers_run_all")  # one worker trains the module fixture
 def test_wandb_offline_run_per_stage_with_curves_and_final_numbers(run_all):
     for stage in STAGES:
-        files = sorted(
-            (run_all / "wandb").glob(f"offline-run-*-{stage_id(run_all, stage)}/*.wandb")
-        )
-        # offline, a resumed stage writes a second file of the same run id (wandb sync joins them)
+        run_id, folder = stage_id(run_all, stage), run_all / "wandb"
+        files = sorted([*folder.glob(f"offline-run-*-{run_id}/*.wandb"),
+                        *folder.glob(f"offline-run-*-{run_id}-[0-9]*/*.wandb")])  # fmt: skip
+        # offline, a resumed stage writes a second file of the same run id (wandb sync joins
+        # them); started in the same second as the first, its folder's name ends in -1
         assert len(files) == (2 if stage == "fcn16s" else 1)
         history, names, losses = [], set(), []
         for f in files:
