@@ -76,12 +76,14 @@ class ArchContract:
         exported = torch.export.export(model, (x,))
         torch.testing.assert_close(exported.module()(x)["out"], model(x)["out"])
 
-    @pytest.mark.slow
-    def test_torch_compile(self):
-        model = tiny(self.arch, num_classes=3)
-        x = torch.randn(1, 3, 48, 40)
-        compiled = torch.compile(model)
-        torch.testing.assert_close(compiled(x)["out"], model(x)["out"], atol=1e-5, rtol=1e-4)
+
+@pytest.mark.slow
+def test_torch_compile():
+    # FCN-8s holds every op of the other heads (both skips, their crops and upsamplings)
+    model = tiny("fcn8s", num_classes=3)
+    x = torch.randn(1, 3, 48, 40)
+    compiled = torch.compile(model)
+    torch.testing.assert_close(compiled(x)["out"], model(x)["out"], atol=1e-5, rtol=1e-4)
 
 
 class TestFCN32s(ArchContract):
