@@ -95,6 +95,32 @@ def test_presets_learning_rates_equal_the_references():
     assert lrs(["data=voc", root, *one]) == {"fcn32s": 1e-4, "fcn16s": 1e-5, "fcn8s": 1e-7}
 
 
+def test_a_stage_lr_set_outright_carries_down_the_chain_and_a_raise_is_refused(tmp_path):
+    root = "data.root=/nowhere"
+    # FCN-16s set outright: FCN-8s is cut from it (was from optimizer.lr: 1e-8, above 1e-9)
+    assert lrs(["data=voc", root, "stages.fcn16s.lr=1e-9"]) == {
+        "fcn32s": 1e-4, "fcn16s": 1e-9, "fcn8s": 1e-11,
+    }  # fmt: skip
+    assert lrs(["data=voc", root, "stages.fcn32s.lr=1e-5"]) == {
+        "fcn32s": 1e-5, "fcn16s": 1e-7, "fcn8s": 1e-9,
+    }  # fmt: skip
+    with pytest.raises(ConfigError, match=r"stages.fcn16s.lr_factor=2 would raise the lr"):
+        lrs(["data=voc", root, "stages.fcn16s.lr_factor=2"])
+    with pytest.raises(ConfigError, match=r"stages.fcn8s.lr=0.001 is above fcn16s's lr 1e-06.*"
+                                          r"set stages.fcn16s.lr too"):  # fmt: skip
+        lrs(["data=voc", root, "stages.fcn8s.lr=1e-3"])
+    both = lrs(["data=voc", root, "stages.fcn16s.lr=1e-6", "stages.fcn8s.lr=1e-3"])
+    assert both["fcn8s"] == 1e-3  # both set outright: meant
+    # in a real staged run, read back from the optimizer
+    out = tmp_path / "run"
+    train(cfg_of("config", [*STAGED, "stages.fcn16s.lr=1e-6"], out))
+    want = {"fcn32s": 1e-3, "fcn16s": 1e-6, "fcn8s": 1e-8}
+    assert {s: used_lr(out, s) for s in want} == pytest.approx(want, rel=1e-9)
+    assert plan(out)["fcn8s"]["lr_from"] == (
+        "stages.fcn16s.lr 1e-06 x stages.fcn8s.lr_factor 0.01 (fcn8s from the stage before)"
+    )
+
+
 def test_heavy_presets_keep_bilinear_upsampling_the_paper_presets_learn_it():
     root = "data.root=/nowhere"
     for preset in ("voc_fcn8s_heavy", "voc_fcn8s_atonce", "siftflow_16s", "nyud_rgb_32s"):

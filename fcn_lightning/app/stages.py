@@ -62,24 +62,63 @@ def cut(cfg: DictConfig, into: str) -> float:
 
 
 def stage_lr(cfg: DictConfig, stage: str, entry: str) -> tuple[float, str]:
-    """The stage's learning rate and why (docs/TRAINING.md, "Learning rate")."""
+    """The stage's learning rate and why (docs/TRAINING.md, "Learning rate"): set outright, or
+    the lr it starts from times each cut into it; a stage entered from the one before starts
+    from that stage's lr, however that was given."""
+    lr, terms = _lr_terms(cfg, stage, entry)
+    if len(terms) == 1 and terms[0].startswith(f"stages.{stage}.lr "):
+        return lr, f"stages.{stage}.lr"
+    starts = {"pretrained": "ImageNet weights", "scratch": "scratch"}
+    source = {"previous": "the stage before", "init_from": "arch.init_from",
+              "init_streams": "arch.init_streams"}  # fmt: skip
+    if entry in starts:
+        return lr, f"{terms[0]} ({stage} starts from {starts[entry]})"
+    if entry == "init_streams":
+        terms[-1] += " (late fusion of trained streams)"
+    return float(f"{lr:.12g}"), " x ".join(terms) + f" ({stage} from {source[entry]})"
+
+
+def _lr_terms(cfg: DictConfig, stage: str, entry: str) -> tuple[float, list[str]]:
+    """The stage's lr and the terms it is the product of."""
     explicit = settings_of(cfg, stage).get("lr")
     if explicit is not None:
-        return float(explicit), f"stages.{stage}.lr"
-    lr, why = float(cfg.optimizer.lr), [f"optimizer.lr {float(cfg.optimizer.lr):.3g}"]
+        return float(explicit), [f"stages.{stage}.lr {float(explicit):.3g}"]
+    base = float(cfg.optimizer.lr)
     if entry in ("pretrained", "scratch"):
-        start = "ImageNet weights" if entry == "pretrained" else "scratch"
-        return lr, f"{why[0]} ({stage} starts from {start})"
+        return base, [f"optimizer.lr {base:.3g}"]
+    if entry == "previous":
+        trained = stages_for(cfg)
+        before = trained[trained.index(stage) - 1]
+        lr, terms = _lr_terms(cfg, before, entry_of(cfg, trained.index(before)))
+        return lr * cut(cfg, stage), [*terms, f"stages.{stage}.lr_factor {cut(cfg, stage):g}"]
+    lr, terms = base, [f"optimizer.lr {base:.3g}"]  # init_from, init_streams: the cuts made
     cuts = list(CHAIN[1 : CHAIN.index(stage) + 1]) if stage in CHAIN else []
     for into in cuts + (["fusion"] if entry == "init_streams" else []):
         lr *= cut(cfg, into)
-        why.append(f"stages.{into}.lr_factor {cut(cfg, into):g}")
-    if entry == "init_streams":
-        why[-1] += " (late fusion of trained streams)"
-    source = {"previous": "the stage before", "init_from": "arch.init_from"}.get(
-        entry, "arch.init_streams"
-    )
-    return float(f"{lr:.12g}"), " x ".join(why) + f" ({stage} from {source})"
+        terms.append(f"stages.{into}.lr_factor {cut(cfg, into):g}")
+    return lr, terms
+
+
+def check_lr_chain(cfg: DictConfig) -> None:
+    """Each trained stage's lr at or below the stage's before it, unless both are set outright;
+    a cut above 1 is refused."""
+    for into in CUTS:
+        factor = settings_of(cfg, into).get("lr_factor")
+        if factor is not None and float(factor) > 1:
+            raise ConfigError(
+                f"stages.{into}.lr_factor={factor} would raise the lr into {into}: a cut is at "
+                f"most 1 (to train {into} faster, set stages.{into}.lr outright)"
+            )
+    trained = stages_for(cfg)
+    for i in range(1, len(trained)):
+        before, stage = trained[i - 1], trained[i]
+        lr, prior = (stage_lr(cfg, s, entry_of(cfg, j))[0] for j, s in ((i, stage), (i - 1, before)))
+        outright = [settings_of(cfg, s).get("lr") is not None for s in (before, stage)]
+        if lr > prior * (1 + 1e-9) and not all(outright):
+            raise ConfigError(
+                f"stages.{stage}.lr={lr:g} is above {before}'s lr {prior:g}: a later stage trains "
+                f"at or below the stage before it; set stages.{before}.lr too to mean it"
+            )
 
 
 def budget(cfg: DictConfig, stage: str) -> tuple[dict[str, int], str]:
@@ -219,3 +258,4 @@ def check_protocol(cfg: DictConfig) -> None:
     mode = cfg.get("selection", "auto")
     if mode not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {mode!r}")
+    check_lr_chain(cfg)
