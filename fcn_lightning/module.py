@@ -19,7 +19,12 @@ from .contract import METRIC_NAMES, SINGLE_HEAD, DataContract, input_mismatch, p
 from .errors import CheckpointError
 from .metrics import HeadMetrics, summarize
 from .models import build_fcn
-from .normalization import Normalization, get_normalization, group_normalizations
+from .normalization import (
+    Normalization,
+    check_trunk_normalization,
+    get_normalization,
+    group_normalizations,
+)
 from .optim import (
     build_optimizer,
     build_scheduler,
@@ -66,6 +71,7 @@ class FCNModule(pl.LightningModule):
             raise ValueError(f"model settings {DATA_DECIDES} come from the data contract")
         contract = DataContract.from_dict(contract)
         scheme = model.get("normalization") or "imagenet"
+        check_trunk_normalization(model.get("backbone", "vgg16"), scheme)
         given = plain(input_normalization) if input_normalization is not None else scheme
         norms = group_normalizations(given, contract.image_inputs)
         settings = {k: v for k, v in model.items() if k != "normalization"}

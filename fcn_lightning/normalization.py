@@ -124,3 +124,17 @@ def group_normalizations(
             )
         return tuple(get_normalization(s) for s in setting)
     return tuple(normalization_for(setting, kind, stats) for kind, stats in groups)
+
+
+TORCHVISION_ONLY = ("alexnet", "googlenet")  # trunks with torchvision's ImageNet weights alone
+
+
+def check_trunk_normalization(backbone: str, scheme: Any) -> None:
+    """Refuse ``caffe`` for a trunk whose only weights are torchvision's (they expect RGB in 0..1
+    minus ImageNet's mean, over its std: ``imagenet``)."""
+    if scheme == "caffe" and backbone in TORCHVISION_ONLY:
+        raise ValueError(
+            f"arch.normalization=caffe is for Caffe-converted VGG16 weights; arch.backbone="
+            f"{backbone} has torchvision's ImageNet weights only, which expect "
+            "arch.normalization=imagenet"
+        )

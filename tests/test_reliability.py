@@ -456,6 +456,14 @@ BAD = {
         r"geometry must be one of \('paper', 'same'\), got 'sideways'",
     ),
     "zero width": (_train([*TINY, "arch.width=0"]), r"width must be > 0"),
+    "caffe normalisation on GoogLeNet": (
+        _train([*TINY, "arch.backbone=googlenet", "arch.normalization=caffe"]),
+        r"arch.normalization=caffe is for Caffe-converted VGG16 weights; arch.backbone=googlenet",
+    ),
+    "caffe normalisation on AlexNet": (
+        _train([*TINY, "arch.backbone=alexnet", "arch.normalization=caffe"]),
+        r"arch.backbone=alexnet has torchvision's ImageNet weights only",
+    ),
     "unknown optimizer": (
         _train([*TINY, "optimizer.name=rmsprop"]), r"optimizer.name must be one of"
     ),

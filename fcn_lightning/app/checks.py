@@ -18,6 +18,7 @@ from ..checkpoints import check_readable
 from ..errors import ConfigError
 from ..models import ARCHS, BACKBONES, GEOMETRIES
 from ..module import FCNModule
+from ..normalization import check_trunk_normalization
 from ..optim import check_optimizer, check_scheduler
 from .loggers import logger_classes
 from .stages import (
@@ -79,6 +80,7 @@ def check_settings(cfg: DictConfig) -> None:
         check_optimizer(OmegaConf.to_container(cfg.optimizer, resolve=True))
         check_scheduler(OmegaConf.to_container(cfg.scheduler, resolve=True))
         check_protocol(cfg)
+        check_trunk_normalization(cfg.arch.backbone, cfg.arch.get("normalization"))
     except ValueError as err:
         raise ConfigError(str(err)) from None
     check_from_scratch(cfg)
