@@ -14,7 +14,14 @@ from helpers.launcher import cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fcn_lightning.app.checks import check_settings
-from fcn_lightning.app.stages import budget, entry_of, stage_lr, stages_for, trainer_settings
+from fcn_lightning.app.stages import (
+    budget,
+    entry_of,
+    selection,
+    stage_lr,
+    stages_for,
+    trainer_settings,
+)
 from fcn_lightning.app.train import train
 from fcn_lightning.errors import ConfigError, RunInterrupted
 from fcn_lightning.models import build_fcn, transfer_stage
@@ -121,6 +128,19 @@ def test_a_stage_lr_set_outright_carries_down_the_chain_and_a_raise_is_refused(t
     )
 
 
+@pytest.mark.parametrize("trunk", ["alexnet", "vgg16", "googlenet"])
+def test_table1_presets_train_as_the_paper_did(trunk):
+    # at least 175 epochs at a fixed lr, the best validation reported (section 4.1)
+    overrides = [f"experiment=table1_{trunk}", "data.root=/nowhere"]
+    assert limits(overrides) == {"fcn32s": (-1, 175)}
+    cfg = cfg_of("config", overrides)
+    assert cfg.scheduler.name == "fixed" and cfg.selection == "best"
+    select = selection(cfg, cfg.data.val_split, cfg.data.val_split)
+    assert select[0] == "best" and "note: the val split 'val' is the split this run reports" in (
+        select[1]
+    )
+
+
 def test_heavy_presets_keep_bilinear_upsampling_the_paper_presets_learn_it():
     root = "data.root=/nowhere"
     for preset in ("voc_fcn8s_heavy", "voc_fcn8s_atonce", "siftflow_16s", "nyud_rgb_32s"):
@@ -190,6 +210,26 @@ def test_per_stage_budgets_and_a_command_line_limit_in_real_runs(tmp_path):
     for s in steps:
         ckpt = torch.load(tmp_path / "capped" / s / "checkpoints/last.ckpt", weights_only=True)
         assert ckpt["global_step"] == 2, s
+
+
+def test_a_typed_limit_replaces_the_presets_limits_of_either_kind(tmp_path):
+    atonce = ["experiment=voc_fcn8s_atonce", "data.root=/nowhere", "trainer.max_epochs=50"]
+    cfg = cfg_of("config", atonce)  # the preset: max_steps 300000; typed: max_epochs 50
+    assert budget(cfg, "fcn8s_atonce", typed={"max_epochs"}) == (
+        {"max_steps": -1, "max_epochs": 50}, "max_epochs 50 (trainer.max_epochs, typed, every stage)"
+    )  # fmt: skip
+    # -1 typed: no limit of that kind; the stage's own budget binds, and with none left, refused
+    cfg = cfg_of("config", [*atonce[:2], "trainer.max_steps=-1", "stages.fcn8s_atonce.max_epochs=9"])
+    assert budget(cfg, "fcn8s_atonce", typed={"max_steps"}) == (
+        {"max_steps": -1, "max_epochs": 9}, "max_epochs 9 (stages.fcn8s_atonce.max_epochs)"
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"fcn8s_atonce has no step or epoch limit"):
+        check_settings(cfg_of("config", [*atonce[:2], "trainer.max_steps=-1"]))
+    # through the command line, the run's plan says where the limit that binds came from
+    out = tmp_path / "run"
+    result = cli(*TINY, "arch=fcn32s", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert plan(out)["fcn32s"]["budget_from"] == "max_steps 1 (trainer.max_steps, typed, every stage)"
 
 
 @pytest.mark.parametrize(
@@ -303,6 +343,20 @@ def test_held_out_val_split_selects_the_best_checkpoint_on_it(nyud, tmp_path):
     assert metrics["mIoU"] == pytest.approx(top, abs=1e-6)  # the maximum over the validations
     first_top = next(i for i, v in enumerate(scores) if v == pytest.approx(top, abs=1e-6)) + 1
     assert best["global_step"] == metrics["checkpoint"]["step"] == first_top  # k-th after step k
+
+
+def test_a_val_split_sharing_images_with_the_train_split_is_not_held_out(tmp_path):
+    # NYUDv2's trainval holds val: named apart from the test split, val is still trained on
+    nyud = write_nyud(tmp_path / "nyud", {"train": ["5001", "5002"], "val": ["5003", "5006"],
+                                          "test": ["5004", "5005"]})  # fmt: skip
+    out = tmp_path / "run"
+    splits = ["data.train_split=trainval", "data.val_split=val", "data.test_split=test"]
+    train(cfg_of("config", [*NYUD, f"data.root={nyud}", *splits, "trainer.max_steps=2"], out))
+    chosen = json.loads((out / "metrics.json").read_text())["fcn32s"]["checkpoint"]
+    assert chosen["selected"] == "last" and chosen["step"] == 2
+    assert "the val split 'val' is not held out: it shares 2 images with the train split" in (
+        chosen["why"]
+    )
 
 
 def test_selection_can_be_forced(nyud, tmp_path):

@@ -4,10 +4,12 @@ budget and checkpoint selection with the reason for each; docs/TRAINING.md expla
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import re
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import ConfigError
@@ -121,12 +123,29 @@ def check_lr_chain(cfg: DictConfig) -> None:
             )
 
 
-def budget(cfg: DictConfig, stage: str) -> tuple[dict[str, int], str]:
-    """The stage's step / epoch limits and why (docs/TRAINING.md, "Budget")."""
-    given = {k: int(v) for k in LIMITS if (v := cfg.trainer.get(k)) is not None and int(v) >= 0}
+def typed_limits() -> set[str]:
+    """The trainer limits typed on the command line (Hydra's overrides of this launch)."""
+    if not HydraConfig.initialized():
+        return set()
+    task = HydraConfig.get().overrides.task
+    return {k for k in LIMITS for o in task if re.fullmatch(rf"\+*trainer\.{k}=.*", o)}
+
+
+def budget(
+    cfg: DictConfig, stage: str, typed: Collection[str] | None = None
+) -> tuple[dict[str, int], str]:
+    """The stage's step / epoch limits and why (docs/TRAINING.md, "Budget"). A trainer limit
+    typed on the command line (``typed``; default: this launch's) replaces the preset's limits
+    of either kind; -1: no limit of that kind."""
+    typed = typed_limits() if typed is None else set(typed)
+    trainer = {k: int(v) for k in LIMITS if (v := cfg.trainer.get(k)) is not None}
+    if typed:
+        trainer = {k: v for k, v in trainer.items() if k in typed}
+    given = {k: v for k, v in trainer.items() if v >= 0}
     if given:
         limits = given
-        why = [f"{k} {v} (trainer.{k}, every stage)" for k, v in given.items()]
+        where = {k: "typed" if k in typed else "the preset's" for k in given}
+        why = [f"{k} {v} (trainer.{k}, {where[k]}, every stage)" for k, v in given.items()]
     else:
         own = settings_of(cfg, stage)
         limits = {k: int(v) for k in LIMITS if (v := own.get(k)) is not None}
@@ -163,14 +182,23 @@ def trainer_args(cfg: DictConfig, stage: str) -> list[str]:
     return [k for k in settings_of(cfg, stage) if k not in PROTOCOL_KEYS]
 
 
-def selection(cfg: DictConfig, val_split: str, test_split: str) -> tuple[str, str]:
+def selection(
+    cfg: DictConfig, val_split: str, test_split: str, shared: Mapping[str, int] | None = None
+) -> tuple[str, str]:
     """How ``best.ckpt`` is chosen, ``best`` or ``last``, and why (docs/TRAINING.md, "Checkpoint
-    selection"): the val split may choose only when the run reports another split."""
-    held_out = test_split != val_split
-    why_not = (
-        f"the val split '{val_split}' is the split this run reports; to choose checkpoints "
-        "on a held-out split set data.val_split=<it> data.test_split=<the reported split>"
-    )
+    selection"): the val split may choose only when it is held out: another split than the one
+    the run reports, sharing no image (``shared``: its images in the train / test split)."""
+    shared = {k: n for k, n in (shared or {}).items() if n}
+    held_out = test_split != val_split and not shared
+    if test_split == val_split:
+        why_not = (
+            f"the val split '{val_split}' is the split this run reports; to choose checkpoints "
+            "on a held-out split set data.val_split=<it> data.test_split=<the reported split>"
+        )
+    else:
+        why_not = f"the val split '{val_split}' is not held out: " + ", ".join(
+            f"it shares {n} image{'s' * (n > 1)} with the {k} split" for k, n in shared.items()
+        )
     mode = str(cfg.get("selection", "auto"))
     if mode == "best":
         return "best", "selection=best: the highest val mIoU" + (

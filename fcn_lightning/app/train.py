@@ -314,7 +314,12 @@ def _train_stages(cfg: DictConfig, out: Path, resume: bool, sigterm: SigtermGuar
     if rundir.is_rank_zero():  # data.download=true: only prepare_data downloads, on one process
         dm.prepare_data()
     dm.setup("fit")  # a missing or broken dataset fails here, before any training
-    select = selection(cfg, dm.val_split, dm.test_split)
+    shared = {}
+    if dm.val_split != dm.test_split:  # held out: by the images, not by the splits' names
+        val = dm.image_ids(dm.val_split)
+        shared = {k: len(val & dm.image_ids(s)) for k, s in (("train", dm.train_split),
+                                                              ("test", dm.test_split))}  # fmt: skip
+    select = selection(cfg, dm.val_split, dm.test_split, shared)
     plans = {stage: stage_plan(cfg, stage, i, select) for i, stage in enumerate(stages)}
     if rundir.is_rank_zero():  # every label of train / val / test, once (cached), before training
         say(label_report(dm))
@@ -486,7 +491,7 @@ def _say_results(run: Run, selected: str) -> None:
         + f"\n\nrun folder: {run.out}"
     )
     dm = run.dm
-    if selected == "best" and dm.test_split != dm.val_split:
+    if selected == "best" and run.plans[run.stages[-1]]["selection_from"].endswith("held out)"):
         best = run.out / run.stages[-1] / "checkpoints" / "best.ckpt"
         say(
             f"checkpoints were chosen on '{dm.val_split}'; score the reported split with:\n"

@@ -280,6 +280,15 @@ class SegmentationDataModule(pl.LightningDataModule):
                 transforms = self.train_transforms() if train else self.eval_transforms()
                 self.datasets[key] = self.make_dataset(split, transforms)
 
+    def split_ids(self, split: str) -> list[Any]:
+        """The ids ``split`` lists, as its dataset reads them."""
+        return list(self.make_dataset(split, lambda *sample: sample).ids)
+
+    def image_ids(self, split: str) -> set[str]:
+        """The photos ``split`` holds, by id (a ``(source, id)`` pair: the id; VOC's and SBD's
+        copy of a photo are one photo): two splits share an image where they share an id."""
+        return {str(i[-1] if isinstance(i, tuple) else i) for i in self.split_ids(split)}
+
     def _loader(self, key: str) -> DataLoader:
         if key not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[key])

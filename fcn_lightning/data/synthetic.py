@@ -100,6 +100,9 @@ class SyntheticDataModule(SegmentationDataModule):
         load = partial(_load_scene, self.seed, split, self.image_size, self.thickness)
         return self.dataset(ids, load, transforms, f"synthetic {split}")
 
+    def image_ids(self, split: str) -> set[str]:
+        return {f"{split}/{i}" for i in super().image_ids(split)}  # each split draws its own
+
     def check_labels(
         self, splits: Sequence[str] | None = None, *, workers: int | None = None
     ) -> LabelReport:
