@@ -136,8 +136,9 @@ def test_table1_presets_train_as_the_paper_did(trunk):
     cfg = cfg_of("config", overrides)
     assert cfg.scheduler.name == "fixed" and cfg.selection == "best"
     select = selection(cfg, cfg.data.val_split, cfg.data.val_split)
-    assert select[0] == "best" and "note: the val split 'val' is the split this run reports" in (
-        select[1]
+    assert (
+        select[0] == "best"
+        and "note: the val split 'val' is the split this run reports" in (select[1])
     )
 
 
@@ -219,7 +220,9 @@ def test_a_typed_limit_replaces_the_presets_limits_of_either_kind(tmp_path):
         {"max_steps": -1, "max_epochs": 50}, "max_epochs 50 (trainer.max_epochs, typed, every stage)"
     )  # fmt: skip
     # -1 typed: no limit of that kind; the stage's own budget binds, and with none left, refused
-    cfg = cfg_of("config", [*atonce[:2], "trainer.max_steps=-1", "stages.fcn8s_atonce.max_epochs=9"])
+    cfg = cfg_of(
+        "config", [*atonce[:2], "trainer.max_steps=-1", "stages.fcn8s_atonce.max_epochs=9"]
+    )
     assert budget(cfg, "fcn8s_atonce", typed={"max_steps"}) == (
         {"max_steps": -1, "max_epochs": 9}, "max_epochs 9 (stages.fcn8s_atonce.max_epochs)"
     )  # fmt: skip
@@ -229,7 +232,9 @@ def test_a_typed_limit_replaces_the_presets_limits_of_either_kind(tmp_path):
     out = tmp_path / "run"
     result = cli(*TINY, "arch=fcn32s", f"hydra.run.dir={out}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert plan(out)["fcn32s"]["budget_from"] == "max_steps 1 (trainer.max_steps, typed, every stage)"
+    assert (
+        plan(out)["fcn32s"]["budget_from"] == "max_steps 1 (trainer.max_steps, typed, every stage)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -354,8 +359,9 @@ def test_a_val_split_sharing_images_with_the_train_split_is_not_held_out(tmp_pat
     train(cfg_of("config", [*NYUD, f"data.root={nyud}", *splits, "trainer.max_steps=2"], out))
     chosen = json.loads((out / "metrics.json").read_text())["fcn32s"]["checkpoint"]
     assert chosen["selected"] == "last" and chosen["step"] == 2
-    assert "the val split 'val' is not held out: it shares 2 images with the train split" in (
-        chosen["why"]
+    assert (
+        "the val split 'val' is not held out: it shares 2 images with the train split"
+        in (chosen["why"])
     )
 
 

@@ -114,7 +114,9 @@ def check_lr_chain(cfg: DictConfig) -> None:
     trained = stages_for(cfg)
     for i in range(1, len(trained)):
         before, stage = trained[i - 1], trained[i]
-        lr, prior = (stage_lr(cfg, s, entry_of(cfg, j))[0] for j, s in ((i, stage), (i - 1, before)))
+        lr, prior = (
+            stage_lr(cfg, s, entry_of(cfg, j))[0] for j, s in ((i, stage), (i - 1, before))
+        )
         outright = [settings_of(cfg, s).get("lr") is not None for s in (before, stage)]
         if lr > prior * (1 + 1e-9) and not all(outright):
             raise ConfigError(
