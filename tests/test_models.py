@@ -243,9 +243,11 @@ def test_bilinear_kernel_formula(k):
     torch.testing.assert_close(bilinear_kernel(k), expected)
 
 
+@pytest.mark.parametrize("odd", [False, True])
 @pytest.mark.parametrize("factor", [2, 8, 16, 32])
-def test_bilinear_upsampling_keeps_constant_map_constant(factor):
-    up = upsampler(3, factor, learnable=False)
+def test_bilinear_upsampling_keeps_constant_map_constant(factor, odd):
+    up = upsampler(3, factor, kernel=2 * factor - odd, learnable=False)
+    assert up.kernel_size == (2 * factor - odd,) * 2
     with torch.no_grad():
         out = up(torch.full((1, 3, 6, 5), 2.5))
     inside = out[:, :, 2 * factor : -2 * factor, 2 * factor : -2 * factor]
@@ -254,14 +256,22 @@ def test_bilinear_upsampling_keeps_constant_map_constant(factor):
     assert up.weight[0, 1].abs().sum() == 0 and up.bias is None
 
 
-def test_bilinear_2x_of_linear_ramp_is_linear():
-    up = upsampler(1, 2, learnable=True)
+@pytest.mark.parametrize("kernel", [4, 3])
+def test_bilinear_2x_of_linear_ramp_is_linear(kernel):
+    up = upsampler(1, 2, kernel=kernel, learnable=True)
     ramp = torch.arange(8, dtype=torch.float32).expand(1, 1, 8, 8).contiguous()
     with torch.no_grad():
         row = up(ramp)[0, 0, 8, 2:-2]
     steps = row.diff()
     torch.testing.assert_close(steps, torch.full_like(steps, 0.5))
     assert up.weight.requires_grad
+    if kernel == 3:  # the odd kernel keeps the coarse samples (pixel i at 2i + 1) and between
+        with torch.no_grad():
+            row = up(ramp)[0, 0, 9]
+        torch.testing.assert_close(row[1:16:2], torch.arange(8.0))
+        torch.testing.assert_close(row[2:15:2], torch.arange(7.0) + 0.5)
+    with pytest.raises(ValueError, match="kernel 4 or 3"):
+        upsampler(1, 2, kernel=5, learnable=True)
 
 
 def test_final_upsampling_fixed_intermediate_switchable():

@@ -67,17 +67,19 @@ def test_output_size_equals_input(backbone, arch, geometry):
             assert (out.abs().sum(1) > 0).all(), size
 
 
-# The offsets the heads derive from the taps. AlexNet's 32s output crop comes out at 18, the
-# reference FCN-AlexNet's (which upsamples with a 63 kernel onto its exact map, fc7 at 32i + 13;
-# here a 64 kernel from the map declared half a pixel on, 32i + 13.5). GoogLeNet's margin is not
-# eaten by a valid fc6, so its crops are larger; a skip may start one pixel after the upsampled map.
+# The offsets the heads derive from the taps. AlexNet's taps sit on whole pixels (3x3 poolings):
+# upsampled with odd kernels (3 per 2x step, 2f - 1 for the last), fc7 at 32i + 13 comes out at
+# the reference FCN-AlexNet's crop 18 (its 63 kernel), and so does every arch's output. GoogLeNet's
+# margin is not eaten by a valid fc6, so its crops are larger; its 2x2 maxpool4 puts inception5b
+# between inception4e's pixels (a 4 kernel there); a skip may start one pixel after the upsampled
+# map (docs/TRUNKS.md, Geometry and the half pixel).
 OFFSETS = {
     ("alexnet", "fcn32s"): {"final": 18},
-    ("alexnet", "fcn16s"): {"pool4": 4, "final": 26},
-    ("alexnet", "fcn8s"): {"pool4": 4, "pool3": 8, "final": 30},
+    ("alexnet", "fcn16s"): {"pool4": 5, "final": 18},
+    ("alexnet", "fcn8s"): {"pool4": 5, "pool3": 10, "final": 18},
     ("googlenet", "fcn32s"): {"final": 106},
     ("googlenet", "fcn16s"): {"pool4": -1, "final": 98},
-    ("googlenet", "fcn8s"): {"pool4": -1, "pool3": -1, "final": 94},
+    ("googlenet", "fcn8s"): {"pool4": -1, "pool3": 0, "final": 98},
 }
 
 
@@ -88,7 +90,7 @@ def test_crop_offsets_derived_from_the_taps(backbone, arch):
     assert same == dict.fromkeys(OFFSETS[backbone, arch], 0)
 
 
-def test_taps_strides_channels_and_half_pixel_registration():
+def test_taps_strides_channels_and_exact_coordinate_maps():
     a, g = AlexNetTrunk(width=0.25), GoogLeNetTrunk(width=0.25)
     assert {k: (t.stride, t.channels) for k, t in a.taps.items()} == {
         "pool3": (8, 16),  # pool1: conv1's 64 filters
@@ -100,14 +102,25 @@ def test_taps_strides_channels_and_half_pixel_registration():
         "pool4": (16, 208),  # inception4e: 832
         "final": (32, 256),  # inception5b: 1024
     }
-    # exact coordinate maps (paper geometry) and the half pixel the heads' grid needs
-    assert {k: t.origin - t.shift for k, t in a.taps.items()} == {
-        "pool3": -87.0,  # pool1 at 8i - 91, resampled half a pixel on: + 4
-        "pool4": -75.0,  # pool2 at 16i - 83, + 8
+    # the exact coordinate maps (paper geometry), on whole pixels: nothing declared half a pixel
+    # on, no map resampled (the heads' odd kernels register them: tests/test_registration.py)
+    assert {k: t.origin for k, t in a.taps.items()} == {
+        "pool3": -91.0,  # pool1
+        "pool4": -83.0,  # pool2
         "final": 13.0,  # fc7, as the reference's FCN-AlexNet
     }
-    assert all(t.shift == 0.5 for t in (*a.taps.values(), *g.taps.values()))
-    assert all(t.shift == 0.0 for t in TRUNKS["vgg16"](width=TINY).taps.values())
+    assert {k: t.origin for k, t in g.taps.items()} == {
+        "pool3": -91.0,  # inception3b
+        "pool4": -83.0,  # inception4e
+        "final": -75.0,  # inception5b: a 2x2 maxpool4 on, half a stride-16 pixel
+    }
+    same = {b: TRUNKS[b](width=TINY, geometry="same").taps for b in NEW}
+    assert {b: {k: t.origin for k, t in taps.items()} for b, taps in same.items()} == {
+        "alexnet": {"pool3": -1.0, "pool4": -1.0, "final": 15.0},
+        "googlenet": {"pool3": -1.0, "pool4": 7.0, "final": 15.0},
+    }
+    for trunk in (a, g):
+        assert not any(isinstance(m, nn.AvgPool2d | nn.ReplicationPad2d) for m in trunk.modules())
 
 
 def _gradient_support(trunk: nn.Module, tap: str, height: int) -> tuple[float, int, int]:
@@ -141,7 +154,7 @@ def test_coordinate_maps_and_receptive_fields_agree_with_backpropagation(backbon
         i, first, last = _gradient_support(trunk, name, 640)
         assert 0 < first and last < 639, (name, first, last)  # the whole field inside the input
         assert last - first + 1 == tap.field, name
-        assert (first + last) / 2 == tap.origin - tap.shift + tap.stride * i, name
+        assert (first + last) / 2 == tap.origin + tap.stride * i, name
 
 
 def test_receptive_fields_are_the_papers_definition():
@@ -319,13 +332,19 @@ def test_stage_transfer_32s_16s_8s_keeps_predictions(backbone):
             assert torch.equal(value, b.trunk.state_dict()[key]), key
         assert torch.equal(a.heads["out"].score_fr.weight, b.heads["out"].score_fr.weight)
     with torch.no_grad():
-        p32, p16, p8 = (m(x)["out"].argmax(1) for m in (m32, m16, m8))
+        o32, o16, o8 = (m(x)["out"] for m in (m32, m16, m8))
+    p32, p16, p8 = (o.argmax(1) for o in (o32, o16, o8))
     assert len(p32.unique()) == 5 and len(p8.unique()) == 5
-    # The new stage repeats the previous one's scores, through a different chain of bilinear
-    # upsamplings: measured, 97.2% (AlexNet) and 94.9% (GoogLeNet) of the pixels keep their class
-    # 32s -> 16s, 99.3% and 98.7% 16s -> 8s (five balanced classes: many boundaries)
+    # The new stage repeats the previous one's scores through a different chain of bilinear
+    # upsamplings. Where the chain's first step is an odd kernel (a coarse pixel on a fine one),
+    # the linear interpolation of the linear interpolation is the same one: the same scores (all
+    # of AlexNet's steps; GoogLeNet's 16s -> 8s). GoogLeNet's 32s -> 16s step is a 4 kernel (its
+    # 2x2 maxpool4): measured, 95.2-97.7% of the pixels keep their class (five balanced classes:
+    # many boundaries). Before the odd kernels: AlexNet 97.2% and 99.3%, GoogLeNet 94.9%, 98.7%.
+    if backbone == "alexnet":
+        torch.testing.assert_close(o32, o16, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(o16, o8, atol=1e-4, rtol=1e-4)
     assert (p32 == p16).float().mean() >= 0.93
-    assert (p16 == p8).float().mean() >= 0.97
 
 
 @pytest.mark.parametrize("backbone", NEW)

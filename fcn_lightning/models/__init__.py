@@ -14,14 +14,14 @@ from .googlenet import GoogLeNetTrunk, googlenet_fc_as_conv
 from .state import model_state_dict
 from .torchfcn import export_torchfcn, import_torchfcn
 from .transfer import transfer_stage
-from .trunk import GEOMETRIES, HALF_PIXEL, Tap, Trunk, expand_input_channels, receptive_field
+from .trunk import GEOMETRIES, Tap, Trunk, expand_input_channels, receptive_field
 from .trunks import BACKBONES, TRUNKS
 from .upsample import bilinear_kernel, upsampler
 from .vgg import VGG16Trunk
 from .weights import PretrainedWeightsUnavailable
 
 __all__ = [
-    "ARCHS", "BACKBONES", "CAFFE", "FCN", "GEOMETRIES", "HALF_PIXEL", "IMAGENET", "TRUNKS",
+    "ARCHS", "BACKBONES", "CAFFE", "FCN", "GEOMETRIES", "IMAGENET", "TRUNKS",
     "AlexNetTrunk", "FCNHead", "FCNSpec", "GoogLeNetTrunk", "LateFusionFCN", "Normalization",
     "PretrainedWeightsUnavailable", "SegmentationNet", "Tap", "Trunk", "VGG16Trunk",
     "alexnet_fc8_as_conv", "bilinear_kernel", "build_fcn", "compose_late_fusion",

@@ -9,11 +9,9 @@ import torchvision
 from torch import nn
 
 from .trunk import (
-    HALF_PIXEL,
     Trunk,
     check_trunk_args,
     convolutionalized,
-    half_pixel_resampler,
     linear_as_conv,
     load_mapped_state_dict,
     scaled,
@@ -23,7 +21,7 @@ from .trunk import (
 # (conv1 padding, padding of each 3x3 pooling, fc6's zero padding left/top and right/bottom)
 _GEOMETRY = {
     "paper": (100, 0, (0, 0)),  # the reference's FCN-AlexNet: conv1 padded by 100, fc6 valid
-    "same": (6, 1, (2, 3)),  # pixel i of a stride-s tap at s * i + s / 2 - 1 (+ HALF_PIXEL)
+    "same": (6, 1, (2, 3)),  # pool1 at 8i - 1, pool2 at 16i - 1, fc7 at 32i + 15
 }
 
 
@@ -36,8 +34,8 @@ class AlexNetTrunk(Trunk):
     """AlexNet conv1 .. fc7; ``forward`` returns the taps pool3 (its pool1, stride 8), pool4 (its
     pool2, stride 16) and final (fc7 after ReLU and dropout, stride 32).
 
-    Geometries (``_GEOMETRY``) and the half-pixel taps: docs/TRUNKS.md, Geometry and the half
-    pixel.
+    Geometries (``_GEOMETRY``), and the taps on whole pixels that the heads upsample with odd
+    kernels: docs/TRUNKS.md, Geometry and the half pixel.
     """
 
     def __init__(
@@ -78,13 +76,12 @@ class AlexNetTrunk(Trunk):
         self.fc7 = nn.Conv2d(cfc, cfc, 1)
         self.relu7 = nn.ReLU(inplace=True)
         self.drop7 = nn.Dropout(dropout)
-        self.align3, self.align4 = half_pixel_resampler(), half_pixel_resampler()
         (p1, c1), (p2, c2) = pools[:2]
         self.tap_at = {p1: "pool3", p2: "pool4"}  # feature index -> tap
         self.taps = {
-            "pool3": tap_of(c1, [*self.features[: p1 + 1], self.align3], shift=HALF_PIXEL),
-            "pool4": tap_of(c2, [*self.features[: p2 + 1], self.align4], shift=HALF_PIXEL),
-            "final": tap_of(cfc, [*self.features, self.pad6, self.fc6, self.fc7], shift=HALF_PIXEL),
+            "pool3": tap_of(c1, self.features[: p1 + 1]),
+            "pool4": tap_of(c2, self.features[: p2 + 1]),
+            "final": tap_of(cfc, [*self.features, self.pad6, self.fc6, self.fc7]),
         }
 
     @property
@@ -96,8 +93,7 @@ class AlexNetTrunk(Trunk):
         for i, layer in enumerate(self.features):
             x = layer(x)
             if i in self.tap_at:
-                tap = self.tap_at[i]
-                out[tap] = (self.align3 if tap == "pool3" else self.align4)(x)
+                out[self.tap_at[i]] = x
         x = self.drop6(self.relu6(self.fc6(self.pad6(x))))
         out["final"] = self.drop7(self.relu7(self.fc7(x)))
         return out

@@ -4,8 +4,7 @@ and crop offsets derived from the taps' coordinate maps (docs/PAPER.md, Network 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import fields
-from functools import partial
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -37,21 +36,82 @@ def _index(value: float, what: str) -> int:
     return int(value)
 
 
-def _upsampled(stride: int, origin: float, factor: int, padding: int) -> tuple[int, float]:
-    """(stride, origin) after a transposed convolution of kernel 2f, stride f, padding p."""
+def upsampling_kernel(factor: int, offset: float) -> int:
+    """The kernel of a factor-``f`` upsampling of a map whose pixel 0 sits at ``offset`` output
+    pixels: ``2f`` where that is half a pixel off the output grid (VGG16's 2x2 poolings), ``2f - 1``
+    where it is on it (AlexNet's and GoogLeNet's 3x3 ones); either way every output pixel is on
+    the grid (docs/TRUNKS.md, Geometry and the half pixel)."""
+    return 2 * factor - 1 if offset == int(offset) else 2 * factor
+
+
+def _upsampled(
+    stride: int, origin: float, factor: int, padding: int, kernel: int | None = None
+) -> tuple[int, float]:
+    """(stride, origin) after a transposed convolution of kernel ``kernel`` (2f unless given),
+    stride f, padding p."""
     stride //= factor
-    return stride, origin - stride * ((2 * factor - 1) / 2 - padding)
+    kernel = 2 * factor if kernel is None else kernel
+    return stride, origin - stride * ((kernel - 1) / 2 - padding)
 
 
 def upsampling_padding(geometry: str, factor: int) -> int:
-    """An upsampling's padding: none in the paper geometry, f // 2 in the same geometry."""
+    """An upsampling's padding: none in the paper geometry, f // 2 in the same geometry for a
+    2f kernel (:class:`Upsampling` pads so that the crop is 0, whatever the kernel)."""
     return factor // 2 if geometry == "same" else 0
 
 
-def output_offset(stride: int, origin: float, padding: int, what: str) -> int:
-    """The crop offset of the final upsampling (factor ``stride``) of a map on (stride, origin)."""
-    _, origin = _upsampled(stride, origin, stride, padding)
+def output_offset(
+    stride: int, origin: float, padding: int, what: str, kernel: int | None = None
+) -> int:
+    """The crop offset of the final upsampling (factor ``stride``) of a map on (stride, origin),
+    with the kernel ``kernel`` (:func:`upsampling_kernel`'s unless given)."""
+    kernel = upsampling_kernel(stride, origin) if kernel is None else kernel
+    _, origin = _upsampled(stride, origin, stride, padding, kernel)
     return _index(-origin, what)
+
+
+@dataclass(frozen=True)
+class Upsampling:
+    """One of a head's upsamplings, of a map on (stride, origin) onto a target grid (a skip tap's,
+    or the input's): its layer's settings and the upsampled map's grid. ``offset``: the target
+    pixel under the upsampled map's pixel 0 (a skip's offset; the output crop is its negative)."""
+
+    factor: int
+    kernel: int
+    padding: int
+    output_padding: int
+    stride: int
+    origin: float
+    offset: int
+
+    @classmethod
+    def plan(
+        cls, stride: int, origin: float, target: tuple[int, float], geometry: str, what: str
+    ) -> Upsampling:
+        """The upsampling from (stride, origin) onto ``target`` (stride, origin): the kernel of
+        :func:`upsampling_kernel`; in the paper geometry unpadded, in the same geometry padded so
+        that the offset is 0 (``f // 2`` for a 2f kernel on half pixels) and extended at the end
+        by ``output_padding`` to ``f`` times the coarse map's size where it can be."""
+        step, target_origin = target
+        factor = stride // step
+        where = (origin - target_origin) / step  # the coarse pixel 0 on the target grid
+        kernel = upsampling_kernel(factor, where)
+        centre = (kernel - 1) / 2
+        _index(where - centre, what)  # whole target pixels, or the taps do not align
+        padding = output_padding = 0
+        if geometry == "same":
+            padding = min(max(0, int(centre - where)), kernel - 1)
+            output_padding = min(max(0, factor - kernel + 2 * padding), factor - 1)
+        offset = int(where - centre) + padding
+        return cls(
+            factor, kernel, padding, output_padding, step, target_origin + step * offset, offset
+        )
+
+    def layer(self, channels: int, learnable: bool) -> nn.ConvTranspose2d:
+        return upsampler(
+            channels, self.factor, kernel=self.kernel, padding=self.padding,
+            output_padding=self.output_padding, learnable=learnable,
+        )  # fmt: skip
 
 
 def crop(t: torch.Tensor, offset: int, height: int, width: int) -> torch.Tensor:
@@ -94,24 +154,27 @@ class FCNHead(nn.Module):
                 )
         n, final = num_classes, trunk.taps["final"]
         self.geometry = trunk.geometry
-        pad = partial(upsampling_padding, trunk.geometry)
         self.score_fr = nn.Conv2d(final.channels, n, 1)
         stride, origin = final.stride, final.origin
         self.offsets: dict[str, int] = {}
+        self.upsamplings: dict[str, Upsampling] = {}  # by layer name
         for name in self.skips:
-            tap, f = trunk.taps[name], stride // trunk.taps[name].stride
-            setattr(self, f"score_{name}", nn.Conv2d(tap.channels, n, 1))
-            setattr(
-                self, UPSCORE[name], upsampler(n, f, padding=pad(f), learnable=learnable_upsampling)
+            tap = trunk.taps[name]
+            up = Upsampling.plan(
+                stride, origin, (tap.stride, tap.origin), self.geometry, f"{arch}'s {name} crop"
             )
-            stride, origin = _upsampled(stride, origin, f, pad(f))
-            self.offsets[name] = _index((origin - tap.origin) / tap.stride, f"{arch}'s {name} crop")
-            origin = max(origin, tap.origin)  # the fused map: where both maps are
+            setattr(self, f"score_{name}", nn.Conv2d(tap.channels, n, 1))
+            setattr(self, UPSCORE[name], up.layer(n, learnable_upsampling))
+            self.upsamplings[UPSCORE[name]] = up
+            self.offsets[name] = up.offset
+            stride, origin = up.stride, max(up.origin, tap.origin)  # the fused map: where both are
         # the fused scores before the final upsampling (what shift-and-stitch interlaces)
         self.grid: tuple[int, float] = (stride, origin)
         self.final = FINAL_UPSCORE[len(self.skips)]
-        setattr(self, self.final, upsampler(n, stride, padding=pad(stride), learnable=False))
-        self.offsets["final"] = output_offset(stride, origin, pad(stride), f"{arch}'s output crop")
+        up = Upsampling.plan(stride, origin, (1, 0.0), self.geometry, f"{arch}'s output crop")
+        setattr(self, self.final, up.layer(n, learnable=False))
+        self.upsamplings[self.final] = up
+        self.offsets["final"] = -up.offset
         self.scales = {t: AT_ONCE_SCALES[t] if arch == "fcn8s_atonce" else 1.0 for t in self.skips}
         for m in self.modules():
             if isinstance(m, nn.Conv2d):  # zero-initialised scores (paper, section 4.3)

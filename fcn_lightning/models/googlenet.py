@@ -9,10 +9,8 @@ from torch import nn
 from torchvision.models.googlenet import BasicConv2d, GoogLeNet, Inception
 
 from .trunk import (
-    HALF_PIXEL,
     Trunk,
     check_trunk_args,
-    half_pixel_resampler,
     linear_as_conv,
     load_mapped_state_dict,
     scaled,
@@ -26,7 +24,7 @@ INCEPTIONS = ("inception3a", "inception3b", "maxpool3", "inception4a", "inceptio
 # conv1's padding and the paddings of maxpool1 .. maxpool4
 _GEOMETRY = {
     "paper": (100, (0, 0, 0, 0)),  # the reference's margin: the first convolution padded by 100
-    "same": (4, (1, 1, 0, 0)),  # pixel i of a stride-s tap at s * i + s / 2 - 1 (+ HALF_PIXEL)
+    "same": (4, (1, 1, 0, 0)),  # inception3b at 8i - 1, 4e at 16i + 7, 5b at 32i + 15
 }
 # torchvision's GoogLeNet expects input normalised by (x - 0.5) / 0.5 where its weights came
 # from; with transform_input it maps ImageNet-normalised input to that (GoogLeNet_Weights).
@@ -56,8 +54,8 @@ class GoogLeNetTrunk(Trunk):
     """GoogLeNet conv1 .. inception5b; ``forward`` returns the taps pool3 (inception3b, stride
     8), pool4 (inception4e, stride 16) and final (inception5b and dropout, stride 32).
 
-    Geometries (``_GEOMETRY``) and the half-pixel taps: docs/TRUNKS.md, Geometry and the half
-    pixel. ``transform_input`` (as torchvision's pretrained GoogLeNet) maps ImageNet-normalised
+    Geometries (``_GEOMETRY``), and the taps on whole pixels that the heads upsample with odd
+    kernels (but for the 2x2 maxpool4's step): docs/TRUNKS.md, Geometry and the half pixel. ``transform_input`` (as torchvision's pretrained GoogLeNet) maps ImageNet-normalised
     RGB to the (x - 0.5) / 0.5 its weights were trained on.
     """
 
@@ -96,15 +94,12 @@ class GoogLeNetTrunk(Trunk):
             setattr(self, name, layer)
             outputs[name] = channels
         self.dropout = nn.Dropout(dropout)
-        self.align3 = half_pixel_resampler()
         layers = [_branches(getattr(self, name)) for name in STEM + INCEPTIONS]
         upto = {name: layers[: (STEM + INCEPTIONS).index(name) + 1] for name in INCEPTIONS}
         self.taps = {
-            "pool3": tap_of(
-                outputs["inception3b"], [*upto["inception3b"], self.align3], shift=HALF_PIXEL
-            ),
-            "pool4": tap_of(outputs["inception4e"], upto["inception4e"], shift=HALF_PIXEL),
-            "final": tap_of(outputs["inception5b"], upto["inception5b"], shift=HALF_PIXEL),
+            "pool3": tap_of(outputs["inception3b"], upto["inception3b"]),
+            "pool4": tap_of(outputs["inception4e"], upto["inception4e"]),
+            "final": tap_of(outputs["inception5b"], upto["inception5b"]),
         }
         for m in self.modules():  # torchvision's GoogLeNet initialisation
             if isinstance(m, nn.Conv2d):
@@ -129,7 +124,7 @@ class GoogLeNetTrunk(Trunk):
         for name in STEM + INCEPTIONS:
             x = getattr(self, name)(x)
             if name == "inception3b":
-                out["pool3"] = self.align3(x)
+                out["pool3"] = x
             elif name == "inception4e":
                 out["pool4"] = x
         out["final"] = self.dropout(x)

@@ -18,9 +18,9 @@ from .weights import load_trunk_state_dict
 # coordinate maps); same: no margin, each upsampling of factor f padded by f // 2, crops at 0.
 GEOMETRIES = ("paper", "same")
 
-# How far a trunk of odd kernels only declares its taps further on (docs/TRUNKS.md, Geometry
-# and the half pixel).
-HALF_PIXEL = 0.5
+# Where VGG16's taps sit between input pixels (fc7 at 32i + 12.5): the heads upsample such a map
+# with an even kernel 2f, a map on whole pixels (AlexNet's, GoogLeNet's) with an odd 2f - 1
+# (docs/TRUNKS.md, Geometry and the half pixel). No tap is declared off its coordinate map.
 
 _PADS = (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReplicationPad2d, nn.ReflectionPad2d)
 
@@ -31,10 +31,9 @@ class Tap:
 
     channels: int
     stride: int
-    origin: float  # input coordinate of feature pixel 0, as the heads align it
+    origin: float  # input coordinate of feature pixel 0 (exact: the heads align to it)
     field: int | None = None  # receptive field: the side of the input square one pixel sees
     depth: int | None = None  # convolutions on the longest path from the input
-    shift: float = 0.0  # origin minus the exact coordinate map (HALF_PIXEL or 0)
 
 
 @dataclass(frozen=True)
@@ -88,16 +87,10 @@ def receptive_field(layers: Iterable[nn.Module | tuple]) -> int:
     return layer_map(layers).field
 
 
-def tap_of(channels: int, layers: Iterable[nn.Module | tuple], *, shift: float = 0.0) -> Tap:
-    """The :class:`Tap` of the map after ``layers`` (its origin moved by ``shift``)."""
+def tap_of(channels: int, layers: Iterable[nn.Module | tuple]) -> Tap:
+    """The :class:`Tap` of the map after ``layers``: its exact coordinate map."""
     m = layer_map(layers)
-    return Tap(channels, m.stride, m.origin + shift, m.field, m.depth, shift)
-
-
-def half_pixel_resampler() -> nn.Sequential:
-    """Resample a map half its own pixel further on (same size): the mean of each 2x2
-    neighbourhood, the last row and column repeated (docs/TRUNKS.md, the half pixel)."""
-    return nn.Sequential(nn.ReplicationPad2d((0, 1, 0, 1)), nn.AvgPool2d(2, stride=1))
+    return Tap(channels, m.stride, m.origin, m.field, m.depth)
 
 
 def scaled(channels: int, width: float) -> int:

@@ -8,7 +8,9 @@ from torch import nn
 
 
 def bilinear_kernel(size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The reference's 2-D bilinear interpolation kernel of ``size`` x ``size``."""
+    """The reference's 2-D bilinear interpolation kernel of ``size`` x ``size`` (its
+    ``upsample_filt``): for a factor ``f``, the tent of half-width ``f`` sampled at whole (size
+    ``2f - 1``, centre ``f - 1``) or half (size ``2f``, centre ``f - 0.5``) distances."""
     if size < 1:
         raise ValueError(f"bilinear kernel size must be >= 1, got {size}")
     factor = (size + 1) // 2
@@ -27,12 +29,26 @@ def bilinear_weight(
 
 
 def upsampler(
-    channels: int, factor: int, *, padding: int = 0, learnable: bool
+    channels: int,
+    factor: int,
+    *,
+    kernel: int | None = None,
+    padding: int = 0,
+    output_padding: int = 0,
+    learnable: bool,
 ) -> nn.ConvTranspose2d:
-    """A ``ConvTranspose2d`` (kernel 2*factor, stride factor, no bias), bilinear initialised."""
+    """A ``ConvTranspose2d`` of stride ``factor``, no bias, bilinear initialised; ``kernel``:
+    ``2 * factor`` (the default, for a map on half pixels of the output grid) or ``2 * factor - 1``
+    (for a map on its whole pixels; docs/TRUNKS.md, Geometry and the half pixel)."""
+    kernel = 2 * factor if kernel is None else kernel
+    if kernel not in (2 * factor, 2 * factor - 1):
+        raise ValueError(
+            f"a factor-{factor} upsampling has a kernel {2 * factor} or {2 * factor - 1}, got {kernel}"
+        )
     up = nn.ConvTranspose2d(
-        channels, channels, kernel_size=2 * factor, stride=factor, padding=padding, bias=False
-    )
+        channels, channels, kernel_size=kernel, stride=factor, padding=padding,
+        output_padding=output_padding, bias=False,
+    )  # fmt: skip
     reset_bilinear_(up)
     up.weight.requires_grad_(learnable)
     return up
