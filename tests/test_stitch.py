@@ -1,9 +1,11 @@
 """Shift-and-stitch (paper, section 3.2): f = 1 is the plain forward, f = 2 the interlace of four
-shifted forwards, any batch and input size, the refusals, and predict.py's shift_stitch."""
+shifted forwards, f = 32 the dilated FCN-32s on every pixel, any batch and input size, the
+refusals, and predict.py's shift_stitch."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -14,10 +16,12 @@ import torch.nn.functional as F
 from helpers import ROOT, TINY, cfg_of
 from helpers.launcher import commands
 from PIL import Image
+from torch import nn
 from torchvision import tv_tensors
 
 import fcn_lightning.app.common as common_module
 import fcn_lightning.app.console as console_module
+import fcn_lightning.models.stitch as stitch_module
 from fcn_lightning.app.common import as_command, load_module
 from fcn_lightning.app.evaluate import evaluate
 from fcn_lightning.app.predict import MANIFEST, predict
@@ -27,7 +31,10 @@ from fcn_lightning.models import FCNHead, Tap, Trunk, build_fcn, upsampler
 from fcn_lightning.models.stitch import (
     ShiftAndStitch,
     allowed_factors,
+    shift,
     shift_and_stitch,
+    stitched_grid,
+    upsample,
     with_shift_and_stitch,
 )
 from fcn_lightning.module import FCNModule
@@ -50,18 +57,27 @@ def net(arch: str, geometry: str, **kw):
 
 
 def moved(x: torch.Tensor, down: int, right: int) -> torch.Tensor:
-    """x with its content moved down and right, zeros entering on the top and left."""
-    out = torch.zeros_like(x)
+    """x with its content moved down and right: zero rows on top, zero columns on the left,
+    nothing cut off at the bottom or right (the result is larger by the move)."""
     h, w = x.shape[-2:]
-    out[:, :, down:, right:] = x[:, :, : h - down, : w - right]
+    out = x.new_zeros(*x.shape[:-2], h + down, w + right)
+    out[:, :, down:, right:] = x
     return out
 
 
+def test_a_shift_pads_and_cuts_nothing_off():
+    x = torch.randn(2, 3, 5, 7)
+    assert torch.equal(shift(x, 2, 3), moved(x, 2, 3))
+    assert shift(x, 2, 3).shape == (2, 3, 7, 10)
+    assert torch.equal(shift(x, 0, 0), x)
+
+
 # --------------------------------------------------------------------------- f = 1
+@pytest.mark.parametrize("trunk", ["vgg16", "alexnet", "googlenet"])  # even and odd kernels
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_one_shift_is_the_plain_forward(arch, geometry):
-    model = net(arch, geometry)
+def test_one_shift_is_the_plain_forward(arch, geometry, trunk):
+    model = net(arch, geometry, backbone=trunk)
     x = torch.randn(2, 3, 37, 50)
     with torch.no_grad():
         plain, stitched = model(x), shift_and_stitch(model, x, 1)
@@ -69,8 +85,12 @@ def test_one_shift_is_the_plain_forward(arch, geometry):
     assert list(stitched) == list(plain) == ["sem", "geo"]
     for head in HEADS:
         assert plain[head].abs().max() > 0
-        assert torch.equal(stitched[head], plain[head]), head
-        assert torch.equal(wrapped[head], plain[head]), head
+        if trunk == "vgg16":  # the same operations as the net's own
+            assert torch.equal(stitched[head], plain[head]), head
+            assert torch.equal(wrapped[head], plain[head]), head
+        else:  # registered alike: to float rounding (a half-pixel offset would be ~0.1)
+            torch.testing.assert_close(stitched[head], plain[head], atol=1e-6, rtol=0)
+            torch.testing.assert_close(wrapped[head], plain[head], atol=1e-6, rtol=0)
 
 
 # --------------------------------------------------------------------------- f = 2, written out
@@ -88,7 +108,13 @@ def test_two_shifts_upsample_the_interlace_of_four_shifted_forwards(arch, geomet
             u = stride // 2
             # coarse maps of the input moved down by y and right by x, for y, x in {0, u}
             coarse = {(y, x_): model.coarse(moved(x, y, x_))[name] for y in (0, u) for x_ in (0, u)}
-            n, c, ch, cw = coarse[0, 0].shape
+            # a moved input is larger: its map may have a row / column more; the others repeat
+            # their last there (samples past the image's bottom / right edge)
+            ch = max(t.shape[-2] for t in coarse.values())
+            cw = max(t.shape[-1] for t in coarse.values())
+            for key, t in coarse.items():
+                coarse[key] = F.pad(t, (0, cw - t.shape[-1], 0, ch - t.shape[-2]), mode="replicate")
+            n, c = coarse[0, 0].shape[:2]
             fine = torch.zeros(n, c, 2 * ch, 2 * cw)
             # moved by u: its samples sit u pixels up / left, between the unmoved ones
             fine[:, :, 1::2, 1::2] = coarse[0, 0]
@@ -101,10 +127,9 @@ def test_two_shifts_upsample_the_interlace_of_four_shifted_forwards(arch, geomet
             start = u - 0.5 - (origin - u)
             assert start == int(start) and start >= 0
             start = int(start)
-            rows, cols = min(h, up.shape[2] - start), min(w, up.shape[3] - start)
-            # rows / columns the stitched map does not reach repeat the nearest one
-            inside = up[:, :, start : start + rows, start : start + cols]
-            expected = F.pad(inside, (0, w - cols, 0, h - rows), mode="replicate")
+            # nothing cut off the moved inputs: the stitched map reaches every pixel
+            assert up.shape[2] - start >= h and up.shape[3] - start >= w
+            expected = up[:, :, start : start + h, start : start + w]
             torch.testing.assert_close(out[name], expected, atol=1e-6, rtol=1e-5)
             assert not torch.allclose(out[name], plain[name], atol=1e-3)  # not the plain one
 
@@ -182,6 +207,94 @@ def test_the_fully_dense_version_removes_the_subsampling():
     # past the last sample (k + 16 > 63) only its side of the kernel is left
     edge = (box[..., 63, 15:95] + box[..., 63, 16:96]) / 4
     torch.testing.assert_close(out[..., 48, :80], edge)
+
+
+# --------------------------------------------------------------------------- the dilated net
+def float64_fcn32s(geometry: str, width: float, *, biases: bool = False):
+    """A tiny FCN-32s in float64, random score layer; the trunk's biases as initialised (zero)
+    or, with ``biases``, random."""
+    with torch.random.fork_rng():  # the trunk's initialisation, the same every run
+        torch.manual_seed(0)
+        model = build_fcn("fcn32s", width=width, geometry=geometry, heads={"sem": 3})
+    model = model.eval().double()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".score_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.5)
+            elif biases and name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.1)
+    return model
+
+
+def dilated_scores(model, x: torch.Tensor) -> torch.Tensor:
+    """The dilated FCN-32s (paper, section 3.2: the subsampling removed, the filters after it
+    dilated): ``model``'s VGG16 layers with every pooling at stride 1 (its ceil mode: a window
+    past the bottom / right edge takes the max of what is inside) and each later layer dilated
+    by the stride before it, its zero padding scaled alike; the score at every pixel: sample
+    ``i`` at input coordinate ``origin + i`` (the trunk's final tap's origin)."""
+    trunk, d = model.trunk, 1
+    for layer in trunk.features:
+        if isinstance(layer, nn.Conv2d):
+            x = F.conv2d(x, layer.weight, layer.bias, padding=d * layer.padding[0], dilation=d)
+        elif isinstance(layer, nn.MaxPool2d):
+            assert layer.kernel_size == layer.stride == 2 and layer.ceil_mode
+            x = F.max_pool2d(F.pad(x, (0, d, 0, d), value=-math.inf), 2, stride=1, dilation=d)
+            d *= 2
+        else:
+            assert isinstance(layer, nn.ReLU), layer
+            x = F.relu(x)
+    fc6 = trunk.fc6
+    x = F.relu(F.conv2d(x, fc6.weight, fc6.bias, padding=d * fc6.padding[0], dilation=d))
+    return model.heads["sem"].score_fr(F.relu(trunk.fc7(x)))
+
+
+def test_f_32_is_the_dilated_fcn32s_on_every_pixel():
+    """f = stride = 32, the paper geometry: every in-image pixel as the dilated net's, to float64
+    rounding (before the shifted inputs were padded, every pixel of this small input differed,
+    by up to 1.8: the copies moved by b had lost the bottom / right b rows and columns). The
+    trunk's biases are zero, as built: then the zero padding of each shifted copy's layers (it
+    begins b pixels further out than the dilated net's) meets only zeros behind the paper
+    geometry's 100-pixel margin; test_the_bottom_and_right_edges_are_the_dilated_nets: biases."""
+    model = float64_fcn32s("paper", 1 / 32)
+    h, w = 45, 67  # odd, and not a multiple of 32: ceil-mode windows cut by the edge
+    x = torch.randn(1, 3, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (head,) = model.heads.values()
+    with torch.no_grad():
+        out = shift_and_stitch(model, x, 32)["sem"]
+        # the dilated net on a frame 31 pixels larger at the top / left: its samples then start
+        # 31 pixels before sample 0, as the stitched map's (the copies moved by 1 .. 31)
+        dense = dilated_scores(model, F.pad(x, (31, 0, 31, 0)))
+    stride, origin = stitched_grid(head.grid, 32)
+    assert stride == 1 and origin == head.grid[1] - 31
+    # the final step (a bilinear upsampling of factor 1): pixel k is the mean of the samples at
+    # k - 0.5 and k + 0.5, samples a and a + 1
+    a = int(-0.5 - origin)
+    expected = F.avg_pool2d(dense, 2, stride=1)[..., a : a + h, a : a + w]
+    assert expected.shape == out.shape == (1, 3, h, w) and out.std(dim=(2, 3)).min() > 0.01
+    assert (out - expected).abs().max() < 1e-5
+
+
+def test_the_bottom_and_right_edges_are_the_dilated_nets():
+    """Random biases, the same geometry, f = 4: the stitched samples are the dilated net's up to
+    the bottom / right edges. Not within reach of the top / left edges (about half the
+    receptive field, 202 pixels, and the upsampling's 8): there each copy moved by b has its
+    layers' zero padding b pixels further out than the dilated net's, and a padded pixel is not
+    the value its layer computes from the zeros beyond the image (docs/PAPER.md)."""
+    model = float64_fcn32s("same", 1 / 64, biases=True)
+    h, w = 243, 251
+    x = torch.randn(1, 3, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    (head,) = model.heads.values()
+    with torch.no_grad():
+        out = shift_and_stitch(model, x, 4)["sem"]
+        dense = dilated_scores(model, x)
+    # the stitched map's sample m sits at origin - 24 + 8 m: the dilated net's sample 8 m - 24
+    grid = stitched_grid(head.grid, 4)
+    samples = F.pad(dense[..., ::8, ::8], (3, 0, 3, 0))  # the first 3: out of its frame
+    expected = upsample(samples, grid, head.geometry, h, w)
+    far = 210
+    assert (out[..., far:, far:] - expected[..., far:, far:]).abs().max() < 1e-5
+    assert out[..., far:, far:].std(dim=(2, 3)).min() > 0.01  # the input shows through
 
 
 # --------------------------------------------------------------------------- late fusion
@@ -375,16 +488,44 @@ def test_eval_with_shift_stitch_records_it_and_keeps_another_evaluation(ckpt, tm
         evaluate(cfg_of("eval", [*args[:-1], "shift_stitch=3", f"output={tmp_path / 'e3'}"]))
 
 
+@pytest.mark.parametrize(("arch", "geometry"), [("fcn32s", "same"), ("fcn32s", "paper"),
+                                                ("fcn16s", "same"), ("fcn8s", "same")])  # fmt: skip
+def test_the_samples_evened_out_past_the_edge_reach_no_pixel(arch, geometry, monkeypatch):
+    """A copy's coarse map may be a row / column short of another's (its input is smaller by
+    the difference of their shifts): what fills it in (a repeat) is never used."""
+    model, x = net(arch, geometry), torch.randn(1, 3, 37, 50)
+    with torch.no_grad():
+        outs = {f: shift_and_stitch(model, x, f) for f in (2, 4)}
+
+    uneven = []
+
+    def nan_filled(maps):
+        h, w = max(m.shape[-2] for m in maps), max(m.shape[-1] for m in maps)
+        uneven.append(any(m.shape[-2:] != (h, w) for m in maps))
+        return [F.pad(m, (0, w - m.shape[-1], 0, h - m.shape[-2]), value=math.nan) for m in maps]
+
+    monkeypatch.setattr(stitch_module, "same_size", nan_filled)
+    for f, out in outs.items():
+        with torch.no_grad():
+            filled = shift_and_stitch(model, x, f)
+        for head in HEADS:
+            assert torch.equal(filled[head], out[head]), (f, head)
+    assert any(uneven)  # there was something to fill
+
+
 @pytest.mark.parametrize("geometry", ["same", "paper"])
 def test_every_pixel_gets_a_stitched_prediction_up_to_the_edges(geometry):
-    # with f = 4 the stitched samples stop up to stride / 4 short of the bottom / right edge
-    # ("same" geometry): those pixels repeat the nearest prediction, never all-zero scores
+    # the shifted inputs are padded, not cut: the stitched samples reach the bottom / right edge,
+    # so the last rows / columns are interpolated, none a repeat of the one before it
     model = net("fcn32s", geometry)
     with torch.no_grad():
         outs = shift_and_stitch(model, torch.randn(1, 3, 64, 67), 4)
     for out in outs.values():
         assert out.shape[-2:] == (64, 67)
         assert (out.abs().sum(1) > 0).all()
+        for k in (1, 2, 3):
+            assert not torch.equal(out[..., -k, :], out[..., -k - 1, :])
+            assert not torch.equal(out[..., -k], out[..., -k - 1])
 
 
 # --------------------------------------------------------------------------- progress

@@ -1,12 +1,17 @@
 """Shift-and-stitch (paper, section 3.2; docs/PAPER.md, Shift-and-stitch; docs/TRAINING.md).
 
 For coarse scores of stride ``s`` and ``f`` shifts per axis (``f`` divides ``s``), ``u = s / f``:
-the net runs on the input shifted right / down by ``bx * u``, ``by * u`` (zeros entering, same
-size) for ``0 <= bx, by < f``; the ``f x f`` coarse maps interlace into one map of stride ``u``
-(:func:`interlace`, :func:`stitched_grid`), brought to the input's size by a fixed bilinear
+the net runs on the input moved right / down by ``bx * u``, ``by * u`` for ``0 <= bx, by < f``,
+as many zero columns / rows put in front and nothing cut off (:func:`shift`), so every copy's
+layers meet the image's bottom and right edges where the unshifted net's do; the ``f x f``
+coarse maps (:func:`same_size`) interlace into one map of stride ``u`` (:func:`interlace`,
+:func:`stitched_grid`) that reaches every pixel, brought to the input's size by a fixed bilinear
 upsampling of factor ``u`` cropped where the coordinate maps say (:func:`upsample`). ``f = 1`` is
-the plain forward. Past the stitched samples' reach (a strip at the bottom / right) the scores
-are zero. Late fusion: each stream is stitched, then the streams averaged.
+the plain forward. Late fusion: each stream is stitched, then the streams averaged.
+
+``f = s``: the scores are the dilated net's (pools at stride 1, the layers after them dilated)
+at every pixel the nets' own zero padding does not reach; near the top / left edges it does, as
+each copy's padding starts its shift further out (docs/PAPER.md, Shift-and-stitch).
 
 The ``f * f`` forwards (per stream) can take long: ``progress``, where given, hears of each one
 (:func:`ticker`); this module prints nothing, the command that runs it draws the bar."""
@@ -22,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import SegmentationNet
-from .fcn import FCN, crop, output_offset, upsampling_padding
+from .fcn import FCN, Upsampling, crop, output_offset, upsampling_kernel
 from .fusion import LateFusionFCN
 from .upsample import bilinear_weight
 
@@ -73,9 +78,23 @@ def check_factor(f: Any, net: SegmentationNet, setting: str = SETTING) -> int:
 
 
 def shift(x: torch.Tensor, down: int, right: int) -> torch.Tensor:
-    """``x`` with its content moved ``down`` and ``right`` pixels (zeros entering), same size."""
-    height, width = x.shape[-2], x.shape[-1]
-    return F.pad(x, (right, 0, down, 0))[..., :height, :width]
+    """``x`` with its content moved ``down`` and ``right`` pixels: ``down`` zero rows on top and
+    ``right`` zero columns on the left, nothing cut off (``down`` rows, ``right`` columns larger),
+    so the net sees the image's bottom and right edges where the unshifted net sees them."""
+    return F.pad(x, (right, 0, down, 0))
+
+
+def same_size(maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The coarse maps of the shifts brought to the largest one's size: a shift's map is a row or
+    column short where its input (larger by the shift) is not; its last row / column is repeated
+    there, in samples past the image's bottom / right edge that no pixel's upsampling reaches."""
+    h, w = max(m.shape[-2] for m in maps), max(m.shape[-1] for m in maps)
+    return [
+        F.pad(m, (0, w - m.shape[-1], 0, h - m.shape[-2]), mode="replicate")
+        if m.shape[-2:] != (h, w)
+        else m
+        for m in maps
+    ]
 
 
 def interlace(maps: Sequence[torch.Tensor], f: int) -> torch.Tensor:
@@ -103,11 +122,12 @@ def upsample(
     input where the coordinate map says; padded as ``geometry`` pads it, or less where the crop
     needs the pixels that padding trims."""
     factor, origin = grid
-    start = output_offset(factor, origin, 0, "the stitched output crop")  # with padding 0
-    full_h, full_w = (score.shape[-2] + 1) * factor, (score.shape[-1] + 1) * factor
+    kernel = upsampling_kernel(factor, origin)  # odd on whole pixels, as the heads' own
+    start = output_offset(factor, origin, 0, "the stitched output crop", kernel)  # padding 0
+    full_h, full_w = ((n - 1) * factor + kernel for n in score.shape[-2:])
     fits = min(start, full_h - start - height, full_w - start - width)
-    padding = max(0, min(upsampling_padding(geometry, factor), fits))
-    weight = bilinear_weight(score.shape[1], 2 * factor, score.dtype, score.device)
+    padding = max(0, min(Upsampling.plan(factor, origin, (1, 0.0), geometry, "").padding, fits))
+    weight = bilinear_weight(score.shape[1], kernel, score.dtype, score.device)
     up = F.conv_transpose2d(score, weight, stride=factor, padding=padding)
     return crop(up, start - padding, height, width)
 
@@ -149,7 +169,11 @@ def _stitch_fcn(
             tick()
     return {
         name: upsample(
-            interlace(coarse[name], f), stitched_grid(head.grid, f), head.geometry, height, width
+            interlace(same_size(coarse[name]), f),
+            stitched_grid(head.grid, f),
+            head.geometry,
+            height,
+            width,
         )
         for name, head in net.heads.items()
     }
