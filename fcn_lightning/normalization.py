@@ -132,7 +132,10 @@ TORCHVISION_ONLY = ("alexnet", "googlenet")  # trunks with torchvision's ImageNe
 def check_trunk_normalization(backbone: str, scheme: Any) -> None:
     """Refuse ``caffe`` for a trunk whose only weights are torchvision's (they expect RGB in 0..1
     minus ImageNet's mean, over its std: ``imagenet``)."""
-    if scheme == "caffe" and backbone in TORCHVISION_ONLY:
+    schemes = (
+        list(scheme) if isinstance(scheme, Sequence) and not isinstance(scheme, str) else [scheme]
+    )
+    if "caffe" in [str(s) for s in schemes] and backbone in TORCHVISION_ONLY:
         raise ValueError(
             f"arch.normalization=caffe is for Caffe-converted VGG16 weights; arch.backbone="
             f"{backbone} has torchvision's ImageNet weights only, which expect "

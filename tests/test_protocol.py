@@ -116,6 +116,12 @@ def test_a_stage_lr_set_outright_carries_down_the_chain_and_a_raise_is_refused(t
     with pytest.raises(ConfigError, match=r"stages.fcn8s.lr=0.001 is above fcn16s's lr 1e-06.*"
                                           r"set stages.fcn16s.lr too"):  # fmt: skip
         lrs(["data=voc", root, "stages.fcn8s.lr=1e-3"])
+    # started from arch.init_from: the same lr as in the staged chain, and the same refusal
+    init = ["data=voc", root, "arch=fcn8s", "arch.init_from=/x.ckpt"]
+    assert lrs([*init, "stages.fcn16s.lr=1e-9"]) == {"fcn8s": 1e-11}
+    with pytest.raises(ConfigError, match=r"stages.fcn8s.lr=0.01 is above fcn16s's lr 1e-06"):
+        lrs([*init, "stages.fcn8s.lr=1e-2"])
+    assert lrs(["data=voc", root, "arch=fcn16s", "stages.fcn8s.lr_factor=5"])  # not trained
     both = lrs(["data=voc", root, "stages.fcn16s.lr=1e-6", "stages.fcn8s.lr=1e-3"])
     assert both["fcn8s"] == 1e-3  # both set outright: meant
     # in a real staged run, read back from the optimizer

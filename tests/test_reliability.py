@@ -460,6 +460,14 @@ BAD = {
         _train([*TINY, "arch.backbone=googlenet", "arch.normalization=caffe"]),
         r"arch.normalization=caffe is for Caffe-converted VGG16 weights; arch.backbone=googlenet",
     ),
+    "caffe normalisation on GoogLeNet, as a list": (
+        _train([*TINY, "arch.backbone=googlenet", "arch.normalization=[caffe]"]),
+        r"arch.normalization=caffe is for Caffe-converted VGG16 weights; arch.backbone=googlenet",
+    ),
+    "unknown normalisation": (
+        _train([*TINY, "arch.normalization=none"]),
+        r"arch.normalization: unknown normalization 'none'; expected one of \['caffe', 'imagenet'\]",
+    ),
     "caffe normalisation on AlexNet": (
         _train([*TINY, "arch.backbone=alexnet", "arch.normalization=caffe"]),
         r"arch.backbone=alexnet has torchvision's ImageNet weights only",

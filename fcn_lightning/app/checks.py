@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..checkpoints import check_readable
 from ..errors import ConfigError
 from ..models import ARCHS, BACKBONES, GEOMETRIES
 from ..module import FCNModule
-from ..normalization import check_trunk_normalization
+from ..normalization import check_trunk_normalization, get_normalization
 from ..optim import check_optimizer, check_scheduler
 from .loggers import logger_classes
 from .stages import (
@@ -80,7 +80,14 @@ def check_settings(cfg: DictConfig) -> None:
         check_optimizer(OmegaConf.to_container(cfg.optimizer, resolve=True))
         check_scheduler(OmegaConf.to_container(cfg.scheduler, resolve=True))
         check_protocol(cfg)
-        check_trunk_normalization(cfg.arch.backbone, cfg.arch.get("normalization"))
+        norm = cfg.arch.get("normalization") or "imagenet"
+        norm = OmegaConf.to_object(norm) if isinstance(norm, ListConfig | DictConfig) else norm
+        check_trunk_normalization(cfg.arch.backbone, norm)
+        for name in [n for n in (norm if isinstance(norm, list) else [norm]) if isinstance(n, str)]:
+            try:
+                get_normalization(name)  # a scheme's name
+            except ValueError as err:
+                raise ValueError(f"arch.normalization: {err}") from None
     except ValueError as err:
         raise ConfigError(str(err)) from None
     check_from_scratch(cfg)

@@ -88,12 +88,11 @@ def _lr_terms(cfg: DictConfig, stage: str, entry: str) -> tuple[float, list[str]
     base = float(cfg.optimizer.lr)
     if entry in ("pretrained", "scratch"):
         return base, [f"optimizer.lr {base:.3g}"]
-    if entry == "previous":
-        trained = stages_for(cfg)
-        before = trained[trained.index(stage) - 1]
-        lr, terms = _lr_terms(cfg, before, entry_of(cfg, trained.index(before)))
+    if stage in CHAIN[1:] and entry in ("previous", "init_from"):  # as the staged chain has it
+        before = CHAIN[CHAIN.index(stage) - 1]
+        lr, terms = _lr_terms(cfg, before, "init_from" if before != CHAIN[0] else "pretrained")
         return lr * cut(cfg, stage), [*terms, f"stages.{stage}.lr_factor {cut(cfg, stage):g}"]
-    lr, terms = base, [f"optimizer.lr {base:.3g}"]  # init_from, init_streams: the cuts made
+    lr, terms = base, [f"optimizer.lr {base:.3g}"]  # a late fusion of trained streams
     cuts = list(CHAIN[1 : CHAIN.index(stage) + 1]) if stage in CHAIN else []
     for into in cuts + (["fusion"] if entry == "init_streams" else []):
         lr *= cut(cfg, into)
@@ -102,21 +101,28 @@ def _lr_terms(cfg: DictConfig, stage: str, entry: str) -> tuple[float, list[str]
 
 
 def check_lr_chain(cfg: DictConfig) -> None:
-    """Each trained stage's lr at or below the stage's before it, unless both are set outright;
-    a cut above 1 is refused."""
-    for into in CUTS:
+    """Each trained stage's lr at or below the chain's stage before it, unless both are set
+    outright; a cut above 1 into a stage the run trains is refused."""
+    trained = stages_for(cfg)
+    entered = {
+        s for i, s in enumerate(trained) if entry_of(cfg, i) not in ("pretrained", "scratch")
+    }
+    cuts = {c for c in CUTS if c in entered} | (
+        {"fusion"} if cfg.arch.get("init_streams") else set()
+    )
+    for into in sorted(cuts):
         factor = settings_of(cfg, into).get("lr_factor")
         if factor is not None and float(factor) > 1:
             raise ConfigError(
                 f"stages.{into}.lr_factor={factor} would raise the lr into {into}: a cut is at "
                 f"most 1 (to train {into} faster, set stages.{into}.lr outright)"
             )
-    trained = stages_for(cfg)
-    for i in range(1, len(trained)):
-        before, stage = trained[i - 1], trained[i]
-        lr, prior = (
-            stage_lr(cfg, s, entry_of(cfg, j))[0] for j, s in ((i, stage), (i - 1, before))
-        )
+    for i, stage in enumerate(trained):
+        if stage not in CHAIN[1:] or stage not in entered:
+            continue
+        before = CHAIN[CHAIN.index(stage) - 1]
+        lr = stage_lr(cfg, stage, entry_of(cfg, i))[0]
+        prior = _lr_terms(cfg, before, "init_from" if before != CHAIN[0] else "pretrained")[0]
         outright = [settings_of(cfg, s).get("lr") is not None for s in (before, stage)]
         if lr > prior * (1 + 1e-9) and not all(outright):
             raise ConfigError(
