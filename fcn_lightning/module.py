@@ -14,24 +14,14 @@ import torch.nn.functional as F
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor, nn
 
+from . import optim
 from .checkpoints import load_weights_only, random_state, set_random_state
 from .contract import METRIC_NAMES, SINGLE_HEAD, DataContract, input_mismatch, plain
 from .errors import CheckpointError
 from .metrics import HeadMetrics, summarize
 from .models import build_fcn
-from .normalization import (
-    Normalization,
-    check_trunk_normalization,
-    get_normalization,
-    group_normalizations,
-)
-from .optim import (
-    build_optimizer,
-    build_scheduler,
-    check_optimizer,
-    check_scheduler,
-    restart_schedule,
-)
+from .normalization import Normalization, get_normalization, group_normalizations
+from .normalization import check_trunk_normalization as check_trunk
 from .reports import tag
 
 SPLITS = ("val", "test")
@@ -71,7 +61,7 @@ class FCNModule(pl.LightningModule):
             raise ValueError(f"model settings {DATA_DECIDES} come from the data contract")
         contract = DataContract.from_dict(contract)
         scheme = model.get("normalization") or "imagenet"
-        check_trunk_normalization(model.get("backbone", "vgg16"), scheme)
+        check_trunk(model.get("backbone", "vgg16"), scheme)
         given = plain(input_normalization) if input_normalization is not None else scheme
         norms = group_normalizations(given, contract.image_inputs)
         settings = {k: v for k, v in model.items() if k != "normalization"}
@@ -85,23 +75,17 @@ class FCNModule(pl.LightningModule):
             self.model.normalization = streams[next(iter(contract.streams))].normalization
         self.contract = contract
         self.input_normalizations: tuple[Normalization, ...] = norms
-        self.save_hyperparameters(
-            {
-                "model": model,
-                "contract": contract.as_dict(),
-                "input_normalization": [plain(n.as_dict()) for n in norms],
-                "loss_reduction": loss_reduction,
-                "class_weights": plain(class_weights),
-                "loss_sample_prob": loss_sample_prob,
-                "optimizer": plain(optimizer or {"name": "sgd", "lr": 1e-4}),
-                "scheduler": plain(scheduler or {"name": "fixed"}),
-                "exclude_absent_classes": exclude_absent_classes,
-                "channels_last": channels_last,
-                "compile": compile,
-            }
-        )
-        check_optimizer(self.hparams.optimizer)  # fails now, not at fit
-        check_scheduler(self.hparams.scheduler)
+        self.save_hyperparameters({
+            "model": model, "contract": contract.as_dict(),
+            "input_normalization": [plain(n.as_dict()) for n in norms],
+            "loss_reduction": loss_reduction, "class_weights": plain(class_weights),
+            "loss_sample_prob": loss_sample_prob, "compile": compile,
+            "optimizer": plain(optimizer or {"name": "sgd", "lr": 1e-4}),
+            "scheduler": plain(scheduler or {"name": "fixed"}),
+            "exclude_absent_classes": exclude_absent_classes, "channels_last": channels_last,
+        })  # fmt: skip
+        optim.check_optimizer(self.hparams.optimizer)  # fails now, not at fit
+        optim.check_scheduler(self.hparams.scheduler)
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if not 0 < loss_sample_prob <= 1:
@@ -265,9 +249,9 @@ class FCNModule(pl.LightningModule):
         self._end_epoch("test")
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.hparams.optimizer, self.model.parameter_groups())
+        optimizer = optim.build_optimizer(self.hparams.optimizer, self.model.parameter_groups())
         total = lambda: self.trainer.estimated_stepping_batches  # noqa: E731 (needs a trainer)
-        scheduler = build_scheduler(self.hparams.scheduler, optimizer, total)
+        scheduler = optim.build_scheduler(self.hparams.scheduler, optimizer, total)
         if scheduler is None:
             return optimizer
         return {
@@ -277,7 +261,7 @@ class FCNModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         for config in self.trainer.lr_scheduler_configs:  # a resumed run: its new budget's lr
-            restart_schedule(config.scheduler)
+            optim.restart_schedule(config.scheduler)
 
     # a resumed run draws the same dropout masks and loss samples as an uninterrupted one
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
