@@ -20,6 +20,7 @@ CHAIN = ("fcn32s", "fcn16s", "fcn8s")
 STAGES = (*CHAIN, "fcn8s_atonce")
 CUTS = ("fcn16s", "fcn8s", "fusion")
 SELECTIONS = ("auto", "best", "last")
+HELD_OUT = "the highest val mIoU (the val split is held out)"  # selection=auto's "best"
 LIMITS = ("max_steps", "max_epochs")
 PROTOCOL_KEYS = ("lr_factor", "lr", *LIMITS)
 REPLACED = ("stage_lr_factor", "stage_lr", "stage_budget", "stage_overrides")
@@ -215,7 +216,7 @@ def selection(
     if mode == "last":
         return "last", "selection=last: the stage's last checkpoint (a fixed schedule)"
     if held_out:
-        return "best", "the highest val mIoU (the val split is held out)"
+        return "best", HELD_OUT
     return "last", f"the stage's last checkpoint, a fixed schedule: {why_not}"
 
 

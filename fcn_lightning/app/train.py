@@ -320,6 +320,7 @@ def _train_stages(cfg: DictConfig, out: Path, resume: bool, sigterm: SigtermGuar
         shared = {k: len(val & dm.image_ids(s)) for k, s in (("train", dm.train_split),
                                                               ("test", dm.test_split))}  # fmt: skip
     select = selection(cfg, dm.val_split, dm.test_split, shared)
+    held_out = dm.val_split != dm.test_split and not any(shared.values())
     plans = {stage: stage_plan(cfg, stage, i, select) for i, stage in enumerate(stages)}
     if rundir.is_rank_zero():  # every label of train / val / test, once (cached), before training
         say(label_report(dm))
@@ -330,7 +331,7 @@ def _train_stages(cfg: DictConfig, out: Path, resume: bool, sigterm: SigtermGuar
     previous_best: str | None = cfg.arch.get("init_from")
     for i in range(len(stages)):
         previous_best = run_stage(run, i, previous_best)
-    _say_results(run, select[0])
+    _say_results(run, select[0], held_out)
     return headline(metrics[stages[-1]])
 
 
@@ -481,7 +482,7 @@ def _fit(
         )
 
 
-def _say_results(run: Run, selected: str) -> None:
+def _say_results(run: Run, selected: str, held_out: bool) -> None:
     """The table of each stage's metrics; after a held-out val split chose the checkpoints, the
     eval.py command that scores the reported split."""
     table = format_table({s: run.metrics[s] for s in run.stages if s in run.metrics})
@@ -491,7 +492,7 @@ def _say_results(run: Run, selected: str) -> None:
         + f"\n\nrun folder: {run.out}"
     )
     dm = run.dm
-    if selected == "best" and run.plans[run.stages[-1]]["selection_from"].endswith("held out)"):
+    if selected == "best" and held_out:
         best = run.out / run.stages[-1] / "checkpoints" / "best.ckpt"
         say(
             f"checkpoints were chosen on '{dm.val_split}'; score the reported split with:\n"
