@@ -20,6 +20,7 @@ from .contract import METRIC_NAMES, SINGLE_HEAD, DataContract, input_mismatch, p
 from .errors import CheckpointError
 from .metrics import HeadMetrics, summarize
 from .models import build_fcn
+from .models.fcn import aux_key
 from .normalization import Normalization, get_normalization, group_normalizations
 from .normalization import check_trunk_normalization as check_trunk
 from .reports import tag
@@ -64,9 +65,11 @@ class FCNModule(pl.LightningModule):
         check_trunk(model.get("backbone", "vgg16"), scheme)
         given = plain(input_normalization) if input_normalization is not None else scheme
         norms = group_normalizations(given, contract.image_inputs)
-        settings = {k: v for k, v in model.items() if k != "normalization"}
+        settings = {k: v for k, v in model.items() if k not in ("normalization", "aux_weight")}
         norm = norms[0] if norms else get_normalization(scheme)
-        self.model = build_fcn(**settings, normalization=norm, **contract.model_inputs())
+        aux = float(model.get("aux_weight") or 0.0)  # > 0: fcn_torchvision's auxiliary head
+        self.model = build_fcn(**settings, aux=aux > 0, normalization=norm, **contract.model_inputs())
+        self.aux_of = {aux_key(head): (head, aux) for head in contract.heads}  # aux key -> head
         if contract.streams:  # late fusion: each stream gets its own image group's normalisation
             streams = self.model.streams
             for name, (start, stop) in contract.stream_channels().items():
@@ -160,12 +163,13 @@ class FCNModule(pl.LightningModule):
     def loss(
         self, logits: Mapping[str, Tensor], targets: Mapping[str, Tensor], sample: bool = False
     ) -> Tensor:
-        """Per-pixel cross-entropy over labelled pixels, summed over heads."""
+        """Per-pixel cross-entropy over labelled pixels, summed over heads (auxiliary ones
+        weighted by ``aux_weight``)."""
         ignore = self.contract.ignore_index
         total = logits[next(iter(logits))].new_zeros(())
         for name, out in logits.items():
-            target = targets[name]
-            weight = getattr(self, f"class_weight_{name}")
+            head, scale = self.aux_of.get(name, (name, 1.0))
+            target, weight = targets[head], getattr(self, f"class_weight_{head}")
             pixel = F.cross_entropy(
                 out.float(), target, weight=weight, ignore_index=ignore, reduction="none"
             )
@@ -178,7 +182,7 @@ class FCNModule(pl.LightningModule):
             loss = (pixel * keep).sum()
             if self.hparams.loss_reduction == "mean":
                 loss = loss / w.sum().clamp(min=1e-12)
-            total = total + loss
+            total = total + scale * loss
         return total
 
     def training_step(self, batch, batch_idx: int) -> Tensor:

@@ -126,7 +126,8 @@ def group_normalizations(
     return tuple(normalization_for(setting, kind, stats) for kind, stats in groups)
 
 
-TORCHVISION_ONLY = ("alexnet", "googlenet")  # trunks with torchvision's ImageNet weights alone
+# trunks with torchvision's ImageNet weights alone
+TORCHVISION_ONLY = ("alexnet", "googlenet", "resnet50", "resnet101")
 
 
 def check_trunk_normalization(backbone: str, scheme: Any) -> None:

@@ -32,7 +32,7 @@ TORCH_OPTIMIZER["adamw_scratch"] = torch.optim.AdamW
 def test_every_group_option_is_covered():
     assert set(DATA) == {"folder", "nyud", "siftflow", "synthetic", "voc"}
     assert set(OPTIMIZERS) == set(TORCH_OPTIMIZER)
-    assert len(SCHEDULERS) == 3 and len(ARCHS) == 4
+    assert len(SCHEDULERS) == 3 and len(ARCHS) == 5
 
 
 @pytest.fixture
@@ -205,8 +205,13 @@ def test_an_experiment_brings_the_recipe_of_its_data(experiment):
 
 
 def test_the_archs_share_all_but_their_name():
-    archs = [
-        OmegaConf.to_container(cfg_of("config", [f"arch={a}", "recipe=none"]).arch) for a in ARCHS
-    ]
-    assert {a.pop("name") for a in archs} == set(ARCHS)
-    assert all(a == archs[0] for a in archs)
+    archs = {
+        a: OmegaConf.to_container(cfg_of("config", [f"arch={a}", "recipe=none"]).arch) for a in ARCHS
+    }
+    assert {a.pop("name") for a in archs.values()} == set(ARCHS)
+    paper = [a for name, a in archs.items() if name != "fcn_torchvision"]
+    assert all(a == paper[0] for a in paper)
+    # torchvision's net: its backbone, stride, geometry, dropout and auxiliary head, the rest shared
+    torchvision = {"backbone": "resnet50", "scratch_backbone": "resnet50", "output_stride": 8,
+                   "geometry": "same", "dropout": 0.0, "aux_weight": 0.5}  # fmt: skip
+    assert archs["fcn_torchvision"] == {**paper[0], **torchvision}

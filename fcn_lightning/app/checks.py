@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..checkpoints import check_readable
 from ..errors import ConfigError
-from ..models import ARCHS, BACKBONES, GEOMETRIES
+from ..models import ARCHS, BACKBONES, GEOMETRIES, build_fcn
 from ..module import FCNModule
 from ..normalization import check_trunk_normalization, get_normalization
 from ..optim import check_optimizer, check_scheduler
@@ -67,6 +68,38 @@ def check_from_scratch(cfg: DictConfig) -> None:
     )
 
 
+def model_settings(cfg: DictConfig, stage: str, pretrained: Any = None) -> dict[str, Any]:
+    """A stage's model settings (FCNModule's ``model``) from ``cfg.arch``."""
+    arch = cfg.arch
+    return {
+        "arch": stage, "backbone": arch.backbone, "geometry": arch.geometry,
+        "width": float(arch.width), "pretrained": pretrained,
+        "learnable_upsampling": bool(arch.learnable_upsampling), "dropout": float(arch.dropout),
+        "normalization": arch.normalization, "output_stride": int(arch.get("output_stride", 32)),
+        "aux_weight": float(arch.get("aux_weight") or 0.0),
+    }  # fmt: skip
+
+
+def check_nets(cfg: DictConfig, stages: Sequence[str]) -> None:
+    """Each stage's net built on the meta device (no memory, no weights): a backbone, output
+    stride, geometry or head that do not go together are named now, not after a stage trained."""
+    for stage in stages:
+        settings = model_settings(cfg, stage)
+        aux = settings.pop("aux_weight")
+        where = ", ".join(f"arch.{k}={cfg.arch.get(k)}" for k in ("backbone", "output_stride", "geometry"))
+        if aux < 0 or (aux > 0 and stage != "fcn_torchvision"):
+            raise ConfigError(
+                f"arch.aux_weight={aux:g}: the auxiliary head is fcn_torchvision's (arch="
+                f"fcn_torchvision) and its weight is > 0; {stage} has none: arch.aux_weight=0"
+            )
+        settings.pop("normalization")
+        try:
+            with torch.device("meta"):
+                build_fcn(**settings, aux=aux > 0, num_classes=2)
+        except ValueError as err:
+            raise ConfigError(f"{stage} on {where}: {err}") from None
+
+
 def check_settings(cfg: DictConfig) -> None:
     """Settings that would fail only after the data was read or a stage was trained."""
     check_replaced(cfg)  # stage_lr_factor, stage_budget, ...: the stages node's spelling
@@ -101,6 +134,7 @@ def check_settings(cfg: DictConfig) -> None:
             lr,
         )
     stages = stages_for(cfg)
+    check_nets(cfg, stages)
     arguments = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
     for stage in STAGES:  # check_protocol refused any other name
         own = trainer_args(cfg, stage)

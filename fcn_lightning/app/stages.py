@@ -17,7 +17,7 @@ from ..errors import ConfigError
 log = logging.getLogger("fcn_lightning")
 
 CHAIN = ("fcn32s", "fcn16s", "fcn8s")
-STAGES = (*CHAIN, "fcn8s_atonce")
+STAGES = (*CHAIN, "fcn8s_atonce", "fcn_torchvision")
 CUTS = ("fcn16s", "fcn8s", "fusion")
 SELECTIONS = ("auto", "best", "last")
 HELD_OUT = "the highest val mIoU (the val split is held out)"  # selection=auto's "best"

@@ -42,7 +42,7 @@ from .callbacks import (
     best_checkpoint,
     last_checkpoint,
 )
-from .checks import check_free_space, check_inputs, check_settings, read_metrics
+from .checks import check_free_space, check_inputs, check_settings, model_settings, read_metrics
 from .common import label_report, make_datamodule
 from .console import say
 from .loggers import make_loggers
@@ -56,19 +56,10 @@ __all__ = ["RunInterrupted", "TrainingDiverged", "is_multirun", "run_stage", "tr
 def make_module(
     cfg: DictConfig, dm: SegmentationDataModule, stage: str, lr: float, pretrained: Any
 ) -> FCNModule:
-    arch, optimizer = cfg.arch, OmegaConf.to_container(cfg.optimizer, resolve=True)
+    optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
     optimizer["lr"] = lr
     module = FCNModule(
-        {
-            "arch": stage,
-            "backbone": arch.backbone,
-            "geometry": arch.geometry,
-            "width": float(arch.width),
-            "pretrained": pretrained,
-            "learnable_upsampling": bool(arch.learnable_upsampling),
-            "dropout": float(arch.dropout),
-            "normalization": arch.normalization,
-        },
+        model_settings(cfg, stage, pretrained),
         contract=dm.contract,
         loss_reduction=cfg.loss.reduction,
         class_weights=OmegaConf.to_container(cfg.loss.class_weights)

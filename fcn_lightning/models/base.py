@@ -17,9 +17,11 @@ from torch import nn
 from ..contract import SINGLE_HEAD
 from ..normalization import Normalization
 from .trunk import GEOMETRIES
-from .trunks import BACKBONES
+from .trunks import BACKBONES, DILATABLE, OUTPUT_STRIDES
 
-ARCHS = ("fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce")
+# the paper's four, and torchvision's FCN head (a 3x3 conv + BN + ReLU + dropout before the score
+# layer, bilinear interpolation to the input, an optional auxiliary head on the pool4 tap)
+ARCHS = ("fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce", "fcn_torchvision")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class FCNSpec:
     geometry: str = "paper"
     width: float = 1.0
     in_channels: int = 3
+    output_stride: int = 32  # 16 or 8: the trunk dilated (DILATABLE trunks)
+    aux: bool = False  # fcn_torchvision's auxiliary head on the pool4 tap
 
     def __post_init__(self) -> None:
         for field, known in (("arch", ARCHS), ("backbone", BACKBONES), ("geometry", GEOMETRIES)):
@@ -39,6 +43,15 @@ class FCNSpec:
                 raise ValueError(f"{field} must be one of {known}, got {getattr(self, field)!r}")
         if not self.heads:
             raise ValueError("a model needs at least one head")
+        if self.output_stride not in OUTPUT_STRIDES:
+            raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {self.output_stride!r}")
+        if self.output_stride != 32 and self.backbone not in DILATABLE:
+            raise ValueError(
+                f"output_stride={self.output_stride} dilates a ResNet trunk ({', '.join(DILATABLE)}); "
+                f"backbone {self.backbone!r} has output stride 32 only"
+            )
+        if self.aux and self.arch != "fcn_torchvision":
+            raise ValueError(f"the auxiliary head is fcn_torchvision's; arch {self.arch!r} has none")
         for name, n in self.heads:
             if not isinstance(n, int) or n < 1:
                 raise ValueError(f"head {name!r} needs a positive number of classes, got {n!r}")

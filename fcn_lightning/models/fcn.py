@@ -1,5 +1,6 @@
 """FCN-32s, 16s, 8s and 8s at-once heads on any trunk (paper, section 4.2): upsampling factors
-and crop offsets derived from the taps' coordinate maps (docs/PAPER.md, Network geometry)."""
+and crop offsets derived from the taps' coordinate maps (docs/PAPER.md, Network geometry); and
+torchvision's FCN head (docs/TRUNKS.md, ResNet)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchvision.models.segmentation.fcn import FCNHead as TorchvisionHead
+
+from ..contract import SINGLE_HEAD
 from ..normalization import Normalization, get_normalization
 from .base import FCNSpec, SegmentationNet
 from .trunk import Trunk
-from .trunks import TRUNKS
+from .trunks import DILATABLE, TRUNKS
 from .upsample import upsampler
 
 # The taps each arch fuses after ``final``, coarse to fine; their count is its stage.
 SKIPS = {"fcn32s": (), "fcn16s": ("pool4",), "fcn8s": ("pool4", "pool3")}
 SKIPS["fcn8s_atonce"] = SKIPS["fcn8s"]
+SKIPS["fcn_torchvision"] = ()
 STAGE = {arch: len(skips) for arch, skips in SKIPS.items()}
 # The paper's layer names: the upsampling to a skip's stride; the last one, by skip count.
 UPSCORE = {"pool4": "upscore2", "pool3": "upscore_pool4"}
@@ -160,6 +165,13 @@ class FCNHead(nn.Module):
         self.upsamplings: dict[str, Upsampling] = {}  # by layer name
         for name in self.skips:
             tap = trunk.taps[name]
+            if tap.stride >= stride:  # a dilated trunk's: no upsampling between the two
+                raise ValueError(
+                    f"{arch} fuses the {name} tap (stride {tap.stride}) into a coarser map, but at "
+                    f"output_stride={getattr(trunk, 'output_stride', 32)} the {trunk.backbone} map "
+                    f"before it has stride {stride} too: train {arch} at output_stride=32, or "
+                    "fcn32s / fcn_torchvision at this output stride"
+                )
             up = Upsampling.plan(
                 stride, origin, (tap.stride, tap.origin), self.geometry, f"{arch}'s {name} crop"
             )
@@ -197,8 +209,42 @@ class FCNHead(nn.Module):
         return self.upsample(self.coarse(feats), height, width)
 
 
+def aux_key(head: str) -> str:
+    """The output key of a head's auxiliary scores: ``aux`` for the single head (torchvision's)."""
+    return "aux" if head == SINGLE_HEAD else f"{head}_aux"
+
+
+class ConvHead(nn.Module):
+    """torchvision's FCN head (its ``FCNHead``: 3x3 conv + BN + ReLU + dropout 0.1 + 1x1 score
+    layer) on the ``final`` tap, its scores interpolated bilinearly to the input as torchvision
+    does (``align_corners=False``); with ``aux``, the same on the ``pool4`` tap (torchvision's
+    ``aux_classifier`` on layer3), trained with a weighted loss (docs/TRUNKS.md, ResNet)."""
+
+    def __init__(self, arch: str, num_classes: int, trunk: Trunk, aux: bool = False) -> None:
+        super().__init__()
+        if trunk.geometry != "same":
+            raise ValueError(
+                f"{arch} interpolates its scores to the input's size, as torchvision does: its "
+                f"trunk needs geometry='same' (no margin), got {trunk.geometry!r}"
+            )
+        final = trunk.taps["final"]
+        self.arch, self.geometry, self.grid = arch, trunk.geometry, (final.stride, final.origin)
+        self.classifier = TorchvisionHead(final.channels, num_classes)
+        self.aux_classifier = TorchvisionHead(trunk.taps["pool4"].channels, num_classes) if aux else None
+
+    def coarse(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.classifier(feats["final"])
+
+    def upsample(self, score: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return F.interpolate(score, size=(height, width), mode="bilinear", align_corners=False)
+
+    def aux(self, feats: dict[str, torch.Tensor], height: int, width: int) -> torch.Tensor:
+        return self.upsample(self.aux_classifier(feats["pool4"]), height, width)
+
+
 class FCN(SegmentationNet):
-    """A trunk and one or more FCN heads sharing it."""
+    """A trunk and one or more FCN heads sharing it; ``forward`` adds each head's auxiliary
+    scores (under :func:`aux_key`) in training, or where ``aux=True`` asks for them."""
 
     def __init__(
         self,
@@ -211,25 +257,37 @@ class FCN(SegmentationNet):
         super().__init__()
         self.spec = spec
         self.normalization = get_normalization(normalization)
+        dilated = {"output_stride": spec.output_stride} if spec.backbone in DILATABLE else {}
         self.trunk = TRUNKS[spec.backbone](
-            width=spec.width, geometry=spec.geometry, in_channels=spec.in_channels, dropout=dropout
-        )
-        heads = {n: FCNHead(spec.arch, c, self.trunk, learnable_upsampling) for n, c in spec.heads}
+            width=spec.width, geometry=spec.geometry, in_channels=spec.in_channels,
+            dropout=dropout, **dilated,
+        )  # fmt: skip
+        if spec.arch == "fcn_torchvision":
+            heads = {n: ConvHead(spec.arch, c, self.trunk, spec.aux) for n, c in spec.heads}
+        else:
+            heads = {n: FCNHead(spec.arch, c, self.trunk, learnable_upsampling) for n, c in spec.heads}
         self.heads = nn.ModuleDict(heads)
 
-    def coarse(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per head, the fused scores before the final upsampling (on the head's ``grid``)."""
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if x.dim() != 4 or x.shape[1] != self.spec.in_channels:
             raise ValueError(
                 f"expected input of shape (N, {self.spec.in_channels}, H, W), got {tuple(x.shape)}"
             )
-        feats = self.trunk(x)
+        return self.trunk(x)
+
+    def coarse(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per head, the fused scores before the final upsampling (on the head's ``grid``)."""
+        feats = self.features(x)
         return {name: head.coarse(feats) for name, head in self.heads.items()}
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        scores = self.coarse(x)  # checks the input first
+    def forward(self, x: torch.Tensor, aux: bool | None = None) -> dict[str, torch.Tensor]:
+        feats = self.features(x)  # checks the input first
         height, width = x.shape[-2], x.shape[-1]
-        return {name: self.heads[name].upsample(s, height, width) for name, s in scores.items()}
+        out = {n: head.upsample(head.coarse(feats), height, width) for n, head in self.heads.items()}
+        if self.spec.aux and (self.training if aux is None else aux):
+            for name, head in self.heads.items():
+                out[aux_key(name)] = head.aux(feats, height, width)
+        return out
 
     def get_extra_state(self) -> dict[str, Any]:
         return self.spec.as_dict()

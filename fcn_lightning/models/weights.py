@@ -10,6 +10,8 @@ import torch
 from torchvision.models import (
     AlexNet_Weights,
     GoogLeNet_Weights,
+    ResNet50_Weights,
+    ResNet101_Weights,
     VGG16_BN_Weights,
     VGG16_Weights,
 )
@@ -23,9 +25,12 @@ TORCHVISION_WEIGHTS = {
     "vgg16_bn": VGG16_BN_Weights.IMAGENET1K_V1,
     "alexnet": AlexNet_Weights.IMAGENET1K_V1,
     "googlenet": GoogLeNet_Weights.IMAGENET1K_V1,
+    "resnet50": ResNet50_Weights.IMAGENET1K_V1,  # the ones torchvision's FCNs were trained from
+    "resnet101": ResNet101_Weights.IMAGENET1K_V1,
 }
 _LAYOUT = {"vgg16": ("features.", "VGG16"), "vgg16_bn": ("features.", "VGG16-BN"),
-           "alexnet": ("features.", "AlexNet"), "googlenet": ("conv1.", "GoogLeNet")}  # fmt: skip
+           "alexnet": ("features.", "AlexNet"), "googlenet": ("conv1.", "GoogLeNet"),
+           "resnet50": ("layer1.", "ResNet-50"), "resnet101": ("layer1.", "ResNet-101")}  # fmt: skip
 
 
 def load_trunk_state_dict(
