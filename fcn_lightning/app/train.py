@@ -361,12 +361,13 @@ def run_stage(run: Run, i: int, previous_best: str | None) -> str:
     resume_from = str(last) if run.resume and last.is_file() else None
     if previous_best and not resume_from:
         try:
-            transfer_stage(previous_best, module.model)
+            init_from = previous_best == cfg.arch.get("init_from")
+            transfer_stage(previous_best, module.model, new_classes=init_from)
         except ValueError as err:
-            where = (
-                "arch.init_from" if previous_best == cfg.arch.get("init_from") else previous_best
-            )
-            raise ConfigError(f"{where}: {err}") from None
+            raise ConfigError(f"{'arch.init_from' if init_from else previous_best}: {err}") from None
+        if fresh := module.model.fresh:  # fine-tuned on other classes
+            layers = ", ".join(dict.fromkeys(k.rsplit(".", 1)[0] for k in fresh))
+            say(f"arch.init_from predicts other classes than the data: {layers} start afresh")
     elif i == 0 and cfg.arch.get("init_streams") and not resume_from:
         init_streams(module, cfg.arch.init_streams)
         previous_best = "the checkpoints of arch.init_streams"

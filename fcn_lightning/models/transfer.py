@@ -14,11 +14,16 @@ from .upsample import reset_bilinear_
 
 
 @torch.no_grad()
-def transfer_stage(source: StateSource, target: SegmentationNet) -> SegmentationNet:
+def transfer_stage(
+    source: StateSource, target: SegmentationNet, *, new_classes: bool = False
+) -> SegmentationNet:
     """Copy every layer ``target`` shares with ``source`` (an earlier or the same stage); layers
     new in ``target`` keep their initial values (zero scores, bilinear kernels), fixed upsamplings
     get bilinear kernels again; a late-fusion target is filled stream by stream
-    (docs/PAPER.md, Training recipes)."""
+    (docs/PAPER.md, Training recipes). ``new_classes``: heads of the same names may predict other
+    classes, their layers sized by the classes keeping their initial values (fine-tuning a
+    trained net on other data); ``target.fresh`` lists them."""
+    target.fresh = []
     state = model_state_dict(source, target.anchor)
     if isinstance(target, LateFusionFCN):
         for name, stream in target.streams.items():
@@ -28,12 +33,15 @@ def transfer_stage(source: StateSource, target: SegmentationNet) -> Segmentation
                 raise ValueError(
                     f"source has no stream {name!r} (late fusion streams: {list(target.streams)})"
                 )
-            transfer_stage(sub, stream)
+            transfer_stage(sub, stream, new_classes=new_classes)
+            target.fresh += [f"{pre}{key}" for key in stream.fresh]
         return target
     if state.get("_extra_state"):
         src = FCNSpec.from_dict(state["_extra_state"])
-        for field in ("heads", "backbone", "geometry", "width", "in_channels"):
+        for field in ("heads", "backbone", "geometry", "width", "in_channels", "output_stride"):
             a, b = getattr(src, field), getattr(target.spec, field)
+            if field == "heads" and new_classes and [h for h, _ in a] == [h for h, _ in b]:
+                continue
             if a != b:
                 raise ValueError(
                     f"cannot transfer {src.arch} -> {target.spec.arch}: {field} differs (source {a!r}, target {b!r})"
@@ -53,6 +61,9 @@ def transfer_stage(source: StateSource, target: SegmentationNet) -> Segmentation
             raise ValueError(
                 f"source has no layer {key!r} (shape {tuple(value.shape)}) that the {target.spec.arch} target needs"
             )
+        if state[key].shape != value.shape and new_classes and key.startswith("heads."):
+            target.fresh.append(key)  # a score layer (or an upsampling of scores) of other classes
+            continue
         if state[key].shape != value.shape:
             raise ValueError(
                 f"layer {key!r}: source shape {tuple(state[key].shape)} vs target shape {tuple(value.shape)} "
