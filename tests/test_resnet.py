@@ -237,3 +237,40 @@ def test_import_refusals_name_what_is_wrong(tmp_path, monkeypatch):
     monkeypatch.setattr(type(tvfcn.RELEASED["fcn_resnet50"]), "get_state_dict", lambda self, **kw: offline())
     with pytest.raises(PretrainedWeightsUnavailable, match=r"(?s)fcn_resnet50_coco-1167a1af\.pth.*give its path"):
         import_torchvision_fcn("fcn_resnet50")
+
+
+def test_the_short_side_scaling_of_torchvision_s_recipe():
+    from torchvision import tv_tensors
+
+    from fcn_lightning.data.transforms import RandomScale
+
+    image = tv_tensors.Image(torch.zeros(3, 375, 500))
+    for _ in range(20):  # shorter side drawn in 0.5-2.0 x 520 whatever the image's own size
+        out = RandomScale((0.5, 2.0), short_side=520)(image)
+        short = min(out.shape[-2:])
+        assert 260 <= short <= 1040 and abs(out.shape[-1] / out.shape[-2] - 500 / 375) < 0.01
+    assert RandomScale((1.0, 1.0), short_side=520)(image).shape[-2:] == (520, 693)
+    with pytest.raises(ValueError, match="data.scale_short_side must be a size >= 1"):
+        RandomScale((0.5, 2.0), short_side=0)
+
+
+def test_the_voc_fcn_resnet50_preset_trains_on_the_voc_layout(tmp_path):
+    voc = SHARED_DATA / "voc_mini"
+    if not voc.is_dir():
+        pytest.skip("../shared/data/voc_mini not present")
+    lrs, out = tmp_path / "lrs.jsonl", tmp_path / "run"
+    done = cli(
+        "experiment=voc_fcn_resnet50", f"data.root={voc}", "arch.width=0.0625",
+        "arch.pretrained=null", "trainer.max_steps=1", "trainer.accumulate_grad_batches=1",
+        "data.batch_size=2", "data.num_workers=0", "trainer.accelerator=cpu", "callbacks=none",
+        "images.every_n_epochs=0", "+callbacks.lr._target_=interrupts.RecordLr",
+        f"+callbacks.lr.path={lrs}", f"hydra.run.dir={out}", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (step, (weights, biases)), = [json.loads(line) for line in lrs.read_text().splitlines()]
+    assert step == 0 and weights == biases == pytest.approx(0.02)  # torchvision's: biases alike
+    run = json.loads((out / "run.json").read_text())
+    assert "fcn_torchvision" in json.dumps(run) and "resnet50" in json.dumps(run)
+    ckpt = torch.load(out / "fcn_torchvision" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert "model.heads.out.aux_classifier.4.weight" in ckpt["state_dict"]
+    assert ckpt["hyper_parameters"]["model"]["aux_weight"] == 0.5

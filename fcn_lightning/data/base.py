@@ -162,6 +162,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         batching: str = "whole",
         crop_size: int | Sequence[int] | None = None,
         scale_range: Sequence[float] | None = None,
+        scale_short_side: int | None = None,
         hflip: bool = False,
         normalization: str | dict | list = "imagenet",
         loader_seed: int | None = 0,
@@ -190,6 +191,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.persistent_workers = persistent_workers and self.num_workers > 0
         self.batching, self.crop_size, self.scale_range = batching, crop_size, scale_range
         self.hflip, self.normalization = hflip, normalization
+        self.scale_short_side = scale_short_side
         self.label_map = {int(k): int(v) for k, v in (label_map or {}).items()}
         self.datasets: dict[str, Dataset] = {}
         # the shuffling order and per-sample transforms of training depend on this seed only
@@ -262,6 +264,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         return train_transforms(
             crop_size=self.crop_size if self.batching == "crop" else None,
             scale_range=self.scale_range,
+            scale_short_side=self.scale_short_side,
             hflip=self.hflip,
             normalization=list(self.input_normalizations),
             image_groups=self.contract.image_groups,

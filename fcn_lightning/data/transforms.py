@@ -21,18 +21,25 @@ NormalizationSetting = str | Normalization | Mapping[str, Any] | Sequence[Any]
 
 
 class RandomScale(v2.Transform):
-    """Rescale image and label by one factor drawn uniformly from ``scale_range``."""
+    """Rescale image and label by one factor drawn uniformly from ``scale_range``; with
+    ``short_side``, a factor of that size for the shorter side (torchvision's segmentation
+    reference: 0.5-2.0 of 520) instead of the image's own."""
 
-    def __init__(self, scale_range: Sequence[float] = (0.5, 2.0)) -> None:
+    def __init__(
+        self, scale_range: Sequence[float] = (0.5, 2.0), short_side: int | None = None
+    ) -> None:
         super().__init__()
         lo, hi = float(scale_range[0]), float(scale_range[1])
         if not 0 < lo <= hi:
             raise ValueError(f"scale_range must be 0 < low <= high, got {scale_range}")
-        self.scale_range = (lo, hi)
+        if short_side is not None and short_side < 1:
+            raise ValueError(f"data.scale_short_side must be a size >= 1, got {short_side}")
+        self.scale_range, self.short_side = (lo, hi), short_side
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         h, w = query_size(flat_inputs)
         s = float(torch.empty(1).uniform_(*self.scale_range))
+        s *= self.short_side / min(h, w) if self.short_side else 1.0
         return {"size": [max(1, round(h * s)), max(1, round(w * s))]}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
@@ -75,6 +82,7 @@ def train_transforms(
     *,
     crop_size: int | Sequence[int] | None,
     scale_range: Sequence[float] | None = (0.5, 2.0),
+    scale_short_side: int | None = None,
     hflip: bool = True,
     normalization: NormalizationSetting = "imagenet",
     image_groups: int = 1,
@@ -82,7 +90,7 @@ def train_transforms(
     """Random scale, random crop (padded with 0 / 255 when the image is smaller) and flip."""
     ops: list[v2.Transform] = []
     if scale_range is not None:
-        ops.append(RandomScale(scale_range))
+        ops.append(RandomScale(scale_range, scale_short_side))
     if crop_size:
         ops.append(v2.RandomCrop(crop_size, pad_if_needed=True, fill=FILL))
     if hflip:
