@@ -460,6 +460,19 @@ BAD = {
         _train([*TINY, "arch.backbone=googlenet", "arch.normalization=caffe"]),
         r"arch.normalization=caffe is for Caffe-converted VGG16 weights; arch.backbone=googlenet",
     ),
+    "caffe normalisation on ResNet-101": (
+        _train([*TINY, "arch.backbone=resnet101", "arch.normalization=caffe"]),
+        r"arch.normalization=caffe is for Caffe-converted VGG16 weights; arch.backbone=resnet101",
+    ),
+    "ResNet dilated where the arch fuses its strides": (
+        _train([*TINY, "arch=fcn8s", "arch.backbone=resnet50", "arch.output_stride=8"]),
+        r"fcn16s on arch.backbone=resnet50, arch.output_stride=8, arch.geometry=same: fcn16s fuses the pool4 tap "
+        r"\(stride 8\)",  # the staged chain's first stage that cannot be built
+    ),
+    "auxiliary head on a paper arch": (
+        _train([*TINY, "arch=fcn8s", "arch.aux_weight=0.4"]),
+        r"arch.aux_weight=0.4: the auxiliary head is fcn_torchvision's",
+    ),
     "caffe normalisation on GoogLeNet, as a list": (
         _train([*TINY, "arch.backbone=googlenet", "arch.normalization=[caffe]"]),
         r"arch.normalization=caffe is for Caffe-converted VGG16 weights; arch.backbone=googlenet",
@@ -682,6 +695,7 @@ sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 PREPARE = "import runpy, sys\nsys.argv[0] = 'prepare'\nrunpy.run_module('fcn_lightning.prepare', run_name='__main__')\n"
+TORCHVISION_FCN = PREPARE.replace("'prepare'", "'import'").replace(".prepare'", ".app.torchvision_fcn'")
 CTRL_C_AFTER_ONE_BATCH = """from fcn_lightning.app.predict import PredictionFiles
 write = PredictionFiles.write_on_batch_end
 def pressed(self, *args):
@@ -737,6 +751,12 @@ def _script(t: Path, name: str, text: str) -> Path:
 
 def _wrapped(t: Path, patch: str, script: str) -> list:
     return [_script(t, "wrapped.py", WRAPPED.format(patch=patch)), ROOT / script]
+
+
+def _weights(t: Path, key: str) -> Path:
+    """A small state dict of the wrong net: one ``key`` (a VGG16's ``features.0.weight``, ...)."""
+    torch.save({key: torch.zeros(2, 3, 3, 3)}, t / "weights.pth")
+    return t / "weights.pth"
 
 
 def _a_file(t: Path) -> Path:
@@ -824,6 +844,22 @@ COMMANDS = {
     "a class refuses a value": (
         lambda t, r: ([ROOT / "train.py", *NO_DATA, "arch=fcn32s", "data.image_size=4", f"hydra.run.dir={t / 'run'}"]),
         1, r"^Error: data.image_size must be >= 8, got 4\n$",
+    ),
+    # --- trunks
+    "a skip the output stride does not have": (
+        lambda t, r: ([ROOT / "train.py", *ONE_STEP, "arch=fcn16s", "arch.backbone=resnet50", "arch.output_stride=16",
+                       f"hydra.run.dir={t / 'run'}"]),
+        1, r"^Error: fcn16s on arch.backbone=resnet50, arch.output_stride=16, arch.geometry=same: fcn16s fuses the "
+           r"pool4 tap \(stride 16\) into a coarser map",
+    ),
+    "a ResNet given VGG16 weights": (
+        lambda t, r: ([ROOT / "train.py", *ONE_STEP, "arch.backbone=resnet50",
+                       f"arch.pretrained={_weights(t, 'features.0.weight')}", f"hydra.run.dir={t / 'run'}"]),
+        1, r"^Error: .*weights.pth does not hold a torchvision-layout ResNet-50 state dict \(keys starting 'layer1.'",
+    ),
+    "torchvision FCN import of a classifier": (
+        lambda t, r: ([_script(t, "import.py", TORCHVISION_FCN), _weights(t, "layer1.0.conv1.weight"), t / "tv.ckpt"]),
+        1, r"^Error: not a torchvision fcn_resnet50 / fcn_resnet101 state dict",
     ),
     # --- interruptions
     "SIGTERM while training": (
