@@ -274,3 +274,17 @@ def test_the_voc_fcn_resnet50_preset_trains_on_the_voc_layout(tmp_path):
     ckpt = torch.load(out / "fcn_torchvision" / "checkpoints" / "last.ckpt", weights_only=True)
     assert "model.heads.out.aux_classifier.4.weight" in ckpt["state_dict"]
     assert ckpt["hyper_parameters"]["model"]["aux_weight"] == 0.5
+
+
+def test_synced_batch_norms_of_a_ddp_run_save_the_plain_net_s_keys():
+    # trainer=ddp on GPUs converts every batch norm (Lightning's sync_batchnorm): the trunk's and
+    # both heads'; its checkpoint must load into the plain net that eval.py and predict.py build
+    settings = dict(backbone="resnet50", geometry="same", output_stride=8, aux=True, width=1 / 16)
+    net = _randomized(build_fcn("fcn_torchvision", **settings))
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) == 55  # 53 + 2 heads
+    plain = build_fcn("fcn_torchvision", **settings).eval()
+    plain.load_state_dict(synced.state_dict())  # strict: the same keys
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():  # in eval mode a synced batch norm uses its running statistics alone
+        torch.testing.assert_close(plain(x)["out"], synced.eval()(x)["out"], rtol=0, atol=0)
