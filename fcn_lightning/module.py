@@ -65,10 +65,12 @@ class FCNModule(pl.LightningModule):
         check_trunk(model.get("backbone", "vgg16"), scheme)
         given = plain(input_normalization) if input_normalization is not None else scheme
         norms = group_normalizations(given, contract.image_inputs)
+        aux = float(model.get("aux_weight") or 0.0)  # > 0: fcn_torchvision's auxiliary head
         settings = {k: v for k, v in model.items() if k not in ("normalization", "aux_weight")}
         norm = norms[0] if norms else get_normalization(scheme)
-        aux = float(model.get("aux_weight") or 0.0)  # > 0: fcn_torchvision's auxiliary head
-        self.model = build_fcn(**settings, aux=aux > 0, normalization=norm, **contract.model_inputs())
+        self.model = build_fcn(
+            **settings, aux=aux > 0, normalization=norm, **contract.model_inputs()
+        )
         self.aux_of = {aux_key(head): (head, aux) for head in contract.heads}  # aux key -> head
         if contract.streams:  # late fusion: each stream gets its own image group's normalisation
             streams = self.model.streams
@@ -163,8 +165,7 @@ class FCNModule(pl.LightningModule):
     def loss(
         self, logits: Mapping[str, Tensor], targets: Mapping[str, Tensor], sample: bool = False
     ) -> Tensor:
-        """Per-pixel cross-entropy over labelled pixels, summed over heads (auxiliary ones
-        weighted by ``aux_weight``)."""
+        """Per-pixel cross-entropy over labelled pixels, summed over heads (``aux`` weighted)."""
         ignore = self.contract.ignore_index
         total = logits[next(iter(logits))].new_zeros(())
         for name, out in logits.items():

@@ -15,10 +15,12 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from fcn_lightning.app.checks import check_settings
 from fcn_lightning.app.evaluate import evaluate
 from fcn_lightning.app.predict import predict
 from fcn_lightning.app.stages import stages_for
 from fcn_lightning.app.train import train
+from fcn_lightning.models import ARCHS
 
 # --------------------------------------------------------------------------- composition
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -27,8 +29,9 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_preset_composes(experiment):
     cfg = cfg_of("config", [f"experiment={experiment}", "data.root=/data"])
-    assert cfg.arch.name in ("fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce")
+    assert cfg.arch.name in ARCHS
     assert cfg.optimizer.lr > 0 and cfg.data._target_.startswith("fcn_lightning.data.")
+    check_settings(cfg)  # and passes the checks a run makes first (each stage's net built)
 
 
 def test_heavy_preset_has_the_reference_solver():

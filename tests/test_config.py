@@ -206,7 +206,8 @@ def test_an_experiment_brings_the_recipe_of_its_data(experiment):
 
 def test_the_archs_share_all_but_their_name():
     archs = {
-        a: OmegaConf.to_container(cfg_of("config", [f"arch={a}", "recipe=none"]).arch) for a in ARCHS
+        a: OmegaConf.to_container(cfg_of("config", [f"arch={a}", "recipe=none"]).arch)
+        for a in ARCHS
     }
     assert {a.pop("name") for a in archs.values()} == set(ARCHS)
     paper = [a for name, a in archs.items() if name != "fcn_torchvision"]

@@ -695,7 +695,9 @@ sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 PREPARE = "import runpy, sys\nsys.argv[0] = 'prepare'\nrunpy.run_module('fcn_lightning.prepare', run_name='__main__')\n"
-TORCHVISION_FCN = PREPARE.replace("'prepare'", "'import'").replace(".prepare'", ".app.torchvision_fcn'")
+TORCHVISION_FCN = PREPARE.replace("'prepare'", "'import'").replace(
+    ".prepare'", ".app.torchvision_fcn'"
+)
 CTRL_C_AFTER_ONE_BATCH = """from fcn_lightning.app.predict import PredictionFiles
 write = PredictionFiles.write_on_batch_end
 def pressed(self, *args):

@@ -93,7 +93,11 @@ def test_staged_32s_16s_8s_on_resnet50_through_train_py_with_each_stage_s_lr(tmp
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert [s for s in ("fcn32s", "fcn16s", "fcn8s") if s in metrics] == ["fcn32s", "fcn16s", "fcn8s"]
+    assert [s for s in ("fcn32s", "fcn16s", "fcn8s") if s in metrics] == [
+        "fcn32s",
+        "fcn16s",
+        "fcn8s",
+    ]
     # the optimizer's lr at each step of each stage (a new trainer per stage: steps restart at 0)
     steps = [json.loads(line) for line in lrs.read_text().splitlines()]
     stages = [[lr for step, (lr, _) in steps[i : i + 2]] for i in range(0, len(steps), 2)]
@@ -111,7 +115,11 @@ def test_staged_32s_16s_8s_on_resnet50_through_train_py_with_each_stage_s_lr(tmp
 @pytest.mark.parametrize(
     "arch,stride,message",
     [
-        ("fcn16s", 16, r"fcn16s fuses the pool4 tap \(stride 16\).*output_stride=16.*stride 16 too"),
+        (
+            "fcn16s",
+            16,
+            r"fcn16s fuses the pool4 tap \(stride 16\).*output_stride=16.*stride 16 too",
+        ),
         ("fcn8s", 8, r"fcn8s fuses the pool4 tap \(stride 8\).*output_stride=8"),
         ("fcn8s", 16, r"fcn8s fuses the pool4 tap \(stride 16\).*output_stride=16"),
     ],
@@ -125,9 +133,18 @@ def test_an_arch_whose_tap_the_output_stride_lacks_is_refused_naming_both(arch, 
 @pytest.mark.parametrize(
     "settings,message",
     [
-        ({"backbone": "vgg16", "output_stride": 8}, r"output_stride=8 dilates a ResNet trunk.*'vgg16'"),
-        ({"output_stride": 4, "backbone": "resnet50"}, r"output_stride must be one of \(32, 16, 8\)"),
-        ({"arch": "fcn_torchvision", "geometry": "paper", "backbone": "resnet50"}, r"geometry='same'"),
+        (
+            {"backbone": "vgg16", "output_stride": 8},
+            r"output_stride=8 dilates a ResNet trunk.*'vgg16'",
+        ),
+        (
+            {"output_stride": 4, "backbone": "resnet50"},
+            r"output_stride must be one of \(32, 16, 8\)",
+        ),
+        (
+            {"arch": "fcn_torchvision", "geometry": "paper", "backbone": "resnet50"},
+            r"geometry='same'",
+        ),
         ({"aux": True, "backbone": "resnet50"}, r"the auxiliary head is fcn_torchvision's"),
     ],
 )
@@ -234,8 +251,12 @@ def test_import_refusals_name_what_is_wrong(tmp_path, monkeypatch):
     def offline(**_):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(type(tvfcn.RELEASED["fcn_resnet50"]), "get_state_dict", lambda self, **kw: offline())
-    with pytest.raises(PretrainedWeightsUnavailable, match=r"(?s)fcn_resnet50_coco-1167a1af\.pth.*give its path"):
+    monkeypatch.setattr(
+        type(tvfcn.RELEASED["fcn_resnet50"]), "get_state_dict", lambda self, **kw: offline()
+    )
+    with pytest.raises(
+        PretrainedWeightsUnavailable, match=r"(?s)fcn_resnet50_coco-1167a1af\.pth.*give its path"
+    ):
         import_torchvision_fcn("fcn_resnet50")
 
 
@@ -267,7 +288,7 @@ def test_the_voc_fcn_resnet50_preset_trains_on_the_voc_layout(tmp_path):
         f"+callbacks.lr.path={lrs}", f"hydra.run.dir={out}", cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    (step, (weights, biases)), = [json.loads(line) for line in lrs.read_text().splitlines()]
+    ((step, (weights, biases)),) = [json.loads(line) for line in lrs.read_text().splitlines()]
     assert step == 0 and weights == biases == pytest.approx(0.02)  # torchvision's: biases alike
     run = json.loads((out / "run.json").read_text())
     assert "fcn_torchvision" in json.dumps(run) and "resnet50" in json.dumps(run)
@@ -282,7 +303,9 @@ def test_synced_batch_norms_of_a_ddp_run_save_the_plain_net_s_keys():
     settings = dict(backbone="resnet50", geometry="same", output_stride=8, aux=True, width=1 / 16)
     net = _randomized(build_fcn("fcn_torchvision", **settings))
     synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) == 55  # 53 + 2 heads
+    assert (
+        sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) == 55
+    )  # 53 + 2 heads
     plain = build_fcn("fcn_torchvision", **settings).eval()
     plain.load_state_dict(synced.state_dict())  # strict: the same keys
     x = torch.randn(1, 3, 40, 40)

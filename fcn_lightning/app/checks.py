@@ -86,7 +86,9 @@ def check_nets(cfg: DictConfig, stages: Sequence[str]) -> None:
     for stage in stages:
         settings = model_settings(cfg, stage)
         aux = settings.pop("aux_weight")
-        where = ", ".join(f"arch.{k}={cfg.arch.get(k)}" for k in ("backbone", "output_stride", "geometry"))
+        where = ", ".join(
+            f"arch.{k}={cfg.arch.get(k)}" for k in ("backbone", "output_stride", "geometry")
+        )
         if aux < 0 or (aux > 0 and stage != "fcn_torchvision"):
             raise ConfigError(
                 f"arch.aux_weight={aux:g}: the auxiliary head is fcn_torchvision's (arch="

@@ -364,7 +364,9 @@ def run_stage(run: Run, i: int, previous_best: str | None) -> str:
             init_from = previous_best == cfg.arch.get("init_from")
             transfer_stage(previous_best, module.model, new_classes=init_from)
         except ValueError as err:
-            raise ConfigError(f"{'arch.init_from' if init_from else previous_best}: {err}") from None
+            raise ConfigError(
+                f"{'arch.init_from' if init_from else previous_best}: {err}"
+            ) from None
         if fresh := module.model.fresh:  # fine-tuned on other classes
             layers = ", ".join(dict.fromkeys(k.rsplit(".", 1)[0] for k in fresh))
             say(f"arch.init_from predicts other classes than the data: {layers} start afresh")

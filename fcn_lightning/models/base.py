@@ -44,14 +44,18 @@ class FCNSpec:
         if not self.heads:
             raise ValueError("a model needs at least one head")
         if self.output_stride not in OUTPUT_STRIDES:
-            raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {self.output_stride!r}")
+            raise ValueError(
+                f"output_stride must be one of {OUTPUT_STRIDES}, got {self.output_stride!r}"
+            )
         if self.output_stride != 32 and self.backbone not in DILATABLE:
             raise ValueError(
                 f"output_stride={self.output_stride} dilates a ResNet trunk ({', '.join(DILATABLE)}); "
                 f"backbone {self.backbone!r} has output stride 32 only"
             )
         if self.aux and self.arch != "fcn_torchvision":
-            raise ValueError(f"the auxiliary head is fcn_torchvision's; arch {self.arch!r} has none")
+            raise ValueError(
+                f"the auxiliary head is fcn_torchvision's; arch {self.arch!r} has none"
+            )
         for name, n in self.heads:
             if not isinstance(n, int) or n < 1:
                 raise ValueError(f"head {name!r} needs a positive number of classes, got {n!r}")

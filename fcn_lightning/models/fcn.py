@@ -11,7 +11,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from torchvision.models.segmentation.fcn import FCNHead as TorchvisionHead
 
 from ..contract import SINGLE_HEAD
@@ -230,7 +229,9 @@ class ConvHead(nn.Module):
         final = trunk.taps["final"]
         self.arch, self.geometry, self.grid = arch, trunk.geometry, (final.stride, final.origin)
         self.classifier = TorchvisionHead(final.channels, num_classes)
-        self.aux_classifier = TorchvisionHead(trunk.taps["pool4"].channels, num_classes) if aux else None
+        self.aux_classifier = (
+            TorchvisionHead(trunk.taps["pool4"].channels, num_classes) if aux else None
+        )
 
     def coarse(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.classifier(feats["final"])
@@ -265,7 +266,9 @@ class FCN(SegmentationNet):
         if spec.arch == "fcn_torchvision":
             heads = {n: ConvHead(spec.arch, c, self.trunk, spec.aux) for n, c in spec.heads}
         else:
-            heads = {n: FCNHead(spec.arch, c, self.trunk, learnable_upsampling) for n, c in spec.heads}
+            heads = {
+                n: FCNHead(spec.arch, c, self.trunk, learnable_upsampling) for n, c in spec.heads
+            }
         self.heads = nn.ModuleDict(heads)
 
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -283,7 +286,9 @@ class FCN(SegmentationNet):
     def forward(self, x: torch.Tensor, aux: bool | None = None) -> dict[str, torch.Tensor]:
         feats = self.features(x)  # checks the input first
         height, width = x.shape[-2], x.shape[-1]
-        out = {n: head.upsample(head.coarse(feats), height, width) for n, head in self.heads.items()}
+        out = {
+            n: head.upsample(head.coarse(feats), height, width) for n, head in self.heads.items()
+        }
         if self.spec.aux and (self.training if aux is None else aux):
             for name, head in self.heads.items():
                 out[aux_key(name)] = head.aux(feats, height, width)
