@@ -7,6 +7,7 @@ torchvision models.
 from __future__ import annotations
 
 import copy
+import itertools
 import urllib.error
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from fcn_lightning.models import (
     transfer_stage,
 )
 from fcn_lightning.models import weights as weights_mod
+from fcn_lightning.models.trunks import DILATABLE, OUTPUT_STRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -426,18 +428,46 @@ def test_table1_presets(backbone, lr):
 
 def test_cost_table_per_backbone(capsys):
     model_cost.main(["--trunks", "--size", "64", "64"])
-    rows = {
-        tuple(line.split()[:2]): line.split()[2:]
-        for line in capsys.readouterr().out.splitlines()
-        if line.split() and line.split()[0] in BACKBONES
-    }
-    assert set(rows) == {(b, g) for b in BACKBONES for g in ("paper", "same")}
-    # learnt params (M), GFLOP, max stride, receptive field, conv layers
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    rows = {tuple(w[:3]): w[3:] for w in lines if w and w[0] in BACKBONES}
+    strides = {b: OUTPUT_STRIDES if b in DILATABLE else (32,) for b in BACKBONES}
+    assert set(rows) == {(b, g, str(s)) for b in BACKBONES for g in ("paper", "same") for s in strides[b]}  # fmt: skip
+    # learnt params (M), GFLOP, receptive field, conv layers; dilation keeps all but the GFLOP
+    # (ResNet-50: torchvision's 23.51M without fc, + score_fr's 43k)
     for backbone, params, field, convs in [
         ("vgg16", 134.3, 404, 16),
         ("alexnet", 57.1, 355, 8),
         ("googlenet", 5.6, 379, 22),
+        ("resnet50", 23.6, 427, 50),
+        ("resnet101", 42.5, 971, 101),
     ]:
-        p, gflop, stride, rf, depth = rows[backbone, "paper"]
-        assert float(p) == pytest.approx(params, abs=0.05) and float(gflop) > 0
-        assert (int(stride), int(rf), int(depth)) == (32, field, convs)
+        for geometry in ("paper", "same"):
+            gflops = []
+            for stride in strides[backbone]:
+                p, gflop, rf, depth = rows[backbone, geometry, str(stride)]
+                assert float(p) == pytest.approx(params, abs=0.05)
+                assert (int(rf), int(depth)) == (field, convs)
+                gflops.append(float(gflop))
+            assert 0 < gflops[0] and all(a < b for a, b in itertools.pairwise(gflops))  # 32, 16, 8
+    with torch.device("meta"):
+        resnet50 = sum(p.numel() for p in torchvision.models.resnet50().parameters())
+    learnt = model_cost.measure((64, 64), arch="fcn32s", backbone="resnet50")["learnt"]
+    assert round(learnt * 1e6) == resnet50 - (2048 * 1000 + 1000) + (2048 * 21 + 21)
+    # torchvision's FCN: the same parameters as torchvision's model, with the aux head and without
+    tv = {w[0]: w[1:] for w in lines if w and w[0].startswith("fcn_resnet")}
+    assert set(tv) == {"fcn_resnet50", "fcn_resnet101"}
+    for name in tv:
+        counts = []
+        for aux in (True, False):
+            with torch.device("meta"):
+                ctor = getattr(torchvision.models.segmentation, name)
+                theirs = ctor(weights=None, weights_backbone=None, aux_loss=aux)
+            ours = model_cost.measure(
+                (64, 64), arch="fcn_torchvision", backbone=name[4:], geometry="same",
+                output_stride=8, aux=aux,
+            )  # fmt: skip
+            counts.append(sum(p.numel() for p in theirs.parameters()))
+            assert round(ours["learnt"] * 1e6) == counts[-1], (name, aux)
+        stride, with_aux, without, gflop = tv[name]
+        assert int(stride) == 8 and float(gflop) > 0
+        assert [float(with_aux), float(without)] == pytest.approx([c / 1e6 for c in counts], abs=0.05)  # fmt: skip
