@@ -32,6 +32,11 @@ from fcn_lightning.module import FCNModule, load_checkpoint
 from fcn_lightning.normalization import LOG_DEPTH_MEANS
 
 TINY = {"width": 1 / 16, "dropout": 0.0}
+# torchvision's FCN on a ResNet-50 dilated to output stride 8, its auxiliary head on
+TORCHVISION_OS8 = {
+    "arch": "fcn_torchvision", "backbone": "resnet50", "geometry": "same", "output_stride": 8,
+    "aux_weight": 0.4,
+}  # fmt: skip
 SIZES = [(1, 50, 67), (3, 97, 41)]  # (batch, H, W): not the command's sizes
 ATOL = 1e-4
 NYUD_RGB_HHA = DataContract.for_classes(
@@ -157,6 +162,7 @@ def test_two_headed_fcn16s_to_onnx_equals_the_checkpoint(sift_onnx):
     [
         ("fcn8s_same", {"arch": "fcn8s", "geometry": "same"}, None),
         ("sift_same", {"arch": "fcn16s", "geometry": "same"}, SiftFlowDataModule.contract),
+        ("torchvision_os8", TORCHVISION_OS8, None),  # without its auxiliary output
     ],
 )
 def test_exported_program_equals_the_checkpoint(tmp_path, name, model, contract):
@@ -170,6 +176,42 @@ def test_alexnet_fcn32s_to_an_exported_program(tmp_path):
         tmp_path, "exported_program", "alex", arch="fcn32s", geometry="paper", backbone="alexnet"
     )
     assert_equal_to_checkpoint(ckpt, out)
+
+
+def test_output_stride_8_fcn_torchvision_to_onnx_by_the_command(tmp_path):
+    """torchvision's FCN on a ResNet-50 dilated to output stride 8, with an auxiliary head:
+    export.py writes its plain forward (eval mode: no auxiliary output), checked by the command
+    itself (onnxruntime against PyTorch at its two sizes), and here at other sizes and batches
+    (height, width and batch dynamic: its interpolation to the input's size included)."""
+    ckpt = checkpoint(tmp_path / "tv8.ckpt", **TORCHVISION_OS8)
+    module = load_checkpoint(ckpt).eval()
+    with torch.no_grad():  # the checkpoint's net has the auxiliary head
+        assert list(module.model(torch.randn(1, 3, 40, 48), aux=True)) == ["out", "aux"]
+    out = tmp_path / "deploy" / "tv8.onnx"
+    # a process of its own, forked from helpers.launcher's server (train.py's imports done)
+    args = [f"ckpt_path={ckpt}", "format=onnx", f"output={out}"]
+    (result,) = commands([ROOT / "export.py", *args], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = result.stdout
+    assert "exported fcn_torchvision (resnet50, same geometry; heads out 21) to onnx" in said
+    for n, h, w in ((1, 75, 93), (2, 112, 74)):  # the command's check, one line per input
+        checked = re.search(
+            rf"input {n}x3x{h}x{w} \(random\), head out: output \({n}, 21, {h}, {w}\), "
+            r"max \|diff\| (\S+) \(.*; allowed (\S+)\); labels differ at 0 pixel\(s\)\n",
+            said,
+        )
+        assert checked and float(checked[1]) <= float(checked[2]), said
+    assert "head aux" not in said and "written: " in said
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["out"]
+    shape = session.get_inputs()[0].shape
+    assert shape[1] == 3 and all(isinstance(shape[i], str) for i in (0, 2, 3))  # dynamic
+    meta = assert_equal_to_checkpoint(ckpt, out)  # other sizes: (1, 50, 67), (3, 97, 41)
+    assert meta["model"] == {
+        "arch": "fcn_torchvision", "backbone": "resnet50", "width": 0.0625, "geometry": "same",
+        "output_stride": 8,
+    }  # fmt: skip
+    assert list(meta["outputs"]) == ["out"]
 
 
 @pytest.mark.slow  # ~40 s: onnxscript translates GoogLeNet's many branches slowly

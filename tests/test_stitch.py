@@ -73,7 +73,8 @@ def test_a_shift_pads_and_cuts_nothing_off():
 
 
 # --------------------------------------------------------------------------- f = 1
-@pytest.mark.parametrize("trunk", ["vgg16", "alexnet", "googlenet"])  # even and odd kernels
+# even kernels (VGG16's half pixels) and odd ones (the whole pixels of the others)
+@pytest.mark.parametrize("trunk", ["vgg16", "alexnet", "googlenet", "resnet50"])
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_one_shift_is_the_plain_forward(arch, geometry, trunk):
@@ -88,9 +89,39 @@ def test_one_shift_is_the_plain_forward(arch, geometry, trunk):
         if trunk == "vgg16":  # the same operations as the net's own
             assert torch.equal(stitched[head], plain[head]), head
             assert torch.equal(wrapped[head], plain[head]), head
-        else:  # registered alike: to float rounding (a half-pixel offset would be ~0.1)
-            torch.testing.assert_close(stitched[head], plain[head], atol=1e-6, rtol=0)
-            torch.testing.assert_close(wrapped[head], plain[head], atol=1e-6, rtol=0)
+        else:  # registered alike: to float rounding (a half-pixel offset would be ~0.1 of it)
+            atol = 1e-6  # ResNet-50's logits are ~100 (its batch norms' initial scale): theirs
+            atol *= float(plain[head].abs().max()) if trunk == "resnet50" else 1.0
+            torch.testing.assert_close(stitched[head], plain[head], atol=atol, rtol=0)
+            torch.testing.assert_close(wrapped[head], plain[head], atol=atol, rtol=0)
+
+
+def torchvision_net() -> nn.Module:
+    """A tiny fcn_torchvision (ResNet-50 at output stride 8, the same geometry) with its auxiliary
+    head, in eval mode: its score layers are torchvision's, not zero-initialised."""
+    return build_fcn(
+        "fcn_torchvision", backbone="resnet50", output_stride=8, aux=True, width=1 / 16,
+        geometry="same", heads=HEADS,
+    ).eval()  # fmt: skip
+
+
+def test_one_shift_is_the_plain_forward_of_torchvision_s_head():
+    """fcn_torchvision interpolates its scores as torchvision does, off the coordinate maps
+    (``align_corners=False``): f = 1 is its plain forward all the same, without the auxiliary
+    scores. Before, its f = 1 was upsampled on the coordinate maps: a third of the largest logit
+    off the plain forward here, 7% of the pixels labelled otherwise."""
+    model = torchvision_net()
+    x = torch.randn(2, 3, 37, 50)
+    with torch.no_grad():
+        plain, stitched = model(x), shift_and_stitch(model, x, 1)
+        wrapped = ShiftAndStitch(model, 1)(x)
+        with_aux = model(x, aux=True)
+    assert list(stitched) == list(wrapped) == list(plain) == ["sem", "geo"]
+    assert set(with_aux) == {"sem", "geo", "sem_aux", "geo_aux"}  # the net has them
+    for head in HEADS:
+        assert plain[head].abs().max() > 0
+        assert torch.equal(stitched[head], plain[head]), head
+        assert torch.equal(wrapped[head], plain[head]), head
 
 
 # --------------------------------------------------------------------------- f = 2, written out
@@ -297,6 +328,125 @@ def test_the_bottom_and_right_edges_are_the_dilated_nets():
     assert out[..., far:, far:].std(dim=(2, 3)).min() > 0.01  # the input shows through
 
 
+def float64_resnet_fcn(arch: str, output_stride: int):
+    """A tiny FCN on ResNet-50 (the same geometry) in float64: random score layers, and batch
+    norms whose statistics and affine terms are random, so that a layer maps zeros to other
+    values and its zero padding is not what it would compute from the zeros beyond the image."""
+    with torch.random.fork_rng():  # the trunk's initialisation, the same every run
+        torch.manual_seed(0)
+        model = build_fcn(
+            arch, backbone="resnet50", output_stride=output_stride, width=1 / 32,
+            geometry="same", heads={"sem": 3},
+        )  # fmt: skip
+    model = model.eval().double()
+    generator = torch.Generator().manual_seed(0)
+
+    def uniform(n: int, low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(uniform(n, -0.1, 0.1))
+                m.running_var.copy_(uniform(n, 0.5, 2.0))
+                m.weight.copy_(uniform(n, 0.7, 1.0))
+                m.bias.copy_(uniform(n, -0.1, 0.1))
+        for name, p in model.named_parameters():
+            if ".score_" in name or ".classifier.4." in name:  # the score layer
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.5)
+    return model
+
+
+def dilated_resnet_scores(model, x: torch.Tensor) -> torch.Tensor:
+    """The dilated net (paper, section 3.2, as ``dilated_scores`` for VGG16; torchvision's
+    ``replace_stride_with_dilation`` taken to every stride): ``model``'s ResNet layers with every
+    stride 1, each later layer dilated by the product of the strides before it and its padding
+    scaled alike (the max pooling's with -inf), a bottleneck's 1x1 downsampling at stride 1; then
+    the head's scores before its upsampling (torchvision's head: its 3x3 convolution dilated
+    alike). Sample ``i`` at input coordinate ``origin + i`` (the trunk's final tap's origin)."""
+    trunk, d = model.trunk, 1
+
+    def conv(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        nonlocal d
+        (k, _), (s, _), (p, _), (dilation, _) = (
+            layer.kernel_size, layer.stride, layer.padding, layer.dilation
+        )  # fmt: skip
+        assert layer is trunk.conv1 or p == dilation * (k - 1) // 2, layer  # "same" padding
+        x = F.conv2d(x, layer.weight, layer.bias, padding=d * p, dilation=d * dilation)
+        d *= s
+        return x
+
+    x = F.relu(trunk.bn1(conv(trunk.conv1, x)))
+    pool = trunk.maxpool
+    assert (pool.kernel_size, pool.stride, pool.padding) == (3, 2, 1)
+    x = F.max_pool2d(F.pad(x, (d, d, d, d), value=-math.inf), 3, stride=1, dilation=d)
+    d *= 2
+    for layer in (trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4):
+        for block in layer:
+            identity = x
+            if block.downsample is not None:
+                down, norm = block.downsample
+                assert down.kernel_size == (1, 1) and down.bias is None
+                identity = norm(F.conv2d(x, down.weight))
+            out = F.relu(block.bn1(conv(block.conv1, x)))
+            out = F.relu(block.bn2(conv(block.conv2, out)))
+            x = F.relu(block.bn3(conv(block.conv3, out)) + identity)
+    (head,) = model.heads.values()
+    if model.spec.arch != "fcn_torchvision":
+        return head.score_fr(x)
+    first, *rest = head.classifier  # 3x3 conv, batch norm, ReLU, dropout, the score layer
+    x = F.conv2d(x, first.weight, first.bias, padding=d * first.padding[0], dilation=d)
+    for layer in rest:
+        x = layer(x)
+    return x
+
+
+@pytest.mark.parametrize(
+    ("arch", "output_stride", "f", "reach"),
+    [
+        # f = the output stride: the dilated net at every pixel; the head's 3x3 convolution,
+        # dilated by 8, reaches 8 pixels further
+        ("fcn_torchvision", 8, 8, 8),
+        # f = 4 of 32 (f = 32's 1024 forwards: too slow here): every 8th sample of the dilated
+        # net, upsampled by 8 (its kernel 15 reaches 7 pixels), as VGG16's test above
+        ("fcn32s", 32, 4, 7),
+    ],
+)
+def test_a_resnet50_s_stitched_scores_are_the_dilated_nets(arch, output_stride, f, reach):
+    """Random batch norms: the stitched samples are the dilated net's up to the bottom / right
+    edges, wherever the dilated net's dependence on the input stays clear of its top / left
+    padding (half ResNet-50's receptive field of 427, and the head's and upsampling's reach):
+    nearer the top / left each copy's layers pad where the dilated net computes. Past the last
+    sample the copies computed (ResNet's maps stop before the bottom / right edge) nothing is
+    made up: before, the f = 4 case's last 4 rows and 2 columns took in a repeat of a sample 32
+    pixels back (up to 1.6 off, 322 pixels labelled otherwise)."""
+    model = float64_resnet_fcn(arch, output_stride)
+    h, w = 237, 243  # odd, not a multiple of the stride
+    x = torch.randn(1, 3, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    (head,) = model.heads.values()
+    with torch.no_grad():
+        out = shift_and_stitch(model, x, f)["sem"]
+        dense = dilated_resnet_scores(model, x)
+    assert head.grid == (output_stride, 0.0) and dense.shape[-2:] == (h, w)
+    u = output_stride // f
+    grid = stitched_grid(head.grid, f)
+    assert grid == (u, -(f - 1) * u)
+    # the stitched map's sample m sits at u (m - (f - 1)): the dilated net's sample there, the
+    # first f - 1 out of its frame
+    samples = F.pad(dense[..., ::u, ::u], (f - 1, 0, f - 1, 0))
+    expected = upsample(samples, grid, head.geometry, h, w)
+    if f == output_stride:  # an upsampling of factor 1 on whole pixels: the samples themselves
+        torch.testing.assert_close(expected, dense, rtol=0, atol=0)
+    field = model.trunk.taps["final"].field
+    assert field == 427  # ResNet-50's at every output stride (tests/test_resnet.py)
+    far = (field - 1) // 2 + reach
+    assert h - far >= 16
+    region = (..., slice(far, None), slice(far, None))
+    assert (out[region] - expected[region]).abs().max() < 1e-9
+    assert out[region].std(dim=(2, 3)).min() > 0.01  # the input shows through
+
+
 # --------------------------------------------------------------------------- late fusion
 def test_late_fusion_stitches_each_stream_and_averages():
     model = build_fcn(
@@ -492,7 +642,10 @@ def test_eval_with_shift_stitch_records_it_and_keeps_another_evaluation(ckpt, tm
                                                 ("fcn16s", "same"), ("fcn8s", "same")])  # fmt: skip
 def test_the_samples_evened_out_past_the_edge_reach_no_pixel(arch, geometry, monkeypatch):
     """A copy's coarse map may be a row / column short of another's (its input is smaller by
-    the difference of their shifts): what fills it in (a repeat) is never used."""
+    the difference of their shifts): what fills it in (zeros) is never used here (VGG16; nor on
+    AlexNet or GoogLeNet, measured). ResNet-50's maps in the same geometry stop before the
+    bottom / right edge, and the last pixels do reach the fill: there it counts as no sample
+    (test_a_resnet50_s_stitched_scores_are_the_dilated_nets)."""
     model, x = net(arch, geometry), torch.randn(1, 3, 37, 50)
     with torch.no_grad():
         outs = {f: shift_and_stitch(model, x, f) for f in (2, 4)}

@@ -7,7 +7,11 @@ layers meet the image's bottom and right edges where the unshifted net's do; the
 coarse maps (:func:`same_size`) interlace into one map of stride ``u`` (:func:`interlace`,
 :func:`stitched_grid`) that reaches every pixel, brought to the input's size by a fixed bilinear
 upsampling of factor ``u`` cropped where the coordinate maps say (:func:`upsample`). ``f = 1`` is
-the plain forward. Late fusion: each stream is stitched, then the streams averaged.
+the plain forward: torchvision's head (``fcn_torchvision``) interpolates as its forward does, off
+the coordinate maps (``align_corners=False``: coarse pixel ``i`` of ``h`` at input coordinate
+``(i + 1/2) H / h - 1/2`` of ``H``, ``s * i + (s - 1) / 2`` where ``H = s h``); for ``f > 1`` its
+stitched maps are upsampled on the coordinate maps as every head's (pixel ``i`` at ``s * i``).
+Late fusion: each stream is stitched, then the streams averaged.
 
 ``f = s``: the scores are the dilated net's (pools at stride 1, the layers after them dilated)
 at every pixel the nets' own zero padding does not reach; near the top / left edges it does, as
@@ -27,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import SegmentationNet
-from .fcn import FCN, Upsampling, crop, output_offset, upsampling_kernel
+from .fcn import FCN, FCNHead, Upsampling, crop, output_offset, upsampling_kernel
 from .fusion import LateFusionFCN
 from .upsample import bilinear_weight
 
@@ -86,15 +90,14 @@ def shift(x: torch.Tensor, down: int, right: int) -> torch.Tensor:
 
 def same_size(maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The coarse maps of the shifts brought to the largest one's size: a shift's map is a row or
-    column short where its input (larger by the shift) is not; its last row / column is repeated
-    there, in samples past the image's bottom / right edge that no pixel's upsampling reaches."""
+    column short where its input (larger by the shift) is not, at samples past the image's bottom
+    / right edge that no copy computes. Zeros there, which the upsampling adds as nothing: on a
+    trunk whose maps stop at the edge (ResNet's same geometry: the last sample up to ``u - 1``
+    pixels before it) the last pixels fade from the last sample computed, as a head's own
+    upsampling fades past its last sample (a repeat of the copy's last row, a sample ``s`` pixels
+    back, used to be drawn into them)."""
     h, w = max(m.shape[-2] for m in maps), max(m.shape[-1] for m in maps)
-    return [
-        F.pad(m, (0, w - m.shape[-1], 0, h - m.shape[-2]), mode="replicate")
-        if m.shape[-2:] != (h, w)
-        else m
-        for m in maps
-    ]
+    return [F.pad(m, (0, w - m.shape[-1], 0, h - m.shape[-2])) for m in maps]
 
 
 def interlace(maps: Sequence[torch.Tensor], f: int) -> torch.Tensor:
@@ -167,16 +170,14 @@ def _stitch_fcn(
             for name, score in net.coarse(shift(x, by * step, bx * step)).items():
                 coarse[name].append(score)
             tick()
-    return {
-        name: upsample(
-            interlace(same_size(coarse[name]), f),
-            stitched_grid(head.grid, f),
-            head.geometry,
-            height,
-            width,
-        )
-        for name, head in net.heads.items()
-    }
+
+    def stitched(name: str, head: torch.nn.Module) -> torch.Tensor:
+        if f == 1 and not isinstance(head, FCNHead):  # torchvision's: its own interpolation
+            return head.upsample(coarse[name][0], height, width)
+        grid = stitched_grid(head.grid, f)
+        return upsample(interlace(same_size(coarse[name]), f), grid, head.geometry, height, width)
+
+    return {name: stitched(name, head) for name, head in net.heads.items()}
 
 
 def shift_and_stitch(
