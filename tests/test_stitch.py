@@ -428,16 +428,26 @@ def test_a_resnet50_s_stitched_scores_are_the_dilated_nets(arch, output_stride, 
     with torch.no_grad():
         out = shift_and_stitch(model, x, f)["sem"]
         dense = dilated_resnet_scores(model, x)
-    assert head.grid == (output_stride, 0.0) and dense.shape[-2:] == (h, w)
+    # torchvision's head draws coarse pixel i where its training put it, (s - 1) / 2 pixels on
+    drawn = (output_stride - 1) / 2 if arch == "fcn_torchvision" else 0.0
+    assert head.grid == (output_stride, drawn) and dense.shape[-2:] == (h, w)
     u = output_stride // f
     grid = stitched_grid(head.grid, f)
-    assert grid == (u, -(f - 1) * u)
-    # the stitched map's sample m sits at u (m - (f - 1)): the dilated net's sample there, the
-    # first f - 1 out of its frame
+    assert grid == (u, drawn - (f - 1) * u)
+    # the stitched map's sample m is the dilated net's sample u (m - (f - 1)), the first f - 1
+    # out of its frame; drawn at the head's grid
     samples = F.pad(dense[..., ::u, ::u], (f - 1, 0, f - 1, 0))
     expected = upsample(samples, grid, head.geometry, h, w)
-    if f == output_stride:  # an upsampling of factor 1 on whole pixels: the samples themselves
+    if f == output_stride and not drawn:  # a factor-1 upsampling on whole pixels: the samples
         torch.testing.assert_close(expected, dense, rtol=0, atol=0)
+    if f == output_stride and drawn:  # 3.5 pixels on: the mean of the samples 3 and 4 back
+        later = (
+            dense[..., :-4, :-4]
+            + dense[..., 1:-3, :-4]
+            + dense[..., :-4, 1:-3]
+            + dense[..., 1:-3, 1:-3]
+        ) / 4
+        torch.testing.assert_close(expected[..., 4:, 4:], later, rtol=0, atol=1e-12)
     field = model.trunk.taps["final"].field
     assert field == 427  # ResNet-50's at every output stride (tests/test_resnet.py)
     far = (field - 1) // 2 + reach

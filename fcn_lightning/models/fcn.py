@@ -227,7 +227,11 @@ class ConvHead(nn.Module):
                 f"trunk needs geometry='same' (no margin), got {trunk.geometry!r}"
             )
         final = trunk.taps["final"]
-        self.arch, self.geometry, self.grid = arch, trunk.geometry, (final.stride, final.origin)
+        # where its training drew each score (shift-and-stitch places them there): interpolated
+        # with align_corners=False from inputs a multiple of the stride, coarse pixel i lands at
+        # stride * i + (stride - 1) / 2, not at its receptive field's centre stride * i
+        grid = (final.stride, final.origin + (final.stride - 1) / 2)
+        self.arch, self.geometry, self.grid = arch, trunk.geometry, grid
         self.classifier = TorchvisionHead(final.channels, num_classes)
         self.aux_classifier = (
             TorchvisionHead(trunk.taps["pool4"].channels, num_classes) if aux else None

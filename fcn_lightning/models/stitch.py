@@ -7,10 +7,10 @@ layers meet the image's bottom and right edges where the unshifted net's do; the
 coarse maps (:func:`same_size`) interlace into one map of stride ``u`` (:func:`interlace`,
 :func:`stitched_grid`) that reaches every pixel, brought to the input's size by a fixed bilinear
 upsampling of factor ``u`` cropped where the coordinate maps say (:func:`upsample`). ``f = 1`` is
-the plain forward: torchvision's head (``fcn_torchvision``) interpolates as its forward does, off
-the coordinate maps (``align_corners=False``: coarse pixel ``i`` of ``h`` at input coordinate
-``(i + 1/2) H / h - 1/2`` of ``H``, ``s * i + (s - 1) / 2`` where ``H = s h``); for ``f > 1`` its
-stitched maps are upsampled on the coordinate maps as every head's (pixel ``i`` at ``s * i``).
+the plain forward: torchvision's head (``fcn_torchvision``) interpolates as its forward does
+(``align_corners=False``: coarse pixel ``i`` of ``h`` at input coordinate ``(i + 1/2) H / h - 1/2``
+of ``H``, ``s * i + (s - 1) / 2`` where ``H = s h``); for ``f > 1`` its stitched maps are drawn on
+its ``grid``, that same ``s * i + (s - 1) / 2``: where its training put each score.
 Late fusion: each stream is stitched, then the streams averaged.
 
 ``f = s``: the scores are the dilated net's (pools at stride 1, the layers after them dilated)
