@@ -31,9 +31,9 @@ def build_fcn(
     aux: bool = False,
 ) -> FCN | LateFusionFCN:
     """Build an FCN from plain arguments (the ``arch`` settings: docs/CONFIG.md; geometry:
-        docs/PAPER.md; trunks: docs/TRUNKS.md). ``heads`` (name -> classes) replaces the single head
-        of ``num_classes``; ``streams`` (name -> input channels, in order) builds a late-fusion net of
-        one FCN per stream, ``in_channels`` then ignored. ``output_stride`` (16, 8: a ResNet trunk
+    docs/PAPER.md; trunks: docs/TRUNKS.md). ``heads`` (name -> classes) replaces the single head
+    of ``num_classes``; ``streams`` (name -> input channels, in order) builds a late-fusion net of
+    one FCN per stream, ``in_channels`` then ignored. ``output_stride`` (16, 8: a ResNet trunk
     dilated) and ``aux`` (fcn_torchvision's auxiliary head): docs/TRUNKS.md, ResNet."""
     if streams:
         kw = dict(num_classes=num_classes, heads=heads, backbone=backbone, geometry=geometry, width=width,
