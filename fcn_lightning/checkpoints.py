@@ -50,8 +50,10 @@ def load_weights_only(
             f"{what}: {path} holds objects other than tensors and plain values, which are not "
             f"loaded (weights_only=True; a checkpoint could otherwise run code): {err}"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"{what}: cannot read {path}: {err}") from None
+    except Exception as err:  # a file torch.save did not write fails in many ways
+        raise CheckpointError(
+            f"{what}: cannot read {path} ({type(err).__name__}: {err}): not a file torch.save wrote"
+        ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{what}: {path} holds a {type(obj).__name__}, not a checkpoint")
     return obj

@@ -114,6 +114,23 @@ def _json(path: Path) -> dict[str, Any] | None:
     return data
 
 
+def _resolved(loaded: Any, config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``config`` with each value that only points at another setting (``${arch.scratch_backbone}``)
+    replaced by that setting's value; those that need Hydra (``${hydra:...}``) stay as written."""
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            value = _resolved(loaded, value, f"{name}.")
+        elif isinstance(value, str) and re.fullmatch(r"\$\{[\w.]+\}", value):
+            try:
+                value = OmegaConf.select(loaded, name, throw_on_resolution_failure=True)
+            except OmegaConfBaseException:
+                pass
+        out[key] = value
+    return out
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists and empty mappings are values."""
     flat = {}
@@ -132,9 +149,11 @@ def read_run(folder: Path) -> Run:
     source = folder / ".hydra" / "config.yaml"
     if source.is_file():
         try:
-            config = OmegaConf.to_container(OmegaConf.load(source), resolve=False)
+            loaded = OmegaConf.load(source)
+            config = OmegaConf.to_container(loaded, resolve=False)
         except (OSError, yaml.YAMLError, OmegaConfBaseException) as err:
             raise RunFolderError(f"{source} is unreadable ({err})") from None
+        config = _resolved(loaded, config)
     else:
         source, config = folder / "run.json", record.get("config") or {}
     if not isinstance(config, dict):
@@ -165,9 +184,12 @@ _MISSING = object()
 
 
 def differing(runs: Sequence[Run]) -> list[str]:
-    """The settings whose values are not the same in every run (a key some lack included)."""
+    """The settings whose values are not the same in every run (a key some lack included), but
+    for a copy of another such setting in every run (``data.loader_seed``: ``${seed}``)."""
     keys = list(dict.fromkeys(k for r in runs for k in r.settings))
-    return [k for k in keys if len({repr(r.settings.get(k, _MISSING)) for r in runs}) > 1]
+    values = {k: [repr(r.settings.get(k, _MISSING)) for r in runs] for k in keys}
+    varied = [k for k in keys if len(set(values[k])) > 1]
+    return [k for i, k in enumerate(varied) if values[k] not in [values[o] for o in varied[:i]]]
 
 
 def labels(runs: Sequence[Run]) -> list[str]:

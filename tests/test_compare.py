@@ -17,7 +17,7 @@ from helpers import TINY, cfg_of
 from helpers.launcher import cli
 from omegaconf import OmegaConf
 
-from fcn_lightning.compare import find_runs, main, plot, read_run
+from fcn_lightning.compare import differing, find_runs, main, plot, read_run
 from fcn_lightning.contract import METRIC_NAMES
 from fcn_lightning.reports import METRIC_TITLES
 
@@ -242,3 +242,17 @@ def test_what_a_stage_trained_with_shows_and_what_trained_nothing_is_left_out(th
     assert err == f"left out {refused}: failed before training (ConfigError: optimizer.lrr is not a setting)\n"  # fmt: skip
     shutil.rmtree(a), shutil.rmtree(b), shutil.rmtree(c)
     assert compare(capsys, a.parent) == (1, "", "left out " + str(refused) + ": failed before training (ConfigError: optimizer.lrr is not a setting)\nError: no run trained a stage: nothing to compare\n")  # fmt: skip
+
+
+def test_a_setting_taken_from_another_is_shown_by_its_value(tmp_path):
+    # the from-scratch recipes set arch.backbone=${arch.scratch_backbone}; ${hydra:...} needs Hydra
+    runs = []
+    for name, backbone in (("a", "${arch.scratch_backbone}"), ("b", "vgg16")):
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / ".hydra" / "config.yaml").write_text(
+            f"seed: {len(runs)}\ndata: {{loader_seed: '${{seed}}'}}\npaths: {{out: '${{hydra:runtime.output_dir}}'}}\n"
+            f"arch: {{backbone: '{backbone}', scratch_backbone: resnet50}}\n"
+        )
+        runs.append(read_run(tmp_path / name))
+    assert [r.settings["arch.backbone"] for r in runs] == ["resnet50", "vgg16"]
+    assert differing(runs) == ["seed", "arch.backbone"]  # data.loader_seed: a copy of seed

@@ -471,7 +471,15 @@ BAD = {
     ),
     "auxiliary head on a paper arch": (
         _train([*TINY, "arch=fcn8s", "arch.aux_weight=0.4"]),
-        r"arch.aux_weight=0.4: the auxiliary head is fcn_torchvision's",
+        r"arch.aux_weight=0.4: the auxiliary head is fcn_torchvision's \(arch=fcn_torchvision\); fcn8s has",
+    ),
+    "negative auxiliary weight": (
+        _train([*TINY, "arch=fcn_torchvision", "arch.aux_weight=-0.5"]),
+        r"arch.aux_weight=-0.5: the auxiliary loss's weight must be >= 0",
+    ),
+    "pretrained file that torch.save did not write": (
+        lambda t, r: ("train", [*TINY, "arch.backbone=resnet50", f"arch.pretrained={_text(t)}"], t / "run"),
+        r"arch.pretrained: cannot read .*notes.pth \(KeyError: \d+\): not a file torch.save wrote",
     ),
     "caffe normalisation on GoogLeNet, as a list": (
         _train([*TINY, "arch.backbone=googlenet", "arch.normalization=[caffe]"]),
@@ -753,6 +761,11 @@ def _script(t: Path, name: str, text: str) -> Path:
 
 def _wrapped(t: Path, patch: str, script: str) -> list:
     return [_script(t, "wrapped.py", WRAPPED.format(patch=patch)), ROOT / script]
+
+
+def _text(t: Path) -> Path:
+    (t / "notes.pth").write_text("hello world, not weights\n" * 50)
+    return t / "notes.pth"
 
 
 def _weights(t: Path, key: str) -> Path:

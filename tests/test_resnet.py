@@ -17,7 +17,7 @@ from torchvision.models import resnet50 as tv_resnet50
 from torchvision.models.segmentation import fcn_resnet50, fcn_resnet101
 
 from fcn_lightning.app.torchvision_fcn import torchvision_checkpoint
-from fcn_lightning.errors import PretrainedWeightsUnavailable
+from fcn_lightning.errors import CheckpointError, PretrainedWeightsUnavailable, UserError
 from fcn_lightning.models import build_fcn, transfer_stage
 from fcn_lightning.models import torchvision_fcn as tvfcn
 from fcn_lightning.models.torchvision_fcn import import_torchvision_fcn
@@ -187,6 +187,8 @@ def test_a_torchvision_checkpoint_is_evaluated_predicted_with_and_fine_tuned(tmp
     # torchvision's reference scripts save {"model": state dict, "optimizer": ..., ...}
     torch.save({"model": _torchvision_layout(net), "epoch": 29}, tmp_path / "model_29.pth")
     ckpt = torchvision_checkpoint(tmp_path / "model_29.pth", tmp_path / "tv.ckpt")
+    with pytest.raises(UserError, match=r"tv.ckpt exists: nothing is written over it"):
+        torchvision_checkpoint(tmp_path / "model_29.pth", ckpt)
     module = load_checkpoint(ckpt).eval()
     x = torch.randn(1, 3, 50, 70)
     with torch.no_grad():
@@ -211,7 +213,7 @@ def test_a_torchvision_checkpoint_is_evaluated_predicted_with_and_fine_tuned(tmp
     scores = json.loads((tmp_path / "e" / "eval.json").read_text())
     assert 0 <= scores["metrics"]["mIoU"] <= 100 and "person" in json.dumps(scores)
     assert len(list((tmp_path / "p").glob("*_overlay.jpg"))) == 4
-    assert re.search(r"heads\.out\.classifier\.4, heads\.out\.aux_classifier\.4 start afresh",
+    assert re.search(r"heads\.out\.classifier\.4, heads\.out\.aux_classifier\.4 start afresh \(for other",
                      tuned.stdout + tuned.stderr)  # fmt: skip
     tuned_state = torch.load(tmp_path / "t" / "fcn_torchvision" / "checkpoints" / "last.ckpt",
                              weights_only=True)["state_dict"]  # fmt: skip
@@ -235,7 +237,35 @@ def test_transfer_to_other_classes_keeps_all_but_the_class_sized_layers():
             assert torch.equal(value, src[key]), key
 
 
+def test_other_classes_without_an_aux_head_make_a_checkpoint_to_fine_tune_from(tmp_path):
+    # torchvision's reference trained on 5 classes without --aux-loss: numbered class names;
+    # fine-tuned with the auxiliary head on, that head starts afresh as the score layers do
+    net = _randomized(build_fcn("fcn_torchvision", backbone="resnet50", geometry="same",
+                                output_stride=8, width=1 / 16, num_classes=5))  # fmt: skip
+    torch.save(_torchvision_layout(net), tmp_path / "five.pth")
+    module = load_checkpoint(torchvision_checkpoint(tmp_path / "five.pth", tmp_path / "five.ckpt"))
+    assert module.contract.class_names("out") == ["0", "1", "2", "3", "4"]
+    assert not module.model.spec.aux and module.hparams.model["aux_weight"] == 0
+    target = build_fcn("fcn_torchvision", backbone="resnet50", geometry="same", output_stride=8,
+                       aux=True, width=1 / 16, num_classes=3)  # fmt: skip
+    transfer_stage(tmp_path / "five.ckpt", target, new_classes=True)
+    assert {k.rsplit(".", 1)[0] for k in target.fresh} == {
+        "heads.out.classifier.4",
+        *(f"heads.out.aux_classifier.{i}" for i in (0, 1, 4)),
+    }
+    with pytest.raises(
+        ValueError, match=r"width differs \(source 0.0625, target 0.125\): set arch.width=0.0625"
+    ):
+        transfer_stage(tmp_path / "five.ckpt", build_fcn("fcn_torchvision", backbone="resnet50",
+                       geometry="same", output_stride=8, width=1 / 8, num_classes=5))  # fmt: skip
+
+
 def test_import_refusals_name_what_is_wrong(tmp_path, monkeypatch):
+    (tmp_path / "garbage.pth").write_bytes(b"hello world, not weights\n" * 50)
+    with pytest.raises(
+        CheckpointError, match=r"cannot read .*garbage.pth .*not a file torch.save wrote"
+    ):
+        import_torchvision_fcn(tmp_path / "garbage.pth")
     with pytest.raises(ValueError, match="not a torchvision fcn_resnet50 / fcn_resnet101"):
         import_torchvision_fcn(tv_resnet50().state_dict())  # a classifier, not an FCN
     with pytest.raises(FileNotFoundError, match="torchvision FCN weights not found: .*nothere.pth"):

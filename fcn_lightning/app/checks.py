@@ -83,23 +83,25 @@ def model_settings(cfg: DictConfig, stage: str, pretrained: Any = None) -> dict[
 def check_nets(cfg: DictConfig, stages: Sequence[str]) -> None:
     """Each stage's net built on the meta device (no memory, no weights): a backbone, output
     stride, geometry or head that do not go together are named now, not after a stage trained."""
+    aux, arch = float(cfg.arch.get("aux_weight") or 0.0), cfg.arch.name
+    if aux < 0:
+        raise ConfigError(f"arch.aux_weight={aux:g}: the auxiliary loss's weight must be >= 0")
+    if aux > 0 and arch != "fcn_torchvision":
+        raise ConfigError(
+            f"arch.aux_weight={aux:g}: the auxiliary head is fcn_torchvision's (arch="
+            f"fcn_torchvision); {arch} has none: arch.aux_weight=0"
+        )
+    keys = ("backbone", "output_stride", "geometry")
+    where = ", ".join(f"arch.{k}={cfg.arch.get(k)}" for k in keys)
     for stage in stages:
         settings = model_settings(cfg, stage)
-        aux = settings.pop("aux_weight")
-        where = ", ".join(
-            f"arch.{k}={cfg.arch.get(k)}" for k in ("backbone", "output_stride", "geometry")
-        )
-        if aux < 0 or (aux > 0 and stage != "fcn_torchvision"):
-            raise ConfigError(
-                f"arch.aux_weight={aux:g}: the auxiliary head is fcn_torchvision's (arch="
-                f"fcn_torchvision) and its weight is > 0; {stage} has none: arch.aux_weight=0"
-            )
-        settings.pop("normalization")
+        del settings["aux_weight"], settings["normalization"]
+        via = f"arch={arch} is trained through {stage} (staged=true): " if stage != arch else ""
         try:
             with torch.device("meta"):
                 build_fcn(**settings, aux=aux > 0, num_classes=2)
         except ValueError as err:
-            raise ConfigError(f"{stage} on {where}: {err}") from None
+            raise ConfigError(f"{via}{stage} on {where}: {err}") from None
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -194,7 +196,13 @@ def check_free_space(out: Path, stage: str, module: FCNModule) -> None:
 
 def check_inputs(cfg: DictConfig, out: Path, resume: bool) -> None:
     """The files a run will read, named now if they are missing or damaged."""
-    init_from = cfg.arch.get("init_from")
+    init_from, pretrained = cfg.arch.get("init_from"), cfg.arch.get("pretrained")
+    if pretrained and str(pretrained) != "imagenet" and not init_from:
+        if not Path(pretrained).expanduser().is_file():
+            raise ConfigError(
+                f"arch.pretrained: pretrained weights file not found: {pretrained} (imagenet, "
+                f"null, or the path of a {cfg.arch.backbone} state dict saved with torch.save)"
+            )
     if init_from:
         if not Path(init_from).expanduser().is_file():
             raise ConfigError(f"arch.init_from: checkpoint not found: {init_from}")

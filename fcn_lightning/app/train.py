@@ -369,7 +369,9 @@ def run_stage(run: Run, i: int, previous_best: str | None) -> str:
             ) from None
         if fresh := module.model.fresh:  # fine-tuned on other classes
             layers = ", ".join(dict.fromkeys(k.rsplit(".", 1)[0] for k in fresh))
-            say(f"arch.init_from predicts other classes than the data: {layers} start afresh")
+            say(
+                f"arch.init_from: {layers} start afresh (for other classes, or not in the checkpoint)"
+            )
     elif i == 0 and cfg.arch.get("init_streams") and not resume_from:
         init_streams(module, cfg.arch.init_streams)
         previous_best = "the checkpoints of arch.init_streams"

@@ -2,7 +2,7 @@
 Network geometry; docs/TRUNKS.md).
 
 Import order, no module importing a later one: state, upsample, weights, trunk, vgg, alexnet,
-googlenet, trunks, base, fcn, fusion, transfer, build, torchfcn."""
+googlenet, resnet, trunks, base, fcn, fusion, transfer, build, torchfcn, torchvision_fcn."""
 
 from ..normalization import CAFFE, IMAGENET, Normalization, get_normalization
 from .alexnet import AlexNetTrunk, alexnet_fc8_as_conv
@@ -13,6 +13,7 @@ from .fusion import LateFusionFCN, compose_late_fusion
 from .googlenet import GoogLeNetTrunk, googlenet_fc_as_conv
 from .state import model_state_dict
 from .torchfcn import export_torchfcn, import_torchfcn
+from .torchvision_fcn import import_torchvision_fcn
 from .transfer import transfer_stage
 from .trunk import GEOMETRIES, Tap, Trunk, expand_input_channels, receptive_field
 from .trunks import BACKBONES, TRUNKS
@@ -26,5 +27,5 @@ __all__ = [
     "PretrainedWeightsUnavailable", "SegmentationNet", "Tap", "Trunk", "VGG16Trunk",
     "alexnet_fc8_as_conv", "bilinear_kernel", "build_fcn", "compose_late_fusion",
     "expand_input_channels", "export_torchfcn", "get_normalization", "googlenet_fc_as_conv",
-    "import_torchfcn", "model_state_dict", "receptive_field", "transfer_stage", "upsampler"
+    "import_torchfcn", "import_torchvision_fcn", "model_state_dict", "receptive_field", "transfer_stage", "upsampler"
 ]  # fmt: skip

@@ -22,7 +22,8 @@ def transfer_stage(
     get bilinear kernels again; a late-fusion target is filled stream by stream
     (docs/PAPER.md, Training recipes). ``new_classes``: heads of the same names may predict other
     classes, their layers sized by the classes keeping their initial values (fine-tuning a
-    trained net on other data); ``target.fresh`` lists them."""
+    trained net on other data), as an auxiliary head the source lacks; ``target.fresh`` lists
+    them."""
     target.fresh = []
     state = model_state_dict(source, target.anchor)
     if isinstance(target, LateFusionFCN):
@@ -43,8 +44,10 @@ def transfer_stage(
             if field == "heads" and new_classes and [h for h, _ in a] == [h for h, _ in b]:
                 continue
             if a != b:
+                hint = f": set arch.{field}={a}" if field not in ("heads", "in_channels") else ""
                 raise ValueError(
-                    f"cannot transfer {src.arch} -> {target.spec.arch}: {field} differs (source {a!r}, target {b!r})"
+                    f"cannot transfer {src.arch} -> {target.spec.arch}: {field} differs (source "
+                    f"{a!r}, target {b!r}){hint}"
                 )
         if STAGE[src.arch] > STAGE[target.spec.arch]:
             raise ValueError(
@@ -57,6 +60,9 @@ def transfer_stage(
             continue
         if key not in state:
             if key.split(".")[-2] in NEW_IN_STAGE and key.startswith("heads."):
+                continue
+            if new_classes and ".aux_classifier." in key:  # a source without the auxiliary head
+                target.fresh.append(key)
                 continue
             raise ValueError(
                 f"source has no layer {key!r} (shape {tuple(value.shape)}) that the {target.spec.arch} target needs"

@@ -53,8 +53,13 @@ def load_trunk_state_dict(
                 f"Either download that file on a machine with network access and put it at\n  {cache}\n"
                 f"(torchvision then reads it from there), or pass the path of a local {name} state dict:\n"
                 f"  arch.pretrained=/path/to/{backbone}.pth\n"
-                "or train from scratch as the quickstart does: recipe=scratch "
-                "(conf/recipe/scratch.yaml: VGG16 with batch norm, AdamW, no ImageNet weights)"
+                + (
+                    f"or train this {name} from random weights (its batch norm lets it learn, slowly): "
+                    "arch.pretrained=null"
+                    if backbone.startswith("resnet")
+                    else "or train from scratch as the quickstart does: recipe=scratch "
+                    "(conf/recipe/scratch.yaml: VGG16 with batch norm, AdamW, no ImageNet weights)"
+                )
             ) from err
     path = Path(pretrained).expanduser()
     if not path.is_file():
