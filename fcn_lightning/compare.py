@@ -149,15 +149,14 @@ def read_run(folder: Path) -> Run:
     source = folder / ".hydra" / "config.yaml"
     if source.is_file():
         try:
-            loaded = OmegaConf.load(source)
-            config = OmegaConf.to_container(loaded, resolve=False)
+            config = OmegaConf.to_container(OmegaConf.load(source), resolve=False)
         except (OSError, yaml.YAMLError, OmegaConfBaseException) as err:
             raise RunFolderError(f"{source} is unreadable ({err})") from None
-        config = _resolved(loaded, config)
     else:
         source, config = folder / "run.json", record.get("config") or {}
     if not isinstance(config, dict):
         raise RunFolderError(f"{source} is unreadable: it holds no mapping of settings")
+    config = _resolved(OmegaConf.create(config), config)
     below = tuple(f"{k}." for k in EXCLUDED)
     settings = {
         k: v for k, v in flatten(config).items() if not k.startswith(below) and k not in EXCLUDED
