@@ -12,10 +12,10 @@ import torch
 from torchvision.models.segmentation import FCN_ResNet50_Weights, FCN_ResNet101_Weights
 
 from ..checkpoints import load_weights_only
-from ..errors import PretrainedWeightsUnavailable
 from .build import build_fcn
 from .fcn import FCN
 from .resnet import BLOCKS
+from .weights import downloaded
 
 RELEASED = {
     "fcn_resnet50": FCN_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1,
@@ -29,16 +29,12 @@ _PREFIXES = {"backbone.": "trunk.", "classifier.": "heads.out.classifier.",
 def released_state_dict(name: str, *, progress: bool = True) -> dict[str, torch.Tensor]:
     """The released weights of torchvision's ``name`` through its weights API (cached in the
     torch hub folder), or :class:`PretrainedWeightsUnavailable` saying how to get them offline."""
-    weights = RELEASED[name]
-    try:
-        return weights.get_state_dict(progress=progress)
-    except Exception as err:  # URLError, socket errors, SSL errors, ... all mean "offline"
-        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-        raise PretrainedWeightsUnavailable(
-            f"Could not download torchvision's {name} weights from {weights.url} ({err}).\n"
-            f"Download that file on a machine with network access and put it at\n  {cache}\n"
-            "(torchvision then reads it from there), or give its path instead of the name."
-        ) from err
+    return downloaded(
+        RELEASED[name],
+        f"torchvision's {name} weights",
+        "give its path instead of the name.",
+        progress=progress,
+    )
 
 
 def _state_of(source: Mapping[str, torch.Tensor] | str | Path, progress: bool) -> dict:

@@ -14,6 +14,7 @@ from torchvision.models import (
     ResNet101_Weights,
     VGG16_BN_Weights,
     VGG16_Weights,
+    WeightsEnum,
 )
 
 from ..checkpoints import load_weights_only
@@ -33,6 +34,22 @@ _LAYOUT = {"vgg16": ("features.", "VGG16"), "vgg16_bn": ("features.", "VGG16-BN"
            "resnet50": ("layer1.", "ResNet-50"), "resnet101": ("layer1.", "ResNet-101")}  # fmt: skip
 
 
+def downloaded(
+    weights: WeightsEnum, what: str, otherwise: str, *, progress: bool = True
+) -> dict[str, torch.Tensor]:
+    """``weights``' state dict through torchvision (cached in the torch hub folder); offline, a
+    :class:`PretrainedWeightsUnavailable` naming the file, where to put it, and ``otherwise``."""
+    try:
+        return weights.get_state_dict(progress=progress)
+    except Exception as err:  # URLError, socket errors, SSL errors, ... all mean "offline"
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise PretrainedWeightsUnavailable(
+            f"Could not download {what} from {weights.url} ({err}).\n"
+            f"Either download that file on a machine with network access and put it at\n  {cache}\n"
+            f"(torchvision then reads it from there), or {otherwise}"
+        ) from err
+
+
 def load_trunk_state_dict(
     pretrained: str | Path, backbone: str = "vgg16", *, progress: bool = True
 ) -> dict[str, torch.Tensor]:
@@ -43,24 +60,18 @@ def load_trunk_state_dict(
         raise ValueError(f"no pretrained weights for backbone {backbone!r}")
     prefix, name = _LAYOUT[backbone]
     if str(pretrained) == "imagenet":
-        weights = TORCHVISION_WEIGHTS[backbone]
-        try:
-            return weights.get_state_dict(progress=progress)
-        except Exception as err:  # URLError, socket errors, SSL errors, ... all mean "offline"
-            cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-            raise PretrainedWeightsUnavailable(
-                f"Could not download the ImageNet {backbone} weights from {weights.url} ({err}).\n"
-                f"Either download that file on a machine with network access and put it at\n  {cache}\n"
-                f"(torchvision then reads it from there), or pass the path of a local {name} state dict:\n"
-                f"  arch.pretrained=/path/to/{backbone}.pth\n"
-                + (
-                    f"or train this {name} from random weights (its batch norm lets it learn, slowly): "
-                    "arch.pretrained=null"
-                    if backbone.startswith("resnet")
-                    else "or train from scratch as the quickstart does: recipe=scratch "
-                    "(conf/recipe/scratch.yaml: VGG16 with batch norm, AdamW, no ImageNet weights)"
-                )
-            ) from err
+        scratch = (
+            f"train this {name} from random weights (its batch norm lets it learn, slowly): "
+            "arch.pretrained=null"
+            if backbone.startswith("resnet")
+            else "train from scratch as the quickstart does: recipe=scratch "
+            "(conf/recipe/scratch.yaml: VGG16 with batch norm, AdamW, no ImageNet weights)"
+        )
+        return downloaded(
+            TORCHVISION_WEIGHTS[backbone], f"the ImageNet {backbone} weights",
+            f"pass the path of a local {name} state dict:\n  arch.pretrained=/path/to/{backbone}"
+            f".pth\nor {scratch}", progress=progress,
+        )  # fmt: skip
     path = Path(pretrained).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
