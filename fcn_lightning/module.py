@@ -65,12 +65,10 @@ class FCNModule(pl.LightningModule):
         check_trunk(model.get("backbone", "vgg16"), scheme)
         given = plain(input_normalization) if input_normalization is not None else scheme
         norms = group_normalizations(given, contract.image_inputs)
-        aux = float(model.get("aux_weight") or 0.0)  # > 0: fcn_torchvision's auxiliary head
         settings = {k: v for k, v in model.items() if k not in ("normalization", "aux_weight")}
-        norm = norms[0] if norms else get_normalization(scheme)
-        self.model = build_fcn(
-            **settings, aux=aux > 0, normalization=norm, **contract.model_inputs()
-        )
+        settings["aux"] = (aux := float(model.get("aux_weight") or 0.0)) > 0  # fcn_torchvision's
+        settings["normalization"] = norms[0] if norms else get_normalization(scheme)
+        self.model = build_fcn(**settings, **contract.model_inputs())
         self.aux_of = {aux_key(head): (head, aux) for head in contract.heads}  # aux key -> head
         if contract.streams:  # late fusion: each stream gets its own image group's normalisation
             streams = self.model.streams
@@ -143,8 +141,7 @@ class FCNModule(pl.LightningModule):
         """The metric that picks the best checkpoint: val mIoU (of the first head)."""
         return self.tag("val", self.contract.first_head, "mIoU")
 
-    _channels_last = False
-    _compiled = False
+    _channels_last = _compiled = False
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         if self._channels_last:
@@ -284,12 +281,10 @@ def load_checkpoint(
     """Rebuild an :class:`FCNModule` from a checkpoint alone; ``overrides`` replace
     hyper-parameters that leave the weights alone (e.g. ``exclude_absent_classes``)."""
     path = Path(path).expanduser()
-    if path.is_dir():
-        raise FileNotFoundError(
-            f"{path} is a folder; name a checkpoint file in it, e.g. {path}/<stage>/checkpoints/best.ckpt"
-        )
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        e_g = f"name a checkpoint file in it, e.g. {path}/<stage>/checkpoints/best.ckpt"
+        why = f"{path} is a folder; {e_g}" if path.is_dir() else f"checkpoint not found: {path}"
+        raise FileNotFoundError(why)
     ckpt = load_weights_only(path, map_location)
     if "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(

@@ -11,11 +11,10 @@ from pathlib import Path
 import torch
 from torchvision.models.segmentation import FCN_ResNet50_Weights, FCN_ResNet101_Weights
 
-from ..checkpoints import load_weights_only
 from .build import build_fcn
 from .fcn import FCN
 from .resnet import BLOCKS
-from .weights import downloaded
+from .weights import downloaded, state_dict_file
 
 RELEASED = {
     "fcn_resnet50": FCN_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1,
@@ -43,16 +42,10 @@ def _state_of(source: Mapping[str, torch.Tensor] | str | Path, progress: bool) -
     if str(source) in RELEASED:
         return released_state_dict(str(source), progress=progress)
     path = Path(source).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"torchvision FCN weights not found: {path} (give a file, a state dict, or one of "
-            f"{', '.join(RELEASED)})"
-        )
-    state = load_weights_only(path, what="torchvision FCN weights", archive=False)
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]  # torchvision's reference scripts save {"model": ..., ...}
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path} does not hold a state dict")
+    state = state_dict_file(
+        path, "torchvision FCN weights", "torchvision FCN weights not found: {path} (give a "
+        f"file, a state dict, or one of {', '.join(RELEASED)})",
+    )  # fmt: skip
     return dict(state)
 
 

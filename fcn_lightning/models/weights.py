@@ -50,6 +50,17 @@ def downloaded(
         ) from err
 
 
+def state_dict_file(path: Path, what: str, missing: str) -> dict[str, torch.Tensor]:
+    """The state dict in a ``torch.save`` file, also where it is wrapped in a dict under
+    ``state_dict`` or ``model`` (torchvision's reference scripts); ``missing``: the message for a
+    file that is not there (``{path}`` filled in)."""
+    if not path.is_file():
+        raise FileNotFoundError(missing.format(path=path))
+    obj = load_weights_only(path, what=what, archive=False)
+    wrapped = next((k for k in ("state_dict", "model") if isinstance(obj.get(k), dict)), None)
+    return obj[wrapped] if wrapped else obj
+
+
 def load_trunk_state_dict(
     pretrained: str | Path, backbone: str = "vgg16", *, progress: bool = True
 ) -> dict[str, torch.Tensor]:
@@ -73,16 +84,12 @@ def load_trunk_state_dict(
             f".pth\nor {scratch}", progress=progress,
         )  # fmt: skip
     path = Path(pretrained).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"pretrained weights file not found: {path} (arch.pretrained must be 'imagenet', null, "
-            f"or the path of a {name} state dict saved with torch.save)"
-        )
-    obj = load_weights_only(path, what="arch.pretrained", archive=False)
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not any(k.startswith(prefix) for k in obj):
-        keys = list(obj)[:5] if isinstance(obj, dict) else type(obj).__name__
+    obj = state_dict_file(
+        path, "arch.pretrained", "pretrained weights file not found: {path} (arch.pretrained must "
+        f"be 'imagenet', null, or the path of a {name} state dict saved with torch.save)",
+    )  # fmt: skip
+    if not any(k.startswith(prefix) for k in obj):
+        keys = list(obj)[:5]
         raise ValueError(
             f"{path} does not hold a torchvision-layout {name} state dict (keys starting "
             f"{prefix!r}, as torchvision's {backbone} has); found {keys}"
